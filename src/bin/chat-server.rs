@@ -1,0 +1,141 @@
+//! `chat-server`: the gopl.io chat server, in the concurrency model of your choice.
+//!
+//! Parses flags into a [`Config`], binds, prints the address, and serves
+//! until SIGINT or SIGTERM. Everything else lives in the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_server::config::{SlowClientPolicy, DEFAULT_MAX_PENDING};
+use chat_server::protocol::DEFAULT_MAX_LINE;
+use chat_server::{server, Config, Model};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// A TCP chat server speaking the line protocol of gopl.io chapter 8.
+///
+/// Chat with `netcat HOST:PORT` (ours) or `nc HOST PORT`. Logs go to stderr;
+/// set RUST_LOG (for example RUST_LOG=debug) to change how much is logged.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: String,
+
+    /// Concurrency model that owns the set of clients.
+    #[arg(long, value_enum, default_value_t = Model::Sharded)]
+    model: Model,
+
+    /// What to do with a client that cannot keep up.
+    #[arg(long, value_enum, default_value_t = SlowClientPolicy::Disconnect)]
+    slow_client: SlowClientPolicy,
+
+    /// Bytes that may wait in one client's outbound queue before it counts as slow.
+    #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
+    max_pending: usize,
+
+    /// Seconds a client with data pending may accept no byte before it counts as stuck.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    write_timeout: f64,
+
+    /// Longest line a client may send, in bytes; longer gets an error and a disconnect.
+    #[arg(long, default_value_t = DEFAULT_MAX_LINE)]
+    max_line: usize,
+
+    /// Connections served at once; one more is told `error: server full`.
+    #[arg(long, default_value_t = 10_000)]
+    max_clients: usize,
+
+    /// Disconnect clients that send nothing for this many seconds (off by default).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<f64>,
+
+    /// Seconds queued messages may take to flush on shutdown.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    shutdown_grace: f64,
+}
+
+fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs).with_context(|| format!("--{flag} {secs}: not a duration"))
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<Config> {
+        let config = Config {
+            model: self.model,
+            slow_client: self.slow_client,
+            max_pending: self.max_pending,
+            write_timeout: seconds("write-timeout", self.write_timeout)?,
+            max_line: self.max_line,
+            max_clients: self.max_clients,
+            idle_timeout: self
+                .idle_timeout
+                .map(|secs| seconds("idle-timeout", secs))
+                .transpose()?,
+            shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("chat-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(args: &Args) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let listener = TcpListener::bind(&args.addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    // On stdout, alone on its line, so scripts can learn the port.
+    println!("chat-server listening on {addr} (model {})", config.model);
+    tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, "listening");
+    // Spawned rather than run in place so that the accept loop is a runtime
+    // task, as the task counts in ARCHITECTURE.md assume.
+    let server = tokio::spawn(server::run(listener, config, shutdown_signal()));
+    server.await.context("server task failed")??;
+    Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("signal received");
+}

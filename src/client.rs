@@ -1,0 +1,200 @@
+//! One connected client as every part of the server sees it.
+//!
+//! A [`Client`] is shared (behind an `Arc`) by the connection's reader task,
+//! its writer task and whatever the hub keeps to reach it. It owns the
+//! client's identity, the signal that ends its connection early (a kick or
+//! server shutdown) together with the reason, and the byte budget of its
+//! outbound queue. It owns no socket and no queue itself.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SlowClientPolicy};
+use crate::protocol::Message;
+
+/// A server-wide unique number for a connection; the hubs key their maps by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub u64);
+
+/// Why a connection ended before its input did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// Over `--max-pending`, or stuck for `--write-timeout`, under `--slow-client disconnect`.
+    TooSlow,
+    /// Writing to the socket failed (reset, broken pipe): nobody is listening.
+    WriteFailed,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Client {
+    pub id: ClientId,
+    /// `IP:PORT`, the name everybody sees.
+    pub who: Arc<str>,
+    pub policy: SlowClientPolicy,
+    /// Fires when the connection must end early: on a kick, or (as a child
+    /// of the server's token) on shutdown.
+    ending: CancellationToken,
+    kick: OnceLock<Kick>,
+    /// The line the writer sends just before closing, if any.
+    last_words: OnceLock<Message>,
+    pub budget: Budget,
+    /// Set by the writer while the socket accepts no byte for longer than
+    /// `--write-timeout`; the drop policy skips messages for a stuck client.
+    stuck: AtomicBool,
+    /// Messages not delivered to this client under the drop policy.
+    skipped: AtomicU64,
+    /// The `--max-clients` slot, returned when the last handle to the client
+    /// goes (after both its reader and its writer have finished).
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Client {
+    pub fn new(
+        id: ClientId,
+        who: Arc<str>,
+        config: &Config,
+        shutdown: &CancellationToken,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Client {
+        Client {
+            id,
+            who,
+            policy: config.slow_client,
+            ending: shutdown.child_token(),
+            kick: OnceLock::new(),
+            last_words: OnceLock::new(),
+            budget: Budget::new(
+                config.max_pending,
+                config.slow_client == SlowClientPolicy::Block,
+            ),
+            stuck: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+            _slot: slot,
+        }
+    }
+
+    /// Ends the connection early. The first reason wins; the client gets
+    /// `last_words` (best effort) and everyone else sees it leave.
+    pub fn kick(&self, why: Kick, last_words: Option<Message>) {
+        if self.kick.set(why).is_ok() {
+            if let Some(words) = last_words {
+                self.say_last(words);
+            }
+        }
+        self.ending.cancel();
+    }
+
+    /// Why the client was kicked, if it was.
+    pub fn kicked(&self) -> Option<Kick> {
+        self.kick.get().copied()
+    }
+
+    /// Whether the connection is ending early (kicked or shutting down).
+    pub fn is_ending(&self) -> bool {
+        self.ending.is_cancelled()
+    }
+
+    /// Completes when the connection must end early.
+    pub async fn ending(&self) {
+        self.ending.cancelled().await
+    }
+
+    /// Sets the line the writer sends just before closing. The first call wins.
+    pub fn say_last(&self, words: Message) {
+        let _ = self.last_words.set(words);
+    }
+
+    pub fn last_words(&self) -> Option<&Message> {
+        self.last_words.get()
+    }
+
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::Relaxed)
+    }
+
+    pub fn set_stuck(&self, stuck: bool) {
+        self.stuck.store(stuck, Ordering::Relaxed);
+    }
+
+    /// Counts messages skipped for this client (drop policy).
+    pub fn skip(&self, messages: u64) {
+        self.skipped.fetch_add(messages, Ordering::Relaxed);
+    }
+
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+}
+
+/// The bytes a client's outbound queue may hold.
+///
+/// Senders take from the budget before queueing a message and the writer
+/// gives back once the bytes are on the socket. Only the block policy ever
+/// waits for room, so only it pays for the wake-up machinery: for the other
+/// policies taking and giving back are one atomic add each.
+#[derive(Debug)]
+pub struct Budget {
+    queued: AtomicUsize,
+    limit: usize,
+    room: Option<Notify>,
+}
+
+impl Budget {
+    fn new(limit: usize, senders_wait: bool) -> Budget {
+        Budget {
+            queued: AtomicUsize::new(0),
+            limit,
+            room: senders_wait.then(Notify::new),
+        }
+    }
+
+    /// Takes `bytes` if they fit. An empty queue accepts any one message, so
+    /// a message larger than the limit cannot wedge a client forever.
+    pub fn try_take(&self, bytes: usize) -> bool {
+        let before = self.queued.fetch_add(bytes, Ordering::AcqRel);
+        if before != 0 && before + bytes > self.limit {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Takes `bytes`, waiting for the writer to make room. Returns false if
+    /// the client ends first (its writer will never make room again).
+    pub async fn take(&self, bytes: usize, client: &Client) -> bool {
+        let Some(room) = &self.room else {
+            return self.try_take(bytes);
+        };
+        loop {
+            // Register interest before checking, so a give_back between the
+            // check and the wait is not missed.
+            let notified = room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.try_take(bytes) {
+                return true;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = client.ending() => return false,
+            }
+        }
+    }
+
+    /// Returns `bytes` written to the socket.
+    pub fn give_back(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        if let Some(room) = &self.room {
+            room.notify_waiters();
+        }
+    }
+
+    /// Bytes queued or being written.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,195 @@
+//! Server settings: which concurrency model to run and the limits that keep
+//! one client from hurting the others.
+//!
+//! Everything here is plain data with defaults; `bin/chat-server.rs` maps
+//! command-line flags onto it and tests build it directly.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::protocol::DEFAULT_MAX_LINE;
+
+/// The concurrency model that owns the set of connected clients.
+///
+/// Each is one file under `src/hub/`; see ARCHITECTURE.md for the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Model {
+    /// Senders in a DashMap; each reader fans its lines out directly (no broadcaster task).
+    Sharded,
+    /// The seed's design: one task owns the client map; entering/leaving/messages channels.
+    Broadcaster,
+    /// Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock.
+    Locked,
+    /// One tokio::sync::broadcast channel; every writer holds a receiver.
+    Broadcast,
+}
+
+impl Model {
+    /// Every model, in the order the tables in ARCHITECTURE.md use.
+    pub const ALL: [Model; 4] = [
+        Model::Sharded,
+        Model::Broadcaster,
+        Model::Locked,
+        Model::Broadcast,
+    ];
+
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::Sharded => "sharded",
+            Model::Broadcaster => "broadcaster",
+            Model::Locked => "locked",
+            Model::Broadcast => "broadcast",
+        }
+    }
+
+    /// Live tasks the model runs for `clients` connected clients, the accept
+    /// loop included. The seed's broadcaster design is the 2n+2 baseline.
+    pub fn expected_tasks(self, clients: usize) -> usize {
+        match self {
+            Model::Broadcaster => 2 * clients + 2,
+            Model::Sharded | Model::Locked | Model::Broadcast => 2 * clients + 1,
+        }
+    }
+}
+
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What happens to a client whose outbound queue is over `max_pending`
+/// bytes, or which accepted no byte for `write_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum SlowClientPolicy {
+    /// Drop that client (it gets `error: disconnected: too slow`); nobody waits for it.
+    Disconnect,
+    /// Skip the message for that client only; the count is logged when it leaves.
+    Drop,
+    /// Make the sender wait for room, as the seed does (one stuck reader stalls everyone).
+    Block,
+}
+
+impl SlowClientPolicy {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SlowClientPolicy::Disconnect => "disconnect",
+            SlowClientPolicy::Drop => "drop",
+            SlowClientPolicy::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for SlowClientPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Default cap on the bytes queued for one client: Redis's pub/sub hard
+/// limit. ARCHITECTURE.md explains the choice and the memory it implies.
+pub const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
+
+/// Everything that shapes a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub model: Model,
+    pub slow_client: SlowClientPolicy,
+    /// Bytes that may wait in one client's outbound queue.
+    pub max_pending: usize,
+    /// How long a client with data pending may accept no byte before it is
+    /// considered stuck.
+    pub write_timeout: Duration,
+    /// Longest accepted input line in bytes, excluding the newline.
+    pub max_line: usize,
+    /// Connections served at once; the next one is told `error: server full`.
+    pub max_clients: usize,
+    /// Disconnect a client that sends nothing for this long (off by default,
+    /// as in the seed).
+    pub idle_timeout: Option<Duration>,
+    /// On shutdown, how long queued messages may take to flush.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            model: Model::Sharded,
+            slow_client: SlowClientPolicy::Disconnect,
+            max_pending: DEFAULT_MAX_PENDING,
+            write_timeout: Duration::from_secs(10),
+            max_line: DEFAULT_MAX_LINE,
+            max_clients: 10_000,
+            idle_timeout: None,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A combination of settings the server refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "model `{model}` cannot support --slow-client {policy}: {why}; \
+         choose --slow-client disconnect or drop, or another --model"
+    )]
+    UnsupportedPolicy {
+        model: Model,
+        policy: SlowClientPolicy,
+        why: &'static str,
+    },
+    #[error("--{flag} must be at least {min}")]
+    TooSmall { flag: &'static str, min: u64 },
+}
+
+impl Config {
+    /// A default configuration running `model`.
+    pub fn with_model(model: Model) -> Config {
+        Config {
+            model,
+            ..Config::default()
+        }
+    }
+
+    /// Checks the settings fit together, with a message for the operator if not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.model == Model::Broadcast && self.slow_client == SlowClientPolicy::Block {
+            return Err(ConfigError::UnsupportedPolicy {
+                model: self.model,
+                policy: self.slow_client,
+                why: "a tokio broadcast channel never makes its sender wait, \
+                      it overwrites the oldest message instead",
+            });
+        }
+        if self.max_line == 0 {
+            return Err(ConfigError::TooSmall {
+                flag: "max-line",
+                min: 1,
+            });
+        }
+        if self.max_clients == 0 {
+            return Err(ConfigError::TooSmall {
+                flag: "max-clients",
+                min: 1,
+            });
+        }
+        // A queue must hold at least one message of the longest kind, or a
+        // long line would count as "too slow" for every recipient.
+        let min_pending = self.max_line as u64 + 128;
+        if (self.max_pending as u64) < min_pending {
+            return Err(ConfigError::TooSmall {
+                flag: "max-pending",
+                min: min_pending,
+            });
+        }
+        if self.write_timeout.is_zero() {
+            return Err(ConfigError::TooSmall {
+                flag: "write-timeout",
+                min: 1,
+            });
+        }
+        Ok(())
+    }
+}

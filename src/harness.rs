@@ -1,0 +1,244 @@
+//! A real server on an ephemeral loopback port, and a line-oriented client,
+//! for tests and benchmarks.
+//!
+//! [`TestServer`] runs the server in a runtime of its own, on its own
+//! threads, so that the runtime's task count is the server's alone: tests
+//! assert each model's exact count with [`TestServer::alive_tasks`], and
+//! benchmark clients do not share worker threads with the server they load.
+//! [`TestClient`] speaks the protocol over a real socket with a timeout on
+//! every read, so a broken server fails a test instead of hanging it.
+
+use std::io;
+use std::net::SocketAddr;
+use std::thread;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::{self, Handle};
+use tokio::sync::oneshot;
+use tokio::time::{timeout, Instant};
+
+use crate::config::Config;
+use crate::server;
+
+/// How long a test client waits for a line before declaring the server stuck.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server running in its own two-worker runtime; stopped (gracefully) on drop.
+#[derive(Debug)]
+pub struct TestServer {
+    addr: SocketAddr,
+    runtime: Handle,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with `config` on `127.0.0.1:0`.
+    pub fn start(config: Config) -> io::Result<TestServer> {
+        config
+            .validate()
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let runtime = runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("chat-server")
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (listening, started) = std::sync::mpsc::channel();
+        let thread = thread::Builder::new()
+            .name("chat-server-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(err) => {
+                            let _ = listening.send(Err(err));
+                            return;
+                        }
+                    };
+                    // Spawned, not run in place, so the accept loop is a task
+                    // of the runtime like in the binary.
+                    let server = tokio::spawn(server::run(listener, config, async move {
+                        let _ = stopped.await;
+                    }));
+                    let _ = listening.send(Ok(()));
+                    let _ = server.await;
+                });
+            })?;
+        started
+            .recv()
+            .map_err(|_| io::Error::other("server thread exited early"))??;
+        Ok(TestServer {
+            addr,
+            runtime: handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Tasks alive in the server's runtime: the accept loop, any model task,
+    /// and the connections' tasks.
+    pub fn alive_tasks(&self) -> usize {
+        self.runtime.metrics().num_alive_tasks()
+    }
+
+    /// Waits until exactly `expected` tasks are alive, polling the runtime
+    /// metrics (they have no change notification). Returns the last count
+    /// seen if `within` passes first.
+    pub async fn wait_for_tasks(&self, expected: usize, within: Duration) -> Result<(), usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let alive = self.alive_tasks();
+            if alive == expected {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(alive);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Asks the server to shut down, as SIGTERM does in the binary, and waits
+    /// for it to finish.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// One chat client over a real socket.
+#[derive(Debug)]
+pub struct TestClient {
+    /// `IP:PORT` as the server names this client.
+    pub who: String,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl TestClient {
+    /// Connects and reads the greeting, checking it names this client.
+    pub async fn connect(addr: SocketAddr) -> io::Result<TestClient> {
+        let mut client = TestClient::connect_raw(addr).await?;
+        let greeting = client.line().await?;
+        let expected = format!("You are {}", client.who);
+        if greeting != expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("expected greeting {expected:?}, got {greeting:?}"),
+            ));
+        }
+        Ok(client)
+    }
+
+    /// Connects without reading anything.
+    pub async fn connect_raw(addr: SocketAddr) -> io::Result<TestClient> {
+        let stream = TcpStream::connect(addr).await?;
+        let who = stream.local_addr()?.to_string();
+        let (reader, writer) = stream.into_split();
+        Ok(TestClient {
+            who,
+            reader: BufReader::new(reader),
+            writer,
+        })
+    }
+
+    /// Sends `text` followed by a newline.
+    pub async fn send(&mut self, text: &str) -> io::Result<()> {
+        let mut line = Vec::with_capacity(text.len() + 1);
+        line.extend_from_slice(text.as_bytes());
+        line.push(b'\n');
+        self.writer.write_all(&line).await
+    }
+
+    /// Sends bytes exactly as given.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
+    /// Ends this client's input (half-close), as netcat does at end of stdin.
+    pub async fn finish(&mut self) -> io::Result<()> {
+        self.writer.shutdown().await
+    }
+
+    /// The next line, without its newline. Fails on end of stream, on
+    /// invalid UTF-8 (the server never sends any) and after [`LINE_TIMEOUT`].
+    pub async fn line(&mut self) -> io::Result<String> {
+        self.line_within(LINE_TIMEOUT).await
+    }
+
+    /// [`TestClient::line`] with a timeout of `within`.
+    pub async fn line_within(&mut self, within: Duration) -> io::Result<String> {
+        let mut line = Vec::new();
+        let read = timeout(within, self.reader.read_until(b'\n', &mut line))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no line from server"))??;
+        if read == 0 || line.last() != Some(&b'\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed (partial line {:?})",
+                    String::from_utf8_lossy(&line)
+                ),
+            ));
+        }
+        line.pop();
+        String::from_utf8(line).map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+    }
+
+    /// Reads the next line and checks it is `expected`.
+    pub async fn expect(&mut self, expected: &str) -> io::Result<()> {
+        let line = self.line().await?;
+        if line == expected {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: expected {expected:?}, got {line:?}", self.who),
+            ))
+        }
+    }
+
+    /// Reads until the server closes the connection; returns the lines read.
+    pub async fn lines_until_closed(&mut self) -> io::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        loop {
+            match self.line().await {
+                Ok(line) => lines.push(line),
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(lines),
+                Err(err) if err.kind() == io::ErrorKind::ConnectionReset => return Ok(lines),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Splits into the raw halves, for tests that drive the socket themselves.
+    pub fn into_parts(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
+        (self.reader, self.writer)
+    }
+}

@@ -1,0 +1,200 @@
+//! # `broadcast`: one `tokio::sync::broadcast` channel, no client set
+//!
+//! **Ownership.** Nobody keeps a set of clients. Every line goes into one
+//! fixed-size ring (`tokio::sync::broadcast`), and each client's writer task
+//! holds a receiver with its own read position in that ring. Joining is
+//! subscribing; leaving is publishing a departure that the leaver's own
+//! writer recognises as its end.
+//!
+//! Because there is no per-client queue, what would be addressing becomes
+//! filtering: each entry carries its sender, and a writer skips its own
+//! arrival announcement and stops at its own departure. Everything the
+//! client sent before leaving precedes its departure in the ring, so its
+//! writer has written its last echo before it stops.
+//!
+//! **Locks.** The ring is tokio's: a sender takes the ring's tail lock for
+//! one slot write and wakes every receiver waiting for it; a receiver takes
+//! a slot's read lock to clone the entry. No lock is held across an `.await`
+//! here, and the hub holds none of its own.
+//!
+//! **Slow clients.** The ring never makes a sender wait: it overwrites the
+//! oldest entry, and a receiver that falls behind by more than the ring
+//! learns how many entries it missed (`Lagged`). That is the slow-client
+//! limit in this model, counted in messages rather than bytes:
+//! `--slow-client drop` counts the missed messages as skipped, `disconnect`
+//! drops the client, and `block` cannot be offered at all. The ring's
+//! capacity is derived from `--max-pending` (see [`ring_capacity`]).
+//!
+//! **Ordering.** One ring, one sequence: all recipients see the same total
+//! order.
+//!
+//! **Tasks.** 2n+1: the accept loop, and a reader and a writer per client.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+
+use crate::client::{Client, ClientId, Kick};
+use crate::config::{Config, SlowClientPolicy};
+use crate::hub::{Hub, Inbox};
+use crate::outbox::TOO_SLOW;
+use crate::protocol::Message;
+
+/// Ring slots for a `--max-pending` of `max_pending` bytes: one slot per
+/// 2 KiB, between 1,024 and 65,536. For the default 32 MiB that is 16,384
+/// messages, enough for a reader that is merely behind by a 10,000-line burst.
+pub fn ring_capacity(max_pending: usize) -> usize {
+    (max_pending / 2048).clamp(1024, 1 << 16)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Audience {
+    Everyone,
+    /// Everyone but the sender: its arrival.
+    Others,
+    /// Everyone but the sender, and the end of the sender's own stream.
+    Departure,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    from: ClientId,
+    audience: Audience,
+    message: Option<Message>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct BroadcastHub {
+    ring: broadcast::Sender<Entry>,
+}
+
+impl Hub for BroadcastHub {
+    type Inbox = RingInbox;
+
+    fn new(config: &Config) -> BroadcastHub {
+        let (ring, _) = broadcast::channel(ring_capacity(config.max_pending));
+        BroadcastHub { ring }
+    }
+
+    async fn join(&self, client: &Arc<Client>, arrival: Message) -> RingInbox {
+        let receiver = self.ring.subscribe();
+        self.publish(client.id, Audience::Others, Some(arrival));
+        RingInbox {
+            receiver,
+            client: Arc::clone(client),
+            ended: false,
+        }
+    }
+
+    async fn broadcast(&self, from: &Arc<Client>, lines: &[Message]) {
+        for line in lines {
+            self.publish(from.id, Audience::Everyone, Some(line.clone()));
+        }
+    }
+
+    async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        self.publish(client.id, Audience::Departure, departure);
+    }
+}
+
+impl BroadcastHub {
+    fn publish(&self, from: ClientId, audience: Audience, message: Option<Message>) {
+        // An error only means nobody is subscribed: nothing to deliver.
+        let _ = self.ring.send(Entry {
+            from,
+            audience,
+            message,
+        });
+    }
+}
+
+/// A client's read position in the ring.
+#[derive(Debug)]
+pub struct RingInbox {
+    receiver: broadcast::Receiver<Entry>,
+    client: Arc<Client>,
+    ended: bool,
+}
+
+enum Step {
+    Deliver(Message),
+    Skip,
+    End,
+}
+
+impl RingInbox {
+    fn step(&mut self, entry: Entry) -> Step {
+        let mine = entry.from == self.client.id;
+        let step = match (entry.audience, entry.message) {
+            (Audience::Departure, _) if mine => Step::End,
+            (Audience::Others, _) if mine => Step::Skip,
+            (_, Some(message)) => Step::Deliver(message),
+            (_, None) => Step::Skip,
+        };
+        if let Step::End = step {
+            self.ended = true;
+        }
+        step
+    }
+
+    /// Applies the slow-client policy to a receiver that fell `missed`
+    /// entries behind. Returns false if the client must stop here.
+    fn lagged(&mut self, missed: u64) -> bool {
+        match self.client.policy {
+            SlowClientPolicy::Drop => {
+                self.client.skip(missed);
+                true
+            }
+            SlowClientPolicy::Disconnect | SlowClientPolicy::Block => {
+                self.client
+                    .kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));
+                self.ended = true;
+                false
+            }
+        }
+    }
+}
+
+impl Inbox for RingInbox {
+    async fn recv(&mut self) -> Option<Message> {
+        while !self.ended {
+            match self.receiver.recv().await {
+                Ok(entry) => match self.step(entry) {
+                    Step::Deliver(message) => return Some(message),
+                    Step::Skip => {}
+                    Step::End => return None,
+                },
+                Err(RecvError::Lagged(missed)) => {
+                    if !self.lagged(missed) {
+                        return None;
+                    }
+                }
+                Err(RecvError::Closed) => self.ended = true,
+            }
+        }
+        None
+    }
+
+    fn try_recv(&mut self) -> Option<Message> {
+        while !self.ended {
+            match self.receiver.try_recv() {
+                Ok(entry) => match self.step(entry) {
+                    Step::Deliver(message) => return Some(message),
+                    Step::Skip => {}
+                    Step::End => return None,
+                },
+                Err(TryRecvError::Lagged(missed)) => {
+                    if !self.lagged(missed) {
+                        return None;
+                    }
+                }
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Closed) => self.ended = true,
+            }
+        }
+        None
+    }
+
+    fn written(&mut self, _bytes: usize) {}
+}

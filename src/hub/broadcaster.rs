@@ -1,0 +1,164 @@
+//! # `broadcaster`: the seed's design, one task owns the client set
+//!
+//! A port of gopl.io's `broadcaster()` goroutine. One task owns the map of
+//! clients as a local variable; connections talk to it only through three
+//! channels, so nothing is shared and nothing is locked:
+//!
+//! - `entering`: a new client's outbox, to add to the map;
+//! - `leaving`: a departing client, to remove (dropping its outbox, which
+//!   is the seed's `close(cli)`: its writer finishes what is queued and stops);
+//! - `messages`: every line for everyone, which the broadcaster copies into
+//!   each client's outbox in turn.
+//!
+//! **Where the port has to differ.** Go's channels here are unbuffered: a
+//! send completes only when the broadcaster has received it, so each client's
+//! `messages <- arrival`, `entering <- ch`, its lines and `leaving <- ch`
+//! reach the broadcaster in the order sent, even though they travel on three
+//! channels. tokio channels are buffered, and a `select!` over three queues
+//! can take a later `leaving` before an earlier message, losing the client's
+//! echo of its own last line, or take `entering` before the client's own
+//! arrival announcement, showing it its own arrival. Two small rules restore
+//! the seed's order: `entering` and `leaving` are acknowledged (the client
+//! waits, as the unbuffered send did), and before it changes the map the
+//! broadcaster first delivers every message already queued, since those were
+//! sent before the change.
+//!
+//! **Locks.** None. The `select!` is biased towards membership changes (the
+//! seed's is random), which is what makes the acknowledgements above enough.
+//! Under `--slow-client block` the broadcaster waits for room in a full
+//! outbox, exactly as the seed's `cli <- msg` does, and every client stalls
+//! behind it; under the other policies it never waits.
+//!
+//! **Ordering.** One task copies every message into every outbox in the same
+//! sequence, so all recipients see the same total order.
+//!
+//! **Tasks.** 2n+2: the accept loop, the broadcaster, and a reader and a
+//! writer per client, as in the seed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::{Client, ClientId};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::outbox::{self, Outbox, QueueInbox};
+use crate::protocol::Message;
+
+/// How many lines may wait for the broadcaster before senders wait. The
+/// seed's channel holds none; a few hundred lets the broadcaster take a
+/// batch per wake-up without letting memory grow without bound.
+const MESSAGES_CAPACITY: usize = 1024;
+
+/// Messages the broadcaster takes from its channel per wake-up.
+const MESSAGES_BATCH: usize = 64;
+
+type Ack = oneshot::Sender<()>;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct BroadcasterHub {
+    entering: mpsc::UnboundedSender<(Outbox, Ack)>,
+    leaving: mpsc::UnboundedSender<(ClientId, Ack)>,
+    messages: mpsc::Sender<Message>,
+}
+
+impl Hub for BroadcasterHub {
+    type Inbox = QueueInbox;
+
+    fn new(_config: &Config) -> BroadcasterHub {
+        // Membership channels need no bound: each client sends at most one
+        // `entering` and one `leaving`, and `--max-clients` bounds clients.
+        let (entering, entering_rx) = mpsc::unbounded_channel();
+        let (leaving, leaving_rx) = mpsc::unbounded_channel();
+        let (messages, messages_rx) = mpsc::channel(MESSAGES_CAPACITY);
+        tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx));
+        BroadcasterHub {
+            entering,
+            leaving,
+            messages,
+        }
+    }
+
+    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        // The seed's order: announce, then enter, so the newcomer does not
+        // see its own arrival.
+        let _ = self.messages.send(arrival).await;
+        let (ack, entered) = oneshot::channel();
+        if self.entering.send((outbox, ack)).is_ok() {
+            let _ = entered.await;
+        }
+        inbox
+    }
+
+    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
+        for line in lines {
+            let _ = self.messages.send(line.clone()).await;
+        }
+    }
+
+    async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        let (ack, left) = oneshot::channel();
+        if self.leaving.send((client.id, ack)).is_ok() {
+            let _ = left.await;
+        }
+        if let Some(departure) = departure {
+            let _ = self.messages.send(departure).await;
+        }
+    }
+}
+
+/// The broadcaster task. It ends when every sender is gone: the hub and every
+/// connection holding it have been dropped.
+async fn broadcaster(
+    mut entering: mpsc::UnboundedReceiver<(Outbox, Ack)>,
+    mut leaving: mpsc::UnboundedReceiver<(ClientId, Ack)>,
+    mut messages: mpsc::Receiver<Message>,
+) {
+    let mut clients: HashMap<ClientId, Outbox> = HashMap::new();
+    let mut batch = Vec::with_capacity(MESSAGES_BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            Some((outbox, ack)) = entering.recv() => {
+                deliver_queued(&mut messages, &clients).await;
+                clients.insert(outbox.id(), outbox);
+                let _ = ack.send(());
+            }
+            Some((id, ack)) = leaving.recv() => {
+                deliver_queued(&mut messages, &clients).await;
+                clients.remove(&id);
+                let _ = ack.send(());
+            }
+            received = messages.recv_many(&mut batch, MESSAGES_BATCH) => {
+                if received == 0 {
+                    return;
+                }
+                for message in batch.drain(..) {
+                    deliver(&message, &clients).await;
+                }
+            }
+        }
+    }
+}
+
+/// Delivers the messages sent before the membership change being handled.
+async fn deliver_queued(
+    messages: &mut mpsc::Receiver<Message>,
+    clients: &HashMap<ClientId, Outbox>,
+) {
+    for _ in 0..messages.len() {
+        match messages.try_recv() {
+            Ok(message) => deliver(&message, clients).await,
+            Err(_) => break,
+        }
+    }
+}
+
+async fn deliver(message: &Message, clients: &HashMap<ClientId, Outbox>) {
+    for outbox in clients.values() {
+        outbox.send(message).await;
+    }
+}

@@ -1,0 +1,97 @@
+//! # `locked`: one `RwLock<HashMap>` of outboxes, the classic shared state
+//!
+//! **Ownership.** The client set is one `parking_lot::RwLock<HashMap<ClientId,
+//! Outbox>>`, as in tokio's `examples/chat.rs` (which uses a `Mutex`). Each
+//! reader task registers its outbox, fans its own lines out, and removes
+//! its outbox when it leaves.
+//!
+//! **Locks.** Fanning out holds the *read* lock for one pass over the map,
+//! so readers fan out in parallel; join and leave take the *write* lock for
+//! one insert or remove, and wait for every fan-out in progress to finish.
+//! That is the difference from [`sharded`](super::sharded): one lock word
+//! shared by every reader and writer of the map instead of one per shard.
+//! Under the lock the only work is [`Outbox::offer`] (a budget check and a
+//! non-blocking push); no guard is held across an `.await`, and `offer`
+//! never takes the lock again, so there is no deadlock. Under
+//! `--slow-client block` the recipients are copied out first and the lock
+//! is released before any wait.
+//!
+//! **Ordering.** Each recipient sees each sender's lines in the order sent;
+//! concurrent senders can interleave differently at different recipients.
+//!
+//! **Tasks.** 2n+1: the accept loop, and a reader and a writer per client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::client::{Client, ClientId};
+use crate::config::{Config, SlowClientPolicy};
+use crate::hub::Hub;
+use crate::outbox::{self, Outbox, QueueInbox};
+use crate::protocol::Message;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct LockedHub {
+    clients: RwLock<HashMap<ClientId, Outbox>>,
+    senders_wait: bool,
+}
+
+impl Hub for LockedHub {
+    type Inbox = QueueInbox;
+
+    fn new(config: &Config) -> LockedHub {
+        LockedHub {
+            clients: RwLock::new(HashMap::new()),
+            senders_wait: config.slow_client == SlowClientPolicy::Block,
+        }
+    }
+
+    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        self.clients.write().insert(client.id, outbox);
+        self.fan_out(&[arrival], Some(client.id)).await;
+        inbox
+    }
+
+    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
+        self.fan_out(lines, None).await;
+    }
+
+    async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        self.clients.write().remove(&client.id);
+        if let Some(departure) = departure {
+            self.fan_out(&[departure], None).await;
+        }
+    }
+}
+
+impl LockedHub {
+    async fn fan_out(&self, lines: &[Message], except: Option<ClientId>) {
+        if !self.senders_wait {
+            let clients = self.clients.read();
+            for (id, outbox) in clients.iter() {
+                if Some(*id) != except {
+                    for line in lines {
+                        outbox.offer(line);
+                    }
+                }
+            }
+            return;
+        }
+        let recipients: Vec<Outbox> = self
+            .clients
+            .read()
+            .iter()
+            .filter(|(id, _)| Some(**id) != except)
+            .map(|(_, outbox)| outbox.clone())
+            .collect();
+        for recipient in &recipients {
+            for line in lines {
+                recipient.send(line).await;
+            }
+        }
+    }
+}

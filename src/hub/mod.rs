@@ -1,0 +1,87 @@
+//! The one interface every concurrency model implements, and the models.
+//!
+//! A hub owns "who is connected" and gets each line to everyone. The rest
+//! of the server (framing, sanitising, the writer's batching, limits,
+//! shutdown) is shared and knows the hub only through [`Hub`] and
+//! [`Inbox`], so the models differ only inside this directory and each
+//! design can be read whole in one file:
+//!
+//! | file | who owns the client set | tasks for n clients |
+//! |---|---|---|
+//! | [`sharded`] | a `DashMap` of outboxes; every reader fans out itself | 2n+1 |
+//! | [`broadcaster`] | one broadcaster task (the seed's design) | 2n+2 |
+//! | [`locked`] | one `parking_lot::RwLock<HashMap>` of outboxes | 2n+1 |
+//! | [`broadcast`] | a `tokio::sync::broadcast` channel; no set at all | 2n+1 |
+//!
+//! The task counts include the accept loop and a reader and a writer task
+//! per connection, which every model shares.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::protocol::Message;
+
+pub mod broadcast;
+pub mod broadcaster;
+pub mod locked;
+pub mod sharded;
+
+pub use broadcast::BroadcastHub;
+pub use broadcaster::BroadcasterHub;
+pub use locked::LockedHub;
+pub use sharded::ShardedHub;
+
+/// A concurrency model: how clients join, leave and reach each other.
+///
+/// The session calls `join` once, then `broadcast` for each batch of lines,
+/// then `leave` once, all from the connection's reader task. The contract
+/// every model keeps:
+/// - after `join` returns, the client receives every later `broadcast`, and
+///   everyone present before it receives `arrival` (the newcomer does not);
+/// - a client's own lines reach everyone in the order it sent them, the
+///   sender included;
+/// - everything `broadcast` queued for a client before its `leave` reaches
+///   its [`Inbox`] before the inbox ends, so its last echo is not lost;
+/// - `departure` reaches everyone who remains, never the leaver.
+pub trait Hub: Send + Sync + Sized + 'static {
+    /// What the client's writer task drains.
+    type Inbox: Inbox;
+
+    /// Creates the hub and starts any task the model needs. Called inside
+    /// the runtime, before the first connection is accepted.
+    fn new(config: &Config) -> Self;
+
+    /// Registers `client` and announces `arrival` to everyone already present.
+    fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> impl Future<Output = Self::Inbox> + Send;
+
+    /// Delivers `lines`, in order, to every client, `from` included.
+    fn broadcast(&self, from: &Arc<Client>, lines: &[Message]) -> impl Future<Output = ()> + Send;
+
+    /// Unregisters `client`; announces `departure` (if any) to everyone who remains.
+    fn leave(
+        &self,
+        client: &Arc<Client>,
+        departure: Option<Message>,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// The receiving side of one client's messages, drained by its writer task.
+pub trait Inbox: Send + 'static {
+    /// The next message; `None` once the client has left and everything
+    /// queued before has been returned.
+    fn recv(&mut self) -> impl Future<Output = Option<Message>> + Send;
+
+    /// The next message if one is ready now. Used to coalesce a batch into
+    /// one write after `recv` woke the writer.
+    fn try_recv(&mut self) -> Option<Message>;
+
+    /// Reports that `bytes` of received messages are on the socket, so the
+    /// queue may take more.
+    fn written(&mut self, bytes: usize);
+}

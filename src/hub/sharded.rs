@@ -1,0 +1,101 @@
+//! # `sharded` (the default): a `DashMap` of outboxes, no broadcaster
+//!
+//! **Ownership.** The client set is a `DashMap<ClientId, Outbox>` shared by
+//! every connection. Each connection's reader task registers its own outbox
+//! on join, removes it on leave, and fans each of its lines out itself. No
+//! task owns the set and no task relays messages.
+//!
+//! **Locks.** A `DashMap` is a fixed array of shards, each a small
+//! `RwLock<HashMap>`. Fanning out walks the shards one after another under
+//! each shard's *read* lock, so readers fan out in parallel; join and leave
+//! take one shard's *write* lock for one insert or remove. While a guard is
+//! held the only work is [`Outbox::offer`]: a budget check and a
+//! non-blocking channel push. No guard is ever held across an `.await`, and
+//! `offer` never touches the map, so there is no lock-order cycle and no
+//! deadlock. Under `--slow-client block`, where sending may wait, the
+//! recipients are first copied out of the map and the map is not held at
+//! all while waiting.
+//!
+//! **Ordering.** Each sender pushes its own lines in order into every queue,
+//! so every recipient sees each sender's lines in the order sent. Two
+//! senders fan out concurrently, and one may reach shard 0 first while the
+//! other reaches shard 1 first, so two recipients can see two senders'
+//! lines interleaved differently: there is no total order.
+//!
+//! **Tasks.** 2n+1: the accept loop, and a reader and a writer per client.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::client::{Client, ClientId};
+use crate::config::{Config, SlowClientPolicy};
+use crate::hub::Hub;
+use crate::outbox::{self, Outbox, QueueInbox};
+use crate::protocol::Message;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct ShardedHub {
+    clients: DashMap<ClientId, Outbox>,
+    senders_wait: bool,
+}
+
+impl Hub for ShardedHub {
+    type Inbox = QueueInbox;
+
+    fn new(config: &Config) -> ShardedHub {
+        ShardedHub {
+            clients: DashMap::new(),
+            senders_wait: config.slow_client == SlowClientPolicy::Block,
+        }
+    }
+
+    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        // Register first, then announce to everyone else: two clients
+        // joining at once both end up seeing each other arrive.
+        self.clients.insert(client.id, outbox);
+        self.fan_out(&[arrival], Some(client.id)).await;
+        inbox
+    }
+
+    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
+        self.fan_out(lines, None).await;
+    }
+
+    async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        // Dropping our outbox lets the client's writer finish once it has
+        // written everything already queued.
+        self.clients.remove(&client.id);
+        if let Some(departure) = departure {
+            self.fan_out(&[departure], None).await;
+        }
+    }
+}
+
+impl ShardedHub {
+    async fn fan_out(&self, lines: &[Message], except: Option<ClientId>) {
+        if !self.senders_wait {
+            for entry in self.clients.iter() {
+                if Some(*entry.key()) != except {
+                    for line in lines {
+                        entry.value().offer(line);
+                    }
+                }
+            }
+            return;
+        }
+        let recipients: Vec<Outbox> = self
+            .clients
+            .iter()
+            .filter(|entry| Some(*entry.key()) != except)
+            .map(|entry| entry.value().clone())
+            .collect();
+        for recipient in &recipients {
+            for line in lines {
+                recipient.send(line).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! A client's own outbound queue, for the models that keep one queue per
+//! client (`sharded`, `broadcaster`, `locked`).
+//!
+//! The queue is a tokio `mpsc` channel of shared [`Message`]s, bounded by the
+//! bytes it holds rather than by a message count: a burst of short lines is
+//! fine, a client that stops reading is not. The sending half, [`Outbox`], is
+//! what a hub registers; it applies the slow-client policy whenever the
+//! client's [`Budget`](crate::client::Budget) is exhausted. The receiving
+//! half, [`QueueInbox`], belongs to the client's writer task.
+//!
+//! The channel itself is unbounded on purpose: the byte budget is the bound,
+//! and a bounded tokio channel would add a second, count-based semaphore
+//! whose release takes a lock on every received message.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::client::{Client, ClientId, Kick};
+use crate::config::SlowClientPolicy;
+use crate::hub::Inbox;
+use crate::protocol::Message;
+
+/// The notice a client gets when it is dropped for not keeping up.
+pub const TOO_SLOW: &str = "error: disconnected: too slow";
+
+/// Creates the queue for `client`.
+pub fn channel(client: Arc<Client>) -> (Outbox, QueueInbox) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        Outbox {
+            tx,
+            client: Arc::clone(&client),
+        },
+        QueueInbox { rx, client },
+    )
+}
+
+/// The sending half of a client's queue: what a hub keeps per client.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Message>,
+    client: Arc<Client>,
+}
+
+impl Outbox {
+    pub fn id(&self) -> ClientId {
+        self.client.id
+    }
+
+    /// Whether [`Outbox::send`] may wait; if so, never call it while holding
+    /// a lock.
+    pub fn waits(&self) -> bool {
+        self.client.policy == SlowClientPolicy::Block
+    }
+
+    /// Queues `message` without waiting. When the client is over its budget
+    /// (or stuck), the policy decides: `disconnect` kicks it, `drop` skips
+    /// this message for it. Safe to call under a lock: it never blocks and
+    /// never touches any hub.
+    pub fn offer(&self, message: &Message) {
+        let client = &*self.client;
+        if client.is_ending() {
+            // Kicked or shutting down: nothing more is worth queueing.
+            return;
+        }
+        if client.is_stuck() || !client.budget.try_take(message.len()) {
+            self.over_budget();
+            return;
+        }
+        if self.tx.send(message.clone()).is_err() {
+            client.budget.give_back(message.len());
+        }
+    }
+
+    /// Queues `message`, waiting for room if the policy is `block`. Under
+    /// the other policies this is [`Outbox::offer`].
+    pub async fn send(&self, message: &Message) {
+        if !self.waits() {
+            return self.offer(message);
+        }
+        let client = &*self.client;
+        if client.budget.take(message.len(), client).await && self.tx.send(message.clone()).is_err()
+        {
+            client.budget.give_back(message.len());
+        }
+    }
+
+    fn over_budget(&self) {
+        match self.client.policy {
+            SlowClientPolicy::Disconnect => self
+                .client
+                .kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW))),
+            // `offer` under `block` means a hub skipped the waiting path;
+            // skipping is the only answer that cannot deadlock.
+            SlowClientPolicy::Drop | SlowClientPolicy::Block => self.client.skip(1),
+        }
+    }
+}
+
+/// The receiving half of a client's queue, drained by its writer task.
+#[derive(Debug)]
+pub struct QueueInbox {
+    rx: mpsc::UnboundedReceiver<Message>,
+    client: Arc<Client>,
+}
+
+impl Inbox for QueueInbox {
+    async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    fn written(&mut self, bytes: usize) {
+        self.client.budget.give_back(bytes);
+    }
+}

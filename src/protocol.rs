@@ -1,0 +1,379 @@
+//! The wire protocol of the gopl.io chat server, byte for byte.
+//!
+//! The protocol is plain text, one message per `\n`-terminated line:
+//!
+//! | event | the newcomer / sender sees | everyone else sees |
+//! |---|---|---|
+//! | connect | `You are IP:PORT` | `IP:PORT has arrived` |
+//! | a line `text` | `IP:PORT: text` | `IP:PORT: text` |
+//! | input ends | (connection closes) | `IP:PORT has left` |
+//!
+//! This module owns everything about that text and nothing about sockets:
+//! splitting an input stream into lines under a length limit ([`LineBuffer`]),
+//! making a user's text safe to show on other people's terminals
+//! ([`sanitize_into`]), and formatting each outbound line once into a
+//! [`Message`] that every recipient shares.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The longest line a client may send by default, in bytes, excluding the
+/// newline. It matches Go's `bufio.Scanner` (`MaxScanTokenSize`), which is
+/// what the seed server reads with.
+pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
+
+/// One formatted outbound line, newline included, shared by every recipient.
+///
+/// A message is formatted once and cloned into each recipient's queue; a
+/// clone is a reference-count increment, never a copy of the text. The text
+/// is always valid UTF-8 and free of control characters other than tab and
+/// the final `\n`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Message(Arc<str>);
+
+impl Message {
+    /// `You are IP:PORT`: the first line a client receives.
+    pub fn greeting(who: &str) -> Message {
+        Message::from_parts(&["You are ", who, "\n"])
+    }
+
+    /// `IP:PORT has arrived`: announced to everyone already present.
+    pub fn arrived(who: &str) -> Message {
+        Message::from_parts(&[who, " has arrived\n"])
+    }
+
+    /// `IP:PORT has left`: announced to everyone who remains.
+    pub fn left(who: &str) -> Message {
+        Message::from_parts(&[who, " has left\n"])
+    }
+
+    /// A server notice to one client, such as `error: line too long (max 65536 bytes)`.
+    pub fn notice(text: &str) -> Message {
+        Message::from_parts(&[text, "\n"])
+    }
+
+    /// `IP:PORT: text`, with `text` sanitised (see [`sanitize_into`]).
+    ///
+    /// `scratch` is the caller's reusable formatting buffer: the message is
+    /// assembled there and copied once into its shared allocation, so a chat
+    /// line costs one allocation however many clients receive it.
+    pub fn chat(who: &str, line: &[u8], scratch: &mut String) -> Message {
+        scratch.clear();
+        scratch.reserve(who.len() + 2 + line.len() + 1);
+        scratch.push_str(who);
+        scratch.push_str(": ");
+        sanitize_into(line, scratch);
+        scratch.push('\n');
+        Message(Arc::from(scratch.as_str()))
+    }
+
+    fn from_parts(parts: &[&str]) -> Message {
+        Message(Arc::from(parts.concat()))
+    }
+
+    /// The bytes to write to the socket, newline included.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// The text, newline included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Length in bytes, newline included.
+    #[allow(clippy::len_without_is_empty)] // a message always holds at least its newline
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// Appends `line` to `out` as text that is safe to print on a terminal.
+///
+/// - Invalid UTF-8 becomes U+FFFD (as `String::from_utf8_lossy` does), so a
+///   client never gets disconnected for sending bytes that are not text.
+/// - Control characters other than tab are shown, never passed through: C0
+///   controls and DEL in caret notation (`ESC` becomes `^[`, `BEL` `^G`, `CR`
+///   `^M`, `DEL` `^?`), C1 controls (U+0080..=U+009F, which some terminals
+///   treat as escape sequences) as U+FFFD. Otherwise one user could clear
+///   everyone's screen, move their cursor, retitle their terminal, or use a
+///   bare `\r` to overwrite its own `IP:PORT:` prefix with someone else's.
+pub fn sanitize_into(line: &[u8], out: &mut String) {
+    // Fast path: printable ASCII (and tab) is by far the common case and is
+    // already valid UTF-8 with nothing to replace.
+    if line
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) || b == b'\t')
+    {
+        if let Ok(text) = std::str::from_utf8(line) {
+            out.push_str(text);
+            return;
+        }
+    }
+    for chunk in line.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            push_visible(ch, out);
+        }
+        if !chunk.invalid().is_empty() {
+            out.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+}
+
+fn push_visible(ch: char, out: &mut String) {
+    match ch {
+        '\t' => out.push('\t'),
+        '\u{0}'..='\u{1f}' => {
+            out.push('^');
+            // Caret notation: ^@ for NUL, ^A for SOH ... ^_ for US.
+            out.push(char::from(ch as u8 + 0x40));
+        }
+        '\u{7f}' => out.push_str("^?"),
+        '\u{80}'..='\u{9f}' => out.push(char::REPLACEMENT_CHARACTER),
+        _ => out.push(ch),
+    }
+}
+
+/// The line a client sent was longer than the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("line too long (max {max} bytes)")]
+pub struct LineTooLong {
+    /// The limit in bytes, excluding the newline.
+    pub max: usize,
+}
+
+/// Splits a byte stream into lines, holding at most one partial line.
+///
+/// Bytes are appended through [`LineBuffer::read_buf`] and taken out with [`LineBuffer::next_line`]. The buffer is allocated
+/// lazily and released whenever it holds no partial line, so an idle
+/// connection costs no read buffer at all; it never holds more than
+/// `max_line` bytes of one line plus one read's worth of bytes, whatever a
+/// client sends.
+#[derive(Debug)]
+pub struct LineBuffer {
+    buf: Vec<u8>,
+    /// Start of the first line not yet returned.
+    start: usize,
+    /// Bytes in `buf[start..scanned]` are known to contain no newline, so a
+    /// long line that arrives in many reads is scanned once, not once per read.
+    scanned: usize,
+    max_line: usize,
+}
+
+/// How many bytes one read asks the socket for.
+pub const READ_CHUNK: usize = 8 * 1024;
+
+impl LineBuffer {
+    /// An empty buffer that rejects lines longer than `max_line` bytes.
+    pub fn new(max_line: usize) -> LineBuffer {
+        LineBuffer {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            max_line,
+        }
+    }
+
+    /// The buffer to read into: its spare capacity is at least
+    /// [`READ_CHUNK`] bytes. Append to it (tokio's `try_read_buf` does) and
+    /// nothing else.
+    pub fn read_buf(&mut self) -> &mut Vec<u8> {
+        if self.start > 0 {
+            if self.start == self.buf.len() {
+                self.clear();
+            } else if self.buf.capacity() - self.buf.len() < READ_CHUNK {
+                // Move the partial line to the front rather than growing.
+                self.buf.drain(..self.start);
+                self.scanned -= self.start;
+                self.start = 0;
+            }
+        }
+        self.buf.reserve(READ_CHUNK);
+        &mut self.buf
+    }
+
+    /// The next complete line, without its `\n` and without one trailing `\r`.
+    ///
+    /// Returns `Ok(None)` when no complete line is buffered, and an error
+    /// once the partial line is longer than the limit (the stream cannot be
+    /// resynchronised after that, so the caller should disconnect).
+    pub fn next_line(&mut self) -> Result<Option<&[u8]>, LineTooLong> {
+        match memchr::memchr(b'\n', &self.buf[self.scanned..]) {
+            Some(offset) => {
+                let newline = self.scanned + offset;
+                let line_start = self.start;
+                if newline - line_start > self.max_line {
+                    return Err(LineTooLong { max: self.max_line });
+                }
+                self.start = newline + 1;
+                self.scanned = self.start;
+                Ok(Some(strip_cr(&self.buf[line_start..newline])))
+            }
+            None => {
+                self.scanned = self.buf.len();
+                if self.buf.len() - self.start > self.max_line {
+                    return Err(LineTooLong { max: self.max_line });
+                }
+                self.release_if_empty();
+                Ok(None)
+            }
+        }
+    }
+
+    /// At end of input: the final line if the client sent one without a
+    /// newline. The seed drops nothing here either (`bufio.Scanner` returns a
+    /// final unterminated token).
+    pub fn take_unterminated(&mut self) -> Option<&[u8]> {
+        if self.start == self.buf.len() {
+            return None;
+        }
+        let line_start = self.start;
+        self.start = self.buf.len();
+        self.scanned = self.start;
+        Some(strip_cr(&self.buf[line_start..]))
+    }
+
+    /// Bytes held for a partial line.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Bytes of heap memory held.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Frees the buffer if it holds no partial line; call before waiting
+    /// for input so that an idle connection holds no buffer.
+    pub fn release_if_empty(&mut self) {
+        if self.start == self.buf.len() {
+            self.clear();
+        }
+    }
+
+    fn clear(&mut self) {
+        // Dropping the allocation, not just truncating, is what keeps idle
+        // connections cheap after a burst.
+        self.buf = Vec::new();
+        self.start = 0;
+        self.scanned = 0;
+    }
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sanitized(line: &[u8]) -> String {
+        let mut out = String::new();
+        sanitize_into(line, &mut out);
+        out
+    }
+
+    fn feed(buffer: &mut LineBuffer, bytes: &[u8]) {
+        for chunk in bytes.chunks(READ_CHUNK) {
+            buffer.read_buf().extend_from_slice(chunk);
+        }
+    }
+
+    fn lines(buffer: &mut LineBuffer) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(line) = buffer.next_line().unwrap() {
+            out.push(String::from_utf8_lossy(line).into_owned());
+        }
+        out
+    }
+
+    #[test]
+    fn formats_the_seed_lines() {
+        let mut scratch = String::new();
+        assert_eq!(
+            Message::greeting("127.0.0.1:1").as_str(),
+            "You are 127.0.0.1:1\n"
+        );
+        assert_eq!(
+            Message::arrived("127.0.0.1:1").as_str(),
+            "127.0.0.1:1 has arrived\n"
+        );
+        assert_eq!(
+            Message::left("127.0.0.1:1").as_str(),
+            "127.0.0.1:1 has left\n"
+        );
+        assert_eq!(
+            Message::chat("127.0.0.1:1", b"Hi!", &mut scratch).as_str(),
+            "127.0.0.1:1: Hi!\n"
+        );
+    }
+
+    #[test]
+    fn passes_text_and_utf8_through() {
+        assert_eq!(sanitized(b"plain text\twith tab"), "plain text\twith tab");
+        assert_eq!(sanitized("你好，世界 🦀".as_bytes()), "你好，世界 🦀");
+    }
+
+    #[test]
+    fn replaces_invalid_utf8() {
+        assert_eq!(sanitized(b"a\xffb\xc3"), "a\u{FFFD}b\u{FFFD}");
+    }
+
+    #[test]
+    fn shows_control_characters_visibly() {
+        assert_eq!(sanitized(b"\x1b[2J"), "^[[2J");
+        assert_eq!(sanitized(b"ding\x07"), "ding^G");
+        assert_eq!(sanitized(b"x\rforged"), "x^Mforged");
+        assert_eq!(sanitized(b"ab\x08\x08"), "ab^H^H");
+        assert_eq!(sanitized(b"\x00\x7f"), "^@^?");
+        assert_eq!(sanitized("\u{9b}31m".as_bytes()), "\u{FFFD}31m");
+    }
+
+    #[test]
+    fn splits_lines_and_drops_one_trailing_cr() {
+        let mut buffer = LineBuffer::new(100);
+        feed(&mut buffer, b"one\r\ntwo\n\nthree");
+        assert_eq!(lines(&mut buffer), ["one", "two", ""]);
+        assert_eq!(buffer.take_unterminated(), Some(&b"three"[..]));
+        assert_eq!(buffer.take_unterminated(), None);
+    }
+
+    #[test]
+    fn reassembles_a_line_split_across_reads() {
+        let mut buffer = LineBuffer::new(100);
+        for byte in b"split line\n" {
+            feed(&mut buffer, &[*byte]);
+        }
+        assert_eq!(lines(&mut buffer), ["split line"]);
+        assert_eq!(buffer.capacity(), 0, "buffer released once empty");
+    }
+
+    #[test]
+    fn rejects_a_long_line_without_buffering_it() {
+        let mut buffer = LineBuffer::new(10);
+        feed(&mut buffer, b"0123456789\n");
+        assert_eq!(lines(&mut buffer), ["0123456789"]);
+        feed(&mut buffer, b"0123456789A");
+        assert_eq!(buffer.next_line(), Err(LineTooLong { max: 10 }));
+
+        let mut buffer = LineBuffer::new(READ_CHUNK);
+        let mut rejected = false;
+        for _ in 0..100 {
+            feed(&mut buffer, &[b'x'; READ_CHUNK]);
+            if buffer.next_line().is_err() {
+                rejected = true;
+                break;
+            }
+            assert!(buffer.pending() <= READ_CHUNK);
+        }
+        assert!(rejected);
+        assert!(buffer.capacity() <= 4 * READ_CHUNK);
+    }
+}

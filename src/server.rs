@@ -1,0 +1,152 @@
+//! The accept loop: admitting connections, limiting them, and shutting down.
+//!
+//! [`run`] serves a bound listener until the `shutdown` future completes,
+//! with the hub the configuration names. Taking the listener and the
+//! shutdown signal as arguments (as mini-redis does) lets tests run a real
+//! server on an ephemeral port and stop it without signals.
+//!
+//! - **Limits.** At most `--max-clients` connections are served; one more is
+//!   told `error: server full` and closed at once, without a task, so a
+//!   flood of connections cannot grow the server.
+//! - **Accept errors** (out of file descriptors, aborted handshakes) are
+//!   logged once per burst and retried after a growing pause: never a hot
+//!   loop, never an exit.
+//! - **Shutdown** stops accepting, ends every connection with
+//!   `server shutting down` after what is already queued for it, waits up to
+//!   `--shutdown-grace` for the queues to flush, then abandons whatever is
+//!   still stuck.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::client::{Client, ClientId};
+use crate::config::{Config, ConfigError, Model};
+use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
+use crate::session::{self, ServerContext};
+
+/// The line a connection over `--max-clients` receives before it is closed.
+pub const SERVER_FULL: &str = "error: server full\n";
+
+/// Serves `listener` with `config` until `shutdown` completes, then shuts
+/// down gracefully. Fails only if the configuration is invalid.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ConfigError> {
+    config.validate()?;
+    match config.model {
+        Model::Sharded => serve::<ShardedHub>(listener, config, shutdown).await,
+        Model::Broadcaster => serve::<BroadcasterHub>(listener, config, shutdown).await,
+        Model::Locked => serve::<LockedHub>(listener, config, shutdown).await,
+        Model::Broadcast => serve::<BroadcastHub>(listener, config, shutdown).await,
+    }
+    Ok(())
+}
+
+async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+    let hub = Arc::new(H::new(&config));
+    let stop = CancellationToken::new();
+    let server = Arc::new(ServerContext {
+        config,
+        force: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+    });
+    let slots = Arc::new(Semaphore::new(server.config.max_clients));
+    let next_id = AtomicU64::new(0);
+    let mut backoff = AcceptBackoff::default();
+    tokio::pin!(shutdown);
+
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = backoff.pause(&err) => continue,
+                }
+            }
+        };
+        backoff.succeeded();
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refuse(&stream, "server full");
+            continue;
+        };
+        // We coalesce writes ourselves; Nagle would only add latency.
+        let _ = stream.set_nodelay(true);
+        let id = ClientId(next_id.fetch_add(1, Ordering::Relaxed));
+        let client = Arc::new(Client::new(
+            id,
+            peer.to_string().into(),
+            &server.config,
+            &stop,
+            Some(slot),
+        ));
+        let span = info_span!("conn", peer = %client.who);
+        server.tracker.spawn(
+            session::serve(Arc::clone(&hub), stream, client, Arc::clone(&server)).instrument(span),
+        );
+    }
+
+    drop(listener);
+    let clients = server.config.max_clients - slots.available_permits();
+    info!(clients, "shutting down");
+    stop.cancel();
+    server.tracker.close();
+    let grace = server.config.shutdown_grace;
+    if tokio::time::timeout(grace, server.tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(?grace, "grace period over; abandoning unflushed clients");
+        server.force.cancel();
+        server.tracker.wait().await;
+    }
+    info!("shut down");
+}
+
+/// Tells a connection we cannot serve why, without waiting for it.
+fn refuse(stream: &TcpStream, why: &str) {
+    warn!(peer = ?stream.peer_addr().ok(), "refused: {why}");
+    // A fresh socket's send buffer is empty, so one non-blocking write
+    // carries the line; if it does not, the client gets a plain close.
+    let _ = stream.try_write(SERVER_FULL.as_bytes());
+}
+
+/// Pauses after accept errors: 5 ms, doubling to 1 s while errors persist.
+/// Only the first error of a burst is logged, with a count when it ends.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+}
+
+impl AcceptBackoff {
+    async fn pause(&mut self, err: &io::Error) {
+        if self.failures == 0 {
+            warn!(cause = %err, "accept failed; retrying with backoff");
+        }
+        let pause = Duration::from_millis(5) * 2u32.saturating_pow(self.failures.min(8) as u32);
+        self.failures += 1;
+        tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            info!(failures = self.failures, "accepting again");
+            self.failures = 0;
+        }
+    }
+}

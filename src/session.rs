@@ -1,0 +1,383 @@
+//! One connection, the same for every model: its reader task and its
+//! writer task.
+//!
+//! The **reader** (the task the accept loop spawned) joins the hub, starts
+//! the writer, then turns socket bytes into lines and hands them to the hub
+//! in batches, one batch per read. When input ends (or the client is
+//! kicked, idles out, sends an over-long line, or the server shuts down) it
+//! leaves the hub, which announces the departure.
+//!
+//! The **writer** sends the greeting, then drains the client's [`Inbox`],
+//! coalescing whatever is ready into one write of up to [`MAX_WRITE`] bytes,
+//! so a client that is behind catches up with few system calls. It finishes
+//! when the inbox ends (everything queued before the leave is written, the
+//! client's own last echo included), then sends the client's last words if
+//! it has any and closes the socket.
+//!
+//! Both halves stay cheap while idle: the read buffer and the write batch
+//! are released whenever they are empty, so an idle connection holds no
+//! buffer at all. Neither task holds a large array across an `.await`, since
+//! that would be reserved in every connection's task for its whole life.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::client::{Client, Kick};
+use crate::config::{Config, SlowClientPolicy};
+use crate::hub::{Hub, Inbox};
+use crate::outbox::TOO_SLOW;
+use crate::protocol::{LineBuffer, LineTooLong, Message};
+
+/// The largest single write the writer assembles from queued messages.
+pub const MAX_WRITE: usize = 64 * 1024;
+
+/// After an over-long line the server keeps reading (and discarding) for
+/// this long, so the error line is not destroyed by the reset that closing
+/// a socket with unread input sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The last line of every client when the server stops.
+pub const SHUTTING_DOWN: &str = "server shutting down";
+
+/// What every session shares with the server that spawned it.
+#[derive(Debug)]
+pub(crate) struct ServerContext {
+    pub config: Config,
+    /// Cancelled when the shutdown grace period is over: writers still
+    /// flushing give up.
+    pub force: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Why the reader stopped.
+enum End {
+    InputEnded,
+    ReadFailed(io::Error),
+    TooLong(LineTooLong),
+    Idle,
+    /// Kicked, or the server is shutting down.
+    Ending,
+}
+
+/// Serves one connection until it is over; this is the reader task.
+pub(crate) async fn serve<H: Hub>(
+    hub: Arc<H>,
+    stream: TcpStream,
+    client: Arc<Client>,
+    server: Arc<ServerContext>,
+) {
+    let (reader, writer) = stream.into_split();
+    let inbox = hub.join(&client, Message::arrived(&client.who)).await;
+    info!("arrived");
+    // The writer starts only now, so by the time the client reads its
+    // greeting it is registered and will see everyone's next line.
+    server.tracker.spawn(
+        write_loop(writer, inbox, Arc::clone(&client), Arc::clone(&server)).in_current_span(),
+    );
+
+    let end = read_loop(&*hub, &reader, &client, &server.config).await;
+    let departure = Some(Message::left(&client.who));
+    let (departure, lingers) = match end {
+        End::InputEnded => {
+            info!(skipped = client.skipped(), "left");
+            (departure, false)
+        }
+        End::ReadFailed(cause) => {
+            info!(%cause, skipped = client.skipped(), "left: read failed");
+            (departure, false)
+        }
+        End::TooLong(err) => {
+            warn!(max = err.max, "disconnecting: line too long");
+            client.say_last(Message::notice(&format!("error: {err}")));
+            (departure, true)
+        }
+        End::Idle => {
+            info!("disconnecting: idle timeout");
+            client.say_last(Message::notice("error: idle timeout"));
+            (departure, false)
+        }
+        End::Ending => match client.kicked() {
+            Some(Kick::TooSlow) => {
+                warn!(
+                    queued_bytes = client.budget.queued(),
+                    "disconnected: too slow"
+                );
+                (departure, false)
+            }
+            Some(Kick::WriteFailed) => {
+                info!("left: write failed");
+                (departure, false)
+            }
+            None => {
+                // Shutdown: everybody is leaving, so nobody is told who left.
+                client.say_last(Message::notice(SHUTTING_DOWN));
+                (None, false)
+            }
+        },
+    };
+    hub.leave(&client, departure).await;
+    if lingers {
+        discard_input(&reader, &client).await;
+    }
+}
+
+/// Reads lines and broadcasts them until input ends or the connection must end.
+async fn read_loop<H: Hub>(
+    hub: &H,
+    reader: &OwnedReadHalf,
+    client: &Arc<Client>,
+    config: &Config,
+) -> End {
+    let mut lines = LineBuffer::new(config.max_line);
+    let mut batch: Vec<Message> = Vec::new();
+    let mut scratch = String::new();
+    let mut idle_deadline = config.idle_timeout.map(|idle| Instant::now() + idle);
+    loop {
+        if client.is_ending() {
+            return End::Ending;
+        }
+        // Try the read first: under load data is usually waiting, and only
+        // an actual wait needs the select below.
+        match reader.try_read_buf(lines.read_buf()) {
+            Ok(0) => {
+                if let Some(line) = lines.take_unterminated() {
+                    batch.push(Message::chat(&client.who, line, &mut scratch));
+                    hub.broadcast(client, &batch).await;
+                }
+                return End::InputEnded;
+            }
+            Ok(_) => {
+                if let Some(idle) = config.idle_timeout {
+                    idle_deadline = Some(Instant::now() + idle);
+                }
+                let framed = loop {
+                    match lines.next_line() {
+                        Ok(Some(line)) => {
+                            batch.push(Message::chat(&client.who, line, &mut scratch))
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(too_long) => break Err(too_long),
+                    }
+                };
+                if !batch.is_empty() {
+                    hub.broadcast(client, &batch).await;
+                    batch.clear();
+                }
+                if let Err(too_long) = framed {
+                    return End::TooLong(too_long);
+                }
+                release_if_large(&mut batch, &mut scratch);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                lines.release_if_empty();
+                tokio::select! {
+                    ready = reader.readable() => {
+                        if let Err(err) = ready {
+                            return End::ReadFailed(err);
+                        }
+                    }
+                    () = client.ending() => return End::Ending,
+                    () = sleep_until(idle_deadline) => return End::Idle,
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return End::ReadFailed(err),
+        }
+    }
+}
+
+/// Keeps the per-read scratch space from holding on to a burst's worth of memory.
+fn release_if_large(batch: &mut Vec<Message>, scratch: &mut String) {
+    if batch.capacity() > 256 {
+        *batch = Vec::new();
+    }
+    if scratch.capacity() > 4096 {
+        *scratch = String::new();
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads and throws away input for up to [`LINGER`], or until the client
+/// closes its side.
+async fn discard_input(reader: &OwnedReadHalf, client: &Client) {
+    let deadline = Instant::now() + LINGER;
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        match reader.try_read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                tokio::select! {
+                    ready = reader.readable() => if ready.is_err() { return },
+                    () = tokio::time::sleep_until(deadline) => return,
+                    () = client.ending() => return,
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+    }
+}
+
+/// Why the writer stopped writing before its inbox ended.
+enum WriteEnd {
+    /// The client was kicked, or the shutdown grace period ran out: what is
+    /// queued will never be written.
+    Abandoned,
+    Failed(io::Error),
+}
+
+/// The writer task.
+async fn write_loop<I: Inbox>(
+    half: OwnedWriteHalf,
+    mut inbox: I,
+    client: Arc<Client>,
+    server: Arc<ServerContext>,
+) {
+    let mut socket = SocketWriter {
+        half,
+        client: &client,
+        write_timeout: server.config.write_timeout,
+        force: &server.force,
+        shutting_down: false,
+    };
+    let mut result = socket
+        .write_all(Message::greeting(&client.who).as_bytes())
+        .await;
+    let mut batch: Vec<u8> = Vec::new();
+    while result.is_ok() {
+        let first = match inbox.try_recv() {
+            Some(message) => message,
+            None => {
+                // Nothing ready: give the batch memory back before waiting.
+                batch = Vec::new();
+                match inbox.recv().await {
+                    Some(message) => message,
+                    None => break,
+                }
+            }
+        };
+        let mut bytes = first.len();
+        result = match inbox.try_recv() {
+            // A lone message is written straight from its shared buffer.
+            None => socket.write_all(first.as_bytes()).await,
+            Some(second) => {
+                batch.extend_from_slice(first.as_bytes());
+                drop(first);
+                let mut next = Some(second);
+                while let Some(message) = next.take() {
+                    bytes += message.len();
+                    batch.extend_from_slice(message.as_bytes());
+                    if batch.len() < MAX_WRITE {
+                        next = inbox.try_recv();
+                    }
+                }
+                let written = socket.write_all(&batch).await;
+                batch.clear();
+                written
+            }
+        };
+        inbox.written(bytes);
+    }
+    drop(batch);
+    match result {
+        Ok(()) => {
+            if let Some(words) = client.last_words() {
+                let _ = socket.write_all(words.as_bytes()).await;
+            }
+        }
+        Err(WriteEnd::Abandoned) => {
+            // The socket is probably full: one try, no waiting.
+            if let Some(words) = client.last_words() {
+                let _ = socket.half.try_write(words.as_bytes());
+            }
+            client.kick(Kick::WriteFailed, None);
+        }
+        Err(WriteEnd::Failed(cause)) => {
+            debug!(%cause, "write failed");
+            client.kick(Kick::WriteFailed, None);
+        }
+    }
+    // Dropping the write half sends FIN; the socket closes once the reader
+    // task has dropped its half too.
+}
+
+/// The write half plus what decides how long a write may wait.
+struct SocketWriter<'a> {
+    half: OwnedWriteHalf,
+    client: &'a Client,
+    write_timeout: Duration,
+    force: &'a CancellationToken,
+    /// The server is shutting down: keep flushing until forced to stop.
+    shutting_down: bool,
+}
+
+impl SocketWriter<'_> {
+    async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), WriteEnd> {
+        while !bytes.is_empty() {
+            match self.half.try_write(bytes) {
+                Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
+                Ok(written) => {
+                    bytes = &bytes[written..];
+                    if self.client.is_stuck() {
+                        self.client.set_stuck(false);
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait_writable().await?;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(WriteEnd::Failed(err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket takes bytes again. This is the only place a
+    /// writer waits with data pending, so it is where a stuck client is
+    /// detected: `--write-timeout` without progress.
+    async fn wait_writable(&mut self) -> Result<(), WriteEnd> {
+        loop {
+            tokio::select! {
+                biased;
+                () = self.force.cancelled() => return Err(WriteEnd::Abandoned),
+                () = self.client.ending(), if !self.shutting_down => {
+                    if self.client.kicked().is_some() {
+                        return Err(WriteEnd::Abandoned);
+                    }
+                    self.shutting_down = true;
+                }
+                ready = timeout(self.write_timeout, self.half.writable()) => match ready {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(err)) => return Err(WriteEnd::Failed(err)),
+                    Err(_elapsed) => match self.client.policy {
+                        SlowClientPolicy::Disconnect => {
+                            self.client.kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));
+                            return Err(WriteEnd::Abandoned);
+                        }
+                        SlowClientPolicy::Drop => self.client.set_stuck(true),
+                        // The seed's behaviour: wait as long as it takes.
+                        SlowClientPolicy::Block => {}
+                    },
+                },
+            }
+        }
+    }
+}
