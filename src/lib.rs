@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod harness;
 pub mod hub;
+pub mod load;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

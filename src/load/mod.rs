@@ -1,0 +1,1 @@
+//! Load generation for any server speaking the seed's line protocol (work in progress).
