@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::runtime::{self, Handle};
 use tokio::sync::oneshot;
 use tokio::time::{timeout, Instant};
@@ -41,9 +41,6 @@ impl TestServer {
         config
             .validate()
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-        let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let runtime = runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("chat-server")
@@ -56,8 +53,14 @@ impl TestServer {
             .name("chat-server-main".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
+                    let bound = server::bind("127.0.0.1:0")
+                        .await
+                        .and_then(|listener| Ok((listener.local_addr()?, listener)));
+                    let listener = match bound {
+                        Ok((addr, listener)) => {
+                            let _ = listening.send(Ok(addr));
+                            listener
+                        }
                         Err(err) => {
                             let _ = listening.send(Err(err));
                             return;
@@ -68,11 +71,10 @@ impl TestServer {
                     let server = tokio::spawn(server::run(listener, config, async move {
                         let _ = stopped.await;
                     }));
-                    let _ = listening.send(Ok(()));
                     let _ = server.await;
                 });
             })?;
-        started
+        let addr = started
             .recv()
             .map_err(|_| io::Error::other("server thread exited early"))??;
         Ok(TestServer {
@@ -234,6 +236,19 @@ impl TestClient {
                 Err(err) if err.kind() == io::ErrorKind::ConnectionReset => return Ok(lines),
                 Err(err) => return Err(err),
             }
+        }
+    }
+
+    /// Reassembles a client from [`TestClient::into_parts`].
+    pub fn from_parts(
+        who: String,
+        reader: BufReader<OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+    ) -> TestClient {
+        TestClient {
+            who,
+            reader,
+            writer,
         }
     }
 

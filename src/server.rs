@@ -18,11 +18,12 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +36,31 @@ use crate::session::{self, ServerContext};
 
 /// The line a connection over `--max-clients` receives before it is closed.
 pub const SERVER_FULL: &str = "error: server full\n";
+
+/// Connections the kernel may hold for us before `accept`. The usual
+/// defaults (128 for std, 1,024 for tokio) make a burst of thousands of
+/// simultaneous connects wait on SYN retransmissions; the kernel caps this
+/// at `net.core.somaxconn` anyway.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener on `addr` with a deep accept backlog. Must be called
+/// inside a tokio runtime.
+pub async fn bind(addr: &str) -> io::Result<TcpListener> {
+    let mut last_err = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // Restarting the server must not wait out TIME_WAIT connections.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last_err = Some(err),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+}
 
 /// Serves `listener` with `config` until `shutdown` completes, then shuts
 /// down gracefully. Fails only if the configuration is invalid.

@@ -257,6 +257,7 @@ async fn write_loop<I: Inbox>(
         write_timeout: server.config.write_timeout,
         force: &server.force,
         shutting_down: false,
+        mid_line: false,
     };
     let mut result = socket
         .write_all(Message::greeting(&client.who).as_bytes())
@@ -304,9 +305,15 @@ async fn write_loop<I: Inbox>(
             }
         }
         Err(WriteEnd::Abandoned) => {
-            // The socket is probably full: one try, no waiting.
+            // The socket is probably full: one try, no waiting, on a line of
+            // its own even if we stopped in the middle of one.
             if let Some(words) = client.last_words() {
-                let _ = socket.half.try_write(words.as_bytes());
+                let mut last = Vec::with_capacity(words.len() + 1);
+                if socket.mid_line {
+                    last.push(b'\n');
+                }
+                last.extend_from_slice(words.as_bytes());
+                let _ = socket.half.try_write(&last);
             }
             client.kick(Kick::WriteFailed, None);
         }
@@ -327,6 +334,8 @@ struct SocketWriter<'a> {
     force: &'a CancellationToken,
     /// The server is shutting down: keep flushing until forced to stop.
     shutting_down: bool,
+    /// The last byte written did not end a line.
+    mid_line: bool,
 }
 
 impl SocketWriter<'_> {
@@ -335,6 +344,7 @@ impl SocketWriter<'_> {
             match self.half.try_write(bytes) {
                 Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
                 Ok(written) => {
+                    self.mid_line = bytes[written - 1] != b'\n';
                     bytes = &bytes[written..];
                     if self.client.is_stuck() {
                         self.client.set_stuck(false);

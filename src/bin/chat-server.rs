@@ -11,7 +11,6 @@ use chat_server::config::{SlowClientPolicy, DEFAULT_MAX_PENDING};
 use chat_server::protocol::DEFAULT_MAX_LINE;
 use chat_server::{server, Config, Model};
 use clap::Parser;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// A TCP chat server speaking the line protocol of gopl.io chapter 8.
@@ -102,7 +101,7 @@ fn main() -> ExitCode {
 #[tokio::main]
 async fn serve(args: &Args) -> anyhow::Result<()> {
     let config = args.config()?;
-    let listener = TcpListener::bind(&args.addr)
+    let listener = server::bind(&args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;

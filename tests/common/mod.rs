@@ -2,10 +2,15 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
+use std::collections::{HashMap, HashSet};
 use std::io;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
+use tokio::sync::Barrier;
+use tokio::time::Instant;
 
 /// For each `name`, a module `name` with one `#[tokio::test]` per model that
 /// calls `name(model)`, so a failure names the model it failed in.
@@ -54,6 +59,163 @@ pub async fn connect_all(server: &TestServer, n: usize) -> io::Result<Vec<TestCl
     Ok(clients)
 }
 
+/// Connects `n` clients and reads every arrival announcement, so that all
+/// of them are quiet when this returns.
+pub async fn connect_settled(server: &TestServer, n: usize) -> io::Result<Vec<TestClient>> {
+    let mut clients = connect_all(server, n).await?;
+    for (index, client) in clients.iter_mut().enumerate() {
+        for _ in index + 1..n {
+            client.line().await?;
+        }
+    }
+    Ok(clients)
+}
+
+/// Many clients chatting at once, in lockstep rounds: in each round every
+/// sender writes `lines_per_round` numbered lines in one write, and every
+/// client reads all of the round's lines before anyone starts the next.
+/// Senders' writes interleave at the server within a round, while no healthy
+/// reader can ever be more than one round behind: only a client that really
+/// stops reading falls far behind.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange {
+    /// The first `senders` clients send; all of them read.
+    pub senders: usize,
+    pub rounds: usize,
+    pub lines_per_round: usize,
+    /// Bytes of text per line (a sequence number, padded).
+    pub line_len: usize,
+    /// Every client must have read every line by then.
+    pub within: Duration,
+}
+
+impl Exchange {
+    pub fn lines_per_sender(&self) -> usize {
+        self.rounds * self.lines_per_round
+    }
+
+    pub fn total_lines(&self) -> usize {
+        self.senders * self.lines_per_sender()
+    }
+}
+
+/// What one client saw of an exchange.
+#[derive(Debug)]
+pub struct Seen {
+    pub who: String,
+    /// `(sender, sequence number)` of each exchanged line, in arrival order.
+    pub lines: Vec<(String, usize)>,
+    /// Every other line (arrivals, departures, other chat).
+    pub other: Vec<String>,
+}
+
+/// Runs `exchange` with `clients`, one task each, and checks that every
+/// client got every sender's lines, complete and in the order sent. Fails
+/// naming the first client that stalled. Returns what each client saw, and
+/// the clients for further use.
+pub async fn exchange(
+    clients: Vec<TestClient>,
+    exchange: Exchange,
+) -> io::Result<Vec<(Seen, TestClient)>> {
+    let deadline = Instant::now() + exchange.within;
+    let senders: Arc<HashSet<String>> = Arc::new(
+        clients
+            .iter()
+            .take(exchange.senders)
+            .map(|client| client.who.clone())
+            .collect(),
+    );
+    let round_done = Arc::new(Barrier::new(clients.len()));
+    let mut tasks = Vec::new();
+    for (index, client) in clients.into_iter().enumerate() {
+        let senders = Arc::clone(&senders);
+        let round_done = Arc::clone(&round_done);
+        let sends = index < exchange.senders;
+        tasks.push(tokio::spawn(async move {
+            let (mut seen, client) =
+                take_part(client, sends, &senders, &round_done, exchange, deadline).await?;
+            check_sender_order(&seen, true, exchange.lines_per_sender())?;
+            seen.lines.shrink_to_fit();
+            Ok::<_, io::Error>((seen, client))
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.map_err(io::Error::other)??);
+    }
+    Ok(results)
+}
+
+async fn take_part(
+    mut client: TestClient,
+    sends: bool,
+    senders: &HashSet<String>,
+    round_done: &Barrier,
+    exchange: Exchange,
+    deadline: Instant,
+) -> io::Result<(Seen, TestClient)> {
+    let who = client.who.clone();
+    let mut seen = Seen {
+        who: who.clone(),
+        lines: Vec::with_capacity(exchange.total_lines()),
+        other: Vec::new(),
+    };
+    for round in 0..exchange.rounds {
+        if sends {
+            let mut burst = String::new();
+            for i in 0..exchange.lines_per_round {
+                let number = (round * exchange.lines_per_round + i).to_string();
+                burst.push_str(&number);
+                burst.push(' ');
+                let pad = exchange.line_len.saturating_sub(number.len() + 1);
+                burst.extend(std::iter::repeat_n('x', pad));
+                burst.push('\n');
+            }
+            client.send_raw(burst.as_bytes()).await?;
+        }
+        let due = (round + 1) * exchange.senders * exchange.lines_per_round;
+        while seen.lines.len() < due {
+            let line = tokio::time::timeout_at(deadline, client.line())
+                .await
+                .map_err(|_| io::Error::other(format!("{who}: stalled after {} lines", seen.lines.len())))?
+                .map_err(|err| io::Error::new(err.kind(), format!("{who}: {err} after {} lines", seen.lines.len())))?;
+            let parsed = line
+                .split_once(": ")
+                .filter(|(from, _)| senders.contains(*from))
+                .and_then(|(from, rest)| Some((from.to_string(), rest.split(' ').next()?.parse().ok()?)));
+            match parsed {
+                Some(entry) => seen.lines.push(entry),
+                None => seen.other.push(line),
+            }
+        }
+        tokio::time::timeout_at(deadline, round_done.wait())
+            .await
+            .map_err(|_| io::Error::other(format!("{who}: others stalled in round {round}")))?;
+    }
+    Ok((seen, client))
+}
+
+/// Checks that `seen` has each sender's lines in the order sent: all of
+/// them (`complete`), or an increasing subsequence (messages skipped for a
+/// slow client).
+pub fn check_sender_order(seen: &Seen, complete: bool, per_sender: usize) -> io::Result<()> {
+    let mut next: HashMap<&str, usize> = HashMap::new();
+    for (from, seq) in &seen.lines {
+        let due = next.entry(from).or_insert(0);
+        let in_order = if complete { *seq == *due } else { *seq >= *due };
+        ensure(in_order, || {
+            format!("{} saw {from}'s line {seq} where {due} was due", seen.who)
+        })?;
+        *due = seq + 1;
+    }
+    if complete {
+        ensure(next.values().all(|&n| n == per_sender), || {
+            format!("{} lost lines: next due {next:?}", seen.who)
+        })?;
+    }
+    Ok(())
+}
+
 /// Turns an assertion into a test error with a message, for `?` in tests.
 pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> io::Result<()> {
     if condition {
@@ -62,3 +224,5 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> io::Result<(
         Err(io::Error::other(message()))
     }
 }
+
+pub mod process;

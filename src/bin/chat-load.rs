@@ -1,0 +1,357 @@
+//! `chat-load`: load generator for any server speaking the gopl.io chat
+//! line protocol, and a side-by-side comparison of servers.
+//!
+//! Parses flags, builds the runtime and calls into `chat_server::load`;
+//! everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chat_server::load::compare::{self, CompareOptions, PeerSpec};
+use chat_server::load::scenario::resolve_loopback;
+use chat_server::load::{self, Options, Scenario};
+use chat_server::Model;
+use clap::{Args, Parser, Subcommand};
+
+/// Load generator for gopl.io-style line chat servers (loopback only).
+///
+/// A delivery is one chat message received by one client. Give the server's
+/// pid (--server-pid) to also get its CPU time per delivery and its memory.
+/// Progress goes to stderr, results to stdout (a table, or JSON with --json).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// n clients each send m messages with --window in flight; everyone receives everything.
+    Fanout(LoadArgs),
+    /// Open loop: each client sends --rate messages/s for --duration, send times spread evenly.
+    Rate(LoadArgs),
+    /// Join-and-leave cycles per second with n idle clients present.
+    Churn(LoadArgs),
+    /// Fanout among n clients while one extra client never reads.
+    Slow(LoadArgs),
+    /// n idle connections: server RSS per connection (needs --server-pid).
+    Idle(LoadArgs),
+    /// Start our server in each model (and any --peer), run the same scenarios, compare.
+    Compare(Box<CompareArgs>),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// The server, HOST:PORT on loopback.
+    #[arg(long)]
+    addr: String,
+
+    /// Clients [fanout 100, rate 500, churn: idle clients 100, slow 20, idle 5000].
+    #[arg(short = 'n', long = "clients")]
+    clients: Option<usize>,
+
+    /// Messages per client [fanout 100, slow 25000]; churn: cycles (default: as many as --duration allows).
+    #[arg(short = 'm', long = "messages")]
+    messages: Option<u64>,
+
+    /// Payload bytes per chat line, at least 43 [64; slow 200].
+    #[arg(long)]
+    size: Option<usize>,
+
+    /// Own messages in flight per client [16]; churn: concurrent join-leave loops [1].
+    #[arg(long)]
+    window: Option<u32>,
+
+    /// Messages per second per client (rate) [1].
+    #[arg(long)]
+    rate: Option<f64>,
+
+    /// Seconds: sending stops after this (fanout 60, slow 30, rate 10); churn runs this long [5].
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+
+    /// Seconds without progress after which the tool stops waiting for what is in flight.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    drain: f64,
+
+    /// Seconds the idle scenario keeps its connections open after they settle.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    hold: f64,
+
+    /// The server's pid, for its CPU time (/proc/PID/task/*/schedstat) and RSS (/proc/PID/status).
+    #[arg(long, value_name = "PID")]
+    server_pid: Option<u32>,
+
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Print one JSON object per result instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    /// Worker threads of the tool's runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Our server binary [chat-server next to this executable].
+    #[arg(long, value_name = "PATH")]
+    server_bin: Option<PathBuf>,
+
+    /// Our models to run (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "sharded,broadcaster,locked,broadcast"
+    )]
+    models: Vec<Model>,
+
+    /// An extra argument for each of our servers (repeat it: --server-arg=--slow-client --server-arg=drop).
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+
+    /// Another server: NAME@HOST:PORT=COMMAND if it always listens there (the Go seed:
+    /// seed@127.0.0.1:8000=/tmp/gopl-chat-server), or NAME=COMMAND with {port} or {addr}
+    /// in COMMAND. Run with `sh -c COMMAND`. Repeatable.
+    #[arg(long = "peer", value_name = "NAME[@ADDR]=COMMAND")]
+    peers: Vec<PeerSpec>,
+
+    /// Scenarios to run against each server (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fanout,rate")]
+    scenarios: Vec<Scenario>,
+
+    /// Fanout points: numbers of clients (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    clients: Vec<usize>,
+
+    /// Deliveries per fanout point: each client sends max(DELIVERIES / n², 10) messages.
+    #[arg(long, default_value_t = 10_000_000)]
+    deliveries: u64,
+
+    /// Messages per client at every fanout point, instead of --deliveries.
+    #[arg(short = 'm', long = "messages")]
+    messages: Option<u64>,
+
+    /// Own messages in flight per client (fanout).
+    #[arg(long, default_value_t = 16)]
+    window: u32,
+
+    /// Payload bytes per chat line.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+
+    /// Seconds after which a fanout point stops sending (the Go seed is slow at n=1000).
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    fanout_timeout: f64,
+
+    /// Clients of the rate point.
+    #[arg(long, default_value_t = 500)]
+    rate_clients: usize,
+
+    /// Messages per second per client at the rate point.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+
+    /// Seconds of the rate point.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    duration: f64,
+
+    /// Connections of the idle scenario (if in --scenarios).
+    #[arg(long, default_value_t = 5000)]
+    idle_clients: usize,
+
+    /// Seconds without progress after which a run stops waiting for what is in flight.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    drain: f64,
+
+    /// Seconds a server may take to start listening.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    startup_timeout: f64,
+
+    /// Where to write compare.md, compare.json, compare.svg and the servers' logs.
+    #[arg(long, value_name = "DIR", default_value = "target/chat-load")]
+    out: PathBuf,
+
+    #[command(flatten)]
+    common: Common,
+}
+
+fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(secs).with_context(|| format!("--{flag} {secs}: not a duration"))
+}
+
+fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Options> {
+    let addr = resolve_loopback(&args.addr)?;
+    let mut o = Options::new(scenario, addr);
+    if let Some(n) = args.clients {
+        o.clients = n;
+    }
+    if let Some(m) = args.messages {
+        o.messages = m;
+    }
+    if let Some(size) = args.size {
+        o.size = size;
+    }
+    if let Some(window) = args.window {
+        o.window = window;
+    }
+    if let Some(rate) = args.rate {
+        o.rate = rate;
+    }
+    if let Some(duration) = args.duration {
+        o.duration = seconds("duration", duration)?;
+    }
+    o.drain = seconds("drain", args.drain)?;
+    o.hold = seconds("hold", args.hold)?;
+    o.server_pid = args.server_pid;
+    o.threads = args.common.threads;
+    o.progress = !args.common.quiet;
+    Ok(o)
+}
+
+fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
+    let server_bin = match &args.server_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable's path")?
+            .parent()
+            .context("this executable has no parent directory")?
+            .join("chat-server"),
+    };
+    if !args.models.is_empty() && !server_bin.exists() {
+        anyhow::bail!(
+            "{} does not exist: build it (cargo build --release --bin chat-server) or pass --server-bin",
+            server_bin.display()
+        );
+    }
+    Ok(CompareOptions {
+        server_bin,
+        models: args.models.clone(),
+        server_args: args.server_args.clone(),
+        peers: args.peers.clone(),
+        scenarios: args.scenarios.clone(),
+        clients: args.clients.clone(),
+        deliveries: args.deliveries,
+        messages: args.messages,
+        window: args.window,
+        size: args.size,
+        fanout_timeout: seconds("fanout-timeout", args.fanout_timeout)?,
+        rate_clients: args.rate_clients,
+        rate: args.rate,
+        rate_duration: seconds("duration", args.duration)?,
+        idle_clients: args.idle_clients,
+        drain: seconds("drain", args.drain)?,
+        startup_timeout: seconds("startup-timeout", args.startup_timeout)?,
+        out: args.out.clone(),
+        threads: args.common.threads,
+        progress: !args.common.quiet,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("chat-load: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let threads = match &cli.command {
+        Command::Compare(args) => args.common.threads,
+        Command::Fanout(a)
+        | Command::Rate(a)
+        | Command::Churn(a)
+        | Command::Slow(a)
+        | Command::Idle(a) => a.common.threads,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("chat-load")
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    // Start the clock before any client exists.
+    load::payload::origin();
+    runtime.block_on(async move {
+        tokio::select! {
+            result = dispatch(cli) => result,
+            signal = interrupted() => {
+                // Returning drops the running scenario: its clients stop and
+                // any servers `compare` started are stopped by their guards.
+                anyhow::bail!("interrupted by {signal}")
+            }
+        }
+    })
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let (scenario, args) = match cli.command {
+        Command::Compare(args) => {
+            let options = compare_options(&args)?;
+            let comparison = compare::compare(&options).await?;
+            if args.common.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&comparison).context("serialising the comparison")?
+                );
+            } else {
+                print!("{}", compare::table(&comparison));
+                eprintln!(
+                    "chat-load: wrote compare.md, compare.json and compare.svg to {}",
+                    options.out.display()
+                );
+            }
+            return Ok(());
+        }
+        Command::Fanout(args) => (Scenario::Fanout, args),
+        Command::Rate(args) => (Scenario::Rate, args),
+        Command::Churn(args) => (Scenario::Churn, args),
+        Command::Slow(args) => (Scenario::Slow, args),
+        Command::Idle(args) => (Scenario::Idle, args),
+    };
+    let options = scenario_options(scenario, &args)?;
+    if scenario == Scenario::Idle && options.server_pid.is_none() {
+        eprintln!(
+            "chat-load: note: without --server-pid the idle scenario cannot report server memory"
+        );
+    }
+    let report = load::run(scenario, &options).await?;
+    if args.common.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM, naming it.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}

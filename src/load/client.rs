@@ -1,0 +1,605 @@
+//! One simulated chat user: its connection, its receive path and its send
+//! window.
+//!
+//! Everything a client does per received line lives here, and it is the
+//! hot path of the whole tool: a client reads 64 KiB at a time
+//! ([`READ_CHUNK`]), splits lines with `memchr`, decodes payloads in place
+//! ([`Codec::decode`]), checks order in a plain array indexed by sender
+//! ([`OrderTracker`]) and records latency into its own HDR histogram. It
+//! takes the time once per read, not once per line (all lines of one read
+//! arrived together), and touches shared atomics once per read. Nothing is
+//! allocated per line.
+//!
+//! A client is one task that both reads and sends ([`run_client`]): it waits
+//! on the socket's readiness for reading and, while it has bytes queued, for
+//! writing, so a server that stops reading from us can never stop us from
+//! reading from it (which would deadlock a server that blocks on slow
+//! readers).
+//!
+//! Clients that only need to stay connected and drain what they are sent
+//! (idle and churn scenarios, thousands of them) use the much smaller
+//! [`run_counter`] instead.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use super::payload::{now_ns, Codec, Order, OrderTracker, Payload};
+
+/// Bytes asked for per read on the measured path: few system calls per line
+/// when the server batches its writes.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Read buffer of the lean clients that only count lines.
+pub const COUNTER_CHUNK: usize = 8 * 1024;
+
+/// How long a new connection may take to be greeted.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+const ARRIVED: &[u8] = b" has arrived";
+const LEFT: &[u8] = b" has left";
+
+/// A connected, greeted client.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: TcpStream,
+    /// `IP:PORT` as the server named us in its greeting.
+    pub who: String,
+    /// What was read after the greeting, and room for more.
+    pub reader: LineReader,
+}
+
+/// Connects to `addr` and reads the greeting (`You are IP:PORT`), keeping
+/// anything that arrived with it. `buffer` is the read buffer's size.
+pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
+    let stream = timeout(GREETING_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    // The server sets TCP_NODELAY on its side; our sends are batched by the
+    // window already, and Nagle would add delay to the rate scenario's
+    // single lines.
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+    let mut conn = Conn {
+        stream,
+        who: String::new(),
+        reader: LineReader::new(buffer),
+    };
+    let greeting = timeout(GREETING_TIMEOUT, read_first_line(&mut conn))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{addr} sent no greeting within {GREETING_TIMEOUT:?} (is it a gopl.io chat server?)"
+            )
+        })??;
+    match greeting.strip_prefix("You are ") {
+        Some(who) => conn.who = who.to_owned(),
+        None => bail!("{addr} greeted with {greeting:?}, expected \"You are IP:PORT\""),
+    }
+    Ok(conn)
+}
+
+async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {
+    loop {
+        let reader = &mut conn.reader;
+        if let Some(newline) = memchr::memchr(b'\n', &reader.buf[reader.start..reader.end]) {
+            let line = &reader.buf[reader.start..reader.start + newline];
+            let line = String::from_utf8_lossy(strip_cr(line)).into_owned();
+            reader.start += newline + 1;
+            return Ok(line);
+        }
+        let spare = reader.spare();
+        if spare.is_empty() {
+            bail!("greeting longer than {} bytes", reader.buf.len());
+        }
+        let read = conn
+            .stream
+            .read(spare)
+            .await
+            .context("reading the greeting")?;
+        if read == 0 {
+            bail!("connection closed before the greeting");
+        }
+        conn.reader.end += read;
+    }
+}
+
+/// A fixed read buffer split into lines in place.
+///
+/// Lines are handed out as slices of the buffer; a partial line at the end of
+/// a read is moved to the front before the next read. A line longer than the
+/// whole buffer (not one of ours) is skipped rather than grown for.
+#[derive(Debug)]
+pub struct LineReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// Inside a line that did not fit: discard up to the next newline.
+    skipping: bool,
+}
+
+impl LineReader {
+    pub fn new(capacity: usize) -> LineReader {
+        LineReader {
+            buf: vec![0; capacity.max(256)],
+            start: 0,
+            end: 0,
+            skipping: false,
+        }
+    }
+
+    /// Room to read into, after moving any partial line to the front.
+    pub fn spare(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.start == 0 && self.end == self.buf.len() {
+            // One line fills the buffer: drop it and its remainder.
+            self.skipping = true;
+            self.end = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    /// Marks `n` bytes of [`LineReader::spare`] as read.
+    pub fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Calls `f` with each complete line (without `\n` and one trailing
+    /// `\r`); returns how many lines there were.
+    #[inline]
+    pub fn lines(&mut self, mut f: impl FnMut(&[u8])) -> u64 {
+        let mut count = 0;
+        let base = self.start;
+        let mut start = base;
+        let data = &self.buf[..self.end];
+        for newline in memchr::memchr_iter(b'\n', &data[base..]).map(|i| i + base) {
+            if self.skipping {
+                self.skipping = false;
+            } else {
+                f(strip_cr(&data[start..newline]));
+                count += 1;
+            }
+            start = newline + 1;
+        }
+        self.start = start;
+        count
+    }
+}
+
+fn strip_cr(line: &[u8]) -> &[u8] {
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Latency histogram: microseconds, 3 significant digits, grown on demand
+/// so that a thousand clients at loopback latencies cost about 30 KiB each.
+pub fn new_histogram() -> Histogram<u64> {
+    let mut histogram = Histogram::new(3).unwrap_or_else(|_| unreachable!("3 digits is valid"));
+    histogram.auto(true);
+    histogram
+}
+
+/// Counts kept by one receiver; summed over all receivers at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecvCounts {
+    /// Chat lines of this run received (own echoes included).
+    pub delivered: u64,
+    /// Of those, this client's own.
+    pub own: u64,
+    /// Lines that broke their sender's order (skips and backward steps).
+    pub order_violations: u64,
+    /// Chat lines with this run's tag but a sender id out of range.
+    pub unknown_sender: u64,
+    /// `... has arrived` lines.
+    pub arrivals: u64,
+    /// `... has left` lines.
+    pub departures: u64,
+    /// Anything else: other users' chat, server notices.
+    pub other: u64,
+}
+
+impl RecvCounts {
+    pub fn add(&mut self, other: &RecvCounts) {
+        self.delivered += other.delivered;
+        self.own += other.own;
+        self.order_violations += other.order_violations;
+        self.unknown_sender += other.unknown_sender;
+        self.arrivals += other.arrivals;
+        self.departures += other.departures;
+        self.other += other.other;
+    }
+}
+
+/// The receiving half of one client's bookkeeping, independent of sockets.
+#[derive(Debug)]
+pub struct Receiver {
+    me: u32,
+    codec: Codec,
+    order: OrderTracker,
+    pub counts: RecvCounts,
+    pub latency: Histogram<u64>,
+    /// A `who has left` line to watch for (the slow scenario's victim).
+    watch_left: Option<Vec<u8>>,
+    /// When it was seen, in ns since the origin.
+    pub watched_left_ns: Option<u64>,
+    /// When the last chat line of this run arrived, in ns since the origin.
+    pub last_delivery_ns: u64,
+}
+
+impl Receiver {
+    pub fn new(me: u32, senders: usize, codec: Codec) -> Receiver {
+        Receiver {
+            me,
+            codec,
+            order: OrderTracker::new(senders),
+            counts: RecvCounts::default(),
+            latency: new_histogram(),
+            watch_left: None,
+            watched_left_ns: None,
+            last_delivery_ns: 0,
+        }
+    }
+
+    /// Also notice when `who` leaves.
+    pub fn watch_departure_of(&mut self, who: &str) {
+        let mut line = who.as_bytes().to_vec();
+        line.extend_from_slice(LEFT);
+        self.watch_left = Some(line);
+    }
+
+    /// Accounts for one line that arrived at `now_ns`.
+    #[inline]
+    pub fn on_line(&mut self, line: &[u8], now_ns: u64) {
+        match self.codec.decode(line) {
+            Some(payload) => self.on_payload(payload, now_ns),
+            None => self.on_other(line, now_ns),
+        }
+    }
+
+    #[inline]
+    fn on_payload(&mut self, p: Payload, now_ns: u64) {
+        match self.order.observe(p.sender, p.seq) {
+            Order::InOrder => {}
+            Order::Skipped | Order::Backwards => self.counts.order_violations += 1,
+            Order::UnknownSender => {
+                self.counts.unknown_sender += 1;
+                return;
+            }
+        }
+        self.counts.delivered += 1;
+        if p.sender == self.me {
+            self.counts.own += 1;
+        }
+        self.last_delivery_ns = now_ns;
+        // Nearest microsecond; saturating because an open-loop send time
+        // is scheduled, and a clock never runs backwards, but be safe.
+        let micros = (now_ns.saturating_sub(p.sent_ns) + 500) / 1000;
+        // With auto-resize on, recording cannot fail for a u64 value.
+        let _ = self.latency.record(micros);
+    }
+
+    #[cold]
+    fn on_other(&mut self, line: &[u8], now_ns: u64) {
+        if line.ends_with(ARRIVED) {
+            self.counts.arrivals += 1;
+        } else if line.ends_with(LEFT) {
+            self.counts.departures += 1;
+            if self.watched_left_ns.is_none() && self.watch_left.as_deref() == Some(line) {
+                self.watched_left_ns = Some(now_ns);
+            }
+        } else {
+            self.counts.other += 1;
+        }
+    }
+}
+
+/// Counters every client of a scenario shares with the coordinator, touched
+/// once per read or per send batch, never per line.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub delivered: AtomicU64,
+    pub sent: AtomicU64,
+    pub arrivals: AtomicU64,
+    /// Clients whose task has ended.
+    pub finished: AtomicUsize,
+    /// Cancelled when every client should start sending.
+    pub start: CancellationToken,
+    /// Cancelled when clients should send no more (time's up).
+    pub stop_sending: CancellationToken,
+    /// Cancelled when clients should stop altogether.
+    pub stop: CancellationToken,
+}
+
+/// What one client is to do.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// This client's sender id.
+    pub id: u32,
+    /// Messages this client sends itself (0: someone else sends for it).
+    pub messages: u32,
+    /// Own messages in flight at most.
+    pub window: u32,
+    /// Chat lines of this run it should receive before it is done.
+    pub expect: u64,
+}
+
+/// How a client's task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Sent and received everything it should.
+    Complete,
+    /// Told to stop first.
+    Stopped,
+    /// The server closed the connection.
+    Closed,
+    /// A socket error.
+    Failed(String),
+}
+
+/// A client task's result.
+#[derive(Debug)]
+pub struct ClientResult {
+    pub receiver: Receiver,
+    pub sent: u32,
+    pub end: End,
+}
+
+/// Runs one client: counts arrivals until told to start, then sends its
+/// messages (at most `window` unanswered by its own echo) while receiving
+/// everything. Once it has sent everything and received `plan.expect` lines
+/// it counts itself finished in [`Shared::finished`] (as it does if the
+/// connection ends early), but stays connected until [`Shared::stop`].
+pub async fn run_client(
+    conn: Conn,
+    plan: Plan,
+    mut receiver: Receiver,
+    codec: Codec,
+    shared: Arc<Shared>,
+) -> ClientResult {
+    let Conn {
+        mut stream,
+        mut reader,
+        ..
+    } = conn;
+    // `read` (not `readable` + `try_read`) because tokio clears the read
+    // readiness after a short read: one system call per wake-up instead of
+    // a second one that only says "would block", which matters at one line
+    // per wake-up in the rate scenario.
+    let (mut rd, wr) = stream.split();
+    // Created once, not per loop turn: polling a fresh `cancelled()` future
+    // registers a waiter under the token's lock, which every client shares.
+    let stop = shared.stop.clone();
+    let start = shared.start.clone();
+    let mut stop = pin!(stop.cancelled());
+    let mut start = pin!(start.cancelled());
+    let mut out: Vec<u8> = Vec::with_capacity(plan.window as usize * (codec.size() + 1));
+    let mut written = 0usize;
+    let mut sent = 0u32;
+    let mut started = false;
+    let mut sending = plan.messages > 0;
+    let mut complete = false;
+
+    // Lines that came with the greeting.
+    let mut last_arrivals = 0;
+    let now = now_ns();
+    reader.lines(|line| receiver.on_line(line, now));
+
+    let end = loop {
+        if receiver.counts.arrivals != last_arrivals {
+            shared
+                .arrivals
+                .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
+            last_arrivals = receiver.counts.arrivals;
+        }
+        if started && sending {
+            if shared.stop_sending.is_cancelled() {
+                sending = false;
+            } else if written == out.len() {
+                // Refill only once the previous batch is fully written, so a
+                // batch is one write in the common case.
+                let in_flight = u64::from(sent) - receiver.counts.own;
+                let room = u64::from(plan.window).saturating_sub(in_flight);
+                let batch = room.min(u64::from(plan.messages - sent)) as u32;
+                if batch > 0 {
+                    out.clear();
+                    written = 0;
+                    let sent_ns = now_ns();
+                    for seq in sent..sent + batch {
+                        codec.encode_into(
+                            &mut out,
+                            Payload {
+                                sender: plan.id,
+                                seq,
+                                sent_ns,
+                            },
+                        );
+                    }
+                    sent += batch;
+                    shared.sent.fetch_add(batch.into(), Relaxed);
+                    if sent == plan.messages {
+                        sending = false;
+                    }
+                }
+            }
+        }
+        // Optimistic write: the socket almost always has room.
+        if written < out.len() {
+            match wr.try_write(&out[written..]) {
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => break End::Failed(format!("write: {err}")),
+            }
+        }
+        let all_sent = !sending && written == out.len();
+        if !complete && started && all_sent && receiver.counts.delivered >= plan.expect {
+            // Done, but stay connected (and keep reading) until everyone is:
+            // a departure now would make the server announce it to clients
+            // still being measured.
+            complete = true;
+            shared.finished.fetch_add(1, Relaxed);
+        }
+        tokio::select! {
+            biased;
+            _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
+            _ = &mut start, if !started => started = true,
+            read = rd.read(reader.spare()) => match read {
+                Ok(0) => break End::Closed,
+                Ok(n) => {
+                    reader.filled(n);
+                    let now = now_ns();
+                    let before = receiver.counts.delivered;
+                    reader.lines(|line| receiver.on_line(line, now));
+                    shared.delivered.fetch_add(receiver.counts.delivered - before, Relaxed);
+                }
+                Err(err) => break End::Failed(format!("read: {err}")),
+            },
+            ready = wr.writable(), if written < out.len() => {
+                if let Err(err) = ready {
+                    break End::Failed(format!("write: {err}"));
+                }
+            }
+        }
+    };
+    if !complete {
+        shared.finished.fetch_add(1, Relaxed);
+    }
+    ClientResult {
+        receiver,
+        sent,
+        end,
+    }
+}
+
+/// Counts shared by the lean clients of one scenario.
+#[derive(Debug, Default)]
+pub struct CounterShared {
+    /// Lines received after the greeting, by all counters together.
+    pub lines: AtomicU64,
+    /// Counters whose connection was closed by the server or failed.
+    pub lost: AtomicUsize,
+    pub stop: CancellationToken,
+}
+
+/// A client that only stays connected and counts the lines it is sent (all
+/// of them announcements in the idle and churn scenarios), until stopped.
+/// Returns whether the connection was still open at the end.
+pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
+    let Conn {
+        mut stream,
+        mut reader,
+        ..
+    } = conn;
+    let stop = shared.stop.clone();
+    let mut stop = pin!(stop.cancelled());
+    let already = reader.lines(|_| {});
+    shared.lines.fetch_add(already, Relaxed);
+    let open = loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break true,
+            read = stream.read(reader.spare()) => match read {
+                Ok(0) | Err(_) => break false,
+                Ok(n) => {
+                    reader.filled(n);
+                    let lines = reader.lines(|_| {});
+                    shared.lines.fetch_add(lines, Relaxed);
+                }
+            }
+        }
+    };
+    if !open {
+        shared.lost.fetch_add(1, Relaxed);
+    }
+    open
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(reader: &mut LineReader, mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut lines = Vec::new();
+        while !bytes.is_empty() {
+            let spare = reader.spare();
+            let n = spare.len().min(bytes.len());
+            spare[..n].copy_from_slice(&bytes[..n]);
+            reader.filled(n);
+            bytes = &bytes[n..];
+            reader.lines(|line| lines.push(line.to_vec()));
+        }
+        lines
+    }
+
+    #[test]
+    fn splits_lines_across_reads_and_skips_overlong_ones() {
+        let mut reader = LineReader::new(256);
+        let mut input = b"one\r\ntwo\n".to_vec();
+        input.extend_from_slice(&[b'x'; 1000]);
+        input.extend_from_slice(b"\nthree\nfour");
+        let lines = feed(&mut reader, &input);
+        assert_eq!(lines, [&b"one"[..], b"two", b"three"]);
+        assert_eq!(feed(&mut reader, b"\n"), [b"four"]);
+    }
+
+    fn line(codec: &Codec, sender: u32, seq: u32, sent_ns: u64) -> Vec<u8> {
+        let mut line = b"127.0.0.1:9: ".to_vec();
+        codec.encode_into(
+            &mut line,
+            Payload {
+                sender,
+                seq,
+                sent_ns,
+            },
+        );
+        line.pop();
+        line
+    }
+
+    #[test]
+    fn accounts_deliveries_latency_order_and_announcements() {
+        let codec = Codec::new(5, 64).unwrap();
+        let mut receiver = Receiver::new(1, 2, codec.clone());
+        receiver.watch_departure_of("127.0.0.1:7");
+        receiver.on_line(&line(&codec, 0, 0, 1_000), 3_000);
+        receiver.on_line(&line(&codec, 1, 0, 1_000), 101_000);
+        receiver.on_line(&line(&codec, 0, 2, 1_000), 2_001_000); // skips 1
+        receiver.on_line(&line(&codec, 9, 0, 0), 5); // not a client of ours
+        receiver.on_line(&line(&Codec::new(6, 64).unwrap(), 0, 3, 0), 5);
+        receiver.on_line(b"127.0.0.1:8 has arrived", 10);
+        receiver.on_line(b"127.0.0.1:8 has left", 11);
+        receiver.on_line(b"127.0.0.1:7 has left", 12);
+        receiver.on_line(b"error: disconnected: too slow", 13);
+
+        let counts = &receiver.counts;
+        assert_eq!(counts.delivered, 3);
+        assert_eq!(counts.own, 1);
+        assert_eq!(counts.order_violations, 1);
+        assert_eq!(counts.unknown_sender, 1);
+        assert_eq!(counts.arrivals, 1);
+        assert_eq!(counts.departures, 2);
+        assert_eq!(counts.other, 2, "another run's chat and the notice");
+        assert_eq!(receiver.watched_left_ns, Some(12));
+        assert_eq!(receiver.last_delivery_ns, 2_001_000);
+        let latency = &receiver.latency;
+        assert_eq!(latency.len(), 3);
+        assert_eq!(latency.min(), 2);
+        assert!(latency.equivalent(latency.max(), 2000));
+        assert!(latency.equivalent(latency.value_at_quantile(0.5), 100));
+    }
+}

@@ -1,0 +1,206 @@
+//! Real processes for end-to-end tests: the `chat-server` binary on an
+//! ephemeral port, and line-oriented children (our `netcat`, the system's
+//! `nc`) whose output is read with a timeout.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for one line or one exit before failing.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A child process with line-by-line access to its stdout.
+pub struct LineChild {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<io::Result<String>>,
+    name: String,
+}
+
+impl LineChild {
+    /// Spawns `command` with piped stdin/stdout (stderr inherited, so it
+    /// shows in the test output on failure).
+    pub fn spawn(name: &str, mut command: Command) -> io::Result<LineChild> {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|err| io::Error::new(err.kind(), format!("cannot start {name}: {err}")))?;
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let (send, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(LineChild {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            name: name.to_string(),
+        })
+    }
+
+    /// The next line of output, or an error after [`PROCESS_TIMEOUT`] or at EOF.
+    pub fn line(&mut self) -> io::Result<String> {
+        match self.lines.recv_timeout(PROCESS_TIMEOUT) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{}: no line within {PROCESS_TIMEOUT:?}", self.name),
+            )),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{}: output ended", self.name),
+            )),
+        }
+    }
+
+    pub fn expect(&mut self, expected: &str) -> io::Result<()> {
+        let line = self.line()?;
+        if line == expected {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "{}: expected {expected:?}, got {line:?}",
+                self.name
+            )))
+        }
+    }
+
+    /// Lines until the output ends.
+    pub fn rest(&mut self) -> io::Result<Vec<String>> {
+        let mut lines = Vec::new();
+        loop {
+            match self.line() {
+                Ok(line) => lines.push(line),
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(lines),
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    pub fn type_line(&mut self, text: &str) -> io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stdin already closed"))?;
+        stdin.write_all(text.as_bytes())?;
+        stdin.write_all(b"\n")?;
+        stdin.flush()
+    }
+
+    pub fn type_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| io::Error::other("stdin already closed"))?;
+        stdin.write_all(bytes)?;
+        stdin.flush()
+    }
+
+    /// Ends stdin, as Ctrl-D does at a terminal.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Waits for the process to exit, killing it after [`PROCESS_TIMEOUT`].
+    pub fn wait(&mut self) -> io::Result<ExitStatus> {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{} did not exit", self.name),
+                ));
+            }
+            // Exit has no notification we can wait on with a timeout in std.
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends a signal (`kill -SIG pid`).
+    pub fn signal(&self, signal: &str) -> io::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!("kill -{signal} failed")))
+        }
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The `chat-server` binary, started on `127.0.0.1:0` with `args`.
+pub struct ServerProcess {
+    pub process: LineChild,
+    pub addr: String,
+}
+
+impl ServerProcess {
+    pub fn start(args: &[&str]) -> io::Result<ServerProcess> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        command.args(["--addr", "127.0.0.1:0"]).args(args);
+        command.env("RUST_LOG", "warn");
+        let mut process = LineChild::spawn("chat-server", command)?;
+        let banner = process.line()?;
+        let addr = banner
+            .strip_prefix("chat-server listening on ")
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| io::Error::other(format!("unexpected banner {banner:?}")))?
+            .to_string();
+        Ok(ServerProcess { process, addr })
+    }
+
+    pub fn port(&self) -> &str {
+        self.addr.rsplit(':').next().unwrap_or_default()
+    }
+}
+
+/// Our `netcat` connected to `addr`.
+pub fn our_netcat(addr: &str) -> io::Result<LineChild> {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_netcat"));
+    command.arg(addr);
+    LineChild::spawn("netcat", command)
+}
+
+/// The system's OpenBSD `nc`, with `-N` so that end of stdin half-closes the
+/// connection as our netcat does. `None` if it is not installed.
+pub fn system_nc(server: &ServerProcess) -> io::Result<Option<LineChild>> {
+    let installed = Command::new("nc")
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !installed {
+        if std::env::var_os("CHAT_REQUIRE_NC").is_some() {
+            return Err(io::Error::other("nc is not installed but CHAT_REQUIRE_NC is set"));
+        }
+        eprintln!("nc is not installed: the nc variant of this test did not run (CI installs it)");
+        return Ok(None);
+    }
+    let mut command = Command::new("nc");
+    command.args(["-N", "127.0.0.1", server.port()]);
+    LineChild::spawn("nc", command).map(Some)
+}
