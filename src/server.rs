@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error_span, info, warn, Instrument};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
@@ -54,12 +54,16 @@ pub async fn bind(addr: &str) -> io::Result<TcpListener> {
         };
         // Restarting the server must not wait out TIME_WAIT connections.
         socket.set_reuseaddr(true)?;
-        match socket.bind(addr).and_then(|()| socket.listen(ACCEPT_BACKLOG)) {
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(ACCEPT_BACKLOG))
+        {
             Ok(listener) => return Ok(listener),
             Err(err) => last_err = Some(err),
         }
     }
-    Err(last_err.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+    Err(last_err
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
 }
 
 /// Serves `listener` with `config` until `shutdown` completes, then shuts
@@ -121,7 +125,9 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
             &stop,
             Some(slot),
         ));
-        let span = info_span!("conn", peer = %client.who);
+        // ERROR level so that the span (and the peer it names) is enabled
+        // whenever any event is: `RUST_LOG=warn` must still say who it was.
+        let span = error_span!("conn", peer = %client.who);
         server.tracker.spawn(
             session::serve(Arc::clone(&hub), stream, client, Arc::clone(&server)).instrument(span),
         );

@@ -39,7 +39,9 @@ fn seed_session(
 
     first.close_stdin();
     let rest = first.rest()?;
-    ensure(rest.is_empty(), || format!("first got {rest:?} after leaving"))?;
+    ensure(rest.is_empty(), || {
+        format!("first got {rest:?} after leaving")
+    })?;
     ensure(first.wait()?.success(), || "first client failed".into())?;
     second.expect(&format!("{a} has left"))?;
 
@@ -115,7 +117,9 @@ fn netcat_waits_for_the_echo_of_its_last_line() -> io::Result<()> {
 #[test]
 fn netcat_reports_a_refused_connection() -> io::Result<()> {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let output = Command::new(env!("CARGO_BIN_EXE_netcat"))
         .arg(format!("127.0.0.1:{port}"))
         .output()?;

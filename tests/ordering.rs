@@ -39,7 +39,10 @@ async fn per_sender_order_and_no_loss(model: Model) -> io::Result<()> {
     );
     if matches!(model, Model::Broadcaster | Model::Broadcast) {
         ensure(orders.len() == 1, || {
-            format!("{model} must give every receiver the same order; saw {} orders", orders.len())
+            format!(
+                "{model} must give every receiver the same order; saw {} orders",
+                orders.len()
+            )
         })?;
     }
     Ok(())

@@ -109,7 +109,9 @@ async fn unterminated_last_line_is_delivered(model: Model) -> io::Result<()> {
     ensure(rest == [format!("{who}: no newline at the end")], || {
         format!("leaver got {rest:?}")
     })?;
-    other.expect(&format!("{who}: no newline at the end")).await?;
+    other
+        .expect(&format!("{who}: no newline at the end"))
+        .await?;
     other.expect(&format!("{who} has left")).await
 }
 
@@ -128,9 +130,14 @@ async fn invalid_utf8_is_replaced_not_fatal(model: Model) -> io::Result<()> {
     let mut sender = TestClient::connect(server.addr()).await?;
     let mut other = TestClient::connect(server.addr()).await?;
     sender.line().await?;
-    sender.send_raw(b"bad \xff\xfe bytes, cut \xe4\xb8\n").await?;
+    sender
+        .send_raw(b"bad \xff\xfe bytes, cut \xe4\xb8\n")
+        .await?;
     other
-        .expect(&format!("{}: bad \u{FFFD}\u{FFFD} bytes, cut \u{FFFD}", sender.who))
+        .expect(&format!(
+            "{}: bad \u{FFFD}\u{FFFD} bytes, cut \u{FFFD}",
+            sender.who
+        ))
         .await?;
     // Still connected.
     sender.send("still here").await?;

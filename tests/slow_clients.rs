@@ -138,7 +138,9 @@ fn parse_backlog(who: &str, text: &str, senders: &[String]) -> Seen {
         let parsed = line
             .split_once(": ")
             .filter(|(from, _)| senders.iter().any(|sender| sender == from))
-            .and_then(|(from, rest)| Some((from.to_string(), rest.split(' ').next()?.parse().ok()?)));
+            .and_then(|(from, rest)| {
+                Some((from.to_string(), rest.split(' ').next()?.parse().ok()?))
+            });
         match parsed {
             Some(entry) => seen.lines.push(entry),
             None => seen.other.push(line.to_string()),
@@ -160,14 +162,17 @@ async fn watch_for(seen: &Seen, watcher: &mut TestClient, expected: &str) -> io:
 }
 
 async fn never_reading_under_disconnect(model: Model) -> io::Result<()> {
-    let (_server, clients, mut stuck, stuck_who) = setup(model, SlowClientPolicy::Disconnect).await?;
+    let (_server, clients, mut stuck, stuck_who) =
+        setup(model, SlowClientPolicy::Disconnect).await?;
     // Nobody waits for the stuck client: the others finish and lose nothing
     // (`exchange` checks both).
     let mut results = exchange(clients, EXCHANGE).await?;
     let (seen, watcher) = &mut results[0];
     watch_for(seen, watcher, &format!("{stuck_who} has left")).await?;
     let Backlog::Closed(backlog) = read_backlog(&mut stuck).await? else {
-        return Err(io::Error::other("the stuck client was told it left but is still connected"));
+        return Err(io::Error::other(
+            "the stuck client was told it left but is still connected",
+        ));
     };
     let total = EXCHANGE.total_lines();
     let senders: Vec<String> = results.iter().map(|(seen, _)| seen.who.clone()).collect();
@@ -178,14 +183,18 @@ async fn never_reading_under_disconnect(model: Model) -> io::Result<()> {
         stuck_seen.lines.len(),
         stuck_seen.other.last()
     );
-    ensure(stuck_seen.lines.len() < total, || "the stuck client was sent everything".into())
+    ensure(stuck_seen.lines.len() < total, || {
+        "the stuck client was sent everything".into()
+    })
 }
 
 async fn never_reading_under_drop(model: Model) -> io::Result<()> {
     let (_server, clients, mut stuck, stuck_who) = setup(model, SlowClientPolicy::Drop).await?;
     let mut results = exchange(clients, EXCHANGE).await?;
     let Backlog::Open(backlog) = read_backlog(&mut stuck).await? else {
-        return Err(io::Error::other("drop policy disconnected the stuck client"));
+        return Err(io::Error::other(
+            "drop policy disconnected the stuck client",
+        ));
     };
     let total = EXCHANGE.total_lines();
     let senders: Vec<String> = results.iter().map(|(seen, _)| seen.who.clone()).collect();
@@ -196,7 +205,9 @@ async fn never_reading_under_drop(model: Model) -> io::Result<()> {
         "{model}/drop: the stuck client received {} of {total} lines",
         stuck_seen.lines.len()
     );
-    ensure(stuck_seen.lines.len() < total, || "nothing was skipped for the stuck client".into())?;
+    ensure(stuck_seen.lines.len() < total, || {
+        "nothing was skipped for the stuck client".into()
+    })?;
     // Still a member: its line reaches the others.
     stuck.write_all(b"still here\n").await?;
     let (seen, watcher) = &mut results[0];
@@ -210,8 +221,12 @@ async fn never_reading_under_block(model: Model) -> io::Result<()> {
     let (_server, clients, mut stuck, _stuck_who) = setup(model, SlowClientPolicy::Block).await?;
     let mut running = tokio::spawn(exchange(clients, EXCHANGE));
     // The seed's behaviour: one client that does not read stalls everyone.
-    let finished = tokio::time::timeout(STALL_SHOWN_AFTER, &mut running).await.is_ok();
-    ensure(!finished, || format!("{model}/block: the exchange finished despite a stuck reader"))?;
+    let finished = tokio::time::timeout(STALL_SHOWN_AFTER, &mut running)
+        .await
+        .is_ok();
+    ensure(!finished, || {
+        format!("{model}/block: the exchange finished despite a stuck reader")
+    })?;
     // Once it reads, everything flows again and nothing was lost.
     let draining = tokio::spawn(async move {
         let mut chunk = vec![0u8; 64 * 1024];
@@ -222,13 +237,17 @@ async fn never_reading_under_block(model: Model) -> io::Result<()> {
         }
     });
     running.await.map_err(io::Error::other)??;
-    ensure(!draining.is_finished(), || "block policy disconnected the stuck client".into())
+    ensure(!draining.is_finished(), || {
+        "block policy disconnected the stuck client".into()
+    })
 }
 
 /// `broadcast` cannot make a sender wait, so it refuses `block` outright.
 fn block_is_refused(model: Model) -> io::Result<()> {
     match TestServer::start(config(model, SlowClientPolicy::Block)) {
-        Ok(_) => Err(io::Error::other(format!("{model} accepted --slow-client block"))),
+        Ok(_) => Err(io::Error::other(format!(
+            "{model} accepted --slow-client block"
+        ))),
         Err(err) => ensure(
             err.kind() == io::ErrorKind::InvalidInput && err.to_string().contains("cannot support"),
             || format!("unclear refusal: {err}"),
@@ -245,7 +264,9 @@ async fn slow_steady_reader(model: Model) -> io::Result<()> {
     let (Some(reader), Some(mut sender)) = (clients.pop(), clients.pop()) else {
         return Err(io::Error::other("two clients expected"));
     };
-    let burst: String = (0..BURST).map(|i| format!("{i} {}\n", "y".repeat(190))).collect();
+    let burst: String = (0..BURST)
+        .map(|i| format!("{i} {}\n", "y".repeat(190)))
+        .collect();
     let sender_who = sender.who.clone();
     // The sender keeps reading its echoes: closing a socket with unread
     // input makes the kernel send a reset, and the server would lose the
@@ -268,7 +289,10 @@ async fn slow_steady_reader(model: Model) -> io::Result<()> {
             .await
             .map_err(|_| io::Error::other("burst not delivered in time"))??;
         ensure(n > 0, || {
-            format!("{model}: slow reader disconnected after {} bytes", received.len())
+            format!(
+                "{model}: slow reader disconnected after {} bytes",
+                received.len()
+            )
         })?;
         received.extend_from_slice(&chunk[..n]);
         // Slow but steady: this pacing is the behaviour under test, not synchronisation.
@@ -276,8 +300,9 @@ async fn slow_steady_reader(model: Model) -> io::Result<()> {
     }
     sending.abort();
     let seen = parse_backlog("reader", &String::from_utf8_lossy(&received), &[sender_who]);
-    ensure(seen.other.iter().all(|line| !line.starts_with("error")), || {
-        format!("{model}: {:?}", seen.other)
-    })?;
+    ensure(
+        seen.other.iter().all(|line| !line.starts_with("error")),
+        || format!("{model}: {:?}", seen.other),
+    )?;
     check_sender_order(&seen, true, BURST)
 }

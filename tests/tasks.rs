@@ -23,7 +23,9 @@ async fn exact_task_counts(model: Model) -> io::Result<()> {
     server
         .wait_for_tasks(baseline, SETTLE)
         .await
-        .map_err(|alive| io::Error::other(format!("{model}: {alive} tasks idle, expected {baseline}")))?;
+        .map_err(|alive| {
+            io::Error::other(format!("{model}: {alive} tasks idle, expected {baseline}"))
+        })?;
 
     let mut clients: Vec<TestClient> = Vec::new();
     for n in [1, 10, 100] {
@@ -46,7 +48,11 @@ async fn exact_task_counts(model: Model) -> io::Result<()> {
     server
         .wait_for_tasks(baseline, SETTLE)
         .await
-        .map_err(|alive| io::Error::other(format!("{model}: {alive} tasks after all left, expected {baseline}")))
+        .map_err(|alive| {
+            io::Error::other(format!(
+                "{model}: {alive} tasks after all left, expected {baseline}"
+            ))
+        })
 }
 
 /// Clients that reset mid-line, half-close and keep reading, or connect and
@@ -65,7 +71,10 @@ async fn no_task_leaks_when_clients_vanish(model: Model) -> io::Result<()> {
     let (reader, mut writer) = resetter.into_parts();
     tokio::io::AsyncWriteExt::write_all(&mut writer, b"half a li").await?;
     // SO_LINGER 0 makes close send a reset instead of a FIN.
-    let stream = reader.into_inner().reunite(writer).map_err(io::Error::other)?;
+    let stream = reader
+        .into_inner()
+        .reunite(writer)
+        .map_err(io::Error::other)?;
     stream.set_zero_linger()?;
     drop(stream);
     let silent_who = silent.who.clone();
@@ -86,16 +95,22 @@ async fn no_task_leaks_when_clients_vanish(model: Model) -> io::Result<()> {
     departures.sort();
     let mut expected = vec![silent_who, half_who, resetter_who];
     expected.sort();
-    ensure(departures == expected, || format!("departures {departures:?}, expected {expected:?}"))?;
+    ensure(departures == expected, || {
+        format!("departures {departures:?}, expected {expected:?}")
+    })?;
     // The half-closed client still gets its socket closed by the server.
     let rest = half_closed.lines_until_closed().await?;
-    ensure(rest.iter().all(|line| line.ends_with(" has left") || line.ends_with(" has arrived")), || {
-        format!("half-closed client got {rest:?}")
-    })?;
+    ensure(
+        rest.iter()
+            .all(|line| line.ends_with(" has left") || line.ends_with(" has arrived")),
+        || format!("half-closed client got {rest:?}"),
+    )?;
     server
         .wait_for_tasks(baseline, SETTLE)
         .await
-        .map_err(|alive| io::Error::other(format!("{model}: {alive} tasks, expected {baseline}")))?;
+        .map_err(|alive| {
+            io::Error::other(format!("{model}: {alive} tasks, expected {baseline}"))
+        })?;
     // Each counted once: nothing more arrives for the watcher.
     watcher.send("done").await?;
     watcher.expect(&format!("{}: done", watcher.who)).await

@@ -136,9 +136,13 @@ struct Running {
 impl Running {
     /// SIGTERM to the whole process group, SIGKILL after a grace period.
     fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
+        let exited = |r: &mut Running| {
+            matches!(r.child.try_wait(), Ok(Some(_))) && !Proc::Pid(r.pid).alive()
+        };
+        if exited(self) {
             return;
         }
+        // The group, not just the child: a peer's shell may have children.
         let group = format!("-{}", self.child.id());
         let _ = Command::new("kill")
             .args(["-TERM", "--", &group])
@@ -146,7 +150,7 @@ impl Running {
             .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) && !Proc::Pid(self.pid).alive() {
+            if exited(self) {
                 return;
             }
             thread::sleep(Duration::from_millis(20));

@@ -969,7 +969,13 @@ async fn churn(opts: &Options) -> anyhow::Result<Report> {
         churners.push(tokio::spawn(async move {
             let mut latency = new_histogram();
             let mut first_error = None;
-            while Instant::now() < deadline && budget.fetch_sub(1, Relaxed) > 0 {
+            // Take one cycle from the budget, never wrapping below zero.
+            let take = || {
+                budget
+                    .fetch_update(Relaxed, Relaxed, |left| left.checked_sub(1))
+                    .is_ok()
+            };
+            while Instant::now() < deadline && take() {
                 let start = Instant::now();
                 match client::connect(addr, 512).await {
                     Ok(conn) => {

@@ -177,12 +177,21 @@ async fn take_part(
         while seen.lines.len() < due {
             let line = tokio::time::timeout_at(deadline, client.line())
                 .await
-                .map_err(|_| io::Error::other(format!("{who}: stalled after {} lines", seen.lines.len())))?
-                .map_err(|err| io::Error::new(err.kind(), format!("{who}: {err} after {} lines", seen.lines.len())))?;
+                .map_err(|_| {
+                    io::Error::other(format!("{who}: stalled after {} lines", seen.lines.len()))
+                })?
+                .map_err(|err| {
+                    io::Error::new(
+                        err.kind(),
+                        format!("{who}: {err} after {} lines", seen.lines.len()),
+                    )
+                })?;
             let parsed = line
                 .split_once(": ")
                 .filter(|(from, _)| senders.contains(*from))
-                .and_then(|(from, rest)| Some((from.to_string(), rest.split(' ').next()?.parse().ok()?)));
+                .and_then(|(from, rest)| {
+                    Some((from.to_string(), rest.split(' ').next()?.parse().ok()?))
+                });
             match parsed {
                 Some(entry) => seen.lines.push(entry),
                 None => seen.other.push(line),

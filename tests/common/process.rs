@@ -22,14 +22,26 @@ pub struct LineChild {
 impl LineChild {
     /// Spawns `command` with piped stdin/stdout (stderr inherited, so it
     /// shows in the test output on failure).
-    pub fn spawn(name: &str, mut command: Command) -> io::Result<LineChild> {
+    pub fn spawn(name: &str, command: Command) -> io::Result<LineChild> {
+        LineChild::spawn_with_stderr(name, command, Stdio::inherit())
+    }
+
+    /// [`LineChild::spawn`] with stderr going to `stderr`.
+    pub fn spawn_with_stderr(
+        name: &str,
+        mut command: Command,
+        stderr: Stdio,
+    ) -> io::Result<LineChild> {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .map_err(|err| io::Error::new(err.kind(), format!("cannot start {name}: {err}")))?;
-        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout"))?;
         let (send, lines) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -161,8 +173,29 @@ impl ServerProcess {
     pub fn start(args: &[&str]) -> io::Result<ServerProcess> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_chat-server"));
         command.args(["--addr", "127.0.0.1:0"]).args(args);
+        ServerProcess::start_command(command, Stdio::inherit())
+    }
+
+    /// The server with at most `files` open file descriptors, its log in `log`.
+    pub fn start_with_fd_limit(
+        files: u32,
+        args: &[&str],
+        log: &std::path::Path,
+    ) -> io::Result<ServerProcess> {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n {files} && exec \"$0\" --addr 127.0.0.1:0 \"$@\""
+            ))
+            .arg(env!("CARGO_BIN_EXE_chat-server"))
+            .args(args);
+        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?))
+    }
+
+    fn start_command(mut command: Command, stderr: Stdio) -> io::Result<ServerProcess> {
         command.env("RUST_LOG", "warn");
-        let mut process = LineChild::spawn("chat-server", command)?;
+        let mut process = LineChild::spawn_with_stderr("chat-server", command, stderr)?;
         let banner = process.line()?;
         let addr = banner
             .strip_prefix("chat-server listening on ")
@@ -170,6 +203,37 @@ impl ServerProcess {
             .ok_or_else(|| io::Error::other(format!("unexpected banner {banner:?}")))?
             .to_string();
         Ok(ServerProcess { process, addr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> io::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| io::Error::other("no VmRSS"))
+    }
+
+    /// User plus system CPU time so far, in clock ticks, from /proc.
+    pub fn cpu_ticks(&self) -> io::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the whole line.
+        let after_name = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .unwrap_or_default();
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        match (tick(11), tick(12)) {
+            (Some(user), Some(system)) => Ok(user + system),
+            _ => Err(io::Error::other("unparsable /proc/PID/stat")),
+        }
     }
 
     pub fn port(&self) -> &str {
@@ -195,7 +259,9 @@ pub fn system_nc(server: &ServerProcess) -> io::Result<Option<LineChild>> {
         .is_ok();
     if !installed {
         if std::env::var_os("CHAT_REQUIRE_NC").is_some() {
-            return Err(io::Error::other("nc is not installed but CHAT_REQUIRE_NC is set"));
+            return Err(io::Error::other(
+                "nc is not installed but CHAT_REQUIRE_NC is set",
+            ));
         }
         eprintln!("nc is not installed: the nc variant of this test did not run (CI installs it)");
         return Ok(None);

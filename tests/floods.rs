@@ -1,0 +1,213 @@
+//! Floods and limits: `--max-clients`, accept errors under a file-descriptor
+//! limit, thousands of connections at once, and `--idle-timeout`.
+
+mod common;
+
+use std::io;
+use std::time::Duration;
+
+use chat_server::harness::{TestClient, TestServer};
+use chat_server::server::SERVER_FULL;
+use chat_server::{Config, Model};
+use common::ensure;
+use common::process::ServerProcess;
+use tokio::time::Instant;
+
+for_each_model!(over_max_clients_is_told_server_full, idle_clients_time_out);
+
+async fn over_max_clients_is_told_server_full(model: Model) -> io::Result<()> {
+    let server = TestServer::start(Config {
+        max_clients: 3,
+        ..Config::with_model(model)
+    })?;
+    let mut first = TestClient::connect(server.addr()).await?;
+    let _second = TestClient::connect(server.addr()).await?;
+    let third = TestClient::connect(server.addr()).await?;
+
+    let mut refused = TestClient::connect_raw(server.addr()).await?;
+    let told = refused.line().await?;
+    ensure(format!("{told}\n") == SERVER_FULL, || {
+        format!("got {told:?}")
+    })?;
+    ensure(refused.lines_until_closed().await?.is_empty(), || {
+        "refused client got more".into()
+    })?;
+
+    // The others are unaffected.
+    first.send("unaffected").await?;
+    loop {
+        let line = first.line().await?;
+        if line == format!("{}: unaffected", first.who) {
+            break;
+        }
+    }
+    // A slot frees when a client leaves. Its release follows the departure
+    // asynchronously, so retry for a bounded time.
+    drop(third);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TestClient::connect(server.addr()).await {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => tokio::task::yield_now().await,
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+async fn idle_clients_time_out(model: Model) -> io::Result<()> {
+    let idle = Duration::from_millis(400);
+    let server = TestServer::start(Config {
+        idle_timeout: Some(idle),
+        ..Config::with_model(model)
+    })?;
+    let mut talker = TestClient::connect(server.addr()).await?;
+    let talker_who = talker.who.clone();
+    let mut silent = TestClient::connect(server.addr()).await?;
+    let silent_who = silent.who.clone();
+    let started = Instant::now();
+    // The talker speaks more often than the timeout, throughout, and stays.
+    let talking = tokio::spawn(async move {
+        for i in 0..12 {
+            talker.send(&format!("tick {i}")).await?;
+            tokio::time::sleep(idle / 4).await;
+        }
+        Ok::<_, io::Error>(talker)
+    });
+    // It hears the ticks, but listening is not talking.
+    while silent.line().await? != "error: idle timeout" {}
+    ensure(started.elapsed() >= idle, || "timed out too early".into())?;
+    ensure(silent.lines_until_closed().await?.is_empty(), || {
+        "more after the error".into()
+    })?;
+
+    let mut talker = talking.await.map_err(io::Error::other)??;
+    let mut lines = Vec::new();
+    while !lines.contains(&format!("{talker_who}: tick 11")) {
+        lines.push(talker.line().await?);
+    }
+    ensure(lines.contains(&format!("{silent_who} has left")), || {
+        format!("{lines:?}")
+    })
+}
+
+fn raise_fd_limit(wanted: u64) -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    ensure(limit.rlim_cur >= wanted, || {
+        format!(
+            "need {wanted} open files, the hard limit is {}",
+            limit.rlim_max
+        )
+    })
+}
+
+/// 3,000 connections opened at once and then closed: all accepted, all
+/// cleaned up, and the server still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_thousand_connections_at_once() -> io::Result<()> {
+    const CONNECTIONS: usize = 3000;
+    // The server and the clients share this process: two descriptors each.
+    raise_fd_limit(2 * CONNECTIONS as u64 + 256)?;
+    let model = Model::Sharded;
+    let server = TestServer::start(Config::with_model(model))?;
+    let addr = server.addr();
+    let connecting: Vec<_> = (0..CONNECTIONS)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+        .collect();
+    let mut streams = Vec::with_capacity(CONNECTIONS);
+    for connect in connecting {
+        streams.push(connect.await.map_err(io::Error::other)??);
+    }
+    server
+        .wait_for_tasks(model.expected_tasks(CONNECTIONS), Duration::from_secs(60))
+        .await
+        .map_err(|alive| io::Error::other(format!("{alive} tasks, not all accepted")))?;
+    drop(streams);
+    server
+        .wait_for_tasks(model.expected_tasks(0), Duration::from_secs(60))
+        .await
+        .map_err(|alive| io::Error::other(format!("{alive} tasks left after all closed")))?;
+    let mut client = TestClient::connect(addr).await?;
+    client.send("still answering").await?;
+    client
+        .expect(&format!("{}: still answering", client.who))
+        .await
+}
+
+/// Out of file descriptors, the server logs once, backs off instead of
+/// spinning, keeps serving who it has, and admits the waiting connections
+/// once descriptors free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_errors_back_off_and_recover() -> io::Result<()> {
+    const FILES: u32 = 48;
+    const CLIENTS: usize = 60;
+    let log = std::env::temp_dir().join(format!("chat-server-emfile-{}.log", std::process::id()));
+    let server = ServerProcess::start_with_fd_limit(FILES, &[], &log)?;
+    let addr = server.addr.parse().map_err(io::Error::other)?;
+
+    // More connections than the server has descriptors for. The kernel
+    // completes the handshakes; the server accepts what it can.
+    let mut waiting = Vec::new();
+    for _ in 0..CLIENTS {
+        waiting.push(TestClient::connect_raw(addr).await?);
+    }
+    let mut greeted = Vec::new();
+    let mut still_waiting = Vec::new();
+    for mut client in waiting {
+        match client.line_within(Duration::from_millis(300)).await {
+            Ok(line) if line.starts_with("You are ") => greeted.push(client),
+            _ => still_waiting.push(client),
+        }
+    }
+    ensure(!greeted.is_empty() && !still_waiting.is_empty(), || {
+        format!(
+            "{} greeted, {} waiting: the limit did not bite",
+            greeted.len(),
+            still_waiting.len()
+        )
+    })?;
+
+    // Not a hot loop: a second of EMFILE costs little CPU.
+    let before = server.cpu_ticks()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let spent = server.cpu_ticks()? - before;
+    println!("{spent} CPU ticks spent in one second without file descriptors");
+    ensure(spent <= 20, || {
+        format!("{spent} CPU ticks in one second of accept errors")
+    })?;
+
+    // It still serves the connections it has.
+    let speaker = &mut greeted[0];
+    speaker.send("still serving").await?;
+    let expected = format!("{}: still serving", speaker.who);
+    while speaker.line().await? != expected {}
+
+    // Free descriptors: everyone waiting gets in.
+    drop(greeted);
+    for client in &mut still_waiting {
+        let line = client.line().await?;
+        ensure(line.starts_with("You are "), || {
+            format!("expected a greeting, got {line:?}")
+        })?;
+    }
+    let log_text = std::fs::read_to_string(&log)?;
+    let _ = std::fs::remove_file(&log);
+    let warnings = log_text.matches("accept failed").count();
+    ensure((1..=3).contains(&warnings), || {
+        format!("{warnings} accept warnings; expected one per burst:\n{log_text}")
+    })
+}
