@@ -93,9 +93,11 @@ impl Client {
         self.kick.get().copied()
     }
 
-    /// Whether the connection is ending early (kicked or shutting down).
-    pub fn is_ending(&self) -> bool {
-        self.ending.is_cancelled()
+    /// Whether the client has been kicked. One atomic load: this is on the
+    /// fan-out path, once per recipient per message. (The token's own
+    /// `is_cancelled` takes a mutex, which every sender would contend on.)
+    pub fn is_kicked(&self) -> bool {
+        self.kick.get().is_some()
     }
 
     /// Completes when the connection must end early.

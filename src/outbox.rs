@@ -60,8 +60,8 @@ impl Outbox {
     /// never touches any hub.
     pub fn offer(&self, message: &Message) {
         let client = &*self.client;
-        if client.is_ending() {
-            // Kicked or shutting down: nothing more is worth queueing.
+        if client.is_kicked() {
+            // Nothing more is worth queueing.
             return;
         }
         if client.is_stuck() || !client.budget.try_take(message.len()) {

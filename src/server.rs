@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +88,7 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     let stop = CancellationToken::new();
     let server = Arc::new(ServerContext {
         config,
+        stopping: AtomicBool::new(false),
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });
@@ -136,6 +137,7 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     drop(listener);
     let clients = server.config.max_clients - slots.available_permits();
     info!(clients, "shutting down");
+    server.stopping.store(true, Ordering::Relaxed);
     stop.cancel();
     server.tracker.close();
     let grace = server.config.shutdown_grace;

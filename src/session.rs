@@ -20,6 +20,7 @@
 //! that would be reserved in every connection's task for its whole life.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ pub const SHUTTING_DOWN: &str = "server shutting down";
 #[derive(Debug)]
 pub(crate) struct ServerContext {
     pub config: Config,
+    /// Set when shutdown begins. Readers check it on every read; the
+    /// clients' tokens say the same, but checking a token takes a lock.
+    pub stopping: AtomicBool,
     /// Cancelled when the shutdown grace period is over: writers still
     /// flushing give up.
     pub force: CancellationToken,
@@ -83,7 +87,7 @@ pub(crate) async fn serve<H: Hub>(
         write_loop(writer, inbox, Arc::clone(&client), Arc::clone(&server)).in_current_span(),
     );
 
-    let end = read_loop(&*hub, &reader, &client, &server.config).await;
+    let end = read_loop(&*hub, &reader, &client, &server).await;
     let departure = Some(Message::left(&client.who));
     let (departure, lingers) = match end {
         End::InputEnded => {
@@ -134,14 +138,15 @@ async fn read_loop<H: Hub>(
     hub: &H,
     reader: &OwnedReadHalf,
     client: &Arc<Client>,
-    config: &Config,
+    server: &ServerContext,
 ) -> End {
+    let config = &server.config;
     let mut lines = LineBuffer::new(config.max_line);
     let mut batch: Vec<Message> = Vec::new();
     let mut scratch = String::new();
     let mut idle_deadline = config.idle_timeout.map(|idle| Instant::now() + idle);
     loop {
-        if client.is_ending() {
+        if client.is_kicked() || server.stopping.load(Ordering::Relaxed) {
             return End::Ending;
         }
         // Try the read first: under load data is usually waiting, and only
