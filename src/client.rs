@@ -45,7 +45,8 @@ pub struct Client {
     /// Set by the writer while the socket accepts no byte for longer than
     /// `--write-timeout`; the drop policy skips messages for a stuck client.
     stuck: AtomicBool,
-    /// Messages not delivered to this client under the drop policy.
+    /// Lines not delivered to this client under the drop policy (in the
+    /// `broadcast` model: ring entries, each one read's worth of lines).
     skipped: AtomicU64,
     /// The `--max-clients` slot, returned when the last handle to the client
     /// goes (after both its reader and its writer have finished).
@@ -122,7 +123,7 @@ impl Client {
         self.stuck.store(stuck, Ordering::Relaxed);
     }
 
-    /// Counts messages skipped for this client (drop policy).
+    /// Counts lines skipped for this client (drop policy).
     pub fn skip(&self, messages: u64) {
         self.skipped.fetch_add(messages, Ordering::Relaxed);
     }

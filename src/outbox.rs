@@ -65,7 +65,7 @@ impl Outbox {
             return;
         }
         if client.is_stuck() || !client.budget.try_take(message.len()) {
-            self.over_budget();
+            self.over_budget(message);
             return;
         }
         if self.tx.send(message.clone()).is_err() {
@@ -86,14 +86,16 @@ impl Outbox {
         }
     }
 
-    fn over_budget(&self) {
+    fn over_budget(&self, message: &Message) {
         match self.client.policy {
             SlowClientPolicy::Disconnect => self
                 .client
                 .kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW))),
             // `offer` under `block` means a hub skipped the waiting path;
             // skipping is the only answer that cannot deadlock.
-            SlowClientPolicy::Drop | SlowClientPolicy::Block => self.client.skip(1),
+            SlowClientPolicy::Drop | SlowClientPolicy::Block => {
+                self.client.skip(message.lines() as u64)
+            }
         }
     }
 }

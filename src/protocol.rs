@@ -11,8 +11,11 @@
 //! This module owns everything about that text and nothing about sockets:
 //! splitting an input stream into lines under a length limit ([`LineBuffer`]),
 //! making a user's text safe to show on other people's terminals
-//! ([`sanitize_into`]), and formatting each outbound line once into a
-//! [`Message`] that every recipient shares.
+//! ([`sanitize_into`]), and formatting outbound text once into a [`Message`]
+//! that every recipient shares. A message may hold several lines: all the
+//! lines one read completed for one sender ([`ChatBatch`]), so that what it
+//! costs to reach each recipient is paid once per read rather than once per
+//! line.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,12 +25,12 @@ use std::sync::Arc;
 /// what the seed server reads with.
 pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
 
-/// One formatted outbound line, newline included, shared by every recipient.
+/// Formatted outbound text, one or more whole lines, shared by every recipient.
 ///
 /// A message is formatted once and cloned into each recipient's queue; a
 /// clone is a reference-count increment, never a copy of the text. The text
-/// is always valid UTF-8 and free of control characters other than tab and
-/// the final `\n`.
+/// is always valid UTF-8, ends with `\n`, and holds no control characters
+/// other than tab and the line ends.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Message(Arc<str>);
 
@@ -52,21 +55,6 @@ impl Message {
         Message::from_parts(&[text, "\n"])
     }
 
-    /// `IP:PORT: text`, with `text` sanitised (see [`sanitize_into`]).
-    ///
-    /// `scratch` is the caller's reusable formatting buffer: the message is
-    /// assembled there and copied once into its shared allocation, so a chat
-    /// line costs one allocation however many clients receive it.
-    pub fn chat(who: &str, line: &[u8], scratch: &mut String) -> Message {
-        scratch.clear();
-        scratch.reserve(who.len() + 2 + line.len() + 1);
-        scratch.push_str(who);
-        scratch.push_str(": ");
-        sanitize_into(line, scratch);
-        scratch.push('\n');
-        Message(Arc::from(scratch.as_str()))
-    }
-
     fn from_parts(parts: &[&str]) -> Message {
         Message(Arc::from(parts.concat()))
     }
@@ -81,10 +69,58 @@ impl Message {
         &self.0
     }
 
-    /// Length in bytes, newline included.
+    /// Length in bytes, newlines included.
     #[allow(clippy::len_without_is_empty)] // a message always holds at least its newline
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// How many lines the message holds.
+    pub fn lines(&self) -> usize {
+        memchr::memchr_iter(b'\n', self.0.as_bytes()).count()
+    }
+}
+
+/// Formats one sender's chat lines, `IP:PORT: text` each, into one [`Message`].
+///
+/// The session pushes every line a read completed, then takes the message:
+/// one allocation for the lot, however many lines and recipients. The
+/// buffer is reused across reads and released when it grew large.
+#[derive(Debug, Default)]
+pub struct ChatBatch {
+    text: String,
+}
+
+impl ChatBatch {
+    /// Appends `who: line`, with `line` sanitised (see [`sanitize_into`]).
+    pub fn push(&mut self, who: &str, line: &[u8]) {
+        self.text.reserve(who.len() + 2 + line.len() + 1);
+        self.text.push_str(who);
+        self.text.push_str(": ");
+        sanitize_into(line, &mut self.text);
+        self.text.push('\n');
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Bytes pushed since the last take.
+    pub fn len(&self) -> usize {
+        self.text.len()
+    }
+
+    /// The lines pushed since the last take, as one message.
+    pub fn take(&mut self) -> Option<Message> {
+        if self.text.is_empty() {
+            return None;
+        }
+        let message = Message(Arc::from(self.text.as_str()));
+        self.text.clear();
+        if self.text.capacity() > 16 * 1024 {
+            self.text = String::new();
+        }
+        Some(message)
     }
 }
 
@@ -296,7 +332,6 @@ mod tests {
 
     #[test]
     fn formats_the_seed_lines() {
-        let mut scratch = String::new();
         assert_eq!(
             Message::greeting("127.0.0.1:1").as_str(),
             "You are 127.0.0.1:1\n"
@@ -309,10 +344,18 @@ mod tests {
             Message::left("127.0.0.1:1").as_str(),
             "127.0.0.1:1 has left\n"
         );
-        assert_eq!(
-            Message::chat("127.0.0.1:1", b"Hi!", &mut scratch).as_str(),
-            "127.0.0.1:1: Hi!\n"
-        );
+        let mut batch = ChatBatch::default();
+        assert_eq!(batch.take(), None);
+        batch.push("127.0.0.1:1", b"Hi!");
+        let one = batch.take().unwrap();
+        assert_eq!(one.as_str(), "127.0.0.1:1: Hi!\n");
+        assert_eq!(one.lines(), 1);
+        batch.push("127.0.0.1:1", b"a");
+        batch.push("127.0.0.1:1", b"b\x1b");
+        let two = batch.take().unwrap();
+        assert_eq!(two.as_str(), "127.0.0.1:1: a\n127.0.0.1:1: b^[\n");
+        assert_eq!(two.lines(), 2);
+        assert!(batch.is_empty());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error_span, info, warn, Instrument};
+use tracing::{error_span, info, warn};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
@@ -129,9 +129,13 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
         // ERROR level so that the span (and the peer it names) is enabled
         // whenever any event is: `RUST_LOG=warn` must still say who it was.
         let span = error_span!("conn", peer = %client.who);
-        server.tracker.spawn(
-            session::serve(Arc::clone(&hub), stream, client, Arc::clone(&server)).instrument(span),
-        );
+        server.tracker.spawn(session::serve(
+            Arc::clone(&hub),
+            stream,
+            client,
+            Arc::clone(&server),
+            span,
+        ));
     }
 
     drop(listener);

@@ -29,13 +29,13 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn, Span};
 
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
 use crate::hub::{Hub, Inbox};
 use crate::outbox::TOO_SLOW;
-use crate::protocol::{LineBuffer, LineTooLong, Message};
+use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
 
 /// The largest single write the writer assembles from queued messages.
 pub const MAX_WRITE: usize = 64 * 1024;
@@ -44,6 +44,11 @@ pub const MAX_WRITE: usize = 64 * 1024;
 /// this long, so the error line is not destroyed by the reset that closing
 /// a socket with unread input sends.
 const LINGER: Duration = Duration::from_secs(2);
+
+/// A read's lines go out as one message, split at about this size, so that
+/// a read of many tiny lines (8 KiB of newlines formats to ~200 KiB) does not
+/// become one outsized queue entry.
+const MAX_MESSAGE: usize = 16 * 1024;
 
 /// The last line of every client when the server stops.
 pub const SHUTTING_DOWN: &str = "server shutting down";
@@ -72,23 +77,33 @@ enum End {
 }
 
 /// Serves one connection until it is over; this is the reader task.
+///
+/// `span` names the connection in every log line. It is entered only around
+/// each log call, not for every poll of the tasks: at a few hundred thousand
+/// polls a second, entering a span on each was measurable.
 pub(crate) async fn serve<H: Hub>(
     hub: Arc<H>,
     stream: TcpStream,
     client: Arc<Client>,
     server: Arc<ServerContext>,
+    span: Span,
 ) {
     let (reader, writer) = stream.into_split();
     let inbox = hub.join(&client, Message::arrived(&client.who)).await;
-    info!("arrived");
+    span.in_scope(|| info!("arrived"));
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
-    server.tracker.spawn(
-        write_loop(writer, inbox, Arc::clone(&client), Arc::clone(&server)).in_current_span(),
-    );
+    server.tracker.spawn(write_loop(
+        writer,
+        inbox,
+        Arc::clone(&client),
+        Arc::clone(&server),
+        span.clone(),
+    ));
 
     let end = read_loop(&*hub, &reader, &client, &server).await;
     let departure = Some(Message::left(&client.who));
+    let _log = span.enter();
     let (departure, lingers) = match end {
         End::InputEnded => {
             info!(skipped = client.skipped(), "left");
@@ -127,6 +142,7 @@ pub(crate) async fn serve<H: Hub>(
             }
         },
     };
+    drop(_log);
     hub.leave(&client, departure).await;
     if lingers {
         discard_input(&reader, &client).await;
@@ -142,8 +158,7 @@ async fn read_loop<H: Hub>(
 ) -> End {
     let config = &server.config;
     let mut lines = LineBuffer::new(config.max_line);
-    let mut batch: Vec<Message> = Vec::new();
-    let mut scratch = String::new();
+    let mut batch = ChatBatch::default();
     let mut idle_deadline = config.idle_timeout.map(|idle| Instant::now() + idle);
     loop {
         if client.is_kicked() || server.stopping.load(Ordering::Relaxed) {
@@ -154,8 +169,10 @@ async fn read_loop<H: Hub>(
         match reader.try_read_buf(lines.read_buf()) {
             Ok(0) => {
                 if let Some(line) = lines.take_unterminated() {
-                    batch.push(Message::chat(&client.who, line, &mut scratch));
-                    hub.broadcast(client, &batch).await;
+                    batch.push(&client.who, line);
+                }
+                if let Some(message) = batch.take() {
+                    hub.broadcast(client, &message).await;
                 }
                 return End::InputEnded;
             }
@@ -163,23 +180,26 @@ async fn read_loop<H: Hub>(
                 if let Some(idle) = config.idle_timeout {
                     idle_deadline = Some(Instant::now() + idle);
                 }
+                // Everything this read completed goes out as one message:
+                // one allocation, and one queue push per recipient.
                 let framed = loop {
                     match lines.next_line() {
-                        Ok(Some(line)) => {
-                            batch.push(Message::chat(&client.who, line, &mut scratch))
-                        }
+                        Ok(Some(line)) => batch.push(&client.who, line),
                         Ok(None) => break Ok(()),
                         Err(too_long) => break Err(too_long),
                     }
+                    if batch.len() >= MAX_MESSAGE {
+                        if let Some(message) = batch.take() {
+                            hub.broadcast(client, &message).await;
+                        }
+                    }
                 };
-                if !batch.is_empty() {
-                    hub.broadcast(client, &batch).await;
-                    batch.clear();
+                if let Some(message) = batch.take() {
+                    hub.broadcast(client, &message).await;
                 }
                 if let Err(too_long) = framed {
                     return End::TooLong(too_long);
                 }
-                release_if_large(&mut batch, &mut scratch);
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 lines.release_if_empty();
@@ -196,16 +216,6 @@ async fn read_loop<H: Hub>(
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return End::ReadFailed(err),
         }
-    }
-}
-
-/// Keeps the per-read scratch space from holding on to a burst's worth of memory.
-fn release_if_large(batch: &mut Vec<Message>, scratch: &mut String) {
-    if batch.capacity() > 256 {
-        *batch = Vec::new();
-    }
-    if scratch.capacity() > 4096 {
-        *scratch = String::new();
     }
 }
 
@@ -255,6 +265,7 @@ async fn write_loop<I: Inbox>(
     mut inbox: I,
     client: Arc<Client>,
     server: Arc<ServerContext>,
+    span: Span,
 ) {
     let mut socket = SocketWriter {
         half,
@@ -323,7 +334,7 @@ async fn write_loop<I: Inbox>(
             client.kick(Kick::WriteFailed, None);
         }
         Err(WriteEnd::Failed(cause)) => {
-            debug!(%cause, "write failed");
+            span.in_scope(|| debug!(%cause, "write failed"));
             client.kick(Kick::WriteFailed, None);
         }
     }

@@ -87,10 +87,8 @@ impl Hub for BroadcastHub {
         }
     }
 
-    async fn broadcast(&self, from: &Arc<Client>, lines: &[Message]) {
-        for line in lines {
-            self.publish(from.id, Audience::Everyone, Some(line.clone()));
-        }
+    async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
+        self.publish(from.id, Audience::Everyone, Some(message.clone()));
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {

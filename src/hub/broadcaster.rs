@@ -93,10 +93,8 @@ impl Hub for BroadcasterHub {
         inbox
     }
 
-    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
-        for line in lines {
-            let _ = self.messages.send(line.clone()).await;
-        }
+    async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
+        let _ = self.messages.send(message.clone()).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {

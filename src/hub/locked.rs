@@ -52,31 +52,29 @@ impl Hub for LockedHub {
     async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
         let (outbox, inbox) = outbox::channel(Arc::clone(client));
         self.clients.write().insert(client.id, outbox);
-        self.fan_out(&[arrival], Some(client.id)).await;
+        self.fan_out(&arrival, Some(client.id)).await;
         inbox
     }
 
-    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
-        self.fan_out(lines, None).await;
+    async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
+        self.fan_out(message, None).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         self.clients.write().remove(&client.id);
         if let Some(departure) = departure {
-            self.fan_out(&[departure], None).await;
+            self.fan_out(&departure, None).await;
         }
     }
 }
 
 impl LockedHub {
-    async fn fan_out(&self, lines: &[Message], except: Option<ClientId>) {
+    async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
         if !self.senders_wait {
             let clients = self.clients.read();
             for (id, outbox) in clients.iter() {
                 if Some(*id) != except {
-                    for line in lines {
-                        outbox.offer(line);
-                    }
+                    outbox.offer(message);
                 }
             }
             return;
@@ -89,9 +87,7 @@ impl LockedHub {
             .map(|(_, outbox)| outbox.clone())
             .collect();
         for recipient in &recipients {
-            for line in lines {
-                recipient.send(line).await;
-            }
+            recipient.send(message).await;
         }
     }
 }

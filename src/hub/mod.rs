@@ -35,9 +35,9 @@ pub use sharded::ShardedHub;
 
 /// A concurrency model: how clients join, leave and reach each other.
 ///
-/// The session calls `join` once, then `broadcast` for each batch of lines,
-/// then `leave` once, all from the connection's reader task. The contract
-/// every model keeps:
+/// The session calls `join` once, then `broadcast` for each read's worth of
+/// lines (one [`Message`] holding them all), then `leave` once, all from the
+/// connection's reader task. The contract every model keeps:
 /// - after `join` returns, the client receives every later `broadcast`, and
 ///   everyone present before it receives `arrival` (the newcomer does not);
 /// - a client's own lines reach everyone in the order it sent them, the
@@ -60,8 +60,8 @@ pub trait Hub: Send + Sync + Sized + 'static {
         arrival: Message,
     ) -> impl Future<Output = Self::Inbox> + Send;
 
-    /// Delivers `lines`, in order, to every client, `from` included.
-    fn broadcast(&self, from: &Arc<Client>, lines: &[Message]) -> impl Future<Output = ()> + Send;
+    /// Delivers `message` to every client, `from` included.
+    fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
 
     /// Unregisters `client`; announces `departure` (if any) to everyone who remains.
     fn leave(

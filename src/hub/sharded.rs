@@ -56,12 +56,12 @@ impl Hub for ShardedHub {
         // Register first, then announce to everyone else: two clients
         // joining at once both end up seeing each other arrive.
         self.clients.insert(client.id, outbox);
-        self.fan_out(&[arrival], Some(client.id)).await;
+        self.fan_out(&arrival, Some(client.id)).await;
         inbox
     }
 
-    async fn broadcast(&self, _from: &Arc<Client>, lines: &[Message]) {
-        self.fan_out(lines, None).await;
+    async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
+        self.fan_out(message, None).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
@@ -69,19 +69,17 @@ impl Hub for ShardedHub {
         // written everything already queued.
         self.clients.remove(&client.id);
         if let Some(departure) = departure {
-            self.fan_out(&[departure], None).await;
+            self.fan_out(&departure, None).await;
         }
     }
 }
 
 impl ShardedHub {
-    async fn fan_out(&self, lines: &[Message], except: Option<ClientId>) {
+    async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
         if !self.senders_wait {
             for entry in self.clients.iter() {
                 if Some(*entry.key()) != except {
-                    for line in lines {
-                        entry.value().offer(line);
-                    }
+                    entry.value().offer(message);
                 }
             }
             return;
@@ -93,9 +91,7 @@ impl ShardedHub {
             .map(|entry| entry.value().clone())
             .collect();
         for recipient in &recipients {
-            for line in lines {
-                recipient.send(line).await;
-            }
+            recipient.send(message).await;
         }
     }
 }
