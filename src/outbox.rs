@@ -80,7 +80,10 @@ impl Outbox {
             return self.offer(message);
         }
         let client = &*self.client;
-        if client.budget.take(message.len(), client).await && self.tx.send(message.clone()).is_err()
+        // Boxed: only `block` waits, and the wait's state would otherwise be
+        // part of every fan-out future of every connection.
+        if Box::pin(client.budget.take(message.len(), client)).await
+            && self.tx.send(message.clone()).is_err()
         {
             client.budget.give_back(message.len());
         }

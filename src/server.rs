@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error_span, info, warn};
+use tracing::{info, warn};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
@@ -126,15 +126,11 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
             &stop,
             Some(slot),
         ));
-        // ERROR level so that the span (and the peer it names) is enabled
-        // whenever any event is: `RUST_LOG=warn` must still say who it was.
-        let span = error_span!("conn", peer = %client.who);
         server.tracker.spawn(session::serve(
             Arc::clone(&hub),
             stream,
             client,
             Arc::clone(&server),
-            span,
         ));
     }
 

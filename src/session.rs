@@ -16,10 +16,15 @@
 //!
 //! Both halves stay cheap while idle: the read buffer and the write batch
 //! are released whenever they are empty, so an idle connection holds no
-//! buffer at all. Neither task holds a large array across an `.await`, since
-//! that would be reserved in every connection's task for its whole life.
+//! buffer at all. A task's future is allocated at its largest for the
+//! task's whole life, so neither task holds a large array across an
+//! `.await`, and the states of rare paths (a full socket, the idle timer,
+//! lingering after an over-long line, waiting for room under `block`) are
+//! boxed: allocated when taken, not reserved in every connection.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Span};
+use tracing::{debug, info, warn};
 
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
@@ -78,33 +83,68 @@ enum End {
 
 /// Serves one connection until it is over; this is the reader task.
 ///
-/// `span` names the connection in every log line. It is entered only around
-/// each log call, not for every poll of the tasks: at a few hundred thousand
-/// polls a second, entering a span on each was measurable.
+/// Log lines are emitted in the client's span ([`Client::span`]), entered
+/// only around each log call: entering a span on every poll of the tasks
+/// was measurable at a few hundred thousand polls a second.
 pub(crate) async fn serve<H: Hub>(
     hub: Arc<H>,
     stream: TcpStream,
     client: Arc<Client>,
     server: Arc<ServerContext>,
-    span: Span,
 ) {
+    // Every step but `read_loop` is built in a plain function and boxed or
+    // spawned there: an async fn reserves room in its state for temporaries
+    // it holds around an `.await`, and this task lives as long as the
+    // connection, so only what the reading itself needs should be in it.
     let (reader, writer) = stream.into_split();
-    let inbox = hub.join(&client, Message::arrived(&client.who)).await;
-    span.in_scope(|| info!("arrived"));
+    let inbox = join(&*hub, &client).await;
+    client.span().in_scope(|| info!("arrived"));
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
+    spawn_writer(writer, inbox, &client, &server);
+    let end = read_loop(&*hub, &reader, &client, &server).await;
+    let (departure, lingers) = client.span().in_scope(|| conclude(end, &client));
+    leave(&*hub, &client, departure).await;
+    if lingers {
+        linger(&reader, &client).await;
+    }
+}
+
+fn join<'a, H: Hub>(
+    hub: &'a H,
+    client: &'a Arc<Client>,
+) -> Pin<Box<impl Future<Output = H::Inbox> + Send + 'a>> {
+    Box::pin(hub.join(client, Message::arrived(&client.who)))
+}
+
+fn leave<'a, H: Hub>(
+    hub: &'a H,
+    client: &'a Arc<Client>,
+    departure: Option<Message>,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(hub.leave(client, departure))
+}
+
+fn spawn_writer<I: Inbox>(
+    writer: OwnedWriteHalf,
+    inbox: I,
+    client: &Arc<Client>,
+    server: &Arc<ServerContext>,
+) {
     server.tracker.spawn(write_loop(
         writer,
         inbox,
-        Arc::clone(&client),
-        Arc::clone(&server),
-        span.clone(),
+        Arc::clone(client),
+        Arc::clone(server),
     ));
+}
 
-    let end = read_loop(&*hub, &reader, &client, &server).await;
+/// Logs why the reader stopped and decides what the others are told and
+/// what the client's last words are. Returns the departure to announce and
+/// whether to linger (keep discarding input) before closing.
+fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
     let departure = Some(Message::left(&client.who));
-    let _log = span.enter();
-    let (departure, lingers) = match end {
+    match end {
         End::InputEnded => {
             info!(skipped = client.skipped(), "left");
             (departure, false)
@@ -141,12 +181,15 @@ pub(crate) async fn serve<H: Hub>(
                 (None, false)
             }
         },
-    };
-    drop(_log);
-    hub.leave(&client, departure).await;
-    if lingers {
-        discard_input(&reader, &client).await;
     }
+}
+
+/// [`discard_input`], boxed: it is rare.
+fn linger<'a>(
+    reader: &'a OwnedReadHalf,
+    client: &'a Client,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
+    Box::pin(discard_input(reader, client))
 }
 
 /// Reads lines and broadcasts them until input ends or the connection must end.
@@ -203,8 +246,10 @@ async fn read_loop<H: Hub>(
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 lines.release_if_empty();
+                // `poll_read_ready` uses the socket's own reader waker slot;
+                // `readable()` would add a 168-byte waiter to every task.
                 tokio::select! {
-                    ready = reader.readable() => {
+                    ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)) => {
                         if let Err(err) = ready {
                             return End::ReadFailed(err);
                         }
@@ -219,9 +264,11 @@ async fn read_loop<H: Hub>(
     }
 }
 
+/// Sleeps until `deadline`, or forever. The timer is boxed so that it costs
+/// memory only when `--idle-timeout` is set.
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
     }
 }
@@ -260,12 +307,12 @@ enum WriteEnd {
 }
 
 /// The writer task.
+///
 async fn write_loop<I: Inbox>(
     half: OwnedWriteHalf,
     mut inbox: I,
     client: Arc<Client>,
     server: Arc<ServerContext>,
-    span: Span,
 ) {
     let mut socket = SocketWriter {
         half,
@@ -334,7 +381,7 @@ async fn write_loop<I: Inbox>(
             client.kick(Kick::WriteFailed, None);
         }
         Err(WriteEnd::Failed(cause)) => {
-            span.in_scope(|| debug!(%cause, "write failed"));
+            client.span().in_scope(|| debug!(%cause, "write failed"));
             client.kick(Kick::WriteFailed, None);
         }
     }
@@ -367,7 +414,9 @@ impl SocketWriter<'_> {
                     }
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait_writable().await?;
+                    // Boxed: only a full socket gets here, and the wait's
+                    // timers would otherwise sit in every writer task.
+                    Box::pin(self.wait_writable()).await?;
                 }
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => return Err(WriteEnd::Failed(err)),

@@ -119,6 +119,10 @@ struct CompareArgs {
     )]
     models: Vec<Model>,
 
+    /// Run only the --peer servers, none of ours.
+    #[arg(long)]
+    peers_only: bool,
+
     /// An extra argument for each of our servers (repeat it: --server-arg=--slow-client --server-arg=drop).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -231,7 +235,12 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
             .context("this executable has no parent directory")?
             .join("chat-server"),
     };
-    if !args.models.is_empty() && !server_bin.exists() {
+    let models = if args.peers_only {
+        Vec::new()
+    } else {
+        args.models.clone()
+    };
+    if !models.is_empty() && !server_bin.exists() {
         anyhow::bail!(
             "{} does not exist: build it (cargo build --release --bin chat-server) or pass --server-bin",
             server_bin.display()
@@ -239,7 +248,7 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
     }
     Ok(CompareOptions {
         server_bin,
-        models: args.models.clone(),
+        models,
         server_args: args.server_args.clone(),
         peers: args.peers.clone(),
         scenarios: args.scenarios.clone(),

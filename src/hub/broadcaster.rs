@@ -85,7 +85,7 @@ impl Hub for BroadcasterHub {
         let (outbox, inbox) = outbox::channel(Arc::clone(client));
         // The seed's order: announce, then enter, so the newcomer does not
         // see its own arrival.
-        let _ = self.messages.send(arrival).await;
+        self.send_message(arrival).await;
         let (ack, entered) = oneshot::channel();
         if self.entering.send((outbox, ack)).is_ok() {
             let _ = entered.await;
@@ -94,7 +94,7 @@ impl Hub for BroadcasterHub {
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
-        let _ = self.messages.send(message.clone()).await;
+        self.send_message(message.clone()).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
@@ -103,7 +103,19 @@ impl Hub for BroadcasterHub {
             let _ = left.await;
         }
         if let Some(departure) = departure {
-            let _ = self.messages.send(departure).await;
+            self.send_message(departure).await;
+        }
+    }
+}
+
+impl BroadcasterHub {
+    /// Queues a line for the broadcaster, waiting only if its queue is full
+    /// (the seed's sender always waits, for the broadcaster to take it).
+    async fn send_message(&self, message: Message) {
+        if let Err(mpsc::error::TrySendError::Full(message)) = self.messages.try_send(message) {
+            // Boxed: a full queue is rare, and the wait's state would
+            // otherwise be part of every reader task.
+            let _ = Box::pin(self.messages.send(message)).await;
         }
     }
 }

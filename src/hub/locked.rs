@@ -70,15 +70,22 @@ impl Hub for LockedHub {
 
 impl LockedHub {
     async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
-        if !self.senders_wait {
-            let clients = self.clients.read();
-            for (id, outbox) in clients.iter() {
-                if Some(*id) != except {
-                    outbox.offer(message);
-                }
-            }
-            return;
+        if self.senders_wait {
+            // Boxed: this future is part of every reader's state, and only
+            // `--slow-client block` needs the room to wait.
+            return Box::pin(self.fan_out_waiting(message, except)).await;
         }
+        let clients = self.clients.read();
+        for (id, outbox) in clients.iter() {
+            if Some(*id) != except {
+                outbox.offer(message);
+            }
+        }
+    }
+
+    /// `--slow-client block`: copy the recipients out, release the lock,
+    /// then wait for room in each queue in turn.
+    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>) {
         let recipients: Vec<Outbox> = self
             .clients
             .read()

@@ -76,14 +76,21 @@ impl Hub for ShardedHub {
 
 impl ShardedHub {
     async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
-        if !self.senders_wait {
-            for entry in self.clients.iter() {
-                if Some(*entry.key()) != except {
-                    entry.value().offer(message);
-                }
-            }
-            return;
+        if self.senders_wait {
+            // Boxed: this future is part of every reader's state, and only
+            // `--slow-client block` needs the room to wait.
+            return Box::pin(self.fan_out_waiting(message, except)).await;
         }
+        for entry in self.clients.iter() {
+            if Some(*entry.key()) != except {
+                entry.value().offer(message);
+            }
+        }
+    }
+
+    /// `--slow-client block`: copy the recipients out, release the map, then
+    /// wait for room in each queue in turn.
+    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>) {
         let recipients: Vec<Outbox> = self
             .clients
             .iter()

@@ -321,8 +321,6 @@ pub struct Shared {
     pub finished: AtomicUsize,
     /// Cancelled when every client should start sending.
     pub start: CancellationToken,
-    /// Cancelled when clients should send no more (time's up).
-    pub stop_sending: CancellationToken,
     /// Cancelled when clients should stop altogether.
     pub stop: CancellationToken,
 }
@@ -408,34 +406,30 @@ pub async fn run_client(
                 .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
             last_arrivals = receiver.counts.arrivals;
         }
-        if started && sending {
-            if shared.stop_sending.is_cancelled() {
-                sending = false;
-            } else if written == out.len() {
-                // Refill only once the previous batch is fully written, so a
-                // batch is one write in the common case.
-                let in_flight = u64::from(sent) - receiver.counts.own;
-                let room = u64::from(plan.window).saturating_sub(in_flight);
-                let batch = room.min(u64::from(plan.messages - sent)) as u32;
-                if batch > 0 {
-                    out.clear();
-                    written = 0;
-                    let sent_ns = now_ns();
-                    for seq in sent..sent + batch {
-                        codec.encode_into(
-                            &mut out,
-                            Payload {
-                                sender: plan.id,
-                                seq,
-                                sent_ns,
-                            },
-                        );
-                    }
-                    sent += batch;
-                    shared.sent.fetch_add(batch.into(), Relaxed);
-                    if sent == plan.messages {
-                        sending = false;
-                    }
+        // Refill only once the previous batch is fully written, so a batch
+        // is one write in the common case.
+        if started && sending && written == out.len() {
+            let in_flight = u64::from(sent) - receiver.counts.own;
+            let room = u64::from(plan.window).saturating_sub(in_flight);
+            let batch = room.min(u64::from(plan.messages - sent)) as u32;
+            if batch > 0 {
+                out.clear();
+                written = 0;
+                let sent_ns = now_ns();
+                for seq in sent..sent + batch {
+                    codec.encode_into(
+                        &mut out,
+                        Payload {
+                            sender: plan.id,
+                            seq,
+                            sent_ns,
+                        },
+                    );
+                }
+                sent += batch;
+                shared.sent.fetch_add(batch.into(), Relaxed);
+                if sent == plan.messages {
+                    sending = false;
                 }
             }
         }

@@ -241,6 +241,13 @@ fn start_peer(opts: &CompareOptions, peer: &PeerSpec) -> anyhow::Result<Running>
     let (addr, command) = match &peer.addr {
         Some(addr) => {
             let addr = resolve_loopback(addr).with_context(|| format!("peer {}", peer.name))?;
+            // Allow the previous instance (stopped a moment ago) to let go.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+                && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(50));
+            }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
                 let holder = proc::listener_pid(addr.port())
                     .map_or(String::new(), |pid| format!(" (pid {pid})"));
@@ -626,9 +633,14 @@ fn columns(scenario: Scenario) -> Vec<Column> {
             .map_or("-".into(), |ns| format!("{ns:.0} ns"))
     }
     fn lost(r: &Report) -> String {
-        r.deliveries
-            .as_ref()
-            .map_or("-".into(), |d| format!("{}/{}", d.lost, d.order_violations))
+        r.deliveries.as_ref().map_or("-".into(), |d| {
+            let mut cell = format!("{}/{}", d.lost, d.order_violations);
+            if d.pending + d.unsent > 0 {
+                // Cut by the time bound; the notes say how much was left.
+                cell.push_str(" (cut)");
+            }
+            cell
+        })
     }
     fn offered(r: &Report) -> String {
         r.deliveries
@@ -789,7 +801,8 @@ fn write_files(opts: &CompareOptions, comparison: &Comparison) -> anyhow::Result
         md,
         "# chat-load compare\n\n{} CPUs, Linux {}, chat-load on {} worker threads; \
          del/s = deliveries per second (one message received by one client), \
-         CPU/del = server CPU time per delivery, lost/viol = lost deliveries / order violations.\n",
+         CPU/del = server CPU time per delivery, lost/viol = lost deliveries / order violations, \
+         (cut) = the time bound ended the run before everything was delivered (see the notes).\n",
         m.cpus, m.kernel, m.tool_threads
     );
     md.push_str(&table(comparison));

@@ -30,15 +30,23 @@
 //! The numbers are only worth quoting if the tool is not the bottleneck, so
 //! the receive path is built for it (see [`client`]): 64 KiB reads, `memchr`
 //! line splitting, a payload found at a fixed offset from the line's end and
-//! decoded with a table lookup per hex digit, per-sender state in plain
-//! arrays, one histogram per client, shared counters touched once per read.
-//! Every report gives the tool's own CPU time (`tool_cpu_s`): dividing it
-//! by the deliveries gives the tool's cost per delivery, sends included.
-//! Measured on the 2-core development machine, against our server in the
-//! same run: about 60 ns of tool CPU per delivery in `fanout -n 100 -m 200`
-//! (the read system calls included), so the tool's ceiling on 2 cores is
-//! roughly 30 M deliveries/s when it has the cores to itself, and it used
-//! well under one core while the server was the limit.
+//! decoded eight hex digits at a time, per-sender state in plain arrays, one
+//! histogram per client, shared counters touched once per read. Every
+//! report gives the tool's own CPU time (`tool_cpu_s`), so its cost per
+//! delivery can be checked in any run. Measured on the 2-core development
+//! machine (shared with other work, so these are upper bounds):
+//!
+//! - the receive path alone, in memory: 22–30 ns per line on one core, 35–45
+//!   M lines/s (`cargo test --release --lib receive_path_speed -- --ignored
+//!   --nocapture`);
+//! - against our server, `fanout` at n = 100 and 1000: 40–55 ns of tool CPU
+//!   per delivery, sends and the kernel's receive path included, so about
+//!   20 M deliveries/s per core and 40 M/s on 2 cores; at n = 10 (smaller
+//!   writes from the server) about 100–200 ns;
+//! - when each read returns a single line (the Go seed writes every line on
+//!   its own; open-loop runs at low rates) a delivery costs 1.5–3 µs, almost
+//!   all of it the kernel's TCP receive path and the wake-up, which is why
+//!   the tool's CPU is reported beside the server's.
 
 pub mod client;
 pub mod compare;

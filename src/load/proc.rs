@@ -61,12 +61,17 @@ impl Proc {
         parse_status_memory(&status).with_context(|| format!("no VmRSS/VmHWM in {dir}/status"))
     }
 
-    /// Whether the process still exists (and is not a zombie).
+    /// Whether any thread of the process is still running. The main
+    /// thread alone is not enough: it turns zombie before its siblings have
+    /// exited, while the process still holds its sockets.
     pub fn alive(self) -> bool {
-        match fs::read_to_string(format!("{}/stat", self.dir())) {
-            Ok(stat) => !matches!(stat_state(&stat), Some('Z') | Some('X') | None),
-            Err(_) => false,
-        }
+        let Ok(tasks) = fs::read_dir(format!("{}/task", self.dir())) else {
+            return false;
+        };
+        tasks.flatten().any(|task| {
+            fs::read_to_string(task.path().join("stat"))
+                .is_ok_and(|stat| !matches!(stat_state(&stat), Some('Z') | Some('X') | None))
+        })
     }
 }
 

@@ -75,8 +75,12 @@ pub struct Deliveries {
     /// Deliveries the sent messages owe: `sent × receivers`.
     pub expected: u64,
     pub delivered: u64,
-    /// Expected deliveries that had not arrived by the end of the drain.
+    /// Expected deliveries that had not arrived when the tool gave up after
+    /// `--drain` seconds without any delivery.
     pub lost: u64,
+    /// Expected deliveries still on their way when the time bound
+    /// (`--duration`) ended the run: late, not known to be lost.
+    pub pending: u64,
     /// Lines that broke their sender's sequence at some receiver.
     pub order_violations: u64,
     pub per_s: f64,
@@ -219,9 +223,11 @@ pub fn si(value: f64) -> String {
     }
 }
 
-/// Microseconds as `850 µs` or `12.3 ms`.
+/// Microseconds as `850 µs`, `12.3 ms` or `1.54 s`.
 pub fn micros(us: u64) -> String {
-    if us >= 10_000 {
+    if us >= 1_000_000 {
+        format!("{:.2} s", us as f64 / 1e6)
+    } else if us >= 10_000 {
         format!("{:.1} ms", us as f64 / 1000.0)
     } else if us >= 1000 {
         format!("{:.2} ms", us as f64 / 1000.0)
@@ -301,6 +307,9 @@ impl Report {
                 ),
             );
             row("lost", d.lost.to_string());
+            if d.pending > 0 {
+                row("pending at the time bound", d.pending.to_string());
+            }
             row("order violations", d.order_violations.to_string());
         }
         if let Some(l) = &self.latency_us {
@@ -527,5 +536,6 @@ mod tests {
         assert_eq!(micros(850), "850 µs");
         assert_eq!(micros(1500), "1.50 ms");
         assert_eq!(micros(45_000), "45.0 ms");
+        assert_eq!(micros(1_542_100), "1.54 s");
     }
 }

@@ -4,9 +4,13 @@
 //! counted into a [`Report`].
 //!
 //! Every loop here is bounded twice: in count (messages, cycles, clients)
-//! and in time (`--duration` caps sending, and waiting for what is still in
-//! flight ends after `--drain` without progress). A server that stalls
-//! produces a report that says so instead of a hung tool.
+//! and in time. `--duration` bounds the whole measured interval of `fanout`
+//! and `slow`, the sending of `rate` (whose backlog then gets at most as
+//! long again) and the cycling of `churn`; and waiting gives up after
+//! `--drain` seconds without a single delivery. A server that stalls
+//! produces a report that says so instead of a hung tool. What the time
+//! bound cut off is reported as *pending*; what never came although the
+//! tool waited `--drain` without progress, as *lost*.
 //!
 //! The measured interval starts when the clients are told to start (after
 //! the arrivals settled) and ends at the last expected delivery; if some
@@ -365,7 +369,6 @@ struct Merged {
     counts: RecvCounts,
     sent: u64,
     latency: Option<Histogram<u64>>,
-    complete: usize,
     closed: usize,
     failed: Vec<String>,
     last_delivery_ns: u64,
@@ -398,8 +401,7 @@ async fn collect(handles: Vec<JoinHandle<ClientResult>>) -> Merged {
             (a, b) => a.or(b),
         };
         match result.end {
-            End::Complete => merged.complete += 1,
-            End::Stopped => {}
+            End::Complete | End::Stopped => {}
             End::Closed => merged.closed += 1,
             End::Failed(err) => merged.failed.push(err),
         }
@@ -505,14 +507,18 @@ async fn exchange(opts: &Options, with_slow: bool) -> anyhow::Result<Report> {
     let mut progress = Progress::new(opts.progress);
     let mut last_delivered = 0;
     let mut last_progress = Instant::now();
-    let mut sending_stopped = false;
-    let complete = loop {
+    let ending = loop {
         tokio::time::sleep(POLL).await;
-        if shared.finished.load(Relaxed) >= n {
-            break handles_all_complete(&shared, n);
-        }
         let delivered = shared.delivered.load(Relaxed);
         let sent = shared.sent.load(Relaxed);
+        if shared.finished.load(Relaxed) >= n {
+            // Everyone is done, or gone: complete unless some ended early.
+            break if delivered >= sent * n as u64 {
+                Ending::Complete
+            } else {
+                Ending::Stalled
+            };
+        }
         let now = Instant::now();
         progress.tick("delivered", delivered, || {
             format!(", sent {sent} of {}", n as u64 * u64::from(m))
@@ -521,19 +527,16 @@ async fn exchange(opts: &Options, with_slow: bool) -> anyhow::Result<Report> {
             last_delivered = delivered;
             last_progress = now;
         }
-        if !sending_stopped && now.duration_since(t0) >= opts.duration {
-            shared.stop_sending.cancel();
-            sending_stopped = true;
-            last_progress = now;
-        }
-        if sending_stopped && delivered >= shared.sent.load(Relaxed) * n as u64 {
-            break false;
+        if now.duration_since(t0) >= opts.duration {
+            break Ending::TimeBound {
+                stalled: now.duration_since(last_progress) >= opts.drain,
+            };
         }
         // A stall ends a fanout early; in `slow` a stall is what is being
         // measured (a server may recover when it drops the slow client), so
-        // there only the time bound ends the sending.
-        if (sending_stopped || !with_slow) && now.duration_since(last_progress) >= opts.drain {
-            break false;
+        // there only the time bound ends the run.
+        if !with_slow && now.duration_since(last_progress) >= opts.drain {
+            break Ending::Stalled;
         }
     };
     let gave_up_ns = now_ns();
@@ -541,38 +544,60 @@ async fn exchange(opts: &Options, with_slow: bool) -> anyhow::Result<Report> {
     shared.stop.cancel();
     let merged = collect(handles).await;
 
-    let end_ns = if complete {
-        merged.last_delivery_ns
-    } else {
-        gave_up_ns
+    let end_ns = match ending {
+        Ending::Complete => merged.last_delivery_ns,
+        _ => gave_up_ns,
     };
     let elapsed = (end_ns.saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
     // n clients send m each: the messages planned equal one receiver's `expect`.
-    fill_deliveries(&mut report, &merged, n, expect, elapsed, None);
-    report.complete = complete;
+    fill_deliveries(&mut report, &merged, n, expect, elapsed, None, ending);
+    report.complete = ending == Ending::Complete;
     report.server = measured.usage(Some(merged.counts.delivered));
     report.tool_cpu_s = measured.tool_cpu_s;
     connection_notes(&merged, &mut report.notes);
-    if !complete {
-        let (delivered, pending) = report
-            .deliveries
-            .as_ref()
-            .map_or((0, 0), |d| (d.delivered, d.lost));
-        report.notes.push(format!(
-            "stalled: {delivered} of {} deliveries in {elapsed:.1} s \
-             ({pending} deliveries of sent messages were still pending when the tool gave up)",
-            expect * n as u64,
-        ));
-    }
+    ending_note(&mut report, ending, opts, expect * n as u64);
     if let Some(slow) = slow.take() {
         report.slow = Some(slow_client_fate(slow, merged.watched_left_ns, t0_ns, opts.drain).await);
     }
     Ok(report)
 }
 
-fn handles_all_complete(shared: &Shared, n: usize) -> bool {
-    // Everyone finished; complete unless the totals say some ended early.
-    shared.delivered.load(Relaxed) >= shared.sent.load(Relaxed) * n as u64
+/// How a run's measured interval ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Everything expected arrived.
+    Complete,
+    /// Nothing arrived for `--drain`: what is missing is lost.
+    Stalled,
+    /// The time bound cut the run: what is missing was still pending
+    /// (`stalled` if nothing had arrived for `--drain` by then either).
+    TimeBound { stalled: bool },
+}
+
+/// Says how an incomplete run ended, in the words a reader needs.
+fn ending_note(report: &mut Report, ending: Ending, opts: &Options, planned_deliveries: u64) {
+    let Some(d) = report.deliveries.clone() else {
+        return;
+    };
+    let elapsed = report.elapsed_s;
+    let note = match ending {
+        Ending::Complete => return,
+        Ending::Stalled => format!(
+            "nothing arrived for {:.1} s: gave up after {elapsed:.1} s with {} deliveries lost",
+            opts.drain.as_secs_f64(),
+            d.lost
+        ),
+        Ending::TimeBound { stalled } => format!(
+            "{}{} of {planned_deliveries} deliveries in {elapsed:.1} s, then the time bound \
+             (--duration {}) ended the run with {} deliveries pending and {} messages unsent",
+            if stalled { "stalled: " } else { "" },
+            d.delivered,
+            opts.duration.as_secs_f64(),
+            d.pending,
+            d.unsent,
+        ),
+    };
+    report.notes.push(note);
 }
 
 /// Fills the deliveries and latency sections; `planned` is the messages
@@ -584,16 +609,20 @@ fn fill_deliveries(
     planned_messages: u64,
     elapsed: f64,
     offered_per_s: Option<f64>,
+    ending: Ending,
 ) {
     let expected = merged.sent * receivers as u64;
     let delivered = merged.counts.delivered;
+    let missing = expected.saturating_sub(delivered);
+    let cut = matches!(ending, Ending::TimeBound { .. });
     report.elapsed_s = elapsed;
     report.deliveries = Some(Deliveries {
         sent: merged.sent,
         unsent: planned_messages.saturating_sub(merged.sent),
         expected,
         delivered,
-        lost: expected.saturating_sub(delivered),
+        lost: if cut { 0 } else { missing },
+        pending: if cut { missing } else { 0 },
         order_violations: merged.counts.order_violations,
         per_s: delivered as f64 / elapsed,
         offered_per_s,
@@ -826,10 +855,10 @@ async fn rate(opts: &Options) -> anyhow::Result<Report> {
     let mut last_delivered = 0;
     let mut last_progress = Instant::now();
     let mut sending_done_at: Option<Instant> = None;
-    let complete = loop {
+    let ending = loop {
         tokio::time::sleep(POLL).await;
         if shared.finished.load(Relaxed) >= n {
-            break true;
+            break Ending::Complete;
         }
         let now = Instant::now();
         let delivered = shared.delivered.load(Relaxed);
@@ -846,13 +875,14 @@ async fn rate(opts: &Options) -> anyhow::Result<Report> {
         }
         if let Some(done) = sending_done_at {
             if delivered >= shared.sent.load(Relaxed) * n as u64 {
-                break false;
+                break Ending::Complete;
             }
-            // The backlog gets at most as long as the run itself.
-            if now.duration_since(last_progress) >= opts.drain
-                || now.duration_since(done) >= opts.duration.max(opts.drain)
-            {
-                break false;
+            if now.duration_since(last_progress) >= opts.drain {
+                break Ending::Stalled;
+            }
+            // A backlog gets at most as long as the sending itself.
+            if now.duration_since(done) >= opts.duration.max(opts.drain) {
+                break Ending::TimeBound { stalled: false };
             }
         }
     };
@@ -867,15 +897,22 @@ async fn rate(opts: &Options) -> anyhow::Result<Report> {
     let mut merged = collect(handles).await;
     merged.sent = paced.sent;
 
-    let all_delivered = merged.counts.delivered >= paced.sent * n as u64;
-    let end_ns = if complete || all_delivered {
-        merged.last_delivery_ns
-    } else {
-        gave_up_ns
+    let end_ns = match ending {
+        Ending::Complete => merged.last_delivery_ns,
+        _ => gave_up_ns,
     };
     let elapsed = (end_ns.saturating_sub(t0_ns) as f64 / 1e9).max(1e-9);
-    fill_deliveries(&mut report, &merged, n, expect, elapsed, Some(offered));
-    report.complete = (complete || all_delivered) && paced.sent == expect;
+    fill_deliveries(
+        &mut report,
+        &merged,
+        n,
+        expect,
+        elapsed,
+        Some(offered),
+        ending,
+    );
+    report.complete = ending == Ending::Complete && paced.sent == expect;
+    ending_note(&mut report, ending, opts, expect * n as u64);
     report.send_lag_us = Latency::of(&paced.lag);
     report.server = measured.usage(Some(merged.counts.delivered));
     report.tool_cpu_s = measured.tool_cpu_s;
@@ -1076,7 +1113,7 @@ async fn idle(opts: &Options) -> anyhow::Result<Report> {
     {
         report.complete = false;
         report.notes.push(format!(
-            "announcements settled at {got} of {expected}: the server lost some"
+            "announcements settled at {got} of {expected}: some clients never heard of some arrivals"
         ));
     }
     let settled = server
