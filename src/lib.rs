@@ -17,6 +17,7 @@
 //! - [`outbox`]: the byte-bounded per-client queue three of the models use;
 //! - [`client`]: the per-connection state every part shares;
 //! - [`config`]: models, slow-client policies and limits;
+//! - [`memory`]: returning freed memory to the OS after a burst of departures;
 //! - [`harness`]: an in-process server and clients for tests and benchmarks.
 
 pub mod client;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod harness;
 pub mod hub;
 pub mod load;
+pub mod memory;
 pub mod outbox;
 pub mod protocol;
 pub mod server;

@@ -25,13 +25,15 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
+use crate::memory::TrimAfterDrop;
 use crate::session::{self, ServerContext};
 
 /// The line a connection over `--max-clients` receives before it is closed.
@@ -95,12 +97,24 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
+    let mut trim = TrimAfterDrop::default();
+    // The accept loop doubles as the memory housekeeper, so that no model
+    // needs a task for it.
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
+            _ = housekeeping.tick() => {
+                let connections = server.config.max_clients - slots.available_permits();
+                if let Some(gone) = trim.observe(connections) {
+                    debug!(gone, connections, "returned freed memory after departures");
+                }
+                continue;
+            }
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
