@@ -356,6 +356,23 @@ async fn settle(current: impl Fn() -> u64, expected: u64, quiet: Duration) -> Op
     }
 }
 
+/// Arrival announcements `n` clients connected one after another are due:
+/// client i hears of the n-1-i that come after it.
+fn arrivals_due(n: usize) -> u64 {
+    n as u64 * (n as u64).saturating_sub(1) / 2
+}
+
+/// Waits until the clients have heard every arrival announcement (`heard`
+/// counts them), noting in the report if the count stopped short.
+async fn settle_arrivals(report: &mut Report, n: usize, heard: impl Fn() -> u64) {
+    let due = arrivals_due(n);
+    if let Some(got) = settle(heard, due, SETTLE_QUIET).await {
+        report.notes.push(format!(
+            "arrival announcements settled at {got} of {due}: some clients never heard of some arrivals"
+        ));
+    }
+}
+
 /// Connects client `i` of `n` with context for the error.
 async fn connect_one(addr: SocketAddr, i: usize, n: usize, buffer: usize) -> anyhow::Result<Conn> {
     client::connect(addr, buffer)
@@ -488,13 +505,7 @@ async fn exchange(opts: &Options, with_slow: bool) -> anyhow::Result<Report> {
             shared.clone(),
         )));
     }
-    // Client i hears the arrivals of the n-1-i clients after it.
-    let arrivals = n as u64 * (n as u64 - 1) / 2;
-    if let Some(got) = settle(|| shared.arrivals.load(Relaxed), arrivals, SETTLE_QUIET).await {
-        report.notes.push(format!(
-            "arrival announcements settled at {got} of {arrivals}: some clients never heard of some arrivals"
-        ));
-    }
+    settle_arrivals(&mut report, n, || shared.arrivals.load(Relaxed)).await;
     // Lets a server whose greeting precedes its join (the seed) finish
     // joining the last client before anyone sends.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -820,12 +831,7 @@ async fn rate(opts: &Options) -> anyhow::Result<Report> {
             shared.clone(),
         )));
     }
-    let arrivals = n as u64 * (n as u64 - 1) / 2;
-    if let Some(got) = settle(|| shared.arrivals.load(Relaxed), arrivals, SETTLE_QUIET).await {
-        report.notes.push(format!(
-            "arrival announcements settled at {got} of {arrivals}: some clients never heard of some arrivals"
-        ));
-    }
+    settle_arrivals(&mut report, n, || shared.arrivals.load(Relaxed)).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     let meter = Meter::start(opts.server_pid)?;
@@ -980,13 +986,8 @@ async fn churn(opts: &Options) -> anyhow::Result<Report> {
     proc::ensure_open_files(n as u64 + u64::from(concurrency) + 64)?;
     let shared = Arc::new(CounterShared::default());
     let _stop_on_exit = shared.stop.clone().drop_guard();
-    let arrivals = n as u64 * (n as u64 - 1) / 2;
-    let (handles, _) = connect_counters(opts, &shared, arrivals).await?;
-    if let Some(got) = settle(|| shared.lines.load(Relaxed), arrivals, SETTLE_QUIET).await {
-        report.notes.push(format!(
-            "arrival announcements settled at {got} of {arrivals}: some clients never heard of some arrivals"
-        ));
-    }
+    let (handles, _) = connect_counters(opts, &shared, arrivals_due(n)).await?;
+    settle_arrivals(&mut report, n, || shared.lines.load(Relaxed)).await;
     let baseline = shared.lines.load(Relaxed);
 
     let meter = Meter::start(opts.server_pid)?;
