@@ -2,8 +2,8 @@
 //! writer task.
 //!
 //! The **reader** (the task the accept loop spawned) joins the hub, starts
-//! the writer, then turns socket bytes into lines and hands them to the hub
-//! in batches, one batch per read. When input ends (or the client is
+//! the writer, then turns socket bytes into lines and hands the hub one
+//! message per read, holding every line that read completed. When input ends (or the client is
 //! kicked, idles out, sends an over-long line, or the server shuts down) it
 //! leaves the hub, which announces the departure.
 //!
@@ -307,7 +307,6 @@ enum WriteEnd {
 }
 
 /// The writer task.
-///
 async fn write_loop<I: Inbox>(
     half: OwnedWriteHalf,
     mut inbox: I,
