@@ -97,6 +97,7 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
+    let mut refusals = Refusals::default();
     let mut trim = TrimAfterDrop::default();
     // The accept loop doubles as the memory housekeeper, so that no model
     // needs a task for it.
@@ -127,9 +128,10 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
         };
         backoff.succeeded();
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refuse(&stream, "server full");
+            refusals.refuse(&stream, peer);
             continue;
         };
+        refusals.admitted();
         // We coalesce writes ourselves; Nagle would only add latency.
         let _ = stream.set_nodelay(true);
         let id = ClientId(next_id.fetch_add(1, Ordering::Relaxed));
@@ -166,12 +168,35 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     info!("shut down");
 }
 
-/// Tells a connection we cannot serve why, without waiting for it.
-fn refuse(stream: &TcpStream, why: &str) {
-    warn!(peer = ?stream.peer_addr().ok(), "refused: {why}");
-    // A fresh socket's send buffer is empty, so one non-blocking write
-    // carries the line; if it does not, the client gets a plain close.
-    let _ = stream.try_write(SERVER_FULL.as_bytes());
+/// Turns away connections over `--max-clients`. Like accept errors, a
+/// flood of them is logged once (its first, then a count when it ends), so
+/// that a flood of connections cannot become a flood of log lines.
+#[derive(Debug, Default)]
+struct Refusals {
+    in_burst: u64,
+}
+
+impl Refusals {
+    /// Tells the connection why, without waiting for it, and closes it.
+    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr) {
+        if self.in_burst == 0 {
+            warn!(%peer, "refused: server full");
+        }
+        self.in_burst += 1;
+        // A fresh socket's send buffer is empty, so one non-blocking write
+        // carries the line; if it does not, the client gets a plain close.
+        let _ = stream.try_write(SERVER_FULL.as_bytes());
+    }
+
+    fn admitted(&mut self) {
+        if self.in_burst > 0 {
+            info!(
+                refused = self.in_burst,
+                "admitting again after refusing connections"
+            );
+            self.in_burst = 0;
+        }
+    }
 }
 
 /// Pauses after accept errors: 5 ms, doubling to 1 s while errors persist.
