@@ -373,6 +373,14 @@ async fn settle_arrivals(report: &mut Report, n: usize, heard: impl Fn() -> u64)
     }
 }
 
+/// [`settle_arrivals`], then a short pause that lets a server whose
+/// greeting precedes its join (the seed) finish joining the last client
+/// before anyone sends.
+async fn settle_before_sending(report: &mut Report, n: usize, heard: impl Fn() -> u64) {
+    settle_arrivals(report, n, heard).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
 /// Connects client `i` of `n` with context for the error.
 async fn connect_one(addr: SocketAddr, i: usize, n: usize, buffer: usize) -> anyhow::Result<Conn> {
     client::connect(addr, buffer)
@@ -505,10 +513,7 @@ async fn exchange(opts: &Options, with_slow: bool) -> anyhow::Result<Report> {
             shared.clone(),
         )));
     }
-    settle_arrivals(&mut report, n, || shared.arrivals.load(Relaxed)).await;
-    // Lets a server whose greeting precedes its join (the seed) finish
-    // joining the last client before anyone sends.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    settle_before_sending(&mut report, n, || shared.arrivals.load(Relaxed)).await;
 
     let meter = Meter::start(opts.server_pid)?;
     let t0 = Instant::now();
@@ -831,8 +836,7 @@ async fn rate(opts: &Options) -> anyhow::Result<Report> {
             shared.clone(),
         )));
     }
-    settle_arrivals(&mut report, n, || shared.arrivals.load(Relaxed)).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    settle_before_sending(&mut report, n, || shared.arrivals.load(Relaxed)).await;
 
     let meter = Meter::start(opts.server_pid)?;
     // Start a little ahead so that the first ticks are not already late.
