@@ -56,3 +56,12 @@ fn a_queue_smaller_than_a_line_is_refused() -> io::Result<()> {
         format!("unclear refusal: {stderr}")
     })
 }
+
+#[test]
+fn zero_worker_threads_are_refused() -> io::Result<()> {
+    let (ok, _, stderr) = chat_server(&["--addr", "127.0.0.1:0", "--threads", "0"])?;
+    ensure(!ok, || "the server started".into())?;
+    ensure(stderr.contains("--threads"), || {
+        format!("unclear refusal: {stderr}")
+    })
+}

@@ -95,9 +95,10 @@ struct Common {
     #[arg(long)]
     json: bool,
 
-    /// Worker threads of the tool's runtime.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    /// Worker threads of the tool's runtime [default: half the CPUs, leaving
+    /// the other half to the server].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 
     /// No progress lines on stderr.
     #[arg(long, short)]
@@ -185,12 +186,27 @@ struct CompareArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     startup_timeout: f64,
 
+    /// Worker threads of each of our servers (its --threads) [default: the CPUs
+    /// chat-load's --threads leaves free]. Peers run as their COMMAND says.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    server_threads: Option<u16>,
+
     /// Where to write compare.md, compare.json, compare.svg and the servers' logs.
     #[arg(long, value_name = "DIR", default_value = "target/chat-load")]
     out: PathBuf,
 
     #[command(flatten)]
     common: Common,
+}
+
+impl Common {
+    /// Two load processes on one machine, each with a thread per CPU, take
+    /// turns on the cores, and the turns show up as milliseconds of latency
+    /// (ARCHITECTURE.md, "Sharing two cores"), so the tool takes half.
+    fn threads(&self) -> usize {
+        self.threads
+            .map_or_else(|| (compare::cpus() / 2).max(1), usize::from)
+    }
 }
 
 fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
@@ -221,7 +237,7 @@ fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Optio
     o.drain = seconds("drain", args.drain)?;
     o.hold = seconds("hold", args.hold)?;
     o.server_pid = args.server_pid;
-    o.threads = args.common.threads;
+    o.threads = args.common.threads();
     o.progress = !args.common.quiet;
     Ok(o)
 }
@@ -265,7 +281,11 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
         drain: seconds("drain", args.drain)?,
         startup_timeout: seconds("startup-timeout", args.startup_timeout)?,
         out: args.out.clone(),
-        threads: args.common.threads,
+        threads: args.common.threads(),
+        server_threads: args.server_threads.map_or_else(
+            || compare::cpus().saturating_sub(args.common.threads()).max(1),
+            usize::from,
+        ),
         progress: !args.common.quiet,
     })
 }
@@ -283,15 +303,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let threads = match &cli.command {
-        Command::Compare(args) => args.common.threads,
+        Command::Compare(args) => args.common.threads(),
         Command::Fanout(a)
         | Command::Rate(a)
         | Command::Churn(a)
         | Command::Slow(a)
-        | Command::Idle(a) => a.common.threads,
+        | Command::Idle(a) => a.common.threads(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(threads)
         .thread_name("chat-load")
         .enable_all()
         .build()

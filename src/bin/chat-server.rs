@@ -55,6 +55,11 @@ struct Args {
     /// Seconds queued messages may take to flush on shutdown.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     shutdown_grace: f64,
+
+    /// Worker threads of the runtime [default: one per CPU]. When a load
+    /// generator shares the machine, give each its own cores (see README).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
@@ -98,9 +103,20 @@ fn main() -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn serve(args: &Args) -> anyhow::Result<()> {
+fn serve(args: &Args) -> anyhow::Result<()> {
     let config = args.config()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(usize::from(threads));
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(listen_and_serve(args, config))
+}
+
+async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
     let listener = server::bind(&args.addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;

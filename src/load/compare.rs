@@ -111,8 +111,16 @@ pub struct CompareOptions {
     pub drain: Duration,
     pub startup_timeout: Duration,
     pub out: PathBuf,
+    /// chat-load's worker threads.
     pub threads: usize,
+    /// Worker threads of each of our servers; peers choose their own.
+    pub server_threads: usize,
     pub progress: bool,
+}
+
+/// CPUs this process may run on (0 if unknown).
+pub fn cpus() -> usize {
+    thread::available_parallelism().map_or(0, |n| n.get())
 }
 
 /// The messages per client of a fanout point: about `deliveries` in all,
@@ -189,6 +197,7 @@ fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<Running> {
     let mut command = Command::new(&opts.server_bin);
     command
         .args(["--addr", "127.0.0.1:0", "--model", model.name()])
+        .args(["--threads", &opts.server_threads.to_string()])
         .args(&opts.server_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -361,16 +370,19 @@ pub struct Machine {
     pub cpus: usize,
     pub kernel: String,
     pub tool_threads: usize,
+    /// Worker threads of each of our servers.
+    pub server_threads: usize,
 }
 
 impl Machine {
-    fn here(threads: usize) -> Machine {
+    fn here(opts: &CompareOptions) -> Machine {
         Machine {
-            cpus: thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus: cpus(),
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
-            tool_threads: threads,
+            tool_threads: opts.threads,
+            server_threads: opts.server_threads,
         }
     }
 }
@@ -463,9 +475,10 @@ impl Spec {
     fn command(&self, opts: &CompareOptions) -> String {
         match self {
             Spec::Ours(model) => format!(
-                "{} --addr 127.0.0.1:0 --model {}{}",
+                "{} --addr 127.0.0.1:0 --model {} --threads {}{}",
                 opts.server_bin.display(),
                 model.name(),
+                opts.server_threads,
                 opts.server_args
                     .iter()
                     .map(|a| format!(" {a}"))
@@ -595,7 +608,7 @@ pub async fn compare(opts: &CompareOptions) -> anyhow::Result<Comparison> {
         });
     }
     let comparison = Comparison {
-        machine: Machine::here(opts.threads),
+        machine: Machine::here(opts),
         rows,
     };
     write_files(opts, &comparison)?;
@@ -799,11 +812,12 @@ fn write_files(opts: &CompareOptions, comparison: &Comparison) -> anyhow::Result
     let m = &comparison.machine;
     let _ = writeln!(
         md,
-        "# chat-load compare\n\n{} CPUs, Linux {}, chat-load on {} worker threads; \
+        "# chat-load compare\n\n{} CPUs, Linux {}, chat-load on {} worker thread(s), \
+         our servers on {} each (peers as their commands say); \
          del/s = deliveries per second (one message received by one client), \
          CPU/del = server CPU time per delivery, lost/viol = lost deliveries / order violations, \
          (cut) = the time bound ended the run before everything was delivered (see the notes).\n",
-        m.cpus, m.kernel, m.tool_threads
+        m.cpus, m.kernel, m.tool_threads, m.server_threads
     );
     md.push_str(&table(comparison));
     md.push_str("\n## Servers\n\n");
@@ -915,7 +929,12 @@ mod tests {
             report: r,
         };
         let comparison = Comparison {
-            machine: Machine::here(2),
+            machine: Machine {
+                cpus: 2,
+                kernel: "6.18".into(),
+                tool_threads: 1,
+                server_threads: 1,
+            },
             rows: vec![
                 Row {
                     server: "sharded".into(),

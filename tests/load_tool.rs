@@ -1,0 +1,252 @@
+//! The `chat-load` binary end to end, as a user runs it: its scenarios
+//! against a real `chat-server` process, its JSON, its refusal of anything
+//! off loopback, and `compare` starting our models and a peer and writing
+//! the table, the JSON and the plot.
+//!
+//! Loads are tiny: these tests check that the tool counts right, not how
+//! fast anything is.
+
+mod common;
+
+use std::io;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::ensure;
+use common::process::ServerProcess;
+use serde_json::Value;
+
+fn chat_load(args: &[&str]) -> io::Result<Output> {
+    Command::new(env!("CARGO_BIN_EXE_chat-load"))
+        .args(args)
+        .output()
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The one JSON report a scenario run prints with `--json`.
+fn json_report(output: &Output) -> io::Result<Value> {
+    ensure(output.status.success(), || {
+        format!("chat-load failed: {}", stderr_of(output))
+    })?;
+    serde_json::from_slice(&output.stdout).map_err(|err| {
+        io::Error::other(format!(
+            "not JSON ({err}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        ))
+    })
+}
+
+fn number(report: &Value, path: &[&str]) -> io::Result<f64> {
+    let mut at = report;
+    for key in path {
+        at = &at[key];
+    }
+    at.as_f64()
+        .ok_or_else(|| io::Error::other(format!("no number at {path:?} in {report}")))
+}
+
+/// A fresh, empty directory under cargo's scratch space for tests.
+fn scratch_dir(name: &str) -> io::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    match std::fs::remove_dir_all(&dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+#[test]
+fn fanout_counts_every_delivery_and_the_servers_cpu() -> io::Result<()> {
+    let server = ServerProcess::start(&["--threads", "1"])?;
+    let pid = server.pid().to_string();
+    let output = chat_load(&[
+        "fanout",
+        "--addr",
+        &server.addr,
+        "-n",
+        "6",
+        "-m",
+        "25",
+        "--window",
+        "4",
+        "--server-pid",
+        &pid,
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&output)?;
+    // Everyone hears everyone, its own echo included: 6 senders × 25 × 6.
+    for (field, want) in [("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)] {
+        let got = number(&report, &["deliveries", field])?;
+        ensure(got == want, || {
+            format!("{field}: {got}, want {want}: {report}")
+        })?;
+    }
+    ensure(
+        number(&report, &["deliveries", "order_violations"])? == 0.0,
+        || format!("order violations: {report}"),
+    )?;
+    ensure(report["complete"] == Value::Bool(true), || {
+        format!("incomplete: {report}")
+    })?;
+    ensure(
+        number(&report, &["latency_us", "samples"])? == 900.0,
+        || format!("one latency sample per delivery: {report}"),
+    )?;
+    ensure(number(&report, &["server", "cpu_s"])? > 0.0, || {
+        format!("no server CPU with --server-pid: {report}")
+    })
+}
+
+#[test]
+fn rate_reports_latency_at_the_offered_load() -> io::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let output = chat_load(&[
+        "rate",
+        "--addr",
+        &server.addr,
+        "-n",
+        "8",
+        "--rate",
+        "20",
+        "--duration",
+        "0.5",
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&output)?;
+    ensure(
+        number(&report, &["deliveries", "offered_per_s"])? == 8.0 * 20.0 * 8.0,
+        || format!("offered: {report}"),
+    )?;
+    ensure(number(&report, &["deliveries", "lost"])? == 0.0, || {
+        format!("lost: {report}")
+    })?;
+    let sent = number(&report, &["deliveries", "sent"])?;
+    ensure(sent >= 8.0 * 5.0, || format!("too few sent: {report}"))?;
+    ensure(
+        number(&report, &["latency_us", "p99"])? >= number(&report, &["latency_us", "p50"])?,
+        || format!("percentiles out of order: {report}"),
+    )
+}
+
+#[test]
+fn addresses_off_loopback_are_refused_before_any_traffic() -> io::Result<()> {
+    // 192.0.2.0/24 is reserved for documentation: nothing answers there.
+    let output = chat_load(&["fanout", "--addr", "192.0.2.1:8000", "-q"])?;
+    ensure(!output.status.success(), || "it ran".into())?;
+    let stderr = stderr_of(&output);
+    ensure(
+        stderr.contains("only loads servers on this machine's loopback"),
+        || format!("unclear refusal: {stderr}"),
+    )
+}
+
+#[test]
+fn a_server_that_is_not_there_is_a_clear_error() -> io::Result<()> {
+    // A port that was free a moment ago: nothing listens on it.
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = format!("127.0.0.1:{port}");
+    let output = chat_load(&["fanout", "--addr", &addr, "-n", "2", "-m", "1", "-q"])?;
+    ensure(!output.status.success(), || "it ran".into())?;
+    let stderr = stderr_of(&output);
+    ensure(
+        stderr.starts_with("chat-load: ") && stderr.contains(&addr),
+        || format!("unclear error: {stderr}"),
+    )
+}
+
+#[test]
+fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result<()> {
+    let out = scratch_dir("compare")?;
+    let out_arg = out.to_string_lossy().into_owned();
+    let server_bin = env!("CARGO_BIN_EXE_chat-server");
+    // Our own binary stands in for a foreign server: the peer path only
+    // needs something that takes its address on the command line.
+    let peer = format!("mirror={server_bin} --addr {{addr}} --model locked");
+    let output = chat_load(&[
+        "compare",
+        "--server-bin",
+        server_bin,
+        "--models",
+        "sharded,broadcaster",
+        "--peer",
+        &peer,
+        "--scenarios",
+        "fanout,rate,idle",
+        "--clients",
+        "2,5",
+        "-m",
+        "10",
+        "--rate-clients",
+        "5",
+        "--rate",
+        "10",
+        "--duration",
+        "0.5",
+        "--idle-clients",
+        "20",
+        "--threads",
+        "1",
+        "--server-threads",
+        "1",
+        "--out",
+        &out_arg,
+        "-q",
+    ])?;
+    ensure(output.status.success(), || {
+        format!("compare failed: {}", stderr_of(&output))
+    })?;
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    for server in ["sharded", "broadcaster", "mirror"] {
+        ensure(stdout.contains(&format!("| {server} ")), || {
+            format!("no row for {server}:\n{stdout}")
+        })?;
+    }
+    for column in [
+        "fanout n=2 del/s",
+        "fanout n=5 del/s",
+        "rate n=5 p99",
+        "idle n=20 KiB/conn",
+    ] {
+        ensure(stdout.contains(column), || {
+            format!("no column {column}:\n{stdout}")
+        })?;
+    }
+
+    let markdown = std::fs::read_to_string(out.join("compare.md"))?;
+    ensure(markdown.contains("our servers on 1"), || {
+        format!("compare.md does not say how many threads our servers had:\n{markdown}")
+    })?;
+    ensure(markdown.contains("--model sharded --threads 1"), || {
+        format!("compare.md does not give our servers' command:\n{markdown}")
+    })?;
+
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json"))?)
+        .map_err(io::Error::other)?;
+    ensure(json["machine"]["server_threads"] == 1, || {
+        format!("machine: {}", json["machine"])
+    })?;
+    let rows = json["rows"].as_array().map(Vec::len);
+    ensure(rows == Some(3), || format!("rows: {rows:?}"))?;
+    for row in json["rows"].as_array().into_iter().flatten() {
+        for cell in row["cells"].as_array().into_iter().flatten() {
+            ensure(cell["error"].is_null(), || format!("a run failed: {cell}"))?;
+            let lost = &cell["report"]["deliveries"]["lost"];
+            ensure(lost.is_null() || *lost == 0, || {
+                format!("lost deliveries: {cell}")
+            })?;
+        }
+    }
+
+    let svg = std::fs::read_to_string(out.join("compare.svg"))?;
+    ensure(svg.contains("<svg") && svg.contains("mirror"), || {
+        "compare.svg is not a plot naming every server".into()
+    })
+}
