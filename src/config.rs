@@ -88,6 +88,32 @@ impl fmt::Display for SlowClientPolicy {
     }
 }
 
+/// The per-client queue of the models that have one (`sharded`,
+/// `broadcaster`, `locked`; `broadcast` has a shared ring instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum QueueKind {
+    /// A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained.
+    Swap,
+    /// tokio's unbounded mpsc channel; keeps the blocks a burst grew.
+    Mpsc,
+}
+
+impl QueueKind {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueKind::Swap => "swap",
+            QueueKind::Mpsc => "mpsc",
+        }
+    }
+}
+
+impl fmt::Display for QueueKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Default cap on the bytes queued for one client: Redis's pub/sub hard
 /// limit. ARCHITECTURE.md explains the choice and the memory it implies.
 pub const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
@@ -97,6 +123,8 @@ pub const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
 pub struct Config {
     pub model: Model,
     pub slow_client: SlowClientPolicy,
+    /// Ignored by `broadcast`, which has no per-client queue.
+    pub queue: QueueKind,
     /// Bytes that may wait in one client's outbound queue.
     pub max_pending: usize,
     /// How long a client with data pending may accept no byte before it is
@@ -118,6 +146,7 @@ impl Default for Config {
         Config {
             model: Model::Sharded,
             slow_client: SlowClientPolicy::Disconnect,
+            queue: QueueKind::Swap,
             max_pending: DEFAULT_MAX_PENDING,
             write_timeout: Duration::from_secs(10),
             max_line: DEFAULT_MAX_LINE,

@@ -15,9 +15,10 @@
 //! - [`protocol`]: line framing, sanitising and the seed's message texts;
 //! - [`hub`]: the concurrency models, one file each;
 //! - [`outbox`]: the byte-bounded per-client queue three of the models use;
+//! - [`queue`]: the swap queue underneath it, which frees its buffers when drained;
 //! - [`client`]: the per-connection state every part shares;
 //! - [`config`]: models, slow-client policies and limits;
-//! - [`memory`]: returning freed memory to the OS after a burst of departures;
+//! - [`memory`]: returning freed memory to the OS after a burst;
 //! - [`harness`]: an in-process server and clients for tests and benchmarks.
 
 pub mod client;
@@ -28,7 +29,8 @@ pub mod load;
 pub mod memory;
 pub mod outbox;
 pub mod protocol;
+pub mod queue;
 pub mod server;
 pub mod session;
 
-pub use config::{Config, Model, SlowClientPolicy};
+pub use config::{Config, Model, QueueKind, SlowClientPolicy};

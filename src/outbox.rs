@@ -1,32 +1,45 @@
 //! A client's own outbound queue, for the models that keep one queue per
 //! client (`sharded`, `broadcaster`, `locked`).
 //!
-//! The queue is a tokio `mpsc` channel of shared [`Message`]s, bounded by the
-//! bytes it holds rather than by a message count: a burst of short lines is
-//! fine, a client that stops reading is not. The sending half, [`Outbox`], is
-//! what a hub registers; it applies the slow-client policy whenever the
-//! client's [`Budget`](crate::client::Budget) is exhausted. The receiving
-//! half, [`QueueInbox`], belongs to the client's writer task.
+//! The queue holds shared [`Message`]s and is bounded by the bytes it holds
+//! rather than by a message count: a burst of short lines is fine, a client
+//! that stops reading is not. The sending half, [`Outbox`], is what a hub
+//! registers; it applies the slow-client policy whenever the client's
+//! [`Budget`](crate::client::Budget) is exhausted. The receiving half,
+//! [`QueueInbox`], belongs to the client's writer task.
 //!
-//! The channel itself is unbounded on purpose: the byte budget is the bound,
-//! and a bounded tokio channel would add a second, count-based semaphore
-//! whose release takes a lock on every received message.
+//! Underneath is one of two unbounded queues (`--queue`): our
+//! [swap queue](crate::queue) (the default), which frees its buffers when
+//! drained, or tokio's unbounded `mpsc` channel, which keeps what a burst
+//! grew. Both are unbounded on purpose: the byte budget is the bound, and a
+//! bounded tokio channel would add a second, count-based semaphore whose
+//! release takes a lock on every received message.
 
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientId, Kick};
-use crate::config::SlowClientPolicy;
+use crate::config::{QueueKind, SlowClientPolicy};
 use crate::hub::Inbox;
 use crate::protocol::Message;
+use crate::queue;
 
 /// The notice a client gets when it is dropped for not keeping up.
 pub const TOO_SLOW: &str = "error: disconnected: too slow";
 
 /// Creates the queue for `client`.
-pub fn channel(client: Arc<Client>) -> (Outbox, QueueInbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
+pub fn channel(client: Arc<Client>, kind: QueueKind) -> (Outbox, QueueInbox) {
+    let (tx, rx) = match kind {
+        QueueKind::Swap => {
+            let (tx, rx) = queue::channel();
+            (Sending::Swap(tx), Receiving::Swap(rx))
+        }
+        QueueKind::Mpsc => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Sending::Mpsc(tx), Receiving::Mpsc(rx))
+        }
+    };
     (
         Outbox {
             tx,
@@ -36,10 +49,32 @@ pub fn channel(client: Arc<Client>) -> (Outbox, QueueInbox) {
     )
 }
 
+#[derive(Debug, Clone)]
+enum Sending {
+    Swap(queue::Sender<Message>),
+    Mpsc(mpsc::UnboundedSender<Message>),
+}
+
+impl Sending {
+    /// Appends `message`; gives it back if the writer is gone.
+    fn send(&self, message: Message) -> Result<(), Message> {
+        match self {
+            Sending::Swap(tx) => tx.send(message),
+            Sending::Mpsc(tx) => tx.send(message).map_err(|closed| closed.0),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Receiving {
+    Swap(queue::Receiver<Message>),
+    Mpsc(mpsc::UnboundedReceiver<Message>),
+}
+
 /// The sending half of a client's queue: what a hub keeps per client.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Message>,
+    tx: Sending,
     client: Arc<Client>,
 }
 
@@ -56,8 +91,8 @@ impl Outbox {
 
     /// Queues `message` without waiting. When the client is over its budget
     /// (or stuck), the policy decides: `disconnect` kicks it, `drop` skips
-    /// this message for it. Safe to call under a lock: it never blocks and
-    /// never touches any hub.
+    /// this message for it. Safe to call under a lock: it never waits and
+    /// never touches any hub (the swap queue's own lock is held for one push).
     pub fn offer(&self, message: &Message) {
         let client = &*self.client;
         if client.is_kicked() {
@@ -68,9 +103,7 @@ impl Outbox {
             self.over_budget(message);
             return;
         }
-        if self.tx.send(message.clone()).is_err() {
-            client.budget.give_back(message.len());
-        }
+        self.push(message);
     }
 
     /// Queues `message`, waiting for room if the policy is `block`. Under
@@ -82,10 +115,15 @@ impl Outbox {
         let client = &*self.client;
         // Boxed: only `block` waits, and the wait's state would otherwise be
         // part of every fan-out future of every connection.
-        if Box::pin(client.budget.take(message.len(), client)).await
-            && self.tx.send(message.clone()).is_err()
-        {
-            client.budget.give_back(message.len());
+        if Box::pin(client.budget.take(message.len(), client)).await {
+            self.push(message);
+        }
+    }
+
+    /// Appends a message whose bytes the budget has already granted.
+    fn push(&self, message: &Message) {
+        if self.tx.send(message.clone()).is_err() {
+            self.client.budget.give_back(message.len());
         }
     }
 
@@ -106,17 +144,23 @@ impl Outbox {
 /// The receiving half of a client's queue, drained by its writer task.
 #[derive(Debug)]
 pub struct QueueInbox {
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: Receiving,
     client: Arc<Client>,
 }
 
 impl Inbox for QueueInbox {
     async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        match &mut self.rx {
+            Receiving::Swap(rx) => rx.recv().await,
+            Receiving::Mpsc(rx) => rx.recv().await,
+        }
     }
 
     fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        match &mut self.rx {
+            Receiving::Swap(rx) => rx.try_recv(),
+            Receiving::Mpsc(rx) => rx.try_recv().ok(),
+        }
     }
 
     fn written(&mut self, bytes: usize) {

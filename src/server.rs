@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
-use crate::memory::TrimAfterDrop;
+use crate::memory::{self, Trimmer};
 use crate::session::{self, ServerContext};
 
 /// The line a connection over `--max-clients` receives before it is closed.
@@ -98,10 +98,10 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
     let mut refusals = Refusals::default();
-    let mut trim = TrimAfterDrop::default();
+    let mut trimmer = Trimmer::default();
     // The accept loop doubles as the memory housekeeper, so that no model
     // needs a task for it.
-    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
@@ -111,8 +111,10 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
             accepted = listener.accept() => accepted,
             _ = housekeeping.tick() => {
                 let connections = server.config.max_clients - slots.available_permits();
-                if let Some(gone) = trim.observe(connections) {
-                    debug!(gone, connections, "returned freed memory after departures");
+                let started = std::time::Instant::now();
+                if let Some(why) = trimmer.observe(connections, memory::take_released()) {
+                    let took = started.elapsed();
+                    debug!(?why, connections, ?took, "returned freed memory to the system");
                 }
                 continue;
             }

@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
 use crate::hub::{Hub, Inbox};
+use crate::memory;
 use crate::outbox::TOO_SLOW;
 use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
 
@@ -330,6 +331,7 @@ async fn write_loop<I: Inbox>(
             Some(message) => message,
             None => {
                 // Nothing ready: give the batch memory back before waiting.
+                memory::note_released(batch.capacity());
                 batch = Vec::new();
                 match inbox.recv().await {
                     Some(message) => message,

@@ -213,7 +213,8 @@ fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result
         "fanout n=2 del/s",
         "fanout n=5 del/s",
         "rate n=5 p99",
-        "idle n=20 KiB/conn",
+        "idle n=20 KiB/conn settled",
+        "idle n=20 KiB/conn held",
     ] {
         ensure(stdout.contains(column), || {
             format!("no column {column}:\n{stdout}")

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_server::config::{SlowClientPolicy, DEFAULT_MAX_PENDING};
+use chat_server::config::{QueueKind, SlowClientPolicy, DEFAULT_MAX_PENDING};
 use chat_server::protocol::DEFAULT_MAX_LINE;
 use chat_server::{server, Config, Model};
 use clap::Parser;
@@ -31,6 +31,10 @@ struct Args {
     /// What to do with a client that cannot keep up.
     #[arg(long, value_enum, default_value_t = SlowClientPolicy::Disconnect)]
     slow_client: SlowClientPolicy,
+
+    /// Per-client queue of the sharded, broadcaster and locked models.
+    #[arg(long, value_enum, default_value_t = QueueKind::Swap)]
+    queue: QueueKind,
 
     /// Bytes that may wait in one client's outbound queue before it counts as slow.
     #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
@@ -71,6 +75,7 @@ impl Args {
         let config = Config {
             model: self.model,
             slow_client: self.slow_client,
+            queue: self.queue,
             max_pending: self.max_pending,
             write_timeout: seconds("write-timeout", self.write_timeout)?,
             max_line: self.max_line,
@@ -123,7 +128,7 @@ async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // On stdout, alone on its line, so scripts can learn the port.
     println!("chat-server listening on {addr} (model {})", config.model);
-    tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, "listening");
+    tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");
     // Spawned rather than run in place so that the accept loop is a runtime
     // task, as the task counts in ARCHITECTURE.md assume.
     let server = tokio::spawn(server::run(listener, config, shutdown_signal()));

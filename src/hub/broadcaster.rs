@@ -41,7 +41,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
-use crate::config::Config;
+use crate::config::{Config, QueueKind};
 use crate::hub::Hub;
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -62,12 +62,13 @@ pub struct BroadcasterHub {
     entering: mpsc::UnboundedSender<(Outbox, Ack)>,
     leaving: mpsc::UnboundedSender<(ClientId, Ack)>,
     messages: mpsc::Sender<Message>,
+    queue: QueueKind,
 }
 
 impl Hub for BroadcasterHub {
     type Inbox = QueueInbox;
 
-    fn new(_config: &Config) -> BroadcasterHub {
+    fn new(config: &Config) -> BroadcasterHub {
         // Membership channels need no bound: each client sends at most one
         // `entering` and one `leaving`, and `--max-clients` bounds clients.
         let (entering, entering_rx) = mpsc::unbounded_channel();
@@ -75,6 +76,7 @@ impl Hub for BroadcasterHub {
         let (messages, messages_rx) = mpsc::channel(MESSAGES_CAPACITY);
         tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx));
         BroadcasterHub {
+            queue: config.queue,
             entering,
             leaving,
             messages,
@@ -82,7 +84,7 @@ impl Hub for BroadcasterHub {
     }
 
     async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
-        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
         // The seed's order: announce, then enter, so the newcomer does not
         // see its own arrival.
         self.send_message(arrival).await;

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::client::{Client, ClientId};
-use crate::config::{Config, SlowClientPolicy};
+use crate::config::{Config, QueueKind, SlowClientPolicy};
 use crate::hub::Hub;
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -37,6 +37,7 @@ use crate::protocol::Message;
 pub struct LockedHub {
     clients: RwLock<HashMap<ClientId, Outbox>>,
     senders_wait: bool,
+    queue: QueueKind,
 }
 
 impl Hub for LockedHub {
@@ -46,11 +47,12 @@ impl Hub for LockedHub {
         LockedHub {
             clients: RwLock::new(HashMap::new()),
             senders_wait: config.slow_client == SlowClientPolicy::Block,
+            queue: config.queue,
         }
     }
 
     async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
-        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
         self.clients.write().insert(client.id, outbox);
         self.fan_out(&arrival, Some(client.id)).await;
         inbox

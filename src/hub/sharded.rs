@@ -29,7 +29,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use crate::client::{Client, ClientId};
-use crate::config::{Config, SlowClientPolicy};
+use crate::config::{Config, QueueKind, SlowClientPolicy};
 use crate::hub::Hub;
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -39,6 +39,7 @@ use crate::protocol::Message;
 pub struct ShardedHub {
     clients: DashMap<ClientId, Outbox>,
     senders_wait: bool,
+    queue: QueueKind,
 }
 
 impl Hub for ShardedHub {
@@ -48,11 +49,12 @@ impl Hub for ShardedHub {
         ShardedHub {
             clients: DashMap::new(),
             senders_wait: config.slow_client == SlowClientPolicy::Block,
+            queue: config.queue,
         }
     }
 
     async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
-        let (outbox, inbox) = outbox::channel(Arc::clone(client));
+        let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
         // Register first, then announce to everyone else: two clients
         // joining at once both end up seeing each other arrive.
         self.clients.insert(client.id, outbox);

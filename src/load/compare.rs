@@ -566,8 +566,13 @@ fn summary(report: &Report) -> String {
     if let Some(l) = &report.latency_us {
         parts.push(format!("p99 {}", report::micros(l.p99)));
     }
-    if let Some(per) = report.idle.as_ref().and_then(|i| i.per_connection_kib) {
-        parts.push(format!("{per:.2} KiB per idle connection"));
+    if let Some(idle) = &report.idle {
+        if let Some(per) = idle.per_connection_kib {
+            parts.push(format!("{per:.2} KiB per idle connection once settled"));
+        }
+        if let Some(held) = idle.per_connection_held_kib {
+            parts.push(format!("{held:.2} KiB after holding"));
+        }
     }
     if !report.complete {
         parts.push("INCOMPLETE".to_owned());
@@ -667,6 +672,12 @@ fn columns(scenario: Scenario) -> Vec<Column> {
             .and_then(|i| i.per_connection_kib)
             .map_or("-".into(), |k| format!("{k:.2} KiB"))
     }
+    fn kib_held(r: &Report) -> String {
+        r.idle
+            .as_ref()
+            .and_then(|i| i.per_connection_held_kib)
+            .map_or("-".into(), |k| format!("{k:.2} KiB"))
+    }
     fn rss(r: &Report) -> String {
         r.idle
             .as_ref()
@@ -717,7 +728,11 @@ fn columns(scenario: Scenario) -> Vec<Column> {
             c("CPU/del", cpu),
             c("lost/viol", lost),
         ],
-        Scenario::Idle => vec![c("KiB/conn", kib), c("RSS", rss)],
+        Scenario::Idle => vec![
+            c("KiB/conn settled", kib),
+            c("KiB/conn held", kib_held),
+            c("RSS settled", rss),
+        ],
         Scenario::Churn => vec![
             c("cycles/s", cycles),
             c("CPU/cycle", cycle_cpu),

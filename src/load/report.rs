@@ -173,6 +173,8 @@ pub struct Idle {
     /// `(held - before) / connections`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_connection_held_kib: Option<f64>,
+    /// How long the connections were held open after settling, in seconds.
+    pub hold_s: f64,
 }
 
 /// The server's resources over the measured interval.
@@ -396,10 +398,16 @@ impl Report {
                 );
             }
             if let Some(per) = i.per_connection_kib {
-                let held = i
-                    .per_connection_held_kib
-                    .map_or(String::new(), |h| format!(" ({h:.2} KiB after holding)"));
-                row("RSS per idle connection", format!("{per:.2} KiB{held}"));
+                let held = i.per_connection_held_kib.map_or(String::new(), |h| {
+                    format!(
+                        ", {h:.2} KiB after holding them {}",
+                        micros((i.hold_s * 1e6) as u64)
+                    )
+                });
+                row(
+                    "RSS per idle connection",
+                    format!("{per:.2} KiB once settled{held}"),
+                );
             }
         }
         if let Some(s) = &self.server {

@@ -1158,6 +1158,7 @@ async fn idle(opts: &Options) -> anyhow::Result<Report> {
         rss_closed_kib: rss_closed,
         per_connection_kib: per(rss_settled),
         per_connection_held_kib: per(rss_held),
+        hold_s: opts.hold.as_secs_f64(),
     });
     report.server = measured.usage(Some(announcements));
     report.tool_cpu_s = measured.tool_cpu_s;

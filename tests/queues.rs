@@ -1,0 +1,96 @@
+//! `--queue mpsc`: tokio's unbounded channel as the per-client queue of
+//! `sharded`, `broadcaster` and `locked` keeps the guarantees the default
+//! swap queue does (every other test file runs the default): no loss,
+//! per-sender order, a leaver's last echo, and no task left behind.
+
+mod common;
+
+use std::io;
+use std::time::Duration;
+
+use chat_server::harness::{TestClient, TestServer};
+use chat_server::{Config, Model, QueueKind};
+use common::{connect_all, connect_settled, ensure, exchange, Exchange};
+
+const SETTLE: Duration = Duration::from_secs(10);
+
+macro_rules! for_each_queue_model {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            use chat_server::Model;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sharded() -> std::io::Result<()> {
+                super::$test(Model::Sharded).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn broadcaster() -> std::io::Result<()> {
+                super::$test(Model::Broadcaster).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn locked() -> std::io::Result<()> {
+                super::$test(Model::Locked).await
+            }
+        }
+    )*};
+}
+
+for_each_queue_model!(
+    mpsc_keeps_order_and_loses_nothing,
+    mpsc_delivers_the_last_echo_and_frees_every_task
+);
+
+fn mpsc_server(model: Model) -> io::Result<TestServer> {
+    TestServer::start(Config {
+        queue: QueueKind::Mpsc,
+        ..Config::with_model(model)
+    })
+}
+
+async fn mpsc_keeps_order_and_loses_nothing(model: Model) -> io::Result<()> {
+    let server = mpsc_server(model)?;
+    let clients = connect_settled(&server, 8).await?;
+    let spec = Exchange {
+        senders: 4,
+        rounds: 30,
+        lines_per_round: 10,
+        line_len: 16,
+        within: Duration::from_secs(20),
+    };
+    exchange(clients, spec).await?;
+    Ok(())
+}
+
+async fn mpsc_delivers_the_last_echo_and_frees_every_task(model: Model) -> io::Result<()> {
+    let server = mpsc_server(model)?;
+    let mut clients: Vec<TestClient> = connect_all(&server, 10).await?;
+    let alive = server.alive_tasks();
+    let expected = model.expected_tasks(10);
+    ensure(alive == expected, || {
+        format!("{model}: {alive} tasks for 10 clients, expected {expected}")
+    })?;
+    for (i, mut client) in clients.drain(..).enumerate() {
+        if i % 2 == 0 {
+            // A polite leaver gets its own last line back before the close
+            // (others' departures may still follow it).
+            client.send("bye").await?;
+            client.finish().await?;
+            let tail = client.lines_until_closed().await?;
+            let echo = format!("{}: bye", client.who);
+            ensure(tail.contains(&echo), || {
+                format!("{model}: last lines {tail:?}, expected {echo:?} among them")
+            })?;
+        }
+    }
+    let baseline = model.expected_tasks(0);
+    server
+        .wait_for_tasks(baseline, SETTLE)
+        .await
+        .map_err(|alive| {
+            io::Error::other(format!(
+                "{model}: {alive} tasks after all left, expected {baseline}"
+            ))
+        })
+}
