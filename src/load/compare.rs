@@ -831,6 +831,8 @@ fn write_files(opts: &CompareOptions, comparison: &Comparison) -> anyhow::Result
          our servers on {} each (peers as their commands say); \
          del/s = deliveries per second (one message received by one client), \
          CPU/del = server CPU time per delivery, lost/viol = lost deliveries / order violations, \
+         KiB/conn = server RSS per idle connection, settled = as the last arrival announcement \
+         was delivered, held = after holding the connections open for --hold more, \
          (cut) = the time bound ended the run before everything was delivered (see the notes).\n",
         m.cpus, m.kernel, m.tool_threads, m.server_threads
     );
