@@ -9,23 +9,16 @@ mod common;
 
 use std::collections::HashSet;
 use std::io;
-use std::time::Duration;
 
 use chat_server::Model;
-use common::{connect_settled, ensure, exchange, server, Exchange};
+use common::{connect_settled, ensure, exchange, server, BUSY_ROOM};
 
 for_each_model!(per_sender_order_and_no_loss);
 
 async fn per_sender_order_and_no_loss(model: Model) -> io::Result<()> {
     let server = server(model)?;
     let clients = connect_settled(&server, 8).await?;
-    let spec = Exchange {
-        senders: 4,
-        rounds: 30,
-        lines_per_round: 10,
-        line_len: 16,
-        within: Duration::from_secs(20),
-    };
+    let spec = BUSY_ROOM;
     // `exchange` checks per-sender order and completeness for every client.
     let seen = exchange(clients, spec).await?;
 

@@ -10,34 +10,12 @@ use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model, QueueKind};
-use common::{connect_all, connect_settled, ensure, exchange, Exchange};
+use common::{connect_all, connect_settled, ensure, exchange, BUSY_ROOM};
 
 const SETTLE: Duration = Duration::from_secs(10);
 
-macro_rules! for_each_queue_model {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            use chat_server::Model;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sharded() -> std::io::Result<()> {
-                super::$test(Model::Sharded).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn broadcaster() -> std::io::Result<()> {
-                super::$test(Model::Broadcaster).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn locked() -> std::io::Result<()> {
-                super::$test(Model::Locked).await
-            }
-        }
-    )*};
-}
-
-for_each_queue_model!(
+for_models!(
+    [sharded: Sharded, broadcaster: Broadcaster, locked: Locked]
     mpsc_keeps_order_and_loses_nothing,
     mpsc_delivers_the_last_echo_and_frees_every_task
 );
@@ -52,14 +30,7 @@ fn mpsc_server(model: Model) -> io::Result<TestServer> {
 async fn mpsc_keeps_order_and_loses_nothing(model: Model) -> io::Result<()> {
     let server = mpsc_server(model)?;
     let clients = connect_settled(&server, 8).await?;
-    let spec = Exchange {
-        senders: 4,
-        rounds: 30,
-        lines_per_round: 10,
-        line_len: 16,
-        within: Duration::from_secs(20),
-    };
-    exchange(clients, spec).await?;
+    exchange(clients, BUSY_ROOM).await?;
     Ok(())
 }
 

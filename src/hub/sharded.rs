@@ -10,9 +10,11 @@
 //! each shard's *read* lock, so readers fan out in parallel; join and leave
 //! take one shard's *write* lock for one insert or remove. While a guard is
 //! held the only work is [`Outbox::offer`]: a budget check and a
-//! non-blocking channel push. No guard is ever held across an `.await`, and
-//! `offer` never touches the map, so there is no lock-order cycle and no
-//! deadlock. Under `--slow-client block`, where sending may wait, the
+//! non-blocking push onto the client's queue (the swap queue takes its own
+//! lock for that one push). No guard is ever held across an `.await`, and
+//! neither `offer` nor a client's writer, which holds only its queue's lock,
+//! ever touches the map while holding a lock of its own: locks are always
+//! taken map first, queue second, so there is no cycle and no deadlock. Under `--slow-client block`, where sending may wait, the
 //! recipients are first copied out of the map and the map is not held at
 //! all while waiting.
 //!

@@ -16,32 +16,39 @@ use tokio::time::Instant;
 /// calls `name(model)`, so a failure names the model it failed in.
 #[macro_export]
 macro_rules! for_each_model {
-    ($($test:ident),* $(,)?) => {$(
+    ($($test:ident),* $(,)?) => {
+        $crate::for_models!(
+            [sharded: Sharded, broadcaster: Broadcaster, locked: Locked, broadcast: Broadcast]
+            $($test),*
+        );
+    };
+}
+
+/// [`for_each_model`] for a chosen list of models, as `[fn_name: Variant, ...]`.
+#[macro_export]
+macro_rules! for_models {
+    ($models:tt $($test:ident),* $(,)?) => {$(
         mod $test {
-            use chat_server::Model;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sharded() -> std::io::Result<()> {
-                super::$test(Model::Sharded).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn broadcaster() -> std::io::Result<()> {
-                super::$test(Model::Broadcaster).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn locked() -> std::io::Result<()> {
-                super::$test(Model::Locked).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn broadcast() -> std::io::Result<()> {
-                super::$test(Model::Broadcast).await
-            }
+            $crate::for_models!(@tests $test $models);
+        }
+    )*};
+    (@tests $test:ident [$($name:ident: $variant:ident),* $(,)?]) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> std::io::Result<()> {
+            super::$test(chat_server::Model::$variant).await
         }
     )*};
 }
+
+/// The busy room most ordering checks use: 8 clients, 4 of them sending
+/// 300 lines each in 30 lockstep rounds.
+pub const BUSY_ROOM: Exchange = Exchange {
+    senders: 4,
+    rounds: 30,
+    lines_per_round: 10,
+    line_len: 16,
+    within: Duration::from_secs(20),
+};
 
 /// A default server running `model`.
 pub fn server(model: Model) -> io::Result<TestServer> {
