@@ -162,6 +162,16 @@ fn a_server_that_is_not_there_is_a_clear_error() -> io::Result<()> {
 }
 
 #[test]
+fn compare_refuses_a_server_arg_it_sets_itself() -> io::Result<()> {
+    let output = chat_load(&["compare", "--server-arg=--threads", "--server-arg=4", "-q"])?;
+    ensure(!output.status.success(), || "it ran".into())?;
+    let stderr = stderr_of(&output);
+    ensure(stderr.contains("use --server-threads"), || {
+        format!("unclear refusal: {stderr}")
+    })
+}
+
+#[test]
 fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result<()> {
     let out = scratch_dir("compare")?;
     let out_arg = out.to_string_lossy().into_owned();

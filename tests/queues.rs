@@ -6,13 +6,10 @@
 mod common;
 
 use std::io;
-use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model, QueueKind};
-use common::{connect_all, connect_settled, ensure, exchange, BUSY_ROOM};
-
-const SETTLE: Duration = Duration::from_secs(10);
+use common::{connect_all, connect_settled, ensure, exchange, expect_tasks, BUSY_ROOM};
 
 for_models!(
     [sharded: Sharded, broadcaster: Broadcaster, locked: Locked]
@@ -55,13 +52,5 @@ async fn mpsc_delivers_the_last_echo_and_frees_every_task(model: Model) -> io::R
             })?;
         }
     }
-    let baseline = model.expected_tasks(0);
-    server
-        .wait_for_tasks(baseline, SETTLE)
-        .await
-        .map_err(|alive| {
-            io::Error::other(format!(
-                "{model}: {alive} tasks after all left, expected {baseline}"
-            ))
-        })
+    expect_tasks(&server, model, 0, "after all left").await
 }

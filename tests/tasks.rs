@@ -5,27 +5,16 @@
 mod common;
 
 use std::io;
-use std::time::Duration;
 
 use chat_server::harness::TestClient;
 use chat_server::Model;
-use common::{connect_all, ensure, server};
-
-/// Departures are processed asynchronously; this bounds how long the count
-/// may take to settle, it is not a sleep.
-const SETTLE: Duration = Duration::from_secs(10);
+use common::{connect_all, ensure, expect_tasks, server};
 
 for_each_model!(exact_task_counts, no_task_leaks_when_clients_vanish);
 
 async fn exact_task_counts(model: Model) -> io::Result<()> {
     let server = server(model)?;
-    let baseline = model.expected_tasks(0);
-    server
-        .wait_for_tasks(baseline, SETTLE)
-        .await
-        .map_err(|alive| {
-            io::Error::other(format!("{model}: {alive} tasks idle, expected {baseline}"))
-        })?;
+    expect_tasks(&server, model, 0, "idle").await?;
 
     let mut clients: Vec<TestClient> = Vec::new();
     for n in [1, 10, 100] {
@@ -45,14 +34,7 @@ async fn exact_task_counts(model: Model) -> io::Result<()> {
             client.finish().await?;
         }
     }
-    server
-        .wait_for_tasks(baseline, SETTLE)
-        .await
-        .map_err(|alive| {
-            io::Error::other(format!(
-                "{model}: {alive} tasks after all left, expected {baseline}"
-            ))
-        })
+    expect_tasks(&server, model, 0, "after all left").await
 }
 
 /// Clients that reset mid-line, half-close and keep reading, or connect and
@@ -60,7 +42,6 @@ async fn exact_task_counts(model: Model) -> io::Result<()> {
 async fn no_task_leaks_when_clients_vanish(model: Model) -> io::Result<()> {
     let server = server(model)?;
     let mut watcher = TestClient::connect(server.addr()).await?;
-    let baseline = model.expected_tasks(1);
 
     let mut silent = TestClient::connect_raw(server.addr()).await?;
     silent.line().await?;
@@ -105,12 +86,7 @@ async fn no_task_leaks_when_clients_vanish(model: Model) -> io::Result<()> {
             .all(|line| line.ends_with(" has left") || line.ends_with(" has arrived")),
         || format!("half-closed client got {rest:?}"),
     )?;
-    server
-        .wait_for_tasks(baseline, SETTLE)
-        .await
-        .map_err(|alive| {
-            io::Error::other(format!("{model}: {alive} tasks, expected {baseline}"))
-        })?;
+    expect_tasks(&server, model, 1, "after the odd leavers").await?;
     // Each counted once: nothing more arrives for the watcher.
     watcher.send("done").await?;
     watcher.expect(&format!("{}: done", watcher.who)).await

@@ -262,6 +262,7 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
             server_bin.display()
         );
     }
+    compare::check_server_args(&args.server_args)?;
     Ok(CompareOptions {
         server_bin,
         models,

@@ -18,9 +18,10 @@
 //! its own and the whole group is stopped (SIGTERM, then SIGKILL after a
 //! grace period) as soon as its scenarios are done, when the tool fails,
 //! and when it is interrupted: the guard that does it is dropped on every
-//! path out. Our servers run with `RUST_LOG=warn` unless `RUST_LOG` is set,
-//! so that logging one line per connection is not part of what is measured;
-//! every server's output goes to a log file in the output directory.
+//! path out. Every server, peers included (a peer may be our own server with
+//! other flags), runs with `RUST_LOG=warn` unless `RUST_LOG` is set, so that
+//! logging one line per connection is not part of what is measured; every
+//! server's output goes to a log file in the output directory.
 //!
 //! Every scenario run gets a freshly started server, stopped right after,
 //! so that one run's grown heap, leftover queues or stall cannot colour the
@@ -190,6 +191,33 @@ fn log_file(out: &Path, name: &str) -> anyhow::Result<(File, PathBuf)> {
     Ok((file, path))
 }
 
+/// Flags `compare` gives each of our servers itself; passed again through
+/// `--server-arg` they would make the server refuse to start.
+const OWN_SERVER_FLAGS: [(&str, &str); 3] = [
+    ("--addr", "each server gets a fresh port"),
+    ("--model", "use --models"),
+    ("--threads", "use --server-threads"),
+];
+
+/// Refuses a `--server-arg` that `compare` already passes, naming the
+/// option to use instead.
+pub fn check_server_args(args: &[String]) -> anyhow::Result<()> {
+    for arg in args {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        if let Some((_, instead)) = OWN_SERVER_FLAGS.iter().find(|(own, _)| *own == flag) {
+            bail!("--server-arg={arg}: compare sets {flag} itself ({instead})");
+        }
+    }
+    Ok(())
+}
+
+/// Servers log at warn unless the user chose a level.
+fn quiet_logs(command: &mut Command) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "warn");
+    }
+}
+
 /// Starts our server in `model` on a fresh port.
 fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<Running> {
     let name = model.name().to_owned();
@@ -203,9 +231,7 @@ fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<Running> {
         .stdout(Stdio::piped())
         .stderr(log)
         .process_group(0);
-    if std::env::var_os("RUST_LOG").is_none() {
-        command.env("RUST_LOG", "warn");
-    }
+    quiet_logs(&mut command);
     let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {}", opts.server_bin.display()))?;
@@ -283,12 +309,15 @@ fn start_peer(opts: &CompareOptions, peer: &PeerSpec) -> anyhow::Result<Running>
     };
     let (log, log_path) = log_file(&opts.out, &peer.name)?;
     let log_err = log.try_clone().context("duplicating a log file")?;
-    let child = Command::new("sh")
+    let mut shell = Command::new("sh");
+    shell
         .args(["-c", &command])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
-        .process_group(0)
+        .process_group(0);
+    quiet_logs(&mut shell);
+    let child = shell
         .spawn()
         .with_context(|| format!("peer {}: cannot run sh -c {command:?}", peer.name))?;
     let shell = child.id();
@@ -895,6 +924,24 @@ fn fanout_series(comparison: &Comparison) -> (Vec<Series>, Vec<Series>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refuses_server_args_compare_sets_itself() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert!(check_server_args(&args(&["--queue", "mpsc", "--slow-client=drop"])).is_ok());
+        for own in [
+            &["--threads", "2"][..],
+            &["--model=locked"],
+            &["--addr", "x"],
+        ] {
+            let err = check_server_args(&args(own)).unwrap_err().to_string();
+            assert!(err.contains("compare sets"), "{own:?}: {err}");
+        }
+        let err = check_server_args(&args(&["--threads=1"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--server-threads"), "{err}");
+    }
 
     #[test]
     fn parses_peer_specs() {

@@ -241,4 +241,28 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> io::Result<(
     }
 }
 
+/// Departures are processed asynchronously; this bounds how long a task
+/// count may take to settle, it is not a sleep.
+pub const TASKS_SETTLE: Duration = Duration::from_secs(10);
+
+/// Waits until `server` runs exactly the tasks `model` has for `clients`
+/// connected clients, failing with the count seen `when` (for example
+/// "after all left").
+pub async fn expect_tasks(
+    server: &TestServer,
+    model: Model,
+    clients: usize,
+    when: &str,
+) -> io::Result<()> {
+    let expected = model.expected_tasks(clients);
+    server
+        .wait_for_tasks(expected, TASKS_SETTLE)
+        .await
+        .map_err(|alive| {
+            io::Error::other(format!(
+                "{model}: {alive} tasks {when}, expected {expected}"
+            ))
+        })
+}
+
 pub mod process;
