@@ -206,6 +206,9 @@ async fn accept_errors_back_off_and_recover() -> io::Result<()> {
     }
     let log_text = std::fs::read_to_string(&log)?;
     let _ = std::fs::remove_file(&log);
+    ensure(!log_text.contains('\x1b'), || {
+        format!("terminal colour codes in a log file:\n{log_text:?}")
+    })?;
     let warnings = log_text.matches("accept failed").count();
     ensure((1..=3).contains(&warnings), || {
         format!("{warnings} accept warnings; expected one per burst:\n{log_text}")

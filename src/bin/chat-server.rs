@@ -3,6 +3,7 @@
 //! Parses flags into a [`Config`], binds, prints the address, and serves
 //! until SIGINT or SIGTERM. Everything else lives in the library.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -98,6 +99,8 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes belong on a terminal, not in a redirected log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match serve(&args) {
         Ok(()) => ExitCode::SUCCESS,
