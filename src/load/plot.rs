@@ -1,6 +1,7 @@
 //! The SVG `compare` writes: deliveries per second against the number of
 //! clients, and p99 latency against the number of clients, one line per
-//! server, both on logarithmic axes where the data spans decades.
+//! server, both on logarithmic axes (the data spans decades), with one
+//! legend under both panels.
 //!
 //! Drawn with `plotters`' SVG backend and its built-in text estimate (no
 //! font files needed: the SVG names a font family and the viewer draws it).
@@ -29,20 +30,30 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
-/// Writes both panels side by side to `path`. `throughput` is in deliveries
-/// per second, `p99` in milliseconds.
+/// Height of the strip under the panels that holds the one legend.
+const LEGEND_HEIGHT: u32 = 44;
+
+/// Writes both panels side by side to `path`, with one legend under them.
+/// `throughput` is in deliveries per second, `p99` in milliseconds; both name
+/// the same servers in the same order, so a server has one colour in both.
 pub fn write_svg(path: &Path, throughput: &[Series], p99: &[Series]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1280, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (1280, 520 + LEGEND_HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
-    let (left, right) = root.split_horizontally(640);
+    let (panels, legend_strip) = root.split_vertically(520);
+    let (left, right) = panels.split_horizontally(640);
+    // Logarithmic in y as well: the seed and our models are two decades
+    // apart in throughput, and p99 spans milliseconds to tens of seconds.
     panel(
         &left,
-        "fanout: deliveries/s (millions)",
+        "fanout: deliveries per second",
+        "deliveries/s",
         throughput,
-        1e-6,
-        false,
+        &si_label,
     )?;
-    panel(&right, "fanout: p99 latency (ms)", p99, 1.0, true)?;
+    panel(&right, "fanout: p99 latency", "ms", p99, &|ms| {
+        plain_label(*ms)
+    })?;
+    legend(&legend_strip, throughput)?;
     root.present()
         .map_err(plot_error)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -53,22 +64,62 @@ fn plot_error<E: std::fmt::Debug>(err: E) -> anyhow::Error {
     anyhow::anyhow!("plotting failed: {err:?}")
 }
 
+/// 250000 as "250 k", 3e7 as "30 M": what a reader compares at a glance.
+fn si_label(value: &f64) -> String {
+    let v = *value;
+    if v >= 1e6 {
+        format!("{} M", plain_label(v / 1e6))
+    } else if v >= 1e3 {
+        format!("{} k", plain_label(v / 1e3))
+    } else {
+        plain_label(v)
+    }
+}
+
+/// Whole numbers without a ".0", small ones with the digits that matter.
+fn plain_label(v: f64) -> String {
+    if v >= 10.0 || v == v.round() {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        let text = format!("{v:.3}");
+        text.trim_end_matches('0').to_owned()
+    }
+}
+
+/// 1, 2 and 5 times each power of ten from `low` to `high`: plotters marks
+/// only the decades on a log axis, too few when the data spans one or two.
+fn steps(low: f64, high: f64) -> Vec<f64> {
+    let mut marks = Vec::new();
+    let mut decade = 10f64.powf(low.log10().floor());
+    while decade <= high {
+        for step in [1.0, 2.0, 5.0] {
+            let mark = decade * step;
+            if (low..=high).contains(&mark) {
+                marks.push(mark);
+            }
+        }
+        decade *= 10.0;
+    }
+    marks
+}
+
 fn panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     title: &str,
+    y_desc: &str,
     series: &[Series],
-    scale: f64,
-    log_y: bool,
+    y_label: &dyn Fn(&f64) -> String,
 ) -> anyhow::Result<()> {
     let points = || series.iter().flat_map(|s| s.points.iter());
     let (mut x_min, mut x_max) = (f64::MAX, f64::MIN);
-    let mut y_max = f64::MIN;
-    let mut y_min = f64::MAX;
+    let (mut y_min, mut y_max) = (f64::MAX, f64::MIN);
     for &(x, y) in points() {
         x_min = x_min.min(x);
         x_max = x_max.max(x);
-        y_min = y_min.min(y * scale);
-        y_max = y_max.max(y * scale);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
     }
     if x_min > x_max {
         // Nothing to draw: leave the panel with its title only.
@@ -77,74 +128,67 @@ fn panel(
     }
     // A log axis needs a range that is positive and not a single point.
     let x_range = (x_min * 0.8).max(0.5)..(x_max * 1.25).max(x_min + 1.0);
-    let mut chart = ChartBuilder::on(area);
-    chart
+    let y_low = (y_min * 0.7).max(1e-3);
+    let y_range = y_low..(y_max * 1.5).max(y_low * 10.0);
+    let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(14)
         .x_label_area_size(40)
-        .y_label_area_size(60);
-    if log_y {
-        let low = (y_min * 0.7).max(1e-3);
-        let high = (y_max * 1.5).max(low * 10.0);
-        let mut chart = chart
-            .build_cartesian_2d(x_range.log_scale(), (low..high).log_scale())
+        .y_label_area_size(64)
+        .build_cartesian_2d(
+            x_range.log_scale(),
+            y_range
+                .log_scale()
+                .with_key_points(steps(y_low, y_max * 1.5)),
+        )
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .x_desc("clients (n)")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 14))
+        .x_label_formatter(&|n| plain_label(*n))
+        .y_label_formatter(y_label)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(plot_error)?;
+    for (i, s) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                colour.stroke_width(2),
+            ))
             .map_err(plot_error)?;
         chart
-            .configure_mesh()
-            .x_desc("clients (n)")
-            .y_desc("ms")
-            .draw()
+            .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(plot_error)?;
-        draw_series(&mut chart, series, scale)?;
-    } else {
-        let high = (y_max * 1.15).max(1e-6);
-        let mut chart = chart
-            .build_cartesian_2d(x_range.log_scale(), 0.0..high)
-            .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc("clients (n)")
-            .y_desc("M deliveries/s")
-            .draw()
-            .map_err(plot_error)?;
-        draw_series(&mut chart, series, scale)?;
     }
     Ok(())
 }
 
-fn draw_series<'a, X, Y>(
-    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+/// One row of colour swatches and names, outside both panels so that it can
+/// never hide a line.
+fn legend(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     series: &[Series],
-    scale: f64,
-) -> anyhow::Result<()>
-where
-    X: Ranged<ValueType = f64>,
-    Y: Ranged<ValueType = f64>,
-{
+) -> anyhow::Result<()> {
+    let style = ("sans-serif", 16).into_font().color(&BLACK);
+    let mut x = 80;
+    let y = (LEGEND_HEIGHT / 2) as i32;
     for (i, s) in series.iter().enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
-        let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, y * scale)).collect();
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                colour.stroke_width(2),
-            ))
-            .map_err(plot_error)?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
-            .map_err(plot_error)?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
+        area.draw(&PathElement::new(
+            vec![(x, y), (x + 24, y)],
+            colour.stroke_width(3),
+        ))
         .map_err(plot_error)?;
+        area.draw(&Text::new(s.name.as_str(), (x + 30, y - 8), style.clone()))
+            .map_err(plot_error)?;
+        // About 8 px per character at this size, then a gap.
+        x += 30 + 8 * s.name.len() as i32 + 32;
+    }
     Ok(())
 }
 
@@ -169,7 +213,33 @@ mod tests {
         .unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"));
+        // Axis labels read as numbers a person would write.
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        assert!(
+            texts.contains(&"100") && texts.contains(&"1 M"),
+            "{texts:?}"
+        );
+        assert!(!svg.contains("100.0"), "x labels with a fraction");
         assert!(svg.contains("sharded") && svg.contains("seed"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn log_axis_marks_one_two_five() {
+        assert_eq!(
+            steps(150_000.0, 45e6),
+            vec![2e5, 5e5, 1e6, 2e6, 5e6, 1e7, 2e7]
+        );
+        assert_eq!(steps(0.3, 3.0), vec![0.5, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn labels_read_like_a_person_wrote_them() {
+        assert_eq!(si_label(&250_000.0), "250 k");
+        assert_eq!(si_label(&30_000_000.0), "30 M");
+        assert_eq!(si_label(&2_500_000.0), "2.5 M");
+        assert_eq!(plain_label(1000.0), "1000");
+        assert_eq!(plain_label(0.25), "0.25");
+        assert_eq!(plain_label(0.1), "0.1");
     }
 }
