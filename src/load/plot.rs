@@ -30,17 +30,22 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(0x7f, 0x7f, 0x7f),
 ];
 
-/// Height of the strip under the panels that holds the one legend.
-const LEGEND_HEIGHT: u32 = 44;
+const WIDTH: u32 = 1280;
+const PANELS_HEIGHT: u32 = 520;
+/// Height of one row of the legend under the panels.
+const LEGEND_ROW: u32 = 28;
 
 /// Writes both panels side by side to `path`, with one legend under them.
 /// `throughput` is in deliveries per second, `p99` in milliseconds; both name
 /// the same servers in the same order, so a server has one colour in both.
 pub fn write_svg(path: &Path, throughput: &[Series], p99: &[Series]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (1280, 520 + LEGEND_HEIGHT)).into_drawing_area();
+    let places = legend_places(throughput);
+    let rows = places.last().map_or(0, |&(_, row)| row + 1);
+    let height = PANELS_HEIGHT + rows * LEGEND_ROW + 16;
+    let root = SVGBackend::new(path, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
-    let (panels, legend_strip) = root.split_vertically(520);
-    let (left, right) = panels.split_horizontally(640);
+    let (panels, legend_strip) = root.split_vertically(PANELS_HEIGHT);
+    let (left, right) = panels.split_horizontally(WIDTH / 2);
     // Logarithmic in y as well: the seed and our models are two decades
     // apart in throughput, and p99 spans milliseconds to tens of seconds.
     panel(
@@ -53,7 +58,7 @@ pub fn write_svg(path: &Path, throughput: &[Series], p99: &[Series]) -> anyhow::
     panel(&right, "fanout: p99 latency", "ms", p99, &|ms| {
         plain_label(*ms)
     })?;
-    legend(&legend_strip, throughput)?;
+    legend(&legend_strip, throughput, &places)?;
     root.present()
         .map_err(plot_error)
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -83,7 +88,9 @@ fn plain_label(v: f64) -> String {
     } else if v >= 1.0 {
         format!("{v:.1}")
     } else {
-        let text = format!("{v:.3}");
+        // Two significant digits, then trailing zeros dropped.
+        let decimals = ((-v.log10()).ceil() as usize + 1).min(9);
+        let text = format!("{v:.decimals$}");
         text.trim_end_matches('0').to_owned()
     }
 }
@@ -112,7 +119,16 @@ fn panel(
     series: &[Series],
     y_label: &dyn Fn(&f64) -> String,
 ) -> anyhow::Result<()> {
-    let points = || series.iter().flat_map(|s| s.points.iter());
+    // A log axis has no place for zero (a server that delivered nothing).
+    let drawable = |s: &'_ Series| -> Vec<(f64, f64)> {
+        s.points
+            .iter()
+            .copied()
+            .filter(|&(x, y)| x > 0.0 && y > 0.0)
+            .collect()
+    };
+    let series: Vec<(usize, Vec<(f64, f64)>)> = series.iter().map(drawable).enumerate().collect();
+    let points = || series.iter().flat_map(|(_, points)| points.iter());
     let (mut x_min, mut x_max) = (f64::MAX, f64::MIN);
     let (mut y_min, mut y_max) = (f64::MAX, f64::MIN);
     for &(x, y) in points() {
@@ -153,32 +169,51 @@ fn panel(
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(plot_error)?;
-    for (i, s) in series.iter().enumerate() {
+    for (i, points) in &series {
         let colour = PALETTE[i % PALETTE.len()];
         chart
             .draw_series(LineSeries::new(
-                s.points.iter().copied(),
+                points.iter().copied(),
                 colour.stroke_width(2),
             ))
             .map_err(plot_error)?;
         chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))
             .map_err(plot_error)?;
     }
     Ok(())
 }
 
-/// One row of colour swatches and names, outside both panels so that it can
+/// Where each server's legend entry goes: (x, row), left to right,
+/// wrapping before the right edge.
+fn legend_places(series: &[Series]) -> Vec<(i32, u32)> {
+    const LEFT: i32 = 80;
+    let mut places = Vec::with_capacity(series.len());
+    let (mut x, mut row) = (LEFT, 0);
+    for s in series {
+        // Swatch, about 8 px per character of the name, then a gap.
+        let width = 30 + 8 * s.name.chars().count() as i32 + 32;
+        if x > LEFT && x + width > WIDTH as i32 - 20 {
+            x = LEFT;
+            row += 1;
+        }
+        places.push((x, row));
+        x += width;
+    }
+    places
+}
+
+/// Colour swatches and names, outside both panels so that the legend can
 /// never hide a line.
 fn legend(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     series: &[Series],
+    places: &[(i32, u32)],
 ) -> anyhow::Result<()> {
     let style = ("sans-serif", 16).into_font().color(&BLACK);
-    let mut x = 80;
-    let y = (LEGEND_HEIGHT / 2) as i32;
-    for (i, s) in series.iter().enumerate() {
+    for (i, (s, &(x, row))) in series.iter().zip(places).enumerate() {
         let colour = PALETTE[i % PALETTE.len()];
+        let y = (row * LEGEND_ROW + LEGEND_ROW / 2 + 8) as i32;
         area.draw(&PathElement::new(
             vec![(x, y), (x + 24, y)],
             colour.stroke_width(3),
@@ -186,8 +221,6 @@ fn legend(
         .map_err(plot_error)?;
         area.draw(&Text::new(s.name.as_str(), (x + 30, y - 8), style.clone()))
             .map_err(plot_error)?;
-        // About 8 px per character at this size, then a gap.
-        x += 30 + 8 * s.name.len() as i32 + 32;
     }
     Ok(())
 }
@@ -225,6 +258,26 @@ mod tests {
     }
 
     #[test]
+    fn a_long_legend_wraps_and_a_zero_is_left_out() {
+        let servers: Vec<Series> = (0..12)
+            .map(|i| Series {
+                name: format!("server-number-{i}"),
+                points: vec![(10.0, if i == 0 { 0.0 } else { 1e6 }), (100.0, 2e6)],
+            })
+            .collect();
+        let places = legend_places(&servers);
+        assert!(places.iter().all(|&(x, _)| x < WIDTH as i32));
+        assert!(places.last().is_some_and(|&(_, row)| row >= 1));
+        let dir = std::env::temp_dir().join(format!("chat-load-legend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plot.svg");
+        write_svg(&path, &servers, &servers).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("server-number-11"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn log_axis_marks_one_two_five() {
         assert_eq!(
             steps(150_000.0, 45e6),
@@ -241,5 +294,7 @@ mod tests {
         assert_eq!(plain_label(1000.0), "1000");
         assert_eq!(plain_label(0.25), "0.25");
         assert_eq!(plain_label(0.1), "0.1");
+        assert_eq!(plain_label(0.0004), "0.0004");
+        assert_eq!(plain_label(0.0), "0");
     }
 }
