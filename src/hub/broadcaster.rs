@@ -6,7 +6,8 @@
 //!
 //! - `entering`: a new client's outbox, to add to the map;
 //! - `leaving`: a departing client, to remove (dropping its outbox, which
-//!   is the seed's `close(cli)`: its writer finishes what is queued and stops);
+//!   is the seed's `close(cli)`: its writer finishes what is queued and stops),
+//!   with its departure announcement;
 //! - `messages`: every line for everyone, which the broadcaster copies into
 //!   each client's outbox in turn.
 //!
@@ -21,7 +22,10 @@
 //! the seed's order: `entering` and `leaving` are acknowledged (the client
 //! waits, as the unbuffered send did), and before it changes the map the
 //! broadcaster first delivers every message already queued, since those were
-//! sent before the change.
+//! sent before the change. And the seed sends `has left` before it closes the
+//! connection; here dropping the outbox closes it, so the departure travels
+//! with `leaving` and is delivered in the same step as the removal, before
+//! any line sent by someone who saw the connection close.
 //!
 //! **Locks.** None. The `select!` is biased towards membership changes (the
 //! seed's is random), which is what makes the acknowledgements above enough.
@@ -56,11 +60,14 @@ const MESSAGES_BATCH: usize = 64;
 
 type Ack = oneshot::Sender<()>;
 
+/// A departing client, its departure announcement, and who waits for both.
+type Leaving = (ClientId, Option<Message>, Ack);
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct BroadcasterHub {
     entering: mpsc::UnboundedSender<(Outbox, Ack)>,
-    leaving: mpsc::UnboundedSender<(ClientId, Ack)>,
+    leaving: mpsc::UnboundedSender<Leaving>,
     messages: mpsc::Sender<Message>,
     queue: QueueKind,
 }
@@ -101,11 +108,8 @@ impl Hub for BroadcasterHub {
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         let (ack, left) = oneshot::channel();
-        if self.leaving.send((client.id, ack)).is_ok() {
+        if self.leaving.send((client.id, departure, ack)).is_ok() {
             let _ = left.await;
-        }
-        if let Some(departure) = departure {
-            self.send_message(departure).await;
         }
     }
 }
@@ -126,7 +130,7 @@ impl BroadcasterHub {
 /// connection holding it have been dropped.
 async fn broadcaster(
     mut entering: mpsc::UnboundedReceiver<(Outbox, Ack)>,
-    mut leaving: mpsc::UnboundedReceiver<(ClientId, Ack)>,
+    mut leaving: mpsc::UnboundedReceiver<Leaving>,
     mut messages: mpsc::Receiver<Message>,
 ) {
     let mut clients: HashMap<ClientId, Outbox> = HashMap::new();
@@ -139,9 +143,12 @@ async fn broadcaster(
                 clients.insert(outbox.id(), outbox);
                 let _ = ack.send(());
             }
-            Some((id, ack)) = leaving.recv() => {
+            Some((id, departure, ack)) = leaving.recv() => {
                 deliver_queued(&mut messages, &clients).await;
                 clients.remove(&id);
+                if let Some(departure) = departure {
+                    deliver(&departure, &clients).await;
+                }
                 let _ = ack.send(());
             }
             received = messages.recv_many(&mut batch, MESSAGES_BATCH) => {

@@ -63,10 +63,12 @@ impl Hub for LockedHub {
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
-        self.clients.write().remove(&client.id);
+        // Announce first, as in `sharded`: the removal lets the leaver's
+        // connection close (see `Hub::leave`).
         if let Some(departure) = departure {
-            self.fan_out(&departure, None).await;
+            self.fan_out(&departure, Some(client.id)).await;
         }
+        self.clients.write().remove(&client.id);
     }
 }
 

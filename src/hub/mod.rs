@@ -63,7 +63,11 @@ pub trait Hub: Send + Sync + Sized + 'static {
     /// Delivers `message` to every client, `from` included.
     fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
 
-    /// Unregisters `client`; announces `departure` (if any) to everyone who remains.
+    /// Unregisters `client`; announces `departure` (if any) to everyone who
+    /// remains. The announcement is queued for them before the leaver's
+    /// connection can close (its writer stops once it is unregistered), as the
+    /// seed announces before `conn.Close()`: whoever sees the leaver gone and
+    /// speaks must hear of the departure before hearing its own line.
     fn leave(
         &self,
         client: &Arc<Client>,

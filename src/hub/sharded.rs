@@ -69,12 +69,13 @@ impl Hub for ShardedHub {
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
-        // Dropping our outbox lets the client's writer finish once it has
-        // written everything already queued.
-        self.clients.remove(&client.id);
+        // Announce first: removing our outbox lets the client's writer finish
+        // and close the connection, and the departure must already be queued
+        // for everyone by then (see `Hub::leave`).
         if let Some(departure) = departure {
-            self.fan_out(&departure, None).await;
+            self.fan_out(&departure, Some(client.id)).await;
         }
+        self.clients.remove(&client.id);
     }
 }
 
