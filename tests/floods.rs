@@ -62,9 +62,12 @@ async fn idle_clients_time_out(model: Model) -> io::Result<()> {
     })?;
     let mut talker = TestClient::connect(server.addr()).await?;
     let talker_who = talker.who.clone();
+    // Before connecting: the server's clock for this client starts after
+    // the connection does, so the timeout cannot come sooner than `idle`
+    // after this instant, however the test threads are scheduled.
+    let started = Instant::now();
     let mut silent = TestClient::connect(server.addr()).await?;
     let silent_who = silent.who.clone();
-    let started = Instant::now();
     // The talker speaks more often than the timeout, throughout, and stays.
     let talking = tokio::spawn(async move {
         for i in 0..12 {
