@@ -15,7 +15,7 @@
 //! (`malloc_trim`), and asking walks the whole heap, so it is worth doing
 //! once a burst is over, not on every free. The queues and writers report
 //! every large buffer they free to [`note_released`]; the accept loop calls
-//! [`Trimmer::observe`] once a second and trims when either kind of burst
+//! [`Trimmer::observe`] every 250 ms and trims when either kind of burst
 //! has ended.
 
 use std::sync::atomic::{AtomicUsize, Ordering};

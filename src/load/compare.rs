@@ -309,15 +309,14 @@ fn start_peer(opts: &CompareOptions, peer: &PeerSpec) -> anyhow::Result<Running>
     };
     let (log, log_path) = log_file(&opts.out, &peer.name)?;
     let log_err = log.try_clone().context("duplicating a log file")?;
-    let mut shell = Command::new("sh");
-    shell
-        .args(["-c", &command])
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &command])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
         .process_group(0);
-    quiet_logs(&mut shell);
-    let child = shell
+    quiet_logs(&mut sh);
+    let child = sh
         .spawn()
         .with_context(|| format!("peer {}: cannot run sh -c {command:?}", peer.name))?;
     let shell = child.id();
@@ -695,17 +694,17 @@ fn columns(scenario: Scenario) -> Vec<Column> {
             .and_then(|d| d.offered_per_s)
             .map_or("-".into(), report::si)
     }
-    fn kib(r: &Report) -> String {
+    fn idle_kib(r: &Report, figure: fn(&report::Idle) -> Option<f64>) -> String {
         r.idle
             .as_ref()
-            .and_then(|i| i.per_connection_kib)
+            .and_then(figure)
             .map_or("-".into(), |k| format!("{k:.2} KiB"))
     }
+    fn kib(r: &Report) -> String {
+        idle_kib(r, |i| i.per_connection_kib)
+    }
     fn kib_held(r: &Report) -> String {
-        r.idle
-            .as_ref()
-            .and_then(|i| i.per_connection_held_kib)
-            .map_or("-".into(), |k| format!("{k:.2} KiB"))
+        idle_kib(r, |i| i.per_connection_held_kib)
     }
     fn rss(r: &Report) -> String {
         r.idle
