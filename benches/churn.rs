@@ -30,8 +30,7 @@
 //! own sample size and times, which take precedence over
 //! `--measurement-time` on the command line; `--quick` shortens the run.
 
-#[path = "common/mod.rs"]
-mod common;
+use chat_benches as common;
 
 use std::io;
 use std::net::SocketAddr;

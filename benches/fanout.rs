@@ -34,8 +34,7 @@
 //! on the command line; `--quick` shortens the run. HTML reports (with the
 //! line chart of every model against n) are in `target/criterion/fanout/`.
 
-#[path = "common/mod.rs"]
-mod common;
+use chat_benches as common;
 
 use std::io;
 use std::time::Duration;

@@ -41,8 +41,7 @@
 //! The group sets its own sample size and times, which take precedence
 //! over `--measurement-time` on the command line.
 
-#[path = "common/mod.rs"]
-mod common;
+use chat_benches as common;
 
 use std::io;
 use std::time::Duration;

@@ -2,9 +2,12 @@
 //! one client from hurting the others.
 //!
 //! Everything here is plain data with defaults; `bin/chat-server.rs` maps
-//! command-line flags onto it and tests build it directly.
+//! command-line flags onto it and tests build it directly. The enums are
+//! [`Choice`]s: named, described and parsed here, so that the binary can
+//! offer them as flag values without the library depending on `clap`.
 
 use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use crate::protocol::DEFAULT_MAX_LINE;
@@ -12,15 +15,11 @@ use crate::protocol::DEFAULT_MAX_LINE;
 /// The concurrency model that owns the set of connected clients.
 ///
 /// Each is one file under `src/hub/`; see ARCHITECTURE.md for the comparison.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Model {
-    /// Senders in a DashMap; each reader fans its lines out directly (no broadcaster task).
     Sharded,
-    /// The seed's design: one task owns the client map; entering/leaving/messages channels.
     Broadcaster,
-    /// Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock.
     Locked,
-    /// One tokio::sync::broadcast channel; every writer holds a receiver.
     Broadcast,
 }
 
@@ -43,6 +42,28 @@ impl Model {
         }
     }
 
+    /// What the model is, in one line (the flag's help).
+    pub fn help(self) -> &'static str {
+        match self {
+            Model::Sharded => {
+                "Senders in a DashMap; each reader fans its lines out directly (no broadcaster task)"
+            }
+            Model::Broadcaster => {
+                "The seed's design: one task owns the client map; entering/leaving/messages channels"
+            }
+            Model::Locked => {
+                "Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock"
+            }
+            Model::Broadcast => "One tokio::sync::broadcast channel; every writer holds a receiver",
+        }
+    }
+
+    /// Whether each client has a queue of its own (`--queue` chooses which);
+    /// `broadcast`'s clients share one ring instead.
+    pub fn has_client_queues(self) -> bool {
+        self != Model::Broadcast
+    }
+
     /// Live tasks the model runs for `clients` connected clients, the accept
     /// loop included. The seed's broadcaster design is the 2n+2 baseline.
     pub fn expected_tasks(self, clients: usize) -> usize {
@@ -61,17 +82,36 @@ impl fmt::Display for Model {
 
 /// What happens to a client whose outbound queue is over `max_pending`
 /// bytes, or which accepted no byte for `write_timeout`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SlowClientPolicy {
-    /// Drop that client (it gets `error: disconnected: too slow`); nobody waits for it.
     Disconnect,
-    /// Skip the message for that client only; the count is logged when it leaves.
     Drop,
-    /// Make the sender wait for room, as the seed does (one stuck reader stalls everyone).
     Block,
 }
 
 impl SlowClientPolicy {
+    /// Every policy.
+    pub const ALL: [SlowClientPolicy; 3] = [
+        SlowClientPolicy::Disconnect,
+        SlowClientPolicy::Drop,
+        SlowClientPolicy::Block,
+    ];
+
+    /// What the policy does, in one line (the flag's help).
+    pub fn help(self) -> &'static str {
+        match self {
+            SlowClientPolicy::Disconnect => {
+                "Drop that client (it gets `error: disconnected: too slow`); nobody waits for it"
+            }
+            SlowClientPolicy::Drop => {
+                "Skip the message for that client only; the count is logged when it leaves"
+            }
+            SlowClientPolicy::Block => {
+                "Make the sender wait for room, as the seed does (one stuck reader stalls everyone)"
+            }
+        }
+    }
+
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -90,15 +130,26 @@ impl fmt::Display for SlowClientPolicy {
 
 /// The per-client queue of the models that have one (`sharded`,
 /// `broadcaster`, `locked`; `broadcast` has a shared ring instead).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QueueKind {
-    /// A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained.
     Swap,
-    /// tokio's unbounded mpsc channel; keeps the blocks a burst grew.
     Mpsc,
 }
 
 impl QueueKind {
+    /// Every queue.
+    pub const ALL: [QueueKind; 2] = [QueueKind::Swap, QueueKind::Mpsc];
+
+    /// What the queue is, in one line (the flag's help).
+    pub fn help(self) -> &'static str {
+        match self {
+            QueueKind::Swap => {
+                "A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained"
+            }
+            QueueKind::Mpsc => "tokio's unbounded mpsc channel; keeps the blocks a burst grew",
+        }
+    }
+
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -114,9 +165,78 @@ impl fmt::Display for QueueKind {
     }
 }
 
+/// A setting chosen by name: every value, its name and its description.
+pub trait Choice: Copy + Sized + 'static {
+    /// Every value, in the order help texts list them.
+    const ALL: &'static [Self];
+    /// The name used on the command line.
+    fn name(self) -> &'static str;
+    /// One line saying what the value does.
+    fn help(self) -> &'static str;
+}
+
+/// A name that is none of a [`Choice`]'s values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{name}`; expected one of: {expected}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub name: String,
+    pub expected: String,
+}
+
+fn parse_choice<T: Choice>(what: &'static str, name: &str) -> Result<T, UnknownName> {
+    T::ALL
+        .iter()
+        .copied()
+        .find(|value| value.name() == name)
+        .ok_or_else(|| UnknownName {
+            what,
+            name: name.to_owned(),
+            expected: T::ALL
+                .iter()
+                .map(|value| value.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+macro_rules! choice {
+    ($type:ty, $what:literal) => {
+        impl Choice for $type {
+            const ALL: &'static [Self] = &<$type>::ALL;
+            fn name(self) -> &'static str {
+                <$type>::name(self)
+            }
+            fn help(self) -> &'static str {
+                <$type>::help(self)
+            }
+        }
+
+        impl FromStr for $type {
+            type Err = UnknownName;
+            fn from_str(name: &str) -> Result<Self, UnknownName> {
+                parse_choice($what, name)
+            }
+        }
+    };
+}
+
+choice!(Model, "model");
+choice!(SlowClientPolicy, "slow-client policy");
+choice!(QueueKind, "queue");
+
 /// Default cap on the bytes queued for one client: Redis's pub/sub hard
 /// limit. ARCHITECTURE.md explains the choice and the memory it implies.
 pub const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
+
+/// The most bytes one line of `max_line` input bytes can take once formatted
+/// for the others: the sender's name, `: `, the text after sanitising and the
+/// newline. Sanitising at most triples a line (an invalid byte becomes the
+/// three bytes of U+FFFD), and an `IP:PORT` is at most 47 bytes
+/// (`[ffff:...:ffff%scope]:65535` with a short scope id); 128 covers both.
+pub fn longest_message(max_line: usize) -> usize {
+    max_line.saturating_mul(3).saturating_add(128)
+}
 
 /// Everything that shapes a running server.
 #[derive(Debug, Clone)]
@@ -206,7 +326,7 @@ impl Config {
         }
         // A queue must hold at least one message of the longest kind, or a
         // long line would count as "too slow" for every recipient.
-        let min_pending = self.max_line as u64 + 128;
+        let min_pending = longest_message(self.max_line) as u64;
         if (self.max_pending as u64) < min_pending {
             return Err(ConfigError::TooSmall {
                 flag: "max-pending",

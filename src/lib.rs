@@ -4,33 +4,58 @@
 //! The seed server is built around one *broadcaster* goroutine that owns the
 //! set of clients. This crate builds that design and the contrasting one, in
 //! which each connection fans its own lines out through a shared `DashMap`,
-//! plus two more, all behind one interface ([`hub::Hub`]) so that they can be
+//! plus two more, all behind one interface (`hub::Hub`) so that they can be
 //! measured against each other on equal terms. ARCHITECTURE.md compares them.
 //!
-//! The modules, in the order a request flows through them:
+//! # Using the library
+//!
+//! The public surface is small, as in mini-redis: bind a listener, build a
+//! [`Config`], and call [`server::run`] with a future that completes when the
+//! server should stop.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use chat_server::{server, Config, Model};
+//!
+//! let listener = server::bind("127.0.0.1:8000").await?;
+//! let config = Config::with_model(Model::Broadcaster);
+//! server::run(listener, config, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With the `test-util` feature, [`harness`] adds an in-process server on an
+//! ephemeral port for tests and benchmarks.
+//!
+//! # The modules, in the order a request flows through them
 //!
 //! - [`server`]: the accept loop, connection limit, accept-error backoff and
 //!   graceful shutdown;
-//! - [`session`]: one connection's reader and writer tasks, shared by every model;
-//! - [`protocol`]: line framing, sanitising and the seed's message texts;
-//! - [`hub`]: the concurrency models, one file each;
-//! - [`outbox`]: the byte-bounded per-client queue three of the models use;
-//! - [`queue`]: the swap queue underneath it, which frees its buffers when drained;
-//! - [`client`]: the per-connection state every part shares;
-//! - [`config`]: models, slow-client policies and limits;
-//! - [`memory`]: returning freed memory to the OS after a burst;
-//! - [`harness`]: an in-process server and clients for tests and benchmarks.
+//! - `session`: one connection's reader and writer tasks, shared by every model;
+//! - `protocol`: line framing, sanitising and the seed's message texts (the
+//!   texts themselves live in the `chat-wire` crate, which the load tool and
+//!   the tests read them from);
+//! - `hub`: the concurrency models, one file each;
+//! - `outbox`: the byte-bounded per-client queue three of the models use;
+//! - `queue`: the swap queue underneath it, which frees its buffers when drained;
+//! - `client`: the per-connection state every part shares;
+//! - `config`: models, slow-client policies and limits;
+//! - `memory`: returning freed memory to the OS after a burst.
 
-pub mod client;
-pub mod config;
+mod client;
+mod config;
+#[cfg(feature = "test-util")]
 pub mod harness;
-pub mod hub;
-pub mod load;
-pub mod memory;
-pub mod outbox;
-pub mod protocol;
-pub mod queue;
+mod hub;
+mod memory;
+mod outbox;
+mod protocol;
+mod queue;
 pub mod server;
-pub mod session;
+mod session;
 
-pub use config::{Config, Model, QueueKind, SlowClientPolicy};
+pub use config::{
+    Choice, Config, ConfigError, Model, QueueKind, SlowClientPolicy, UnknownName,
+    DEFAULT_MAX_PENDING,
+};
+pub use protocol::DEFAULT_MAX_LINE;

@@ -26,7 +26,7 @@ use crate::protocol::Message;
 use crate::queue;
 
 /// The notice a client gets when it is dropped for not keeping up.
-pub const TOO_SLOW: &str = "error: disconnected: too slow";
+pub const TOO_SLOW: &str = chat_wire::TOO_SLOW;
 
 /// Creates the queue for `client`.
 pub fn channel(client: Arc<Client>, kind: QueueKind) -> (Outbox, QueueInbox) {

@@ -51,17 +51,17 @@ impl Eq for Message {}
 impl Message {
     /// `You are IP:PORT`: the first line a client receives.
     pub fn greeting(who: &str) -> Message {
-        Message::from_parts(&["You are ", who, "\n"])
+        Message::from_parts(&[chat_wire::GREETING_PREFIX, who, "\n"])
     }
 
     /// `IP:PORT has arrived`: announced to everyone already present.
     pub fn arrived(who: &str) -> Message {
-        Message::from_parts(&[who, " has arrived\n"])
+        Message::from_parts(&[who, chat_wire::ARRIVED_SUFFIX, "\n"])
     }
 
     /// `IP:PORT has left`: announced to everyone who remains.
     pub fn left(who: &str) -> Message {
-        Message::from_parts(&[who, " has left\n"])
+        Message::from_parts(&[who, chat_wire::LEFT_SUFFIX, "\n"])
     }
 
     /// A server notice to one client, such as `error: line too long (max 65536 bytes)`.
@@ -116,11 +116,12 @@ impl ChatBatch {
     pub fn push(&mut self, who: &str, line: &[u8]) {
         self.text.reserve(who.len() + 2 + line.len() + 1);
         self.text.push_str(who);
-        self.text.push_str(": ");
+        self.text.push_str(chat_wire::CHAT_SEPARATOR);
         sanitize_into(line, &mut self.text);
         self.text.push('\n');
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.text.is_empty()
     }
@@ -296,11 +297,13 @@ impl LineBuffer {
     }
 
     /// Bytes held for a partial line.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.buf.len() - self.start
     }
 
     /// Bytes of heap memory held.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }

@@ -34,10 +34,8 @@ use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
 use crate::memory::{self, Trimmer};
+use crate::protocol::Message;
 use crate::session::{self, ServerContext};
-
-/// The line a connection over `--max-clients` receives before it is closed.
-pub const SERVER_FULL: &str = "error: server full\n";
 
 /// Connections the kernel may hold for us before `accept`. The usual
 /// defaults (128 for std, 1,024 for tokio) make a burst of thousands of
@@ -173,9 +171,20 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
 /// Turns away connections over `--max-clients`. Like accept errors, a
 /// flood of them is logged once (its first, then a count when it ends), so
 /// that a flood of connections cannot become a flood of log lines.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Refusals {
     in_burst: u64,
+    /// `error: server full`, formatted once.
+    server_full: Message,
+}
+
+impl Default for Refusals {
+    fn default() -> Refusals {
+        Refusals {
+            in_burst: 0,
+            server_full: Message::notice(chat_wire::SERVER_FULL),
+        }
+    }
 }
 
 impl Refusals {
@@ -187,7 +196,7 @@ impl Refusals {
         self.in_burst += 1;
         // A fresh socket's send buffer is empty, so one non-blocking write
         // carries the line; if it does not, the client gets a plain close.
-        let _ = stream.try_write(SERVER_FULL.as_bytes());
+        let _ = stream.try_write(self.server_full.as_bytes());
     }
 
     fn admitted(&mut self) {

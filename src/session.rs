@@ -57,7 +57,7 @@ const LINGER: Duration = Duration::from_secs(2);
 const MAX_MESSAGE: usize = 16 * 1024;
 
 /// The last line of every client when the server stops.
-pub const SHUTTING_DOWN: &str = "server shutting down";
+pub const SHUTTING_DOWN: &str = chat_wire::SHUTTING_DOWN;
 
 /// What every session shares with the server that spawned it.
 #[derive(Debug)]

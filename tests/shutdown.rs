@@ -12,7 +12,7 @@ use std::time::Duration;
 use chat_server::harness::TestClient;
 use chat_server::Model;
 use common::ensure;
-use common::process::ServerProcess;
+use common::process::{ServerProcess, Signal};
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
@@ -21,7 +21,7 @@ for_each_model!(
     sigint_with_a_stuck_client_exits_within_grace
 );
 
-async fn shut_down(model: Model, signal: &str, stuck: bool) -> io::Result<()> {
+async fn shut_down(model: Model, signal: Signal, stuck: bool) -> io::Result<()> {
     let mut server = ServerProcess::start(&["--model", model.name(), "--shutdown-grace", "1"])?;
     let addr: SocketAddr = server.addr.parse().map_err(io::Error::other)?;
     let mut chatter = TestClient::connect(addr).await?;
@@ -85,9 +85,9 @@ async fn shut_down(model: Model, signal: &str, stuck: bool) -> io::Result<()> {
 }
 
 async fn sigterm_flushes_and_exits_cleanly(model: Model) -> io::Result<()> {
-    shut_down(model, "TERM", false).await
+    shut_down(model, Signal::SIGTERM, false).await
 }
 
 async fn sigint_with_a_stuck_client_exits_within_grace(model: Model) -> io::Result<()> {
-    shut_down(model, "INT", true).await
+    shut_down(model, Signal::SIGINT, true).await
 }

@@ -7,10 +7,12 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use chat_server::config::{QueueKind, SlowClientPolicy, DEFAULT_MAX_PENDING};
-use chat_server::protocol::DEFAULT_MAX_LINE;
-use chat_server::{server, Config, Model};
+use anyhow::{bail, Context};
+use chat_server::{
+    server, Choice, Config, Model, QueueKind, SlowClientPolicy, DEFAULT_MAX_LINE,
+    DEFAULT_MAX_PENDING,
+};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -26,16 +28,16 @@ struct Args {
     addr: String,
 
     /// Concurrency model that owns the set of clients.
-    #[arg(long, value_enum, default_value_t = Model::Sharded)]
+    #[arg(long, value_parser = choice::<Model>(), default_value = Model::Sharded.name())]
     model: Model,
 
     /// What to do with a client that cannot keep up.
-    #[arg(long, value_enum, default_value_t = SlowClientPolicy::Disconnect)]
+    #[arg(long, value_parser = choice::<SlowClientPolicy>(), default_value = SlowClientPolicy::Disconnect.name())]
     slow_client: SlowClientPolicy,
 
-    /// Per-client queue of the sharded, broadcaster and locked models.
-    #[arg(long, value_enum, default_value_t = QueueKind::Swap)]
-    queue: QueueKind,
+    /// Per-client queue of the sharded, broadcaster and locked models [default: swap].
+    #[arg(long, value_parser = choice::<QueueKind>())]
+    queue: Option<QueueKind>,
 
     /// Bytes that may wait in one client's outbound queue before it counts as slow.
     #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
@@ -67,16 +69,35 @@ struct Args {
     threads: Option<u16>,
 }
 
+/// The flag values of one of the library's [`Choice`]s, with their help
+/// texts: the library names and parses them, so it needs no `clap`.
+fn choice<T: Choice + std::str::FromStr + Clone + Send + Sync>() -> impl TypedValueParser<Value = T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let values = T::ALL
+        .iter()
+        .map(|value| PossibleValue::new(value.name()).help(value.help()));
+    PossibleValuesParser::new(values).try_map(|name| name.parse::<T>())
+}
+
 fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs).with_context(|| format!("--{flag} {secs}: not a duration"))
 }
 
 impl Args {
     fn config(&self) -> anyhow::Result<Config> {
+        if let (Some(queue), false) = (self.queue, self.model.has_client_queues()) {
+            bail!(
+                "--queue {queue} has no effect with --model {}, whose clients share one ring \
+                 instead of a queue each; leave --queue out",
+                self.model
+            );
+        }
         let config = Config {
             model: self.model,
             slow_client: self.slow_client,
-            queue: self.queue,
+            queue: self.queue.unwrap_or(QueueKind::Swap),
             max_pending: self.max_pending,
             write_timeout: seconds("write-timeout", self.write_timeout)?,
             max_line: self.max_line,
@@ -130,8 +151,15 @@ async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
     // On stdout, alone on its line, so scripts can learn the port.
-    println!("chat-server listening on {addr} (model {})", config.model);
-    tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");
+    println!(
+        "{}",
+        chat_wire::banner::format(&addr.to_string(), config.model.name())
+    );
+    if config.model.has_client_queues() {
+        tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");
+    } else {
+        tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, "listening");
+    }
     // Spawned rather than run in place so that the accept loop is a runtime
     // task, as the task counts in ARCHITECTURE.md assume.
     let server = tokio::spawn(server::run(listener, config, shutdown_signal()));

@@ -232,14 +232,7 @@ pub fn check_sender_order(seen: &Seen, complete: bool, per_sender: usize) -> io:
     Ok(())
 }
 
-/// Turns an assertion into a test error with a message, for `?` in tests.
-pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> io::Result<()> {
-    if condition {
-        Ok(())
-    } else {
-        Err(io::Error::other(message()))
-    }
-}
+pub use chat_testkit::ensure;
 
 /// Departures are processed asynchronously; this bounds how long a task
 /// count may take to settle, it is not a sleep.
@@ -265,4 +258,5 @@ pub async fn expect_tasks(
         })
 }
 
-pub mod process;
+#[allow(unused_imports)] // not every test starts processes
+pub use chat_testkit::process;

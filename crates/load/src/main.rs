@@ -9,10 +9,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use chat_server::load::compare::{self, CompareOptions, PeerSpec};
-use chat_server::load::scenario::resolve_loopback;
-use chat_server::load::{self, Options, Scenario};
-use chat_server::Model;
+use chat_load::compare::Model;
+use chat_load::compare::{self, CompareOptions, PeerSpec};
+use chat_load::scenario::resolve_loopback;
+use chat_load::{self as load, Options, Scenario};
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 
 /// Load generator for gopl.io-style line chat servers (loopback only).
@@ -114,7 +115,8 @@ struct CompareArgs {
     /// Our models to run (comma-separated).
     #[arg(
         long,
-        value_enum,
+        value_parser = clap::builder::PossibleValuesParser::new(chat_wire::banner::MODELS)
+            .try_map(|name| name.parse::<Model>()),
         value_delimiter = ',',
         default_value = "sharded,broadcaster,locked,broadcast"
     )]

@@ -42,13 +42,41 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::Serialize;
 
 use super::plot::{self, Series};
 use super::proc::{self, Proc};
 use super::report::{self, Report};
 use super::scenario::{self, resolve_loopback, Options, Scenario};
-use crate::config::Model;
+
+/// One of our server's models, by the name its `--model` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Model(&'static str);
+
+impl Model {
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+impl FromStr for Model {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Model, String> {
+        chat_wire::banner::MODELS
+            .into_iter()
+            .find(|model| *model == name)
+            .map(Model)
+            .ok_or_else(|| {
+                format!(
+                    "unknown model {name:?}; expected one of {}",
+                    chat_wire::banner::MODELS.join(", ")
+                )
+            })
+    }
+}
 
 /// A server to compare that is not ours: `NAME[@ADDR]=COMMAND`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,11 +180,9 @@ impl Running {
             return;
         }
         // The group, not just the child: a peer's shell may have children.
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill")
-            .args(["-TERM", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        // Each server leads its own group (`process_group(0)` at spawn).
+        let group = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        let _ = killpg(group, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
             if exited(self) {
@@ -164,10 +190,7 @@ impl Running {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let _ = Command::new("kill")
-            .args(["-KILL", "--", &group])
-            .stderr(Stdio::null())
-            .status();
+        let _ = killpg(group, Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -265,10 +288,9 @@ fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<Running> {
     Ok(running)
 }
 
-/// The address in `chat-server listening on 127.0.0.1:PORT (model NAME)`.
+/// The address in our server's banner (see [`chat_wire::banner`]).
 fn parse_listening_line(line: &str) -> Option<SocketAddr> {
-    let rest = line.strip_prefix("chat-server listening on ")?;
-    rest.split_whitespace().next()?.parse().ok()
+    chat_wire::banner::parse(line)?.0.parse().ok()
 }
 
 /// Starts a peer under `sh -c` and waits until it accepts connections.

@@ -2,13 +2,13 @@
 //! and the system's `nc`, playing the seed's two-terminal session line for
 //! line.
 
-mod common;
-
 use std::io;
 use std::process::Command;
 
-use common::ensure;
-use common::process::{nc_installed, our_netcat, system_nc, LineChild, ServerProcess};
+use chat_testkit::ensure;
+use chat_testkit::process::{
+    nc_installed, our_netcat, system_nc, LineChild, ServerProcess, Signal,
+};
 
 /// Reads `You are IP:PORT` and returns `IP:PORT`.
 fn greeted(client: &mut LineChild) -> io::Result<String> {
@@ -74,7 +74,7 @@ fn seed_session_with_system_nc() -> io::Result<()> {
     }
     let server = ServerProcess::start(&[])?;
     seed_session(&server, || {
-        system_nc(&server)?.ok_or_else(|| io::Error::other("nc vanished"))
+        system_nc(server.port())?.ok_or_else(|| io::Error::other("nc vanished"))
     })
 }
 
@@ -86,7 +86,7 @@ fn seed_session_in_every_model_mixing_clients() -> io::Result<()> {
         seed_session(&server, || {
             turn += 1;
             if turn % 2 == 0 {
-                if let Some(nc) = system_nc(&server)? {
+                if let Some(nc) = system_nc(server.port())? {
                     return Ok(nc);
                 }
             }
@@ -137,7 +137,7 @@ fn netcat_exits_when_the_server_closes() -> io::Result<()> {
     let server = ServerProcess::start(&[])?;
     let mut client = our_netcat(&server.addr)?;
     greeted(&mut client)?;
-    server.process.signal("TERM")?;
+    server.process.signal(Signal::SIGTERM)?;
     client.expect("server shutting down")?;
     ensure(client.rest()?.is_empty(), || "more output".into())?;
     ensure(client.wait()?.success(), || "netcat failed".into())

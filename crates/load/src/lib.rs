@@ -50,11 +50,11 @@
 
 pub mod client;
 pub mod compare;
-pub mod payload;
 pub mod plot;
-pub mod proc;
 pub mod report;
 pub mod scenario;
+
+pub use chat_testkit::{payload, proc};
 
 pub use report::Report;
 pub use scenario::{run, Options, Scenario};

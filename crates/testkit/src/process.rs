@@ -1,12 +1,47 @@
 //! Real processes for end-to-end tests: the `chat-server` binary on an
 //! ephemeral port, and line-oriented children (our `netcat`, the system's
 //! `nc`) whose output is read with a timeout.
+//!
+//! The binaries are found beside the running test (`target/PROFILE/`), where
+//! `cargo test` at the workspace root builds every member's binaries before
+//! running any test ([`binary`]).
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use crate::proc::Proc;
+use nix::sys::signal::kill;
+pub use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+/// The workspace binary `name`, from the directory the running test or
+/// tool was built into. Fails with what to run if it is not built.
+pub fn binary(name: &str) -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| io::Error::other("the running executable has no directory"))?;
+    // Test executables live in target/PROFILE/deps, binaries in target/PROFILE.
+    if dir.ends_with("deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not built: run `cargo test` at the workspace root, or `cargo build --bin {name}` first",
+                path.display()
+            ),
+        ))
+    }
+}
 
 /// How long a test waits for one line or one exit before failing.
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,17 +175,10 @@ impl LineChild {
         }
     }
 
-    /// Sends a signal (`kill -SIG pid`).
-    pub fn signal(&self, signal: &str) -> io::Result<()> {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!("kill -{signal} failed")))
-        }
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: Signal) -> io::Result<()> {
+        let pid = i32::try_from(self.child.id()).map_err(io::Error::other)?;
+        kill(Pid::from_raw(pid), signal).map_err(io::Error::from)
     }
 }
 
@@ -171,7 +199,7 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn start(args: &[&str]) -> io::Result<ServerProcess> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_chat-server"));
+        let mut command = Command::new(binary("chat-server")?);
         command.args(["--addr", "127.0.0.1:0"]).args(args);
         ServerProcess::start_command(command, Stdio::inherit())
     }
@@ -188,7 +216,7 @@ impl ServerProcess {
             .arg(format!(
                 "ulimit -n {files} && exec \"$0\" --addr 127.0.0.1:0 \"$@\""
             ))
-            .arg(env!("CARGO_BIN_EXE_chat-server"))
+            .arg(binary("chat-server")?)
             .args(args);
         ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?))
     }
@@ -197,10 +225,9 @@ impl ServerProcess {
         command.env("RUST_LOG", "warn");
         let mut process = LineChild::spawn_with_stderr("chat-server", command, stderr)?;
         let banner = process.line()?;
-        let addr = banner
-            .strip_prefix("chat-server listening on ")
-            .and_then(|rest| rest.split_whitespace().next())
+        let addr = chat_wire::banner::parse(&banner)
             .ok_or_else(|| io::Error::other(format!("unexpected banner {banner:?}")))?
+            .0
             .to_string();
         Ok(ServerProcess { process, addr })
     }
@@ -211,29 +238,15 @@ impl ServerProcess {
 
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> io::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.split_whitespace().next()?.parse().ok())
-            .ok_or_else(|| io::Error::other("no VmRSS"))
+        Proc::Pid(self.pid())
+            .memory()
+            .map(|memory| memory.rss_kib)
+            .map_err(io::Error::other)
     }
 
-    /// User plus system CPU time so far, in clock ticks, from /proc.
-    pub fn cpu_ticks(&self) -> io::Result<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields of the whole line.
-        let after_name = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .unwrap_or_default();
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        match (tick(11), tick(12)) {
-            (Some(user), Some(system)) => Ok(user + system),
-            _ => Err(io::Error::other("unparsable /proc/PID/stat")),
-        }
+    /// CPU time so far, in nanoseconds, from /proc.
+    pub fn cpu_ns(&self) -> io::Result<u64> {
+        Proc::Pid(self.pid()).cpu_ns().map_err(io::Error::other)
     }
 
     pub fn port(&self) -> &str {
@@ -243,7 +256,7 @@ impl ServerProcess {
 
 /// Our `netcat` connected to `addr`.
 pub fn our_netcat(addr: &str) -> io::Result<LineChild> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_netcat"));
+    let mut command = Command::new(binary("netcat")?);
     command.arg(addr);
     LineChild::spawn("netcat", command)
 }
@@ -270,11 +283,11 @@ pub fn nc_installed() -> io::Result<bool> {
 
 /// The system's OpenBSD `nc`, with `-N` so that end of stdin half-closes the
 /// connection as our netcat does. `None` if it is not installed.
-pub fn system_nc(server: &ServerProcess) -> io::Result<Option<LineChild>> {
+pub fn system_nc(port: &str) -> io::Result<Option<LineChild>> {
     if !nc_installed()? {
         return Ok(None);
     }
     let mut command = Command::new("nc");
-    command.args(["-N", "127.0.0.1", server.port()]);
+    command.args(["-N", "127.0.0.1", port]);
     LineChild::spawn("nc", command).map(Some)
 }

@@ -1178,8 +1178,8 @@ async fn idle(opts: &Options) -> anyhow::Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::harness::TestServer;
-    use crate::Config;
+    use chat_server::harness::TestServer;
+    use chat_server::Config;
 
     fn small(scenario: Scenario, server: &TestServer) -> Options {
         let mut opts = Options::new(scenario, server.addr());

@@ -62,22 +62,8 @@ pub fn client_runtime() -> io::Result<Runtime> {
 /// would not fit: client and server share this process, so n clients take
 /// 2n descriptors, and the common default of 1,024 is too few for n = 512.
 pub fn ensure_fd_limit(needed: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= needed {
-            return;
-        }
-        limit.rlim_cur = limit.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur < needed {
-            eprintln!(
-                "warning: open-file limit {} is below the {needed} this bench needs",
-                limit.rlim_cur
-            );
-        }
+    if let Err(err) = chat_testkit::proc::ensure_open_files(needed) {
+        eprintln!("warning: {err:#}");
     }
 }
 

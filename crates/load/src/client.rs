@@ -34,6 +34,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
+pub use chat_testkit::LineReader;
+
 use super::payload::{now_ns, Codec, Order, OrderTracker, Payload};
 
 /// Bytes asked for per read on the measured path: few system calls per line
@@ -91,17 +93,13 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
 
 async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {
     loop {
-        let reader = &mut conn.reader;
-        if let Some(newline) = memchr::memchr(b'\n', &reader.buf[reader.start..reader.end]) {
-            let line = &reader.buf[reader.start..reader.start + newline];
-            let line = String::from_utf8_lossy(strip_cr(line)).into_owned();
-            reader.start += newline + 1;
-            return Ok(line);
+        if let Some(line) = conn.reader.next_line() {
+            return Ok(String::from_utf8_lossy(line).into_owned());
         }
-        let spare = reader.spare();
-        if spare.is_empty() {
-            bail!("greeting longer than {} bytes", reader.buf.len());
+        if conn.reader.is_full() {
+            bail!("greeting longer than the read buffer");
         }
+        let spare = conn.reader.spare();
         let read = conn
             .stream
             .read(spare)
@@ -110,82 +108,8 @@ async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {
         if read == 0 {
             bail!("connection closed before the greeting");
         }
-        conn.reader.end += read;
+        conn.reader.filled(read);
     }
-}
-
-/// A fixed read buffer split into lines in place.
-///
-/// Lines are handed out as slices of the buffer; a partial line at the end of
-/// a read is moved to the front before the next read. A line longer than the
-/// whole buffer (not one of ours) is skipped rather than grown for.
-#[derive(Debug)]
-pub struct LineReader {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// Inside a line that did not fit: discard up to the next newline.
-    skipping: bool,
-}
-
-impl LineReader {
-    pub fn new(capacity: usize) -> LineReader {
-        LineReader {
-            buf: vec![0; capacity.max(256)],
-            start: 0,
-            end: 0,
-            skipping: false,
-        }
-    }
-
-    /// Room to read into, after moving any partial line to the front (at
-    /// most one line's bytes, so every read gets nearly the whole buffer).
-    pub fn spare(&mut self) -> &mut [u8] {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.start == 0 && self.end == self.buf.len() {
-            // One line fills the buffer: drop it and its remainder.
-            self.skipping = true;
-            self.end = 0;
-        }
-        &mut self.buf[self.end..]
-    }
-
-    /// Marks `n` bytes of [`LineReader::spare`] as read.
-    pub fn filled(&mut self, n: usize) {
-        self.end += n;
-    }
-
-    /// Calls `f` with each complete line (without `\n` and one trailing
-    /// `\r`); returns how many lines there were.
-    #[inline]
-    pub fn lines(&mut self, mut f: impl FnMut(&[u8])) -> u64 {
-        let mut count = 0;
-        let base = self.start;
-        let mut start = base;
-        let data = &self.buf[..self.end];
-        for newline in memchr::memchr_iter(b'\n', &data[base..]).map(|i| i + base) {
-            if self.skipping {
-                self.skipping = false;
-            } else {
-                f(strip_cr(&data[start..newline]));
-                count += 1;
-            }
-            start = newline + 1;
-        }
-        self.start = start;
-        count
-    }
-}
-
-fn strip_cr(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Latency histogram: microseconds, 3 significant digits, grown on demand

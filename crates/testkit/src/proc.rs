@@ -1,5 +1,6 @@
-//! What `chat-load` reads from Linux's `/proc` about a process: CPU time,
-//! memory, the open-files limit, and which process listens on a port.
+//! What the load tool, the benches and the tests read from Linux's `/proc`
+//! about a process: CPU time, memory, the open-files limit, and which
+//! process listens on a port.
 //!
 //! **CPU time** is the sum of the first field of
 //! `/proc/PID/task/*/schedstat` over the process's threads: nanoseconds on
@@ -145,7 +146,7 @@ pub fn ensure_open_files(needed: u64) -> anyhow::Result<()> {
     if soft >= needed {
         return Ok(());
     }
-    if hard >= needed && rlimit::raise_open_files(hard) {
+    if hard >= needed && rlimit::increase_nofile_limit(needed).is_ok_and(|got| got >= needed) {
         return Ok(());
     }
     bail!(
@@ -169,49 +170,6 @@ fn parse_open_files_limit(limits: &str) -> Option<(u64, u64)> {
         }
     };
     Some((value(fields.next()?)?, value(fields.next()?)?))
-}
-
-#[cfg(all(target_os = "linux", target_pointer_width = "64"))]
-mod rlimit {
-    //! `setrlimit(RLIMIT_NOFILE)`, declared by hand: libc is only a
-    //! dev-dependency of this package.
-    use std::os::raw::c_int;
-
-    #[repr(C)]
-    struct RLimit {
-        cur: u64,
-        max: u64,
-    }
-
-    extern "C" {
-        fn getrlimit(resource: c_int, rlim: *mut RLimit) -> c_int;
-        fn setrlimit(resource: c_int, rlim: *const RLimit) -> c_int;
-    }
-
-    /// `RLIMIT_NOFILE` on Linux (every architecture).
-    const RLIMIT_NOFILE: c_int = 7;
-
-    /// Raises the soft open-files limit to `to` (at most the hard limit).
-    pub fn raise_open_files(to: u64) -> bool {
-        let mut limit = RLimit { cur: 0, max: 0 };
-        // SAFETY: `RLimit` matches `struct rlimit` on 64-bit Linux (two
-        // `rlim_t`, which is `unsigned long`), and both calls only access
-        // the one struct we pass.
-        unsafe {
-            if getrlimit(RLIMIT_NOFILE, &mut limit) != 0 {
-                return false;
-            }
-            limit.cur = to.min(limit.max);
-            setrlimit(RLIMIT_NOFILE, &limit) == 0
-        }
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
-mod rlimit {
-    pub fn raise_open_files(_to: u64) -> bool {
-        false
-    }
 }
 
 /// The pid of the process holding the TCP socket listening on `port`

@@ -6,15 +6,13 @@
 //! Loads are tiny: these tests check that the tool counts right, not how
 //! fast anything is.
 
-mod common;
-
 use std::io;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::ensure;
-use common::process::ServerProcess;
+use chat_testkit::ensure;
+use chat_testkit::process::ServerProcess;
 use serde_json::Value;
 
 fn chat_load(args: &[&str]) -> io::Result<Output> {
@@ -175,14 +173,15 @@ fn compare_refuses_a_server_arg_it_sets_itself() -> io::Result<()> {
 fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result<()> {
     let out = scratch_dir("compare")?;
     let out_arg = out.to_string_lossy().into_owned();
-    let server_bin = env!("CARGO_BIN_EXE_chat-server");
+    let server_bin = chat_testkit::process::binary("chat-server")?;
+    let server_bin = server_bin.to_string_lossy();
     // Our own binary stands in for a foreign server: the peer path only
     // needs something that takes its address on the command line.
     let peer = format!("mirror={server_bin} --addr {{addr}} --model locked");
     let output = chat_load(&[
         "compare",
         "--server-bin",
-        server_bin,
+        &server_bin,
         "--models",
         "sharded,broadcaster",
         "--peer",

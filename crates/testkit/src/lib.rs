@@ -1,0 +1,31 @@
+//! What the tests, the benches and the load tool share to talk to a chat
+//! server and to measure it, so that each exists once:
+//!
+//! - [`client`]: [`TestClient`], a line client with a timeout on every read;
+//! - [`lines`]: [`LineReader`], a fixed buffer split into lines in place
+//!   (the receive path of the load tool and the benches);
+//! - [`payload`]: the measured chat line's text (sender, sequence, send
+//!   time), its decoder, the clock and per-sender order tracking;
+//! - [`proc`]: CPU time, memory and the open-files limit of a process, from
+//!   `/proc` (Linux; elsewhere the readers report an error);
+//! - [`process`]: the workspace's binaries (`chat-server`, `netcat`) and the
+//!   system's `nc` as child processes whose output is read line by line with
+//!   a timeout.
+
+pub mod client;
+pub mod lines;
+pub mod payload;
+pub mod proc;
+pub mod process;
+
+pub use client::{TestClient, LINE_TIMEOUT};
+pub use lines::LineReader;
+
+/// Turns an assertion into a test error with a message, for `?` in tests.
+pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> std::io::Result<()> {
+    if condition {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(message()))
+    }
+}

@@ -1,0 +1,126 @@
+//! The texts of the gopl.io chat protocol, in one place.
+//!
+//! The server writes these texts, and the load tool and the tests read
+//! them; each lives here once so that the two sides cannot drift apart.
+//! This crate has no dependencies and knows nothing about sockets: the
+//! server's own `protocol` module does the framing and sanitising, and
+//! builds its shared messages from the pieces below.
+//!
+//! | event | the newcomer / sender sees | everyone else sees |
+//! |---|---|---|
+//! | connect | `You are IP:PORT` | `IP:PORT has arrived` |
+//! | a line `text` | `IP:PORT: text` | `IP:PORT: text` |
+//! | input ends | (connection closes) | `IP:PORT has left` |
+//!
+//! Every text here is a line without its `\n`.
+
+/// Starts the first line a client receives: `You are IP:PORT`.
+pub const GREETING_PREFIX: &str = "You are ";
+
+/// Ends the line everyone already present receives when a client connects.
+pub const ARRIVED_SUFFIX: &str = " has arrived";
+
+/// Ends the line everyone who remains receives when a client leaves.
+pub const LEFT_SUFFIX: &str = " has left";
+
+/// Separates the sender from the text in a chat line: `IP:PORT: text`.
+pub const CHAT_SEPARATOR: &str = ": ";
+
+/// The last line of a client disconnected for not keeping up.
+pub const TOO_SLOW: &str = "error: disconnected: too slow";
+
+/// The only line a connection over `--max-clients` receives.
+pub const SERVER_FULL: &str = "error: server full";
+
+/// The last line of every client when the server stops.
+pub const SHUTTING_DOWN: &str = "server shutting down";
+
+/// `You are WHO`.
+pub fn greeting(who: &str) -> String {
+    [GREETING_PREFIX, who].concat()
+}
+
+/// `WHO has arrived`.
+pub fn arrived(who: &str) -> String {
+    [who, ARRIVED_SUFFIX].concat()
+}
+
+/// `WHO has left`.
+pub fn left(who: &str) -> String {
+    [who, LEFT_SUFFIX].concat()
+}
+
+/// `WHO: text`.
+pub fn chat(who: &str, text: &str) -> String {
+    [who, CHAT_SEPARATOR, text].concat()
+}
+
+/// The `WHO` of a greeting line, `None` if the line is not one.
+pub fn greeted(line: &str) -> Option<&str> {
+    line.strip_prefix(GREETING_PREFIX)
+}
+
+/// The `WHO` of an arrival line, as bytes (the load tool's receive path
+/// works on bytes).
+pub fn arrival_of(line: &[u8]) -> Option<&[u8]> {
+    line.strip_suffix(ARRIVED_SUFFIX.as_bytes())
+}
+
+/// The `WHO` of a departure line, as bytes.
+pub fn departure_of(line: &[u8]) -> Option<&[u8]> {
+    line.strip_suffix(LEFT_SUFFIX.as_bytes())
+}
+
+/// The line `chat-server` prints on stdout, alone, once it listens:
+/// `chat-server listening on ADDR (model MODEL)`. Scripts, the load tool
+/// and the tests learn the port from it.
+pub mod banner {
+    const PREFIX: &str = "chat-server listening on ";
+
+    /// The models `chat-server --model` takes, by the names its banner
+    /// gives, in the order the comparisons list them.
+    pub const MODELS: [&str; 4] = ["sharded", "broadcaster", "locked", "broadcast"];
+
+    /// The banner for a server listening on `addr` with `model`.
+    pub fn format(addr: &str, model: &str) -> String {
+        format!("{PREFIX}{addr} (model {model})")
+    }
+
+    /// The address and model a banner names, `None` if `line` is not one.
+    pub fn parse(line: &str) -> Option<(&str, &str)> {
+        let rest = line.trim_end().strip_prefix(PREFIX)?;
+        let (addr, model) = rest.split_once(" (model ")?;
+        Some((addr, model.strip_suffix(')')?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn texts_round_trip() {
+        assert_eq!(greeting("127.0.0.1:5"), "You are 127.0.0.1:5");
+        assert_eq!(greeted(&greeting("a")), Some("a"));
+        assert_eq!(arrival_of(arrived("b").as_bytes()), Some(&b"b"[..]));
+        assert_eq!(departure_of(left("c").as_bytes()), Some(&b"c"[..]));
+        assert_eq!(departure_of(b"c has arrived"), None);
+        assert_eq!(chat("d", "hi"), "d: hi");
+    }
+
+    #[test]
+    fn banner_round_trips() {
+        let line = banner::format("127.0.0.1:4242", "sharded");
+        assert_eq!(
+            line,
+            "chat-server listening on 127.0.0.1:4242 (model sharded)"
+        );
+        assert_eq!(banner::parse(&line), Some(("127.0.0.1:4242", "sharded")));
+        assert_eq!(
+            banner::parse(&format!("{line}\n")),
+            Some(("127.0.0.1:4242", "sharded"))
+        );
+        assert_eq!(banner::parse("listening on 127.0.0.1:1"), None);
+        assert_eq!(banner::parse("chat-server listening on 127.0.0.1:1"), None);
+    }
+}
