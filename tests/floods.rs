@@ -1,5 +1,6 @@
 //! Floods and limits: `--max-clients`, accept errors under a file-descriptor
-//! limit, thousands of connections at once, and `--idle-timeout`.
+//! limit, and thousands of connections at once. (`--idle-timeout` is in
+//! `timers.rs`, on paused time.)
 
 mod common;
 
@@ -13,7 +14,7 @@ use common::ensure;
 use common::process::ServerProcess;
 use tokio::time::Instant;
 
-for_each_model!(over_max_clients_is_told_server_full, idle_clients_time_out);
+for_each_model!(over_max_clients_is_told_server_full);
 
 async fn over_max_clients_is_told_server_full(model: Model) -> io::Result<()> {
     let server = TestServer::start(Config {
@@ -52,77 +53,14 @@ async fn over_max_clients_is_told_server_full(model: Model) -> io::Result<()> {
     }
 }
 
-async fn idle_clients_time_out(model: Model) -> io::Result<()> {
-    let idle = Duration::from_millis(400);
-    let server = TestServer::start(Config {
-        idle_timeout: Some(idle),
-        ..Config::with_model(model)
-    })?;
-    let mut talker = TestClient::connect(server.addr()).await?;
-    let talker_who = talker.who.clone();
-    // Before connecting: the server's clock for this client starts after
-    // the connection does, so the timeout cannot come sooner than `idle`
-    // after this instant, however the test threads are scheduled.
-    let started = Instant::now();
-    let mut silent = TestClient::connect(server.addr()).await?;
-    let silent_who = silent.who.clone();
-    // The talker speaks more often than the timeout, throughout, and stays.
-    let talking = tokio::spawn(async move {
-        for i in 0..12 {
-            talker.send(&format!("tick {i}")).await?;
-            tokio::time::sleep(idle / 4).await;
-        }
-        Ok::<_, io::Error>(talker)
-    });
-    // It hears the ticks, but listening is not talking.
-    while silent.line().await? != "error: idle timeout" {}
-    ensure(started.elapsed() >= idle, || "timed out too early".into())?;
-    ensure(silent.lines_until_closed().await?.is_empty(), || {
-        "more after the error".into()
-    })?;
-
-    let mut talker = talking.await.map_err(io::Error::other)??;
-    let mut lines = Vec::new();
-    while !lines.contains(&format!("{talker_who}: tick 11")) {
-        lines.push(talker.line().await?);
-    }
-    ensure(lines.contains(&format!("{silent_who} has left")), || {
-        format!("{lines:?}")
-    })
-}
-
-fn raise_fd_limit(wanted: u64) -> io::Result<()> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted.min(limit.rlim_max);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-    }
-    ensure(limit.rlim_cur >= wanted, || {
-        format!(
-            "need {wanted} open files, the hard limit is {}",
-            limit.rlim_max
-        )
-    })
-}
-
 /// 3,000 connections opened at once and then closed: all accepted, all
 /// cleaned up, and the server still answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_connections_at_once() -> io::Result<()> {
     const CONNECTIONS: usize = 3000;
     // The server and the clients share this process: two descriptors each.
-    raise_fd_limit(2 * CONNECTIONS as u64 + 256)?;
+    chat_testkit::proc::ensure_open_files(2 * CONNECTIONS as u64 + 256)
+        .map_err(io::Error::other)?;
     let model = Model::Sharded;
     let server = TestServer::start(Config::with_model(model))?;
     let addr = server.addr();

@@ -1,0 +1,186 @@
+//! Timer-driven behaviour, on paused time, as mini-redis tests it: the server
+//! runs on the test's own current-thread runtime, whose clock moves only
+//! when every task is waiting, and then straight to the next timer. A loaded
+//! machine can make these tests slower, never early or late: each asserts
+//! the virtual time at which something happened.
+//!
+//! The sockets are real (loopback): on loopback a write is readable on the
+//! other end as soon as the system call returns, so the runtime never
+//! mistakes data in flight for idleness.
+
+mod common;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chat_server::harness::TestClient;
+use chat_server::{server, Config, ConfigError, Model};
+use common::ensure;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Like `for_each_model!`, on a current-thread runtime with paused time.
+macro_rules! for_each_model_paused {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(start_paused = true)]
+            async fn sharded() -> std::io::Result<()> {
+                super::$test(chat_server::Model::Sharded).await
+            }
+            #[tokio::test(start_paused = true)]
+            async fn broadcaster() -> std::io::Result<()> {
+                super::$test(chat_server::Model::Broadcaster).await
+            }
+            #[tokio::test(start_paused = true)]
+            async fn locked() -> std::io::Result<()> {
+                super::$test(chat_server::Model::Locked).await
+            }
+            #[tokio::test(start_paused = true)]
+            async fn broadcast() -> std::io::Result<()> {
+                super::$test(chat_server::Model::Broadcast).await
+            }
+        }
+    )*};
+}
+
+for_each_model_paused!(
+    idle_clients_time_out,
+    shutdown_abandons_a_stuck_client_after_the_grace
+);
+
+/// A server on this runtime, and the switch that stops it.
+struct InProcess {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    serving: JoinHandle<Result<(), ConfigError>>,
+}
+
+impl InProcess {
+    async fn start(config: Config) -> io::Result<InProcess> {
+        let listener = server::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let serving = tokio::spawn(server::run(listener, config, shutdown));
+        Ok(InProcess {
+            addr,
+            stop: Some(stop),
+            serving,
+        })
+    }
+
+    /// Stops the server and waits until `run` has returned.
+    fn stop(mut self) -> impl Future<Output = io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        async move {
+            self.serving
+                .await
+                .map_err(io::Error::other)?
+                .map_err(io::Error::other)
+        }
+    }
+}
+
+/// A silent client is cut off exactly `--idle-timeout` after it connected;
+/// one that keeps talking stays, and hears the other leave.
+async fn idle_clients_time_out(model: Model) -> io::Result<()> {
+    let idle = Duration::from_secs(30);
+    let server = InProcess::start(Config {
+        idle_timeout: Some(idle),
+        ..Config::with_model(model)
+    })
+    .await?;
+    let mut talker = TestClient::connect(server.addr).await?;
+    let talker_who = talker.who.clone();
+    let connected = Instant::now();
+    let mut silent = TestClient::connect(server.addr).await?;
+    let silent_who = silent.who.clone();
+    let talking = tokio::spawn(async move {
+        for i in 0..12 {
+            talker.send(&format!("tick {i}")).await?;
+            tokio::time::sleep(idle / 4).await;
+        }
+        Ok::<_, io::Error>(talker)
+    });
+
+    // It hears the ticks, but listening is not talking.
+    loop {
+        let line = silent.line_within(idle * 2).await?;
+        if line == "error: idle timeout" {
+            break;
+        }
+    }
+    let after = connected.elapsed();
+    ensure(after == idle, || {
+        format!("{model}: timed out after {after:?}, not {idle:?}")
+    })?;
+    ensure(silent.lines_until_closed().await?.is_empty(), || {
+        "more after the error".into()
+    })?;
+
+    let mut talker = talking.await.map_err(io::Error::other)??;
+    let mut lines = Vec::new();
+    while !lines.contains(&format!("{talker_who}: tick 11")) {
+        lines.push(talker.line_within(idle * 4).await?);
+    }
+    ensure(lines.contains(&format!("{silent_who} has left")), || {
+        format!("{model}: {lines:?}")
+    })?;
+    drop(talker);
+    server.stop().await
+}
+
+/// On shutdown a client that reads nothing keeps its writer waiting; the
+/// server gives up on it when `--shutdown-grace` is over, not before and
+/// not long after, and the others get `server shutting down` at once.
+async fn shutdown_abandons_a_stuck_client_after_the_grace(model: Model) -> io::Result<()> {
+    let grace = Duration::from_secs(5);
+    let server = InProcess::start(Config {
+        shutdown_grace: grace,
+        // Longer than the grace: only the shutdown may end the stuck client.
+        write_timeout: Duration::from_secs(60),
+        ..Config::with_model(model)
+    })
+    .await?;
+    let stuck = TestClient::connect(server.addr).await?;
+    let mut talker = TestClient::connect(server.addr).await?;
+    // Enough to fill the stuck client's socket buffers, so its writer waits.
+    let line = "z".repeat(1000);
+    let lines = 20_000;
+    for _ in 0..lines {
+        talker.send(&line).await?;
+    }
+    let last = format!("{}: {line}", talker.who);
+    let mut seen = 0;
+    while seen < lines {
+        if talker.line().await? == last {
+            seen += 1;
+        }
+    }
+
+    let stopping = Instant::now();
+    let stopped = server.stop();
+    let mut rest = talker.lines_until_closed().await?;
+    ensure(
+        rest.pop().as_deref() == Some("server shutting down"),
+        || format!("{model}: the talker's last line was not the notice"),
+    )?;
+    ensure(stopping.elapsed() < grace, || {
+        format!("{model}: the talker waited for the stuck client")
+    })?;
+    stopped.await?;
+    let took = stopping.elapsed();
+    ensure(
+        took >= grace && took < grace + Duration::from_secs(1),
+        || format!("{model}: shutdown took {took:?} with a {grace:?} grace"),
+    )?;
+    drop(stuck);
+    Ok(())
+}
