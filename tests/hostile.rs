@@ -19,7 +19,7 @@ for_each_model!(
 );
 
 /// 64 MiB without a newline: the sender gets an error line and a
-/// disconnect, the server's memory stays within a few MiB, and the others
+/// disconnect, the server's memory grows by under 1 MiB, and the others
 /// keep chatting throughout.
 async fn a_64_mib_line_is_refused_in_bounded_memory(model: Model) -> io::Result<()> {
     let server = ServerProcess::start(&["--model", model.name()])?;
@@ -69,7 +69,9 @@ async fn a_64_mib_line_is_refused_in_bounded_memory(model: Model) -> io::Result<
     let rss_after = server.rss_kib()?;
     flooding.abort();
     println!("{model}: server RSS {rss_before} KiB before, {rss_after} KiB after a 64 MiB line");
-    ensure(rss_after < rss_before + 8 * 1024, || {
+    // One line buffer (64 KiB) and one read (8 KiB) at most; allocator
+    // noise aside, a buffered 64 MiB line would show as 64 MiB.
+    ensure(rss_after < rss_before + 1024, || {
         format!("{model}: RSS grew from {rss_before} KiB to {rss_after} KiB")
     })
 }

@@ -50,9 +50,11 @@ use crate::hub::Hub;
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
-/// How many lines may wait for the broadcaster before senders wait. The
-/// seed's channel holds none; a few hundred lets the broadcaster take a
-/// batch per wake-up without letting memory grow without bound.
+/// How many messages may wait for the broadcaster before senders wait; each
+/// is one read's worth of one sender's lines, at most about 16 KiB, so the
+/// channel holds at most about 16 MiB. The seed's channel holds none; 1,024
+/// lets the broadcaster take a batch per wake-up without letting memory grow
+/// without bound.
 const MESSAGES_CAPACITY: usize = 1024;
 
 /// Messages the broadcaster takes from its channel per wake-up.
