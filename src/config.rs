@@ -342,3 +342,51 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ChatBatch;
+
+    /// The smallest queue allowed must hold the largest message a legal line
+    /// can become: sanitising turns each invalid byte into three.
+    #[test]
+    fn the_smallest_queue_holds_the_longest_formatted_line() {
+        let max_line = 1000;
+        let mut batch = ChatBatch::default();
+        let who = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535";
+        batch.push(who, &vec![0xFF; max_line]);
+        let longest = batch.take().map_or(0, |message| message.len());
+        assert!(longest > max_line * 3, "the worst case is the one tested");
+        assert!(longest <= longest_message(max_line), "{longest} bytes");
+        let config = Config {
+            max_line,
+            max_pending: longest_message(max_line),
+            ..Config::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        let config = Config {
+            max_pending: longest - 1,
+            ..config
+        };
+        assert!(config.validate().is_err());
+    }
+
+    /// The names the library parses are the ones the load tool and the
+    /// banner use, and a wrong one lists them.
+    #[test]
+    fn model_names_match_the_banner_and_parse() {
+        let names: Vec<&str> = Model::ALL.iter().map(|model| model.name()).collect();
+        assert_eq!(names, chat_wire::banner::MODELS);
+        for model in Model::ALL {
+            assert_eq!(model.name().parse::<Model>(), Ok(model));
+        }
+        let err = "actors".parse::<Model>().unwrap_err().to_string();
+        assert!(
+            err.contains("sharded, broadcaster, locked, broadcast"),
+            "{err}"
+        );
+        assert_eq!("drop".parse(), Ok(SlowClientPolicy::Drop));
+        assert_eq!("mpsc".parse(), Ok(QueueKind::Mpsc));
+    }
+}

@@ -65,3 +65,32 @@ fn zero_worker_threads_are_refused() -> io::Result<()> {
         format!("unclear refusal: {stderr}")
     })
 }
+
+#[test]
+fn a_queue_choice_with_the_ring_model_is_refused() -> io::Result<()> {
+    let (ok, _, stderr) = chat_server(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        "broadcast",
+        "--queue",
+        "mpsc",
+    ])?;
+    ensure(!ok, || "the server started".into())?;
+    ensure(
+        stderr.contains("--queue mpsc has no effect with --model broadcast"),
+        || format!("unclear refusal: {stderr}"),
+    )
+}
+
+#[test]
+fn an_unknown_model_lists_the_choices() -> io::Result<()> {
+    let (ok, _, stderr) = chat_server(&["--addr", "127.0.0.1:0", "--model", "actors"])?;
+    ensure(!ok, || "the server started".into())?;
+    ensure(
+        chat_wire::banner::MODELS
+            .iter()
+            .all(|model| stderr.contains(model)),
+        || format!("the refusal does not list the models: {stderr}"),
+    )
+}
