@@ -22,30 +22,6 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// Like `for_each_model!`, on a current-thread runtime with paused time.
-macro_rules! for_each_model_paused {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[tokio::test(start_paused = true)]
-            async fn sharded() -> std::io::Result<()> {
-                super::$test(chat_server::Model::Sharded).await
-            }
-            #[tokio::test(start_paused = true)]
-            async fn broadcaster() -> std::io::Result<()> {
-                super::$test(chat_server::Model::Broadcaster).await
-            }
-            #[tokio::test(start_paused = true)]
-            async fn locked() -> std::io::Result<()> {
-                super::$test(chat_server::Model::Locked).await
-            }
-            #[tokio::test(start_paused = true)]
-            async fn broadcast() -> std::io::Result<()> {
-                super::$test(chat_server::Model::Broadcast).await
-            }
-        }
-    )*};
-}
-
 for_each_model_paused!(
     idle_clients_time_out,
     shutdown_abandons_a_stuck_client_after_the_grace

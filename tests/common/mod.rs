@@ -24,6 +24,25 @@ macro_rules! for_each_model {
     };
 }
 
+/// [`for_each_model`] on paused time: each test runs on a current-thread
+/// runtime whose clock starts paused (`tests/timers.rs` says why).
+#[macro_export]
+macro_rules! for_each_model_paused {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            $crate::for_each_model_paused!(
+                @tests $test [sharded: Sharded, broadcaster: Broadcaster, locked: Locked, broadcast: Broadcast]
+            );
+        }
+    )*};
+    (@tests $test:ident [$($name:ident: $variant:ident),* $(,)?]) => {$(
+        #[tokio::test(start_paused = true)]
+        async fn $name() -> std::io::Result<()> {
+            super::$test(chat_server::Model::$variant).await
+        }
+    )*};
+}
+
 /// [`for_each_model`] for a chosen list of models, as `[fn_name: Variant, ...]`.
 #[macro_export]
 macro_rules! for_models {
