@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use chat_testkit::LineReader;
 
-use super::payload::{now_ns, Codec, Order, OrderTracker, Payload};
+use crate::payload::{now_ns, Codec, Order, OrderTracker, Payload};
 
 /// Bytes asked for per read on the measured path: few system calls per line
 /// when the server batches its writes.
@@ -47,9 +47,6 @@ pub const COUNTER_CHUNK: usize = 8 * 1024;
 
 /// How long a new connection may take to be greeted.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
-
-const ARRIVED: &[u8] = b" has arrived";
-const LEFT: &[u8] = b" has left";
 
 /// A connected, greeted client.
 #[derive(Debug)]
@@ -84,9 +81,12 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
                 "{addr} sent no greeting within {GREETING_TIMEOUT:?} (is it a gopl.io chat server?)"
             )
         })??;
-    match greeting.strip_prefix("You are ") {
+    match chat_wire::greeted(&greeting) {
         Some(who) => conn.who = who.to_owned(),
-        None => bail!("{addr} greeted with {greeting:?}, expected \"You are IP:PORT\""),
+        None => bail!(
+            "{addr} greeted with {greeting:?}, expected {:?}",
+            chat_wire::greeting("IP:PORT")
+        ),
     }
     Ok(conn)
 }
@@ -183,9 +183,7 @@ impl Receiver {
 
     /// Also notice when `who` leaves.
     pub fn watch_departure_of(&mut self, who: &str) {
-        let mut line = who.as_bytes().to_vec();
-        line.extend_from_slice(LEFT);
-        self.watch_left = Some(line);
+        self.watch_left = Some(chat_wire::left(who).into_bytes());
     }
 
     /// Accounts for one line that arrived at `now_ns`.
@@ -221,9 +219,9 @@ impl Receiver {
 
     #[cold]
     fn on_other(&mut self, line: &[u8], now_ns: u64) {
-        if line.ends_with(ARRIVED) {
+        if chat_wire::arrival_of(line).is_some() {
             self.counts.arrivals += 1;
-        } else if line.ends_with(LEFT) {
+        } else if chat_wire::departure_of(line).is_some() {
             self.counts.departures += 1;
             if self.watched_left_ns.is_none() && self.watch_left.as_deref() == Some(line) {
                 self.watched_left_ns = Some(now_ns);
@@ -524,7 +522,7 @@ mod tests {
 }
 
 /// How fast the receive path is without the network: run with
-/// `cargo test --release --lib receive_path_speed -- --ignored --nocapture`.
+/// `cargo test --release -p chat-load --lib receive_path_speed -- --ignored --nocapture`.
 #[cfg(test)]
 mod speed {
     use super::*;

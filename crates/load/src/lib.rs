@@ -15,20 +15,21 @@
 //! The modules, in the order a run uses them:
 //!
 //! - [`scenario`]: the five scenarios (`fanout`, `rate`, `churn`, `slow`,
-//!   `idle`) and the coordinator that connects, settles, starts, watches and
-//!   stops the clients, always within bounds of count and time;
-//! - [`client`]: one simulated user, its connection and its receive path;
+//!   `idle`, a file each) and the coordinator that connects, settles,
+//!   starts, watches and stops the clients, always within bounds of count
+//!   and time;
+//! - `client`: one simulated user, its connection and its receive path;
 //! - [`payload`]: the chat line's text, its decoder, the clock and order checking;
 //! - [`proc`]: CPU time, memory and limits from `/proc`;
 //! - [`report`]: one run's results, as a table or JSON;
 //! - [`compare`]: starts servers (each model of ours, and peers such as the
 //!   Go seed), runs the scenarios against each and writes the side-by-side
-//!   table (Markdown, JSON) and [`plot`] (SVG).
+//!   table (Markdown, JSON) and a plot (SVG).
 //!
 //! # How fast the tool itself is
 //!
 //! The numbers are only worth quoting if the tool is not the bottleneck, so
-//! the receive path is built for it (see [`client`]): 64 KiB reads, `memchr`
+//! the receive path is built for it (see `client.rs`): 64 KiB reads, `memchr`
 //! line splitting, a payload found at a fixed offset from the line's end and
 //! decoded eight hex digits at a time, per-sender state in plain arrays, one
 //! histogram per client, shared counters touched once per read. Every
@@ -37,8 +38,8 @@
 //! machine (shared with other work, so these are upper bounds):
 //!
 //! - the receive path alone, in memory: 22–30 ns per line on one core, 35–45
-//!   M lines/s (`cargo test --release --lib receive_path_speed -- --ignored
-//!   --nocapture`);
+//!   M lines/s (`cargo test --release -p chat-load --lib receive_path_speed
+//!   -- --ignored --nocapture`);
 //! - against our server, `fanout` at n = 100 and 1000: 40–55 ns of tool CPU
 //!   per delivery, sends and the kernel's receive path included, so about
 //!   20 M deliveries/s per core and 40 M/s on 2 cores; at n = 10 (smaller
@@ -48,9 +49,8 @@
 //!   all of it the kernel's TCP receive path and the wake-up, which is why
 //!   the tool's CPU is reported beside the server's.
 
-pub mod client;
+mod client;
 pub mod compare;
-pub mod plot;
 pub mod report;
 pub mod scenario;
 

@@ -1,8 +1,8 @@
 //! `chat-load`: load generator for any server speaking the gopl.io chat
 //! line protocol, and a side-by-side comparison of servers.
 //!
-//! Parses flags, builds the runtime and calls into `chat_server::load`;
-//! everything else lives in the library.
+//! Parses flags, builds the runtime and calls into the `chat_load`
+//! library; everything else lives there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -197,6 +197,11 @@ struct CompareArgs {
     #[arg(long, value_name = "DIR", default_value = "target/chat-load")]
     out: PathBuf,
 
+    /// Run nothing: read a compare.json an earlier run wrote and write its
+    /// compare.md and compare.svg again into --out, drawn by this version.
+    #[arg(long, value_name = "FILE")]
+    replot: Option<PathBuf>,
+
     #[command(flatten)]
     common: Common,
 }
@@ -336,6 +341,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let (scenario, args) = match cli.command {
         Command::Compare(args) => {
+            if let Some(json) = &args.replot {
+                let comparison = compare::replot(json, &args.out)?;
+                print!("{}", compare::table(&comparison));
+                eprintln!(
+                    "chat-load: wrote compare.md and compare.svg to {}",
+                    args.out.display()
+                );
+                return Ok(());
+            }
             let options = compare_options(&args)?;
             let comparison = compare::compare(&options).await?;
             if args.common.json {

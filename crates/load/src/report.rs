@@ -9,15 +9,15 @@
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::proc::Memory;
+use crate::proc::Memory;
 
 /// One scenario's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// `fanout`, `rate`, `churn`, `slow` or `idle`.
-    pub scenario: &'static str,
+    pub scenario: String,
     /// What was measured: the address, or the server's name in `compare`.
     pub target: String,
     pub params: Params,
@@ -49,7 +49,7 @@ pub struct Report {
 }
 
 /// The knobs the run used.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Params {
     pub clients: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,7 +65,7 @@ pub struct Params {
 }
 
 /// Chat lines: one delivery is one message received by one client.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Deliveries {
     /// Messages the clients sent.
     pub sent: u64,
@@ -90,7 +90,7 @@ pub struct Deliveries {
 }
 
 /// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
     pub samples: u64,
     pub p50: u64,
@@ -122,7 +122,7 @@ impl Latency {
 }
 
 /// Join-and-leave cycles.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Churn {
     pub idle_clients: usize,
     pub concurrency: u32,
@@ -134,7 +134,7 @@ pub struct Churn {
 }
 
 /// What happened to the client that never read.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Slow {
     /// Seconds from the first send until the others saw it leave.
     pub disconnected_after_s: Option<f64>,
@@ -146,7 +146,7 @@ pub struct Slow {
 }
 
 /// Memory of idle connections.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Idle {
     pub connections: usize,
     /// Connections per second while opening them (each one greeted).
@@ -178,7 +178,7 @@ pub struct Idle {
 }
 
 /// The server's resources over the measured interval.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServerUsage {
     pub pid: u32,
     pub cpu_s: f64,
@@ -240,9 +240,9 @@ pub fn micros(us: u64) -> String {
 
 impl Report {
     /// An empty report to fill in.
-    pub fn new(scenario: &'static str, target: String, params: Params) -> Report {
+    pub fn new(scenario: &str, target: String, params: Params) -> Report {
         Report {
-            scenario,
+            scenario: scenario.to_owned(),
             target,
             params,
             elapsed_s: 0.0,

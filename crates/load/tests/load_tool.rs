@@ -258,5 +258,30 @@ fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result
     let svg = std::fs::read_to_string(out.join("compare.svg"))?;
     ensure(svg.contains("<svg") && svg.contains("mirror"), || {
         "compare.svg is not a plot naming every server".into()
+    })?;
+    for panel in [
+        "fanout: p99 latency",
+        "rate n=5: latency",
+        "idle n=20: server memory",
+    ] {
+        ensure(svg.contains(panel), || {
+            format!("compare.svg has no panel {panel:?}")
+        })?;
+    }
+
+    // The saved comparison redrawn, with no server to run.
+    let replotted = out.join("replot");
+    let replotted_arg = replotted.to_string_lossy().into_owned();
+    let saved = out.join("compare.json").to_string_lossy().into_owned();
+    let output = chat_load(&["compare", "--replot", &saved, "--out", &replotted_arg])?;
+    ensure(output.status.success(), || {
+        format!("replot failed: {}", stderr_of(&output))
+    })?;
+    ensure(
+        std::fs::read_to_string(replotted.join("compare.md"))? == markdown,
+        || "the replotted compare.md differs from the original".into(),
+    )?;
+    ensure(replotted.join("compare.svg").exists(), || {
+        "replot wrote no compare.svg".into()
     })
 }
