@@ -18,15 +18,17 @@
 //! a model that defers its announcements is charged for them. Every step is
 //! bounded by a 10 s timeout.
 //!
-//! **Throughput** is `Throughput::Elements(1)` per churn: joins+leaves per
-//! second.
+//! **Throughput** is `Throughput::Elements(1)` per churn, and the group is
+//! named for it, `churn (elements = joins+leaves)`: criterion's `elem/s`
+//! reads as joins+leaves per second. The four models are side by side in
+//! that one group.
 //!
 //! Each churn leaves one socket in TIME_WAIT on the client side (the client
 //! closes first); Linux reuses those ports for loopback connections
 //! (`net.ipv4.tcp_tw_reuse` = 2, the default), so the run does not run out
 //! of ephemeral ports.
 //!
-//! Run only this bench with `cargo bench --bench churn`. The group sets its
+//! Run only this bench with `cargo bench -p chat-benches --bench churn`. The group sets its
 //! own sample size and times, which take precedence over
 //! `--measurement-time` on the command line; `--quick` shortens the run.
 
@@ -50,7 +52,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
-use common::{unexpected, within, LineReader, SETUP_TIMEOUT};
+use common::{unexpected, within, Inbox, SETUP_TIMEOUT};
 
 /// Clients present throughout, receiving every announcement.
 const IDLE: usize = 100;
@@ -97,7 +99,7 @@ fn open_lobby(runtime: &Runtime, model: Model) -> io::Result<Lobby> {
 
 /// An idle client's reader: counts the lines it is sent and drops them.
 async fn discard(
-    mut reader: LineReader,
+    mut reader: Inbox,
     lines: Arc<AtomicU64>,
     read: Arc<Notify>,
     stop: CancellationToken,
@@ -137,7 +139,7 @@ async fn churn_once(addr: SocketAddr, buf: &mut [u8]) -> io::Result<()> {
             read => filled += read,
         }
     }
-    if !buf.starts_with(b"You are ") {
+    if !buf.starts_with(chat_wire::GREETING_PREFIX.as_bytes()) {
         let line = String::from_utf8_lossy(&buf[..filled]);
         return Err(unexpected(format!("expected a greeting, got {line:?}")));
     }
@@ -193,7 +195,7 @@ async fn churn_sample(lobby: &Lobby, iters: u64) -> io::Result<Duration> {
 
 fn churn(c: &mut Criterion) {
     let runtime = common::client_runtime().expect("client runtime");
-    let mut group = c.benchmark_group("churn");
+    let mut group = c.benchmark_group("churn (elements = joins+leaves)");
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))

@@ -2,10 +2,12 @@
 //!
 //! [`chat_server::harness::TestClient`] reads one line per call through a
 //! `BufReader`, which is right for tests and too slow to measure a server
-//! that delivers millions of lines a second. The clients here read 64 KiB at
-//! a time, find line ends with `memchr`, and parse only the fixed-width tail
-//! of each chat line (sender index and sequence number), so a reader costs
-//! far less per line than the server it measures.
+//! that delivers millions of lines a second. The clients here use the
+//! load tool's receive path from `chat_testkit`: 64 KiB reads split into
+//! lines in place ([`LineReader`]), a payload decoded at a fixed offset from
+//! the line's end ([`Codec`]) and per-sender order checked in a plain array
+//! ([`OrderTracker`]), so a reader costs far less per line than the server
+//! it measures. What is left here is the flow: rounds, windows, stalls.
 //!
 //! Every wait is bounded: setup steps by [`SETUP_TIMEOUT`], a message flow
 //! by its `stall_after` (no progress for that long ends it as stalled).
@@ -19,6 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_server::harness::TestServer;
+use chat_testkit::payload::{Codec, Order, OrderTracker, Payload};
+use chat_testkit::LineReader;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -39,14 +43,6 @@ pub const WINDOW: usize = 16;
 
 /// Read buffer per client: large reads keep the client's per-line cost low.
 const READ_BUF: usize = 64 * 1024;
-
-/// A read is topped up only when at least this much room is left; otherwise
-/// the partial line is moved to the front first.
-const MIN_READ: usize = 8 * 1024;
-
-/// The tail of every bench chat line: `|SSSSS|QQQQQQQQQQ` (sender index,
-/// sequence number), after `PAYLOAD - TAIL` bytes of filler.
-const TAIL: usize = 1 + 5 + 1 + 10;
 
 /// The runtime that drives the bench clients: two workers, separate from the
 /// server's own two-worker runtime so clients never run on its threads.
@@ -113,64 +109,41 @@ pub async fn within<T>(
     })?
 }
 
-/// The read half of a connection with a fixed buffer of whole reads.
+/// The read half of a connection and its line buffer
+/// ([`chat_testkit::LineReader`]).
 #[derive(Debug)]
-pub struct LineReader {
+pub struct Inbox {
     half: OwnedReadHalf,
-    buf: Box<[u8]>,
-    /// `buf[start..end]` holds bytes read but not yet consumed.
-    start: usize,
-    end: usize,
+    lines: LineReader,
 }
 
-impl LineReader {
-    pub fn new(half: OwnedReadHalf, capacity: usize) -> LineReader {
-        LineReader {
+impl Inbox {
+    pub fn new(half: OwnedReadHalf, capacity: usize) -> Inbox {
+        Inbox {
             half,
-            buf: vec![0; capacity].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            lines: LineReader::new(capacity),
         }
     }
 
     /// Reads once more into the buffer. End of stream is an error: a bench
     /// client never expects the server to close on it.
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.buf.len() - self.end < MIN_READ {
-            if self.start == 0 {
-                return Err(unexpected("a line longer than the read buffer".into()));
-            }
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        match self.half.read(&mut self.buf[self.end..]).await? {
+        match self.half.read(self.lines.spare()).await? {
             0 => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the server closed the connection",
             )),
             read => {
-                self.end += read;
+                self.lines.filled(read);
                 Ok(read)
             }
         }
     }
 
-    /// The next complete buffered line, without its newline, if any.
-    fn next_line(&mut self) -> Option<&[u8]> {
-        let newline = memchr::memchr(b'\n', &self.buf[self.start..self.end])?;
-        let line = &self.buf[self.start..self.start + newline];
-        self.start += newline + 1;
-        Some(line)
-    }
-
     /// The next line as text, reading as needed.
     pub async fn line(&mut self) -> io::Result<String> {
         loop {
-            if let Some(line) = self.next_line() {
+            if let Some(line) = self.lines.next_line() {
                 return Ok(String::from_utf8_lossy(line).into_owned());
             }
             self.fill().await?;
@@ -180,7 +153,7 @@ impl LineReader {
     /// Reads and discards `count` lines.
     pub async fn skip_lines(&mut self, mut count: usize) -> io::Result<()> {
         while count > 0 {
-            if self.next_line().is_some() {
+            if self.lines.next_line().is_some() {
                 count -= 1;
             } else {
                 self.fill().await?;
@@ -191,20 +164,12 @@ impl LineReader {
 
     /// Consumes whatever is buffered; returns how many newlines it held.
     pub fn discard_buffered(&mut self) -> u64 {
-        let lines = memchr::memchr_iter(b'\n', &self.buf[self.start..self.end]).count();
-        self.start = self.end;
-        lines as u64
+        self.lines.discard_buffered()
     }
 
     /// Feeds every complete buffered line to `tally`.
     fn tally_buffered(&mut self, tally: &mut Tally) {
-        let data = &self.buf[self.start..self.end];
-        let mut line_start = 0;
-        for newline in memchr::memchr_iter(b'\n', data) {
-            tally.line(&data[line_start..newline]);
-            line_start = newline + 1;
-        }
-        self.start += line_start;
+        self.lines.lines(|line| tally.line(line));
     }
 }
 
@@ -212,9 +177,11 @@ impl LineReader {
 #[derive(Debug, Clone)]
 pub struct Tally {
     /// This client's own sender index.
-    own: usize,
+    own: u32,
+    /// Decodes this bench run's payloads.
+    codec: Codec,
     /// The sequence number expected next from each sender.
-    next_seq: Vec<u64>,
+    order: OrderTracker,
     /// Chat lines from the known senders.
     pub chat: u64,
     /// Of those, this client's own echoes.
@@ -230,10 +197,11 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn new(own: usize, senders: usize) -> Tally {
+    fn new(own: u32, senders: usize, codec: Codec) -> Tally {
         Tally {
             own,
-            next_seq: vec![0; senders],
+            codec,
+            order: OrderTracker::new(senders),
             chat: 0,
             own_echoes: 0,
             order_violations: 0,
@@ -244,91 +212,68 @@ impl Tally {
     }
 
     fn line(&mut self, line: &[u8]) {
-        match parse_tail(line) {
-            Some((sender, seq)) if sender < self.next_seq.len() => {
+        let Some(payload) = self.codec.decode(line) else {
+            return self.other(line);
+        };
+        match self.order.observe(payload.sender, payload.seq) {
+            Order::UnknownSender => self.other(line),
+            order => {
                 self.chat += 1;
-                if sender == self.own {
+                if payload.sender == self.own {
                     self.own_echoes += 1;
                 }
-                // Resynchronise after a violation so one lost line counts once.
-                if seq != self.next_seq[sender] {
+                if order != Order::InOrder {
                     self.order_violations += 1;
                 }
-                self.next_seq[sender] = seq + 1;
-            }
-            _ => {
-                self.other_lines += 1;
-                if line.ends_with(b" has left") {
-                    self.departures += 1;
-                }
-                self.last_other = Some(String::from_utf8_lossy(line).into_owned());
             }
         }
     }
-}
 
-/// The sender index and sequence number of a bench chat line
-/// (`IP:PORT: xxx…x|SSSSS|QQQQQQQQQQ`), or `None` for any other line.
-fn parse_tail(line: &[u8]) -> Option<(usize, u64)> {
-    let tail = line.get(line.len().checked_sub(TAIL)?..)?;
-    if tail[0] != b'|' || tail[6] != b'|' {
-        return None;
+    #[cold]
+    fn other(&mut self, line: &[u8]) {
+        self.other_lines += 1;
+        if chat_wire::departure_of(line).is_some() {
+            self.departures += 1;
+        }
+        self.last_other = Some(String::from_utf8_lossy(line).into_owned());
     }
-    let sender = parse_digits(&tail[1..6])?;
-    let seq = parse_digits(&tail[7..])?;
-    Some((sender as usize, seq))
 }
 
-fn parse_digits(digits: &[u8]) -> Option<u64> {
-    digits.iter().try_fold(0u64, |value, &digit| {
-        digit
-            .is_ascii_digit()
-            .then(|| value * 10 + u64::from(digit - b'0'))
-    })
-}
-
-/// The write half of a connection and the template of its chat lines.
+/// The write half of a connection and the chat lines it sends.
 #[derive(Debug)]
 pub struct LineWriter {
     half: OwnedWriteHalf,
-    /// The next line to send: filler, `|`, sender index, `|`, sequence number, newline.
-    template: [u8; PAYLOAD + 1],
-    next_seq: u64,
+    codec: Codec,
+    /// This client's sender index, in every payload it sends.
+    sender: u32,
+    next_seq: u32,
     batch: Vec<u8>,
 }
 
 impl LineWriter {
-    fn new(half: OwnedWriteHalf, index: usize) -> LineWriter {
-        let mut template = [b'x'; PAYLOAD + 1];
-        let tail = PAYLOAD - TAIL;
-        template[tail] = b'|';
-        write_digits(&mut template[tail + 1..tail + 6], index as u64);
-        template[tail + 6] = b'|';
-        template[PAYLOAD] = b'\n';
+    fn new(half: OwnedWriteHalf, sender: u32, codec: Codec) -> LineWriter {
         LineWriter {
             half,
-            template,
+            codec,
+            sender,
             next_seq: 0,
             batch: Vec::new(),
         }
     }
 
-    /// Appends the next `count` lines to the batch.
+    /// Makes the next `count` lines the batch to write.
     fn push_lines(&mut self, count: usize) {
         self.batch.clear();
         for _ in 0..count {
-            write_digits(&mut self.template[PAYLOAD - 10..PAYLOAD], self.next_seq);
-            self.next_seq += 1;
-            self.batch.extend_from_slice(&self.template);
+            // No send time: the benches time whole flows, not lines.
+            let payload = Payload {
+                sender: self.sender,
+                seq: self.next_seq,
+                sent_ns: 0,
+            };
+            self.codec.encode_into(&mut self.batch, payload);
+            self.next_seq = self.next_seq.wrapping_add(1);
         }
-    }
-}
-
-/// Writes `value` as zero-padded decimal filling `out` exactly.
-fn write_digits(out: &mut [u8], mut value: u64) {
-    for digit in out.iter_mut().rev() {
-        *digit = b'0' + (value % 10) as u8;
-        value /= 10;
     }
 }
 
@@ -337,29 +282,34 @@ fn write_digits(out: &mut [u8], mut value: u64) {
 pub struct Peer {
     /// `IP:PORT` as the server names this client.
     pub who: String,
-    pub reader: LineReader,
+    pub reader: Inbox,
     pub tally: Tally,
     writer: LineWriter,
 }
 
 impl Peer {
     /// The write half, for a client kept connected but silent.
-    pub fn into_halves(self) -> (LineReader, OwnedWriteHalf) {
+    pub fn into_halves(self) -> (Inbox, OwnedWriteHalf) {
         (self.reader, self.writer.half)
     }
 }
 
 /// Connects one client and reads its greeting; `index` is its sender index
-/// among `senders` clients.
-pub async fn connect_peer(addr: SocketAddr, index: usize, senders: usize) -> io::Result<Peer> {
+/// among `senders` clients, all sending `codec`'s payloads.
+pub async fn connect_peer(
+    addr: SocketAddr,
+    index: u32,
+    senders: usize,
+    codec: &Codec,
+) -> io::Result<Peer> {
     let stream = within("connect", TcpStream::connect(addr)).await?;
     // A client writes whole batches; Nagle would only delay them.
     stream.set_nodelay(true)?;
     let who = stream.local_addr()?.to_string();
     let (read, write) = stream.into_split();
-    let mut reader = LineReader::new(read, READ_BUF);
+    let mut reader = Inbox::new(read, READ_BUF);
     let greeting = within("greeting", reader.line()).await?;
-    let expected = format!("You are {who}");
+    let expected = chat_wire::greeting(&who);
     if greeting != expected {
         return Err(unexpected(format!(
             "expected greeting {expected:?}, got {greeting:?}"
@@ -368,8 +318,8 @@ pub async fn connect_peer(addr: SocketAddr, index: usize, senders: usize) -> io:
     Ok(Peer {
         who,
         reader,
-        tally: Tally::new(index, senders),
-        writer: LineWriter::new(write, index),
+        tally: Tally::new(index, senders, codec.clone()),
+        writer: LineWriter::new(write, index, codec.clone()),
     })
 }
 
@@ -377,9 +327,11 @@ pub async fn connect_peer(addr: SocketAddr, index: usize, senders: usize) -> io:
 /// announcement, so that nothing but the flow's own lines is left to read.
 /// Client `i` is told of the `n - 1 - i` clients that arrived after it.
 pub async fn connect_peers(addr: SocketAddr, n: usize) -> io::Result<Vec<Peer>> {
+    let codec = Codec::for_this_run(PAYLOAD).map_err(|err| unexpected(err.to_string()))?;
     let mut peers = Vec::with_capacity(n);
     for index in 0..n {
-        let peer = connect_peer(addr, index, n)
+        let sender = u32::try_from(index).map_err(|_| unexpected(format!("{n} clients")))?;
+        let peer = connect_peer(addr, sender, n, &codec)
             .await
             .map_err(|err| io::Error::new(err.kind(), format!("client {index} of {n}: {err}")))?;
         peers.push(peer);
@@ -619,7 +571,7 @@ async fn send(
 /// reopening its writer's window for each of its own echoes and reporting
 /// each round it finishes.
 async fn receive(
-    reader: &mut LineReader,
+    reader: &mut Inbox,
     tally: &mut Tally,
     rounds: u64,
     barrier: &Rounds,

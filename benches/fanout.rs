@@ -23,16 +23,25 @@
 //! progress for 10 s fails the bench instead of hanging it. The clients run
 //! on a separate two-worker runtime, made once for the whole group.
 //!
-//! **Throughput** is `Throughput::Elements` = deliveries: lines received,
-//! summed over the clients (n² k per iteration). The machine is shared by
-//! the server's runtime and the clients' runtime, so the figures are for
-//! comparing models with each other on one machine, not absolute capacity.
+//! **Throughput** is `Throughput::Elements`, and an element is a
+//! *delivery*: one line received by one client, summed over the clients
+//! (n² k per iteration), so criterion's `thrpt` in `elem/s` reads as
+//! deliveries per second. There is one benchmark group per n, named
+//! `fanout n=N (elements = deliveries)`, with the four models side by side
+//! in it: criterion's summary of a group that spans several n plots time
+//! per iteration against n² k "Input Size (Elements)" on a linear axis,
+//! which says nothing a reader can use, while one n per group compares the
+//! models at equal work. The machine is shared by the server's runtime and
+//! the clients' runtime, so the figures are for comparing models with each
+//! other on one machine, not absolute capacity.
 //!
-//! Run only this bench with `cargo bench --bench fanout`; one model with
-//! `cargo bench --bench fanout -- fanout/sharded`. The group sets its own
-//! sample size and times, which take precedence over `--measurement-time`
-//! on the command line; `--quick` shortens the run. HTML reports (with the
-//! line chart of every model against n) are in `target/criterion/fanout/`.
+//! Run only this bench with `cargo bench -p chat-benches --bench fanout`;
+//! one model with `... --bench fanout -- sharded`, one n with
+//! `... --bench fanout -- n=128`. The groups set their own sample size
+//! and times, which take precedence over `--measurement-time` on the
+//! command line; `--quick` shortens the run. HTML reports (each group's
+//! models side by side) are in `target/criterion/fanout n=N (elements =
+//! deliveries)/`.
 
 use chat_benches as common;
 
@@ -94,23 +103,23 @@ fn close_room(room: Room) {
 fn fanout(c: &mut Criterion) {
     common::ensure_fd_limit(4 * 512 + 256);
     let runtime = common::client_runtime().expect("client runtime");
-    let mut group = c.benchmark_group("fanout");
-    // Samples here take 5 ms to 300 ms each; flat sampling keeps the run
-    // within the time budget where linear sampling would need 55 iterations.
-    group
-        .sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
-
-    for model in Model::ALL {
-        for (n, k) in SIZES {
-            let nu = n as u64;
-            group.throughput(Throughput::Elements(nu * nu * k));
+    for (n, k) in SIZES {
+        let mut group = c.benchmark_group(group_name(n));
+        // Samples here take 5 ms to 300 ms each; flat sampling keeps the run
+        // within the time budget where linear sampling would need 55 iterations.
+        group
+            .sampling_mode(SamplingMode::Flat)
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3));
+        let nu = n as u64;
+        // Elements are deliveries: every line to every client.
+        group.throughput(Throughput::Elements(nu * nu * k));
+        for model in Model::ALL {
             // Set up lazily, on the first call, so that a filter on the
             // command line also skips connecting clients for benches it skips.
             let mut room: Option<Room> = None;
-            group.bench_function(BenchmarkId::new(model.name(), n), |b| {
+            group.bench_function(BenchmarkId::from_parameter(model.name()), |b| {
                 let room = room.get_or_insert_with(|| {
                     open_room(&runtime, model, n)
                         .unwrap_or_else(|err| panic!("fanout {model} n={n}: setup: {err}"))
@@ -131,8 +140,13 @@ fn fanout(c: &mut Criterion) {
                 close_room(room);
             }
         }
+        group.finish();
     }
-    group.finish();
+}
+
+/// The group of one n, naming what its throughput counts.
+fn group_name(n: usize) -> String {
+    format!("fanout n={n} (elements = deliveries)")
 }
 
 criterion_group!(benches, fanout);

@@ -32,10 +32,13 @@
 //! at most 16 of its own in flight, and the next round starts when all 16
 //! have received every line. The rounds keep each reader's backlog to
 //! 1,024 lines (about 84 KiB), well under `max_pending`, so the policy only
-//! ever applies to the non-reader. **Throughput** is `Throughput::Elements` = deliveries to the 16
-//! (16 × 16 × 64 = 16,384 per iteration); the non-reader's share is not counted.
+//! ever applies to the non-reader. **Throughput** is `Throughput::Elements`,
+//! an element being a delivery to one of the 16 (16 × 16 × 64 = 16,384 per
+//! iteration; the non-reader's share is not counted), and the group is named
+//! for it: `slow_reader (elements = deliveries to the 16 readers)`, every
+//! model and policy side by side.
 //!
-//! Run only this bench with `cargo bench --bench slow_reader`. Setup runs
+//! Run only this bench with `cargo bench -p chat-benches --bench slow_reader`. Setup runs
 //! for every combination even under a name filter, because whether a
 //! combination is benchmarked at all depends on whether its fill stalls.
 //! The group sets its own sample size and times, which take precedence
@@ -225,7 +228,7 @@ impl Bench<'_> {
 fn slow_reader(c: &mut Criterion) {
     common::init_logging();
     let runtime = common::client_runtime().expect("client runtime");
-    let mut group = c.benchmark_group("slow_reader");
+    let mut group = c.benchmark_group("slow_reader (elements = deliveries to the 16 readers)");
     group
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
+use chat_testkit::proc::Proc;
 use common::ensure;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -52,16 +53,10 @@ async fn soak_broadcast() -> io::Result<()> {
     soak(Model::Broadcast).await
 }
 
+/// This process's resident memory (server and clients together), 0 where
+/// `/proc` cannot be read.
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+    Proc::Myself.memory().map_or(0, |memory| memory.rss_kib)
 }
 
 #[derive(Default)]

@@ -13,7 +13,7 @@ use chat_testkit::process::{
 /// Reads `You are IP:PORT` and returns `IP:PORT`.
 fn greeted(client: &mut LineChild) -> io::Result<String> {
     let line = client.line()?;
-    line.strip_prefix("You are ")
+    chat_wire::greeted(&line)
         .map(str::to_string)
         .ok_or_else(|| io::Error::other(format!("expected a greeting, got {line:?}")))
 }
