@@ -32,7 +32,8 @@ pub enum Kick {
 #[derive(Debug)]
 pub struct Client {
     pub id: ClientId,
-    /// `IP:PORT`, the name everybody sees.
+    /// `IP:PORT`, or under `--names` the name the client chose: the name
+    /// everybody sees.
     pub who: Arc<str>,
     pub policy: SlowClientPolicy,
     /// Fires when the connection must end early: on a kick, or (as a child
@@ -76,6 +77,14 @@ impl Client {
             skipped: AtomicU64::new(0),
             _slot: slot,
         }
+    }
+
+    /// The same client under the name it chose (`--names`). Only a client
+    /// nobody else holds yet can be renamed, so nothing ever sees its name
+    /// change; a shared one is handed back as it is.
+    pub fn renamed(self: Arc<Client>, who: Arc<str>) -> Result<Arc<Client>, Arc<Client>> {
+        let client = Arc::try_unwrap(self)?;
+        Ok(Arc::new(Client { who, ..client }))
     }
 
     /// The span every log line about this connection is emitted in:

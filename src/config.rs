@@ -259,6 +259,12 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     /// On shutdown, how long queued messages may take to flush.
     pub shutdown_grace: Duration,
+    /// `--names`: a client's first line is its name (gopl exercise 8.14),
+    /// unique in the room; it replaces `IP:PORT` in every message about it.
+    pub names: bool,
+    /// `--announce-present`: a newcomer is told who is already present,
+    /// right after its greeting (gopl exercise 8.12).
+    pub announce_present: bool,
 }
 
 impl Default for Config {
@@ -273,6 +279,8 @@ impl Default for Config {
             max_clients: 10_000,
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(2),
+            names: false,
+            announce_present: false,
         }
     }
 }

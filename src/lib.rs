@@ -31,6 +31,7 @@
 //!
 //! - [`server`]: the accept loop, connection limit, accept-error backoff and
 //!   graceful shutdown;
+//! - `lobby`: naming (`--names`), joining, and the first lines a client gets;
 //! - `session`: one connection's reader and writer tasks, shared by every model;
 //! - `protocol`: line framing, sanitising and the seed's message texts (the
 //!   texts themselves live in the `chat-wire` crate, which the load tool and
@@ -47,6 +48,7 @@ mod config;
 #[cfg(feature = "test-util")]
 pub mod harness;
 mod hub;
+mod lobby;
 mod memory;
 mod outbox;
 mod protocol;

@@ -83,6 +83,11 @@ impl Outbox {
         self.client.id
     }
 
+    /// The client's name (or `IP:PORT`), for the `present` line.
+    pub fn who(&self) -> &Arc<str> {
+        &self.client.who
+    }
+
     /// Whether [`Outbox::send`] may wait; if so, never call it while holding
     /// a lock.
     pub fn waits(&self) -> bool {
@@ -118,6 +123,23 @@ impl Outbox {
         if Box::pin(client.budget.take(message.len(), client)).await {
             self.push(message);
         }
+    }
+
+    /// Queues a membership announcement under `--announce-present`: never
+    /// waits and is never skipped, whatever the policy. A skipped arrival or
+    /// departure would make the client's picture of the room wrong for good,
+    /// and waiting would stall the membership lock or task the caller holds;
+    /// so a client with no room for one is disconnected as too slow.
+    pub fn announce(&self, message: &Message) {
+        let client = &*self.client;
+        if client.is_kicked() {
+            return;
+        }
+        if !client.budget.try_take(message.len()) {
+            client.kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));
+            return;
+        }
+        self.push(message);
     }
 
     /// Appends a message whose bytes the budget has already granted.

@@ -8,6 +8,19 @@
 //! | a line `text` | `IP:PORT: text` | `IP:PORT: text` |
 //! | input ends | (connection closes) | `IP:PORT has left` |
 //!
+//! Two opt-in additions (gopl exercises 8.12 and 8.14) leave that table as
+//! it is when they are off:
+//!
+//! - `--names`: the server first sends [`NAME_PROMPT`] and reads the
+//!   client's first line as its name ([`check_name`]); a bad or taken name
+//!   gets one `error: ...` line and the client tries again. The name then
+//!   stands wherever the table says `IP:PORT`.
+//! - `--announce-present`: right after `You are WHO` the newcomer gets one
+//!   line `present (N): A, B, C` naming the N clients already present, in no
+//!   particular order, separated by `, ` (names and addresses hold no
+//!   spaces, so the list splits unambiguously); an empty room is
+//!   `present (0): nobody`. The count is authoritative.
+//!
 //! This module owns everything about that text and nothing about sockets:
 //! splitting an input stream into lines under a length limit ([`LineBuffer`]),
 //! making a user's text safe to show on other people's terminals
@@ -62,6 +75,32 @@ impl Message {
     /// `IP:PORT has left`: announced to everyone who remains.
     pub fn left(who: &str) -> Message {
         Message::from_parts(&[who, chat_wire::LEFT_SUFFIX, "\n"])
+    }
+
+    /// `You are WHO`, followed with `--announce-present` by the
+    /// `present (N): ...` line: what the writer sends before anything else.
+    pub fn hello(who: &str, present: Option<&[std::sync::Arc<str>]>) -> Message {
+        let Some(present) = present else {
+            return Message::greeting(who);
+        };
+        let names: usize = present.iter().map(|name| name.len() + 2).sum();
+        let mut text = String::with_capacity(who.len() + names + 32);
+        text.push_str("You are ");
+        text.push_str(who);
+        text.push_str("\npresent (");
+        text.push_str(&present.len().to_string());
+        text.push_str("): ");
+        if present.is_empty() {
+            text.push_str("nobody");
+        }
+        for (i, name) in present.iter().enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            text.push_str(name);
+        }
+        text.push('\n');
+        Message::from_text(&text)
     }
 
     /// A server notice to one client, such as `error: line too long (max 65536 bytes)`.
@@ -195,6 +234,33 @@ fn push_visible(ch: char, out: &mut String) {
         '\u{80}'..='\u{9f}' => out.push(char::REPLACEMENT_CHARACTER),
         _ => out.push(ch),
     }
+}
+
+/// With `--names`, the first line the server sends: the client's first
+/// line is taken as its name.
+pub const NAME_PROMPT: &str = "Enter your name:";
+
+/// The longest name, in bytes.
+pub const MAX_NAME: usize = 32;
+
+/// The answer to a name [`check_name`] refuses; the client may try again.
+pub const BAD_NAME: &str =
+    "error: a name is 1-32 printable ASCII characters without spaces; try another";
+
+/// The answer to a name someone in the room already has.
+pub const NAME_TAKEN: &str = "error: that name is taken; try another";
+
+/// The name in a client's first line (one trailing `\r` dropped), if it is
+/// one: 1 to [`MAX_NAME`] printable ASCII characters, no spaces. ASCII only,
+/// so that no name can carry terminal controls, bidirectional overrides or
+/// look-alike letters, and none can contain the `, ` that separates names
+/// in the `present` line or the `: ` that ends a chat line's prefix.
+pub fn check_name(line: &[u8]) -> Option<&str> {
+    let name = strip_cr(line);
+    if name.is_empty() || name.len() > MAX_NAME || !name.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    std::str::from_utf8(name).ok()
 }
 
 /// The line a client sent was longer than the limit.
@@ -379,6 +445,33 @@ mod tests {
         assert_eq!(two.as_str(), "127.0.0.1:1: a\n127.0.0.1:1: b^[\n");
         assert_eq!(two.lines(), 2);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn formats_hello_and_checks_names() {
+        assert_eq!(Message::hello("bob", None).as_str(), "You are bob\n");
+        assert_eq!(
+            Message::hello("bob", Some(&[])).as_str(),
+            "You are bob\npresent (0): nobody\n"
+        );
+        let present: Vec<std::sync::Arc<str>> = vec!["ann".into(), "1.2.3.4:5".into()];
+        assert_eq!(
+            Message::hello("bob", Some(&present)).as_str(),
+            "You are bob\npresent (2): ann, 1.2.3.4:5\n"
+        );
+        assert_eq!(check_name(b"ann\r"), Some("ann"));
+        assert_eq!(check_name(&[b'x'; MAX_NAME]), Some(&*"x".repeat(MAX_NAME)));
+        for bad in [
+            &b""[..],
+            b"\r",
+            b"two words",
+            b"tab\t",
+            b"esc\x1b[2J",
+            "caf\u{e9}".as_bytes(),
+            &[b'x'; MAX_NAME + 1],
+        ] {
+            assert_eq!(check_name(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

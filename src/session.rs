@@ -7,6 +7,9 @@
 //! kicked, idles out, sends an over-long line, or the server shuts down) it
 //! leaves the hub, which announces the departure.
 //!
+//! Before any of that, [`lobby`] names the client (`--names`) and joins
+//! it; the first thing the writer sends is what the lobby hands it.
+//!
 //! The **writer** sends the greeting, then drains the client's [`Inbox`],
 //! coalescing whatever is ready into one write of up to [`MAX_WRITE`] bytes,
 //! so a client that is behind catches up with few system calls. It finishes
@@ -39,6 +42,7 @@ use tracing::{debug, info, warn};
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
 use crate::hub::{Hub, Inbox};
+use crate::lobby;
 use crate::memory;
 use crate::outbox::TOO_SLOW;
 use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
@@ -97,25 +101,21 @@ pub(crate) async fn serve<H: Hub>(
     // spawned there: an async fn reserves room in its state for temporaries
     // it holds around an `.await`, and this task lives as long as the
     // connection, so only what the reading itself needs should be in it.
-    let (reader, writer) = stream.into_split();
-    let inbox = join(&*hub, &client).await;
+    let (mut reader, mut writer) = stream.into_split();
+    let Some(entered) = lobby::enter(&*hub, &mut reader, &mut writer, client, &server).await else {
+        return;
+    };
+    let client = entered.client;
     client.span().in_scope(|| info!("arrived"));
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
-    spawn_writer(writer, inbox, &client, &server);
+    spawn_writer(writer, entered.inbox, entered.hello, &client, &server);
     let end = read_loop(&*hub, &reader, &client, &server).await;
     let (departure, lingers) = client.span().in_scope(|| conclude(end, &client));
     leave(&*hub, &client, departure).await;
     if lingers {
         linger(&reader, &client).await;
     }
-}
-
-fn join<'a, H: Hub>(
-    hub: &'a H,
-    client: &'a Arc<Client>,
-) -> Pin<Box<impl Future<Output = H::Inbox> + Send + 'a>> {
-    Box::pin(hub.join(client, Message::arrived(&client.who)))
 }
 
 fn leave<'a, H: Hub>(
@@ -129,12 +129,14 @@ fn leave<'a, H: Hub>(
 fn spawn_writer<I: Inbox>(
     writer: OwnedWriteHalf,
     inbox: I,
+    hello: Message,
     client: &Arc<Client>,
     server: &Arc<ServerContext>,
 ) {
     server.tracker.spawn(write_loop(
         writer,
         inbox,
+        hello,
         Arc::clone(client),
         Arc::clone(server),
     ));
@@ -186,7 +188,7 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
 }
 
 /// [`discard_input`], boxed: it is rare.
-fn linger<'a>(
+pub(crate) fn linger<'a>(
     reader: &'a OwnedReadHalf,
     client: &'a Client,
 ) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
@@ -311,6 +313,7 @@ enum WriteEnd {
 async fn write_loop<I: Inbox>(
     half: OwnedWriteHalf,
     mut inbox: I,
+    hello: Message,
     client: Arc<Client>,
     server: Arc<ServerContext>,
 ) {
@@ -322,9 +325,8 @@ async fn write_loop<I: Inbox>(
         shutting_down: false,
         mid_line: false,
     };
-    let mut result = socket
-        .write_all(Message::greeting(&client.who).as_bytes())
-        .await;
+    let mut result = socket.write_all(hello.as_bytes()).await;
+    drop(hello);
     let mut batch: Vec<u8> = Vec::new();
     while result.is_ok() {
         let first = match inbox.try_recv() {

@@ -63,6 +63,16 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     shutdown_grace: f64,
 
+    /// Ask each client for a name first (its first line: 1-32 printable ASCII
+    /// characters, no spaces, unique in the room); the name replaces IP:PORT.
+    #[arg(long)]
+    names: bool,
+
+    /// Tell each newcomer who is already present, right after `You are ...`,
+    /// as one line `present (N): A, B, C`.
+    #[arg(long)]
+    announce_present: bool,
+
     /// Worker threads of the runtime [default: one per CPU]. When a load
     /// generator shares the machine, give each its own cores (see README).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -107,6 +117,8 @@ impl Args {
                 .map(|secs| seconds("idle-timeout", secs))
                 .transpose()?,
             shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
+            names: self.names,
+            announce_present: self.announce_present,
         };
         config.validate()?;
         Ok(config)

@@ -25,18 +25,37 @@
 //! drops the client, and `block` cannot be offered at all. The ring's
 //! capacity is derived from `--max-pending` (see [`ring_capacity`]).
 //!
+//! **Names and presence: a roster beside the ring.** The ring knows only
+//! read positions, not who is behind them, so with `--names` or
+//! `--announce-present` the hub keeps a roster, name (or `IP:PORT`) to id,
+//! under a `parking_lot::Mutex`. A join holds the roster lock while it
+//! checks the name, copies the roster as its list, subscribes to the ring,
+//! publishes its arrival and adds itself; a leave holds it while it
+//! publishes its departure and removes itself. Membership changes thus go
+//! through the ring in the roster's order, and a newcomer's receiver starts
+//! exactly after the last change its list contains: the ring itself lines
+//! the two up. Chat lines never take the roster lock.
+//!
+//! The guarantee needs every membership entry to reach every receiver, and
+//! the ring drops entries for a receiver that falls behind. So with
+//! `--announce-present` a receiver that lags is disconnected as too slow
+//! under every policy: `--slow-client drop`, which here means "skip what
+//! the ring overwrote", cannot be kept together with the guarantee.
+//!
 //! **Ordering.** One ring, one sequence: all recipients see the same total
 //! order.
 //!
 //! **Tasks.** 2n+1: the accept loop, and a reader and a writer per client.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::{Config, SlowClientPolicy};
-use crate::hub::{Hub, Inbox};
+use crate::hub::{Hub, Inbox, Joined, NameTaken};
 use crate::outbox::TOO_SLOW;
 use crate::protocol::Message;
 
@@ -67,6 +86,10 @@ struct Entry {
 #[derive(Debug)]
 pub struct BroadcastHub {
     ring: broadcast::Sender<Entry>,
+    /// With `--names` or `--announce-present`: who is in the room.
+    roster: Option<Mutex<HashMap<Arc<str>, ClientId>>>,
+    /// `--announce-present`: a receiver may not skip anything.
+    presence: bool,
 }
 
 impl Hub for BroadcastHub {
@@ -74,17 +97,39 @@ impl Hub for BroadcastHub {
 
     fn new(config: &Config) -> BroadcastHub {
         let (ring, _) = broadcast::channel(ring_capacity(config.max_pending));
-        BroadcastHub { ring }
+        BroadcastHub {
+            ring,
+            roster: (config.names || config.announce_present).then(Mutex::default),
+            presence: config.announce_present,
+        }
     }
 
-    async fn join(&self, client: &Arc<Client>, arrival: Message) -> RingInbox {
+    async fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> Result<Joined<RingInbox>, NameTaken> {
+        let mut roster = self.roster.as_ref().map(|roster| roster.lock());
+        let mut present = Vec::new();
+        if let Some(roster) = &mut roster {
+            if roster.contains_key(&*client.who) {
+                return Err(NameTaken);
+            }
+            if self.presence {
+                present = roster.keys().cloned().collect();
+            }
+            roster.insert(Arc::clone(&client.who), client.id);
+        }
         let receiver = self.ring.subscribe();
         self.publish(client.id, Audience::Others, Some(arrival));
-        RingInbox {
+        drop(roster);
+        let inbox = RingInbox {
             receiver,
             client: Arc::clone(client),
             ended: false,
-        }
+            strict: self.presence,
+        };
+        Ok(Joined { inbox, present })
     }
 
     async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
@@ -92,7 +137,13 @@ impl Hub for BroadcastHub {
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        let mut roster = self.roster.as_ref().map(|roster| roster.lock());
         self.publish(client.id, Audience::Departure, departure);
+        if let Some(roster) = &mut roster {
+            if roster.get(&*client.who) == Some(&client.id) {
+                roster.remove(&*client.who);
+            }
+        }
     }
 }
 
@@ -113,6 +164,9 @@ pub struct RingInbox {
     receiver: broadcast::Receiver<Entry>,
     client: Arc<Client>,
     ended: bool,
+    /// `--announce-present`: a lag is fatal whatever the policy, since the
+    /// entries it skips may be arrivals or departures.
+    strict: bool,
 }
 
 enum Step {
@@ -140,11 +194,11 @@ impl RingInbox {
     /// entries behind. Returns false if the client must stop here.
     fn lagged(&mut self, missed: u64) -> bool {
         match self.client.policy {
-            SlowClientPolicy::Drop => {
+            SlowClientPolicy::Drop if !self.strict => {
                 self.client.skip(missed);
                 true
             }
-            SlowClientPolicy::Disconnect | SlowClientPolicy::Block => {
+            SlowClientPolicy::Drop | SlowClientPolicy::Disconnect | SlowClientPolicy::Block => {
                 self.client
                     .kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));
                 self.ended = true;

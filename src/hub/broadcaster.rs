@@ -4,7 +4,8 @@
 //! clients as a local variable; connections talk to it only through three
 //! channels, so nothing is shared and nothing is locked:
 //!
-//! - `entering`: a new client's outbox, to add to the map;
+//! - `entering`: a new client's outbox and its arrival announcement, to
+//!   announce and add to the map;
 //! - `leaving`: a departing client, to remove (dropping its outbox, which
 //!   is the seed's `close(cli)`: its writer finishes what is queued and stops),
 //!   with its departure announcement;
@@ -27,6 +28,17 @@
 //! with `leaving` and is delivered in the same step as the removal, before
 //! any line sent by someone who saw the connection close.
 //!
+//! **Names and presence.** Both are one more thing the owner does in the
+//! step that adds a client, since nothing else can touch the map in between:
+//! with `--names` it checks the name against its own set of names and
+//! refuses a taken one (of two joins with one name, the one whose
+//! `entering` it takes first wins); with `--announce-present` it lists the
+//! clients, announces the arrival to them and adds the newcomer, and
+//! answers with the list. A departure is already announced in the step that
+//! removes the client. Nothing is locked for either; the cost is that the
+//! owner, which every line of the room already goes through, also builds
+//! each newcomer's list.
+//!
 //! **Locks.** None. The `select!` is biased towards membership changes (the
 //! seed's is random), which is what makes the acknowledgements above enough.
 //! Under `--slow-client block` the broadcaster waits for room in a full
@@ -39,14 +51,14 @@
 //! **Tasks.** 2n+2: the accept loop, the broadcaster, and a reader and a
 //! writer per client, as in the seed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind};
-use crate::hub::Hub;
+use crate::hub::{Hub, Joined, NameTaken};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
@@ -62,13 +74,26 @@ const MESSAGES_BATCH: usize = 64;
 
 type Ack = oneshot::Sender<()>;
 
+/// The owner's answer to `entering`: the clients present, or a refusal.
+type Admission = oneshot::Sender<Result<Vec<Arc<str>>, NameTaken>>;
+
+/// A newcomer's outbox, its arrival announcement, and who waits for the answer.
+type Entering = (Outbox, Message, Admission);
+
 /// A departing client, its departure announcement, and who waits for both.
 type Leaving = (ClientId, Option<Message>, Ack);
+
+/// What the owner task does besides relaying.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    names: bool,
+    presence: bool,
+}
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct BroadcasterHub {
-    entering: mpsc::UnboundedSender<(Outbox, Ack)>,
+    entering: mpsc::UnboundedSender<Entering>,
     leaving: mpsc::UnboundedSender<Leaving>,
     messages: mpsc::Sender<Message>,
     queue: QueueKind,
@@ -83,7 +108,11 @@ impl Hub for BroadcasterHub {
         let (entering, entering_rx) = mpsc::unbounded_channel();
         let (leaving, leaving_rx) = mpsc::unbounded_channel();
         let (messages, messages_rx) = mpsc::channel(MESSAGES_CAPACITY);
-        tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx));
+        let options = Options {
+            names: config.names,
+            presence: config.announce_present,
+        };
+        tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx, options));
         BroadcasterHub {
             queue: config.queue,
             entering,
@@ -92,16 +121,25 @@ impl Hub for BroadcasterHub {
         }
     }
 
-    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+    async fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> Result<Joined<QueueInbox>, NameTaken> {
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
-        // The seed's order: announce, then enter, so the newcomer does not
-        // see its own arrival.
-        self.send_message(arrival).await;
-        let (ack, entered) = oneshot::channel();
-        if self.entering.send((outbox, ack)).is_ok() {
-            let _ = entered.await;
+        // The arrival travels with the outbox, so that the owner can refuse
+        // a taken name before anyone hears of it, and announce it in the
+        // step that adds the newcomer (the seed's order: announce, then
+        // enter, so the newcomer does not see its own arrival).
+        let (admission, admitted) = oneshot::channel();
+        let mut present = Vec::new();
+        if self.entering.send((outbox, arrival, admission)).is_ok() {
+            // The owner is gone only when the server is: join as nobody.
+            if let Ok(answer) = admitted.await {
+                present = answer?;
+            }
         }
-        inbox
+        Ok(Joined { inbox, present })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
@@ -131,25 +169,55 @@ impl BroadcasterHub {
 /// The broadcaster task. It ends when every sender is gone: the hub and every
 /// connection holding it have been dropped.
 async fn broadcaster(
-    mut entering: mpsc::UnboundedReceiver<(Outbox, Ack)>,
+    mut entering: mpsc::UnboundedReceiver<Entering>,
     mut leaving: mpsc::UnboundedReceiver<Leaving>,
     mut messages: mpsc::Receiver<Message>,
+    options: Options,
 ) {
     let mut clients: HashMap<ClientId, Outbox> = HashMap::new();
+    // With `--names`: the names of everyone in `clients`.
+    let mut names: HashSet<Arc<str>> = HashSet::new();
     let mut batch = Vec::with_capacity(MESSAGES_BATCH);
     loop {
         tokio::select! {
             biased;
-            Some((outbox, ack)) = entering.recv() => {
+            Some((outbox, arrival, admission)) = entering.recv() => {
                 deliver_queued(&mut messages, &clients).await;
+                if options.names && !names.insert(Arc::clone(outbox.who())) {
+                    // Dropped before answering, so the session holds the
+                    // only handle to its client again when it hears.
+                    drop(outbox);
+                    let _ = admission.send(Err(NameTaken));
+                    continue;
+                }
+                let present = if options.presence {
+                    clients
+                        .values()
+                        .map(|outbox| {
+                            outbox.announce(&arrival);
+                            Arc::clone(outbox.who())
+                        })
+                        .collect()
+                } else {
+                    deliver(&arrival, &clients).await;
+                    Vec::new()
+                };
                 clients.insert(outbox.id(), outbox);
-                let _ = ack.send(());
+                let _ = admission.send(Ok(present));
             }
             Some((id, departure, ack)) = leaving.recv() => {
                 deliver_queued(&mut messages, &clients).await;
-                clients.remove(&id);
+                if let Some(outbox) = clients.remove(&id) {
+                    if options.names {
+                        names.remove(&**outbox.who());
+                    }
+                }
                 if let Some(departure) = departure {
-                    deliver(&departure, &clients).await;
+                    if options.presence {
+                        clients.values().for_each(|outbox| outbox.announce(&departure));
+                    } else {
+                        deliver(&departure, &clients).await;
+                    }
                 }
                 let _ = ack.send(());
             }

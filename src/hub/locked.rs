@@ -16,26 +16,47 @@
 //! `--slow-client block` the recipients are copied out first and the lock
 //! is released before any wait.
 //!
+//! **Names and presence.** The lock that guards the map is also what makes
+//! the two options atomic. With `--names` the write lock that inserts a
+//! client first checks a set of names beside the map, so of two joins with
+//! one name the first to get the lock wins. With `--announce-present` the
+//! join takes the list of who is present, queues its arrival for each of
+//! them and inserts itself under one write lock, and a leave queues its
+//! departure and removes itself under another: no membership change can fall
+//! between a newcomer's list and its first announcement. The cost is that a
+//! join or a leave holds the write lock for one pass over the room instead
+//! of for one insert, and every fan-out waits for it.
+//!
 //! **Ordering.** Each recipient sees each sender's lines in the order sent;
 //! concurrent senders can interleave differently at different recipients.
 //!
 //! **Tasks.** 2n+1: the accept loop, and a reader and a writer per client.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::hub::Hub;
+use crate::hub::{Hub, Joined, NameTaken};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
+
+/// What the lock guards.
+#[derive(Debug, Default)]
+struct Room {
+    clients: HashMap<ClientId, Outbox>,
+    /// With `--names`: the names of everyone in `clients`.
+    names: HashSet<Arc<str>>,
+}
 
 /// See the module documentation.
 #[derive(Debug)]
 pub struct LockedHub {
-    clients: RwLock<HashMap<ClientId, Outbox>>,
+    room: RwLock<Room>,
+    names: bool,
+    presence: bool,
     senders_wait: bool,
     queue: QueueKind,
 }
@@ -45,17 +66,43 @@ impl Hub for LockedHub {
 
     fn new(config: &Config) -> LockedHub {
         LockedHub {
-            clients: RwLock::new(HashMap::new()),
+            room: RwLock::new(Room::default()),
+            names: config.names,
+            presence: config.announce_present,
             senders_wait: config.slow_client == SlowClientPolicy::Block,
             queue: config.queue,
         }
     }
 
-    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+    async fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> Result<Joined<QueueInbox>, NameTaken> {
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
-        self.clients.write().insert(client.id, outbox);
-        self.fan_out(&arrival, Some(client.id)).await;
-        inbox
+        let present = {
+            let mut room = self.room.write();
+            if self.names && !room.names.insert(Arc::clone(&client.who)) {
+                return Err(NameTaken);
+            }
+            let present = if self.presence {
+                room.clients
+                    .values()
+                    .map(|outbox| {
+                        outbox.announce(&arrival);
+                        Arc::clone(outbox.who())
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            room.clients.insert(client.id, outbox);
+            present
+        };
+        if !self.presence {
+            self.fan_out(&arrival, Some(client.id)).await;
+        }
+        Ok(Joined { inbox, present })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
@@ -65,10 +112,25 @@ impl Hub for LockedHub {
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         // Announce first, as in `sharded`: the removal lets the leaver's
         // connection close (see `Hub::leave`).
-        if let Some(departure) = departure {
-            self.fan_out(&departure, Some(client.id)).await;
+        if !self.presence {
+            if let Some(departure) = &departure {
+                self.fan_out(departure, Some(client.id)).await;
+            }
         }
-        self.clients.write().remove(&client.id);
+        let mut room = self.room.write();
+        if self.presence {
+            if let Some(departure) = &departure {
+                for (id, outbox) in &room.clients {
+                    if *id != client.id {
+                        outbox.announce(departure);
+                    }
+                }
+            }
+        }
+        room.clients.remove(&client.id);
+        if self.names {
+            room.names.remove(&*client.who);
+        }
     }
 }
 
@@ -79,8 +141,8 @@ impl LockedHub {
             // `--slow-client block` needs the room to wait.
             return Box::pin(self.fan_out_waiting(message, except)).await;
         }
-        let clients = self.clients.read();
-        for (id, outbox) in clients.iter() {
+        let room = self.room.read();
+        for (id, outbox) in &room.clients {
             if Some(*id) != except {
                 outbox.offer(message);
             }
@@ -91,8 +153,9 @@ impl LockedHub {
     /// then wait for room in each queue in turn.
     async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>) {
         let recipients: Vec<Outbox> = self
-            .clients
+            .room
             .read()
+            .clients
             .iter()
             .filter(|(id, _)| Some(**id) != except)
             .map(|(_, outbox)| outbox.clone())

@@ -15,6 +15,16 @@
 //!
 //! The task counts include the accept loop and a reader and a writer task
 //! per connection, which every model shares.
+//!
+//! Two options make a join more than an insert, and are where the models
+//! really differ (ARCHITECTURE.md, "Who is here?"):
+//!
+//! | file | `--names`: check-and-insert of a name | `--announce-present`: list, arrival and insert in one step |
+//! |---|---|---|
+//! | [`sharded`] | a `DashMap` entry on a second map, name to id | a membership mutex taken by joins and leaves only, never by a fan-out |
+//! | [`broadcaster`] | the owner task's name set | one step of the owner task |
+//! | [`locked`] | a name set under the write lock | the write lock |
+//! | [`broadcast`] | a roster (name to id) under a mutex beside the ring | the roster mutex, held while subscribing and while publishing arrivals and departures into the ring |
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +43,19 @@ pub use broadcaster::BroadcasterHub;
 pub use locked::LockedHub;
 pub use sharded::ShardedHub;
 
+/// A join refused under `--names`: someone in the room has that name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameTaken;
+
+/// What a successful [`Hub::join`] gives the session.
+#[derive(Debug)]
+pub struct Joined<I> {
+    pub inbox: I,
+    /// Under `--announce-present`: who else was in the room at the instant
+    /// the client entered it (empty without the option).
+    pub present: Vec<Arc<str>>,
+}
+
 /// A concurrency model: how clients join, leave and reach each other.
 ///
 /// The session calls `join` once, then `broadcast` for each read's worth of
@@ -45,6 +68,20 @@ pub use sharded::ShardedHub;
 /// - everything `broadcast` queued for a client before its `leave` reaches
 ///   its [`Inbox`] before the inbox ends, so its last echo is not lost;
 /// - `departure` reaches everyone who remains, never the leaver.
+///
+/// Under `--names` (`Config::names`) `client.who` is the client's chosen
+/// name, and `join` refuses it ([`NameTaken`]) if someone in the room has
+/// it: of any number of concurrent joins with one name, exactly one wins.
+/// The name is free again only after `leave` has announced the departure.
+///
+/// Under `--announce-present` (`Config::announce_present`) `join` returns
+/// who is present, and the model makes the list, the arrival announcement
+/// and the insert one atomic step, and the departure and the removal
+/// another: so for every client, its list plus the arrivals it later
+/// receives minus the departures it later receives is exactly the room,
+/// at every moment. Membership announcements then go through
+/// [`Outbox::announce`](crate::outbox::Outbox::announce): never skipped, never
+/// waited for; a client with no room for one is disconnected as too slow.
 pub trait Hub: Send + Sync + Sized + 'static {
     /// What the client's writer task drains.
     type Inbox: Inbox;
@@ -58,7 +95,7 @@ pub trait Hub: Send + Sync + Sized + 'static {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> impl Future<Output = Self::Inbox> + Send;
+    ) -> impl Future<Output = Result<Joined<Self::Inbox>, NameTaken>> + Send;
 
     /// Delivers `message` to every client, `from` included.
     fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;

@@ -18,6 +18,25 @@
 //! recipients are first copied out of the map and the map is not held at
 //! all while waiting.
 //!
+//! **Names.** With `--names` a second `DashMap`, name to client id, holds
+//! the names in use. A join claims its name through that map's entry API,
+//! which holds the name's shard's write lock between the check and the
+//! insert: of two joins with one name exactly one finds the entry vacant.
+//! The name is freed after the departure is announced and the outbox removed.
+//!
+//! **Presence.** `--announce-present` needs each newcomer's list, its
+//! arrival announcement and its insert to happen with no other membership
+//! change in between, which a map of independent shards cannot give: a
+//! newcomer walking the shards could list someone whose arrival is still
+//! being fanned out, or miss a leaver's departure. So joins and leaves (and
+//! only they) take one `membership` mutex, and do their whole step under
+//! it: walk every shard once to list the present and queue the arrival
+//! (or, leaving, the departure) for each, then insert (or remove) the
+//! client. Chat fan-out never takes the mutex, so the lines of the room are
+//! not serialised; only membership changes are, and each holds the mutex
+//! for one pass over the room. Lock order: `membership`, then a shard, then
+//! a client's queue, so there is still no cycle.
+//!
 //! **Ordering.** Each sender pushes its own lines in order into every queue,
 //! so every recipient sees each sender's lines in the order sent. Two
 //! senders fan out concurrently, and one may reach shard 0 first while the
@@ -28,11 +47,13 @@
 
 use std::sync::Arc;
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use parking_lot::Mutex;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::hub::Hub;
+use crate::hub::{Hub, Joined, NameTaken};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
@@ -40,6 +61,10 @@ use crate::protocol::Message;
 #[derive(Debug)]
 pub struct ShardedHub {
     clients: DashMap<ClientId, Outbox>,
+    /// With `--names`: who holds each name.
+    names: Option<DashMap<Arc<str>, ClientId>>,
+    /// With `--announce-present`: held by joins and leaves, never by a fan-out.
+    membership: Option<Mutex<()>>,
     senders_wait: bool,
     queue: QueueKind,
 }
@@ -50,18 +75,50 @@ impl Hub for ShardedHub {
     fn new(config: &Config) -> ShardedHub {
         ShardedHub {
             clients: DashMap::new(),
+            names: config.names.then(DashMap::new),
+            membership: config.announce_present.then(|| Mutex::new(())),
             senders_wait: config.slow_client == SlowClientPolicy::Block,
             queue: config.queue,
         }
     }
 
-    async fn join(&self, client: &Arc<Client>, arrival: Message) -> QueueInbox {
+    async fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> Result<Joined<QueueInbox>, NameTaken> {
+        if let Some(names) = &self.names {
+            match names.entry(Arc::clone(&client.who)) {
+                Entry::Occupied(_) => return Err(NameTaken),
+                Entry::Vacant(vacant) => {
+                    vacant.insert(client.id);
+                }
+            }
+        }
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
-        // Register first, then announce to everyone else: two clients
-        // joining at once both end up seeing each other arrive.
+        let Some(membership) = &self.membership else {
+            // Register first, then announce to everyone else: two clients
+            // joining at once both end up seeing each other arrive.
+            self.clients.insert(client.id, outbox);
+            self.fan_out(&arrival, Some(client.id)).await;
+            return Ok(Joined {
+                inbox,
+                present: Vec::new(),
+            });
+        };
+        let _changing = membership.lock();
+        let present = self
+            .clients
+            .iter()
+            .map(|entry| {
+                entry.value().announce(&arrival);
+                Arc::clone(entry.value().who())
+            })
+            .collect();
+        // Only after the walk: inserting takes a shard's write lock, which
+        // the walk's read guard on that shard would deadlock against.
         self.clients.insert(client.id, outbox);
-        self.fan_out(&arrival, Some(client.id)).await;
-        inbox
+        Ok(Joined { inbox, present })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
@@ -72,10 +129,28 @@ impl Hub for ShardedHub {
         // Announce first: removing our outbox lets the client's writer finish
         // and close the connection, and the departure must already be queued
         // for everyone by then (see `Hub::leave`).
-        if let Some(departure) = departure {
-            self.fan_out(&departure, Some(client.id)).await;
+        match &self.membership {
+            None => {
+                if let Some(departure) = departure {
+                    self.fan_out(&departure, Some(client.id)).await;
+                }
+                self.clients.remove(&client.id);
+            }
+            Some(membership) => {
+                let _changing = membership.lock();
+                if let Some(departure) = &departure {
+                    for entry in self.clients.iter() {
+                        if *entry.key() != client.id {
+                            entry.value().announce(departure);
+                        }
+                    }
+                }
+                self.clients.remove(&client.id);
+            }
         }
-        self.clients.remove(&client.id);
+        if let Some(names) = &self.names {
+            names.remove_if(&*client.who, |_, holder| *holder == client.id);
+        }
     }
 }
 
