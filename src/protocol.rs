@@ -18,7 +18,7 @@
 //! - `--announce-present`: right after `You are WHO` the newcomer gets one
 //!   line `present (N): A, B, C` naming the N clients already present, in no
 //!   particular order, separated by `, ` (names and addresses hold no
-//!   spaces, so the list splits unambiguously); an empty room is
+//!   spaces and names no commas, so the list splits unambiguously); an empty room is
 //!   `present (0): nobody`. The count is authoritative.
 //!
 //! This module owns everything about that text and nothing about sockets:
@@ -245,19 +245,21 @@ pub const MAX_NAME: usize = 32;
 
 /// The answer to a name [`check_name`] refuses; the client may try again.
 pub const BAD_NAME: &str =
-    "error: a name is 1-32 printable ASCII characters without spaces; try another";
+    "error: a name is 1-32 printable ASCII characters, no spaces, ':' or ','; try another";
 
 /// The answer to a name someone in the room already has.
 pub const NAME_TAKEN: &str = "error: that name is taken; try another";
 
 /// The name in a client's first line (one trailing `\r` dropped), if it is
-/// one: 1 to [`MAX_NAME`] printable ASCII characters, no spaces. ASCII only,
-/// so that no name can carry terminal controls, bidirectional overrides or
-/// look-alike letters, and none can contain the `, ` that separates names
-/// in the `present` line or the `: ` that ends a chat line's prefix.
+/// one: 1 to [`MAX_NAME`] printable ASCII characters other than space, `:`
+/// and `,`. ASCII only, so that no name can carry terminal controls,
+/// bidirectional overrides or look-alike letters; no `:`, so that no name
+/// looks like an `IP:PORT` or turns `NAME has arrived` into a chat line of
+/// `NAME:`; no `,`, which separates names in the `present` line.
 pub fn check_name(line: &[u8]) -> Option<&str> {
     let name = strip_cr(line);
-    if name.is_empty() || name.len() > MAX_NAME || !name.iter().all(u8::is_ascii_graphic) {
+    let allowed = |byte: &u8| byte.is_ascii_graphic() && *byte != b':' && *byte != b',';
+    if name.is_empty() || name.len() > MAX_NAME || !name.iter().all(allowed) {
         return None;
     }
     std::str::from_utf8(name).ok()
@@ -466,6 +468,8 @@ mod tests {
             b"\r",
             b"two words",
             b"tab\t",
+            b"bob:",
+            b"a,b",
             b"esc\x1b[2J",
             "caf\u{e9}".as_bytes(),
             &[b'x'; MAX_NAME + 1],

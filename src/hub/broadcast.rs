@@ -138,12 +138,15 @@ impl Hub for BroadcastHub {
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         let mut roster = self.roster.as_ref().map(|roster| roster.lock());
-        self.publish(client.id, Audience::Departure, departure);
+        // Off the roster before the departure ends the leaver's stream, so
+        // that whoever sees its connection close can take its name at once.
         if let Some(roster) = &mut roster {
             if roster.get(&*client.who) == Some(&client.id) {
                 roster.remove(&*client.who);
             }
         }
+        self.publish(client.id, Audience::Departure, departure);
+        drop(roster);
     }
 }
 

@@ -72,7 +72,8 @@ pub struct Joined<I> {
 /// Under `--names` (`Config::names`) `client.who` is the client's chosen
 /// name, and `join` refuses it ([`NameTaken`]) if someone in the room has
 /// it: of any number of concurrent joins with one name, exactly one wins.
-/// The name is free again only after `leave` has announced the departure.
+/// The name is free again once `leave` has announced the departure, and
+/// before the leaver's connection can close.
 ///
 /// Under `--announce-present` (`Config::announce_present`) `join` returns
 /// who is present, and the model makes the list, the arrival announcement

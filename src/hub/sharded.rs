@@ -22,7 +22,8 @@
 //! the names in use. A join claims its name through that map's entry API,
 //! which holds the name's shard's write lock between the check and the
 //! insert: of two joins with one name exactly one finds the entry vacant.
-//! The name is freed after the departure is announced and the outbox removed.
+//! The name is freed after the departure is announced, before the outbox
+//! is removed (which lets the leaver's connection close).
 //!
 //! **Presence.** `--announce-present` needs each newcomer's list, its
 //! arrival announcement and its insert to happen with no other membership
@@ -129,11 +130,14 @@ impl Hub for ShardedHub {
         // Announce first: removing our outbox lets the client's writer finish
         // and close the connection, and the departure must already be queued
         // for everyone by then (see `Hub::leave`).
+        // The name is freed before the removal too, so that a client that
+        // saw the leaver's connection close can take it at once.
         match &self.membership {
             None => {
                 if let Some(departure) = departure {
                     self.fan_out(&departure, Some(client.id)).await;
                 }
+                self.release_name(client);
                 self.clients.remove(&client.id);
             }
             Some(membership) => {
@@ -145,16 +149,20 @@ impl Hub for ShardedHub {
                         }
                     }
                 }
+                self.release_name(client);
                 self.clients.remove(&client.id);
             }
-        }
-        if let Some(names) = &self.names {
-            names.remove_if(&*client.who, |_, holder| *holder == client.id);
         }
     }
 }
 
 impl ShardedHub {
+    fn release_name(&self, client: &Client) {
+        if let Some(names) = &self.names {
+            names.remove_if(&*client.who, |_, holder| *holder == client.id);
+        }
+    }
+
     async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
         if self.senders_wait {
             // Boxed: this future is part of every reader's state, and only
