@@ -23,6 +23,11 @@
 //! reads as joins+leaves per second. The four models are side by side in
 //! that one group.
 //!
+//! **`MODEL+present`** runs the same with `--announce-present`: each
+//! newcomer also gets the list of the 100 (or more) present, and each model
+//! pays for making list, announcement and insert one step (ARCHITECTURE.md,
+//! "Who is here?").
+//!
 //! Each churn leaves one socket in TIME_WAIT on the client side (the client
 //! closes first); Linux reuses those ports for loopback connections
 //! (`net.ipv4.tcp_tw_reuse` = 2, the default), so the run does not run out
@@ -73,8 +78,11 @@ struct Lobby {
     stop: CancellationToken,
 }
 
-fn open_lobby(runtime: &Runtime, model: Model) -> io::Result<Lobby> {
-    let server = TestServer::start(Config::with_model(model))?;
+fn open_lobby(runtime: &Runtime, model: Model, present: bool) -> io::Result<Lobby> {
+    let server = TestServer::start(Config {
+        announce_present: present,
+        ..Config::with_model(model)
+    })?;
     let peers = runtime.block_on(common::connect_peers(server.addr(), IDLE))?;
     let lines = Arc::new(AtomicU64::new(0));
     let read = Arc::new(Notify::new());
@@ -86,6 +94,16 @@ fn open_lobby(runtime: &Runtime, model: Model) -> io::Result<Lobby> {
         writers.push(writer);
         let (lines, read, stop) = (Arc::clone(&lines), Arc::clone(&read), stop.clone());
         readers.push(runtime.spawn(discard(reader, lines, read, stop)));
+    }
+    if present {
+        // `connect_peers` took each one's `present` line for an arrival,
+        // so each has one arrival left: wait until those are counted.
+        runtime.block_on(within("the last arrivals", async {
+            while lines.load(Ordering::Relaxed) < IDLE as u64 {
+                let _ = timeout(Duration::from_millis(50), read.notified()).await;
+            }
+            Ok(())
+        }))?;
     }
     Ok(Lobby {
         server,
@@ -201,12 +219,19 @@ fn churn(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Elements(1));
-    for model in Model::ALL {
+    let variants = Model::ALL
+        .into_iter()
+        .flat_map(|model| [(model, false), (model, true)]);
+    for (model, present) in variants {
+        let id = match present {
+            false => model.name().to_string(),
+            true => format!("{model}+present"),
+        };
         // Set up lazily so that a filter on the command line skips it too.
         let mut lobby: Option<Lobby> = None;
-        group.bench_function(BenchmarkId::from_parameter(model.name()), |b| {
+        group.bench_function(BenchmarkId::from_parameter(id), |b| {
             let lobby = lobby.get_or_insert_with(|| {
-                open_lobby(&runtime, model)
+                open_lobby(&runtime, model, present)
                     .unwrap_or_else(|err| panic!("churn {model}: setup: {err}"))
             });
             b.iter_custom(|iters| {
