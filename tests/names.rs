@@ -1,19 +1,18 @@
 //! `--names` (gopl exercise 8.14), in every model: a client's first line is
 //! its name, unique in the room; until it has one it is not in the room;
-//! afterwards the name stands wherever the seed says `IP:PORT`.
+//! afterwards the name stands wherever the seed says `IP:PORT`. (The idle
+//! timeout before naming is in `tests/timers.rs`, on paused time.)
 
 mod common;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
 use common::{ensure, expect_tasks};
 use tokio::sync::Barrier;
-use tokio::time::Instant;
 
 for_each_model!(
     seed_transcript_with_names,
@@ -21,7 +20,6 @@ for_each_model!(
     text_after_the_name_is_chat,
     exactly_one_of_many_wins_a_name,
     unnamed_clients_are_not_in_the_room,
-    unnamed_client_times_out,
     unnamed_client_with_a_long_line_is_disconnected,
     unnamed_client_is_told_of_shutdown,
 );
@@ -240,21 +238,6 @@ async fn unnamed_clients_are_not_in_the_room(model: Model) -> io::Result<()> {
     let mut late = join(server.addr(), "late").await?;
     late.expect("present (1): watcher").await?;
     watcher.expect("late has arrived").await
-}
-
-async fn unnamed_client_times_out(model: Model) -> io::Result<()> {
-    let idle = Duration::from_millis(300);
-    let server = TestServer::start(Config {
-        idle_timeout: Some(idle),
-        ..named(model)
-    })?;
-    let started = Instant::now();
-    let mut silent = unnamed(server.addr()).await?;
-    silent.expect("error: idle timeout").await?;
-    ensure(started.elapsed() >= idle, || "timed out too early".into())?;
-    let rest = silent.lines_until_closed().await?;
-    ensure(rest.is_empty(), || format!("{model}: then got {rest:?}"))?;
-    expect_tasks(&server, model, 0, "after the timeout").await
 }
 
 async fn unnamed_client_with_a_long_line_is_disconnected(model: Model) -> io::Result<()> {

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 for_each_model_paused!(
     idle_clients_time_out,
+    unnamed_client_times_out,
     shutdown_abandons_a_stuck_client_after_the_grace
 );
 
@@ -110,6 +111,50 @@ async fn idle_clients_time_out(model: Model) -> io::Result<()> {
         format!("{model}: {lines:?}")
     })?;
     drop(talker);
+    server.stop().await
+}
+
+/// Under `--names` the idle timeout runs before a client has named itself
+/// too: it is cut off `--idle-timeout` after its last byte, and as it was
+/// never in the room nobody hears it leave.
+async fn unnamed_client_times_out(model: Model) -> io::Result<()> {
+    let idle = Duration::from_secs(30);
+    let server = InProcess::start(Config {
+        idle_timeout: Some(idle),
+        names: true,
+        ..Config::with_model(model)
+    })
+    .await?;
+    let mut watcher = TestClient::connect_raw(server.addr).await?;
+    watcher.expect("Enter your name:").await?;
+    watcher.send("watcher").await?;
+    watcher.expect("You are watcher").await?;
+    let mut silent = TestClient::connect_raw(server.addr).await?;
+    silent.expect("Enter your name:").await?;
+    tokio::time::sleep(idle / 2).await;
+    // Half a name is a byte: the clock starts again.
+    silent.send_raw(b"half").await?;
+    let typed = Instant::now();
+    // The watcher talks too, so that only the silent one times out.
+    watcher.send("tick").await?;
+    watcher.expect("watcher: tick").await?;
+    tokio::time::sleep(idle * 3 / 4).await;
+    watcher.send("tock").await?;
+    watcher.expect("watcher: tock").await?;
+    let line = silent.line_within(idle).await?;
+    ensure(line == "error: idle timeout", || {
+        format!("{model}: got {line:?}")
+    })?;
+    let after = typed.elapsed();
+    ensure(after == idle, || {
+        format!("{model}: timed out {after:?} after its last byte, not {idle:?}")
+    })?;
+    ensure(silent.lines_until_closed().await?.is_empty(), || {
+        "more after the error".into()
+    })?;
+    watcher.send("alone").await?;
+    watcher.expect("watcher: alone").await?;
+    drop(watcher);
     server.stop().await
 }
 
