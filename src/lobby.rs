@@ -56,6 +56,7 @@ pub(crate) fn enter<'a, H: Hub>(
 ) -> Pin<Box<impl Future<Output = Option<Entered<H::Inbox>>> + Send + 'a>> {
     Box::pin(async move {
         let names = server.config.names;
+        let address = Arc::clone(&client.who);
         let mut client = client;
         if names {
             say(writer, NAME_PROMPT, server).await.ok()?;
@@ -75,6 +76,9 @@ pub(crate) fn enter<'a, H: Hub>(
             }
             match hub.join(&client, Message::arrived(&client.who)).await {
                 Ok(joined) => {
+                    if names {
+                        client.span().in_scope(|| info!(%address, "named"));
+                    }
                     let present = server.config.announce_present;
                     let hello = Message::hello(&client.who, present.then_some(&joined.present[..]));
                     return Some(Entered {

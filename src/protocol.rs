@@ -80,27 +80,16 @@ impl Message {
     /// `You are WHO`, followed with `--announce-present` by the
     /// `present (N): ...` line: what the writer sends before anything else.
     pub fn hello(who: &str, present: Option<&[std::sync::Arc<str>]>) -> Message {
-        let Some(present) = present else {
-            return Message::greeting(who);
-        };
-        let names: usize = present.iter().map(|name| name.len() + 2).sum();
-        let mut text = String::with_capacity(who.len() + names + 32);
-        text.push_str("You are ");
-        text.push_str(who);
-        text.push_str("\npresent (");
-        text.push_str(&present.len().to_string());
-        text.push_str("): ");
-        if present.is_empty() {
-            text.push_str("nobody");
+        match present {
+            None => Message::greeting(who),
+            Some(present) => Message::from_parts(&[
+                chat_wire::GREETING_PREFIX,
+                who,
+                "\n",
+                &chat_wire::present(present),
+                "\n",
+            ]),
         }
-        for (i, name) in present.iter().enumerate() {
-            if i > 0 {
-                text.push_str(", ");
-            }
-            text.push_str(name);
-        }
-        text.push('\n');
-        Message::from_text(&text)
     }
 
     /// A server notice to one client, such as `error: line too long (max 65536 bytes)`.
@@ -236,19 +225,7 @@ fn push_visible(ch: char, out: &mut String) {
     }
 }
 
-/// With `--names`, the first line the server sends: the client's first
-/// line is taken as its name.
-pub const NAME_PROMPT: &str = "Enter your name:";
-
-/// The longest name, in bytes.
-pub const MAX_NAME: usize = 32;
-
-/// The answer to a name [`check_name`] refuses; the client may try again.
-pub const BAD_NAME: &str =
-    "error: a name is 1-32 printable ASCII characters, no spaces, ':' or ','; try another";
-
-/// The answer to a name someone in the room already has.
-pub const NAME_TAKEN: &str = "error: that name is taken; try another";
+pub use chat_wire::{BAD_NAME, MAX_NAME, NAME_PROMPT, NAME_TAKEN};
 
 /// The name in a client's first line (one trailing `\r` dropped), if it is
 /// one: 1 to [`MAX_NAME`] printable ASCII characters other than space, `:`

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
+use chat_wire::{BAD_NAME, NAME_PROMPT, NAME_TAKEN};
 use common::{ensure, expect_tasks};
 use tokio::sync::Barrier;
 
@@ -24,11 +25,6 @@ for_each_model!(
     unnamed_client_is_told_of_shutdown,
 );
 
-const PROMPT: &str = "Enter your name:";
-const BAD_NAME: &str =
-    "error: a name is 1-32 printable ASCII characters, no spaces, ':' or ','; try another";
-const TAKEN: &str = "error: that name is taken; try another";
-
 fn named(model: Model) -> Config {
     Config {
         names: true,
@@ -39,7 +35,7 @@ fn named(model: Model) -> Config {
 /// Connects and reads the prompt, without naming itself yet.
 async fn unnamed(addr: SocketAddr) -> io::Result<TestClient> {
     let mut client = TestClient::connect_raw(addr).await?;
-    client.expect(PROMPT).await?;
+    client.expect(NAME_PROMPT).await?;
     Ok(client)
 }
 
@@ -99,7 +95,7 @@ async fn bad_and_taken_names_get_another_try(model: Model) -> io::Result<()> {
         newbie.expect(BAD_NAME).await?;
     }
     newbie.send("watcher").await?;
-    newbie.expect(TAKEN).await?;
+    newbie.expect(NAME_TAKEN).await?;
     // Not in the room yet: the watcher's line does not reach it, and no
     // one heard of it.
     watcher.send("anyone there?").await?;
@@ -178,7 +174,7 @@ async fn exactly_one_of_many_wins_a_name(model: Model) -> io::Result<()> {
                 winner.line().await?; // its present line
                 losers.push((winner, true));
             } else {
-                ensure(answer == TAKEN, || {
+                ensure(answer == NAME_TAKEN, || {
                     format!("{model}, round {round}: got {answer:?}")
                 })?;
                 losers.push((client, false));

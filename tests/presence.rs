@@ -53,18 +53,11 @@ struct View {
 impl View {
     /// Parses `present (N): A, B` (or `present (0): nobody`).
     fn parse(who: &str, line: &str) -> io::Result<View> {
-        let bad = || io::Error::other(format!("{who}: bad present line {line:?}"));
-        let rest = line.strip_prefix("present (").ok_or_else(bad)?;
-        let (count, names) = rest.split_once("): ").ok_or_else(bad)?;
-        let count: usize = count.parse().map_err(|_| bad())?;
-        let room: HashSet<String> = if count == 0 {
-            ensure(names == "nobody", || format!("{who}: {line:?}"))?;
-            HashSet::new()
-        } else {
-            names.split(", ").map(str::to_string).collect()
-        };
-        ensure(room.len() == count, || {
-            format!("{who}: count is off in {line:?}")
+        let names = chat_wire::present_of(line)
+            .ok_or_else(|| io::Error::other(format!("{who}: bad present line {line:?}")))?;
+        let room: HashSet<String> = names.iter().map(|name| name.to_string()).collect();
+        ensure(room.len() == names.len(), || {
+            format!("{who}: a name twice in {line:?}")
         })?;
         ensure(!room.contains(who), || format!("{who}: listed itself"))?;
         Ok(View {
@@ -98,7 +91,7 @@ impl View {
 async fn join(addr: SocketAddr, name: Option<&str>) -> io::Result<(TestClient, View)> {
     let mut client = TestClient::connect_raw(addr).await?;
     if let Some(name) = name {
-        client.expect("Enter your name:").await?;
+        client.expect(chat_wire::NAME_PROMPT).await?;
         client.send(name).await?;
         client.who = name.to_string();
     }

@@ -12,6 +12,10 @@
 //! | a line `text` | `IP:PORT: text` | `IP:PORT: text` |
 //! | input ends | (connection closes) | `IP:PORT has left` |
 //!
+//! With `--names` the server first sends [`NAME_PROMPT`] and answers a bad
+//! or taken name with [`BAD_NAME`] or [`NAME_TAKEN`]; with
+//! `--announce-present` the greeting is followed by a [`present`] line.
+//!
 //! Every text here is a line without its `\n`.
 
 /// Starts the first line a client receives: `You are IP:PORT`.
@@ -71,6 +75,51 @@ pub fn departure_of(line: &[u8]) -> Option<&[u8]> {
     line.strip_suffix(LEFT_SUFFIX.as_bytes())
 }
 
+/// `--names`: the first line the server sends; the client's first line is
+/// then taken as its name.
+pub const NAME_PROMPT: &str = "Enter your name:";
+
+/// `--names`: the longest name, in bytes.
+pub const MAX_NAME: usize = 32;
+
+/// `--names`: the answer to a line that is not a well-formed name; the
+/// client may try again.
+pub const BAD_NAME: &str =
+    "error: a name is 1-32 printable ASCII characters, no spaces, ':' or ','; try another";
+
+/// `--names`: the answer to a name someone in the room already has.
+pub const NAME_TAKEN: &str = "error: that name is taken; try another";
+
+/// `--announce-present`: the line after the greeting,
+/// `present (N): A, B, C`, or `present (0): nobody` for an empty room.
+pub fn present<S: AsRef<str>>(names: &[S]) -> String {
+    let mut line = format!("present ({}): ", names.len());
+    if names.is_empty() {
+        line.push_str("nobody");
+    }
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            line.push_str(", ");
+        }
+        line.push_str(name.as_ref());
+    }
+    line
+}
+
+/// The names a `present` line lists, `None` if the line is not one or its
+/// count does not match. Names and addresses hold no spaces and names no
+/// commas, so `, ` splits the list unambiguously.
+pub fn present_of(line: &str) -> Option<Vec<&str>> {
+    let (count, names) = line.strip_prefix("present (")?.split_once("): ")?;
+    let count: usize = count.parse().ok()?;
+    let names: Vec<&str> = match count {
+        0 if names == "nobody" => Vec::new(),
+        0 => return None,
+        _ => names.split(", ").collect(),
+    };
+    (names.len() == count).then_some(names)
+}
+
 /// The line `chat-server` prints on stdout, alone, once it listens:
 /// `chat-server listening on ADDR (model MODEL)`. Scripts, the load tool
 /// and the tests learn the port from it.
@@ -106,6 +155,19 @@ mod tests {
         assert_eq!(departure_of(left("c").as_bytes()), Some(&b"c"[..]));
         assert_eq!(departure_of(b"c has arrived"), None);
         assert_eq!(chat("d", "hi"), "d: hi");
+        let empty: [&str; 0] = [];
+        assert_eq!(present(&empty), "present (0): nobody");
+        assert_eq!(present_of(&present(&empty)), Some(vec![]));
+        assert_eq!(
+            present(&["ann", "1.2.3.4:5"]),
+            "present (2): ann, 1.2.3.4:5"
+        );
+        assert_eq!(
+            present_of("present (2): ann, 1.2.3.4:5"),
+            Some(vec!["ann", "1.2.3.4:5"])
+        );
+        assert_eq!(present_of("present (3): ann, bob"), None);
+        assert_eq!(present_of("present (0): ann"), None);
     }
 
     #[test]
