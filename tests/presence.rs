@@ -17,13 +17,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{Config, Model};
+use chat_server::{Config, Model, SlowClientPolicy};
 use common::{ensure, expect_tasks};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 for_each_model!(
     lists_who_is_present,
+    a_client_that_misses_an_announcement_is_disconnected,
     presence_holds_through_a_storm,
     presence_holds_through_a_storm_with_names,
 );
@@ -126,6 +127,71 @@ async fn lists_who_is_present(model: Model) -> io::Result<()> {
     second.expect(&format!("{} has arrived", third.who)).await?;
     second.expect(&line).await?;
     third.expect(&line).await?;
+    Ok(())
+}
+
+/// `--slow-client drop` skips lines for a client that cannot keep up, but
+/// an arrival or departure cannot be skipped without falsifying its view of
+/// the room: with `--announce-present` the client gets it or is
+/// disconnected. Here a client stops reading during a flood and someone
+/// joins. In the queue models the arrival usually still fits the room the
+/// skipped chat left, so the sleeper, once it reads, finds it after a gap
+/// (or, if not, is disconnected); in `broadcast` the ring has overwritten
+/// what the sleeper missed (it cannot know whether an arrival was among
+/// it), so it is always disconnected.
+async fn a_client_that_misses_an_announcement_is_disconnected(model: Model) -> io::Result<()> {
+    let server = TestServer::start(Config {
+        slow_client: SlowClientPolicy::Drop,
+        max_pending: 1024 * 1024,
+        announce_present: true,
+        ..Config::with_model(model)
+    })?;
+    let (mut sleeper, _) = join(server.addr(), None).await?;
+    let (mut talker, _) = join(server.addr(), None).await?;
+    sleeper
+        .expect(&format!("{} has arrived", talker.who))
+        .await?;
+    // Far more than the sockets' buffers, the queue and the ring hold, in
+    // bursts well under the talker's own queue limit, whose echoes it reads
+    // as it goes: only the sleeper falls behind.
+    let line = "z".repeat(1000);
+    let burst: String = (0..100).map(|_| format!("{line}\n")).collect();
+    let bursts = 400;
+    for _ in 0..bursts {
+        talker.send_raw(burst.as_bytes()).await?;
+        let mut echoes = 0;
+        while echoes < 100 {
+            if talker.line().await?.ends_with(&line) {
+                echoes += 1;
+            }
+        }
+    }
+    let (newcomer, _) = join(server.addr(), None).await?;
+    let arrival = format!("{} has arrived", newcomer.who);
+    talker.expect(&arrival).await?;
+    let mut chat = 0;
+    let heard = loop {
+        match sleeper.line().await {
+            Ok(got) if got == arrival => break true,
+            Ok(got) if got.ends_with(&line) => chat += 1,
+            Ok(got) if got == "error: disconnected: too slow" => {}
+            Ok(got) => return Err(io::Error::other(format!("{model}: sleeper got {got:?}"))),
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break false,
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => break false,
+            Err(err) => return Err(err),
+        }
+    };
+    ensure(chat < bursts * 100, || {
+        format!("{model}: the sleeper missed nothing; the flood was too small")
+    })?;
+    // Had the arrival been skipped with the sleeper kept, the loop above
+    // would have failed waiting for it.
+    if model == Model::Broadcast {
+        ensure(!heard, || format!("{model}: a lagging reader was kept"))?;
+    }
+    if !heard {
+        talker.expect(&format!("{} has left", sleeper.who)).await?;
+    }
     Ok(())
 }
 

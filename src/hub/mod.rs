@@ -11,7 +11,7 @@
 //! | [`sharded`] | a `DashMap` of outboxes; every reader fans out itself | 2n+1 |
 //! | [`broadcaster`] | one broadcaster task (the seed's design) | 2n+2 |
 //! | [`locked`] | one `parking_lot::RwLock<HashMap>` of outboxes | 2n+1 |
-//! | [`broadcast`] | a `tokio::sync::broadcast` channel; no set at all | 2n+1 |
+//! | [`broadcast`] | a `tokio::sync::broadcast` channel; no set at all (a roster beside it under `--names` or `--announce-present`) | 2n+1 |
 //!
 //! The task counts include the accept loop and a reader and a writer task
 //! per connection, which every model shares.

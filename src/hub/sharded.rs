@@ -36,7 +36,10 @@
 //! client. Chat fan-out never takes the mutex, so the lines of the room are
 //! not serialised; only membership changes are, and each holds the mutex
 //! for one pass over the room. Lock order: `membership`, then a shard, then
-//! a client's queue, so there is still no cycle.
+//! a client's queue, so there is still no cycle. The mutex is a blocking
+//! (`parking_lot`) one, as the shards' locks are: the walk has no `.await`,
+//! so a join that waits for it blocks its worker thread for at most the
+//! walks queued ahead of it.
 //!
 //! **Ordering.** Each sender pushes its own lines in order into every queue,
 //! so every recipient sees each sender's lines in the order sent. Two
