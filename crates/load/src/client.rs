@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -52,13 +52,14 @@ pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Conn {
     pub stream: TcpStream,
-    /// `IP:PORT` as the server named us in its greeting.
+    /// `IP:PORT` (or our name) as the server named us in its greeting.
     pub who: String,
     /// What was read after the greeting, and room for more.
     pub reader: LineReader,
 }
 
-/// Connects to `addr` and reads the greeting (`You are IP:PORT`), keeping
+/// Connects to `addr` and reads the greeting (`You are IP:PORT`, or under
+/// `--names` `You are load<pid>.<n>` after naming itself), keeping
 /// anything that arrived with it. `buffer` is the read buffer's size.
 pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
     let stream = timeout(GREETING_TIMEOUT, TcpStream::connect(addr))
@@ -74,7 +75,7 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
         who: String::new(),
         reader: LineReader::new(buffer),
     };
-    let greeting = timeout(GREETING_TIMEOUT, read_first_line(&mut conn))
+    let greeting = timeout(GREETING_TIMEOUT, greeted_line(&mut conn))
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -89,6 +90,24 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
         ),
     }
     Ok(conn)
+}
+
+/// The greeting line. A server run with `--names` asks for a name first:
+/// each connection of this process answers with one of its own
+/// (`load<pid>.<n>`), so every scenario runs unchanged against it.
+async fn greeted_line(conn: &mut Conn) -> anyhow::Result<String> {
+    static NEXT_NAME: AtomicU64 = AtomicU64::new(0);
+    let first = read_first_line(conn).await?;
+    if first != chat_wire::NAME_PROMPT {
+        return Ok(first);
+    }
+    let n = NEXT_NAME.fetch_add(1, Relaxed);
+    let name = format!("load{}.{n}\n", std::process::id());
+    conn.stream
+        .write_all(name.as_bytes())
+        .await
+        .context("sending a name")?;
+    read_first_line(conn).await
 }
 
 async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {

@@ -101,6 +101,49 @@ fn fanout_counts_every_delivery_and_the_servers_cpu() -> io::Result<()> {
     })
 }
 
+/// Against a server run with `--names --announce-present` the tool names
+/// each connection itself and takes the `present` line in its stride.
+#[test]
+fn scenarios_run_against_a_server_with_names_and_presence() -> io::Result<()> {
+    let server = ServerProcess::start(&["--names", "--announce-present"])?;
+    let fanout = chat_load(&[
+        "fanout",
+        "--addr",
+        &server.addr,
+        "-n",
+        "4",
+        "-m",
+        "10",
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&fanout)?;
+    for (field, want) in [("delivered", 160.0), ("lost", 0.0)] {
+        let got = number(&report, &["deliveries", field])?;
+        ensure(got == want, || {
+            format!("{field}: {got}, want {want}: {report}")
+        })?;
+    }
+    let churn = chat_load(&[
+        "churn",
+        "--addr",
+        &server.addr,
+        "-n",
+        "5",
+        "-m",
+        "20",
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&churn)?;
+    ensure(number(&report, &["churn", "cycles"])? == 20.0, || {
+        format!("churn: {report}")
+    })?;
+    ensure(report["complete"] == Value::Bool(true), || {
+        format!("incomplete: {report}")
+    })
+}
+
 #[test]
 fn rate_reports_latency_at_the_offered_load() -> io::Result<()> {
     let server = ServerProcess::start(&[])?;
