@@ -7,7 +7,10 @@
 //! offer them as flag values without the library depending on `clap`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::DEFAULT_MAX_LINE;
@@ -265,6 +268,9 @@ pub struct Config {
     /// `--announce-present`: a newcomer is told who is already present,
     /// right after its greeting (gopl exercise 8.12).
     pub announce_present: bool,
+    /// Join a room shared with other nodes through a NATS JetStream broker
+    /// (`--cluster`); `None` is the single-process room.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -281,7 +287,103 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(2),
             names: false,
             announce_present: false,
+            cluster: None,
         }
+    }
+}
+
+/// Default bytes of events a node holds for the broker while it is away:
+/// at the ~100 bytes of a typical batch, about 160,000 reads, minutes of a
+/// busy room, and still a small fraction of one slow client's
+/// `--max-pending` (32 MiB).
+pub const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
+
+/// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `nats://[user:password@|token@]host:port`, several separated by commas.
+    pub url: String,
+    /// A NATS `.creds` file (JWT and nkey seed), if the broker wants one.
+    pub creds: Option<PathBuf>,
+    /// Names the JetStream stream (`CHAT_<room>`) and the subjects
+    /// (`chat.<room>.*`): rooms on one broker are independent.
+    pub room: String,
+    /// Bytes of events waiting for the broker; past it the oldest are
+    /// dropped, counted and logged.
+    pub buffer_bytes: usize,
+    /// The stream keeps events this long, so a node that was away this
+    /// long can still catch up...
+    pub retention_age: Duration,
+    /// ... and at most this many bytes of them.
+    pub retention_bytes: u64,
+    /// How often a node says it is alive.
+    pub heartbeat: Duration,
+    /// A node not heard from for this long is dead: its clients are
+    /// announced as having left. Detection takes at most this plus one
+    /// `heartbeat`.
+    pub node_timeout: Duration,
+    /// The longest pause between attempts to reach the broker.
+    pub reconnect_max: Duration,
+    /// How long a publish may wait for the broker's acknowledgement before
+    /// it is sent again (with the same message id, so never stored twice).
+    pub ack_timeout: Duration,
+    /// What the backplane counts, readable while it runs (tests read it).
+    pub counters: Arc<ClusterCounters>,
+}
+
+impl ClusterConfig {
+    /// Tasks a clustered node runs on top of its model's (2n+1+k, k = 7):
+    /// the backplane's publisher, consumer and heartbeat tasks, and the NATS
+    /// client's connection, event-log, JetStream-acker and pull-request tasks.
+    pub const EXTRA_TASKS: usize = 7;
+
+    /// The defaults for a broker at `url`, room `chat`.
+    pub fn new(url: &str) -> ClusterConfig {
+        ClusterConfig {
+            url: url.to_string(),
+            creds: None,
+            room: "chat".to_string(),
+            buffer_bytes: DEFAULT_CLUSTER_BUFFER,
+            retention_age: Duration::from_secs(3600),
+            retention_bytes: 1 << 30,
+            heartbeat: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(3),
+            reconnect_max: Duration::from_secs(2),
+            ack_timeout: Duration::from_secs(2),
+            counters: Arc::default(),
+        }
+    }
+}
+
+/// Counts the backplane keeps; each a plain atomic, read with [`ClusterCounters::get`].
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Broker messages this node stored in the stream.
+    pub published: AtomicU64,
+    /// Events inside them (arrivals, reads' worth of lines, departures).
+    pub events_published: AtomicU64,
+    /// Broker messages from other nodes delivered to local clients.
+    pub received: AtomicU64,
+    /// Messages on our subjects that did not decode or failed validation.
+    pub garbage: AtomicU64,
+    /// Events dropped from a full `--cluster-buffer`.
+    pub dropped: AtomicU64,
+    /// Stream messages a resume could not get back (retention passed them).
+    pub missed: AtomicU64,
+    /// Nodes declared dead for missing their heartbeats.
+    pub dead_nodes: AtomicU64,
+    /// Times this node started reading the room's stream (1 once it has
+    /// joined the room; one more after each broker restart it recovered from).
+    pub streams_opened: AtomicU64,
+}
+
+impl ClusterCounters {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -299,6 +401,8 @@ pub enum ConfigError {
     },
     #[error("--{flag} must be at least {min}")]
     TooSmall { flag: &'static str, min: u64 },
+    #[error("--{flag}: {why}")]
+    Invalid { flag: &'static str, why: String },
 }
 
 impl Config {
@@ -345,6 +449,90 @@ impl Config {
             return Err(ConfigError::TooSmall {
                 flag: "write-timeout",
                 min: 1,
+            });
+        }
+        if let Some(cluster) = &self.cluster {
+            // Names are unique per node only, and a node knows nothing of
+            // who was present elsewhere before it joined: not yet across nodes.
+            for (set, flag) in [
+                (self.names, "names"),
+                (self.announce_present, "announce-present"),
+            ] {
+                if set {
+                    return Err(ConfigError::Invalid {
+                        flag,
+                        why: "works within one server only; not with --cluster yet".into(),
+                    });
+                }
+            }
+            cluster.validate(self.max_line)?;
+        }
+        Ok(())
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self, max_line: usize) -> Result<(), ConfigError> {
+        if !cfg!(feature = "cluster") {
+            return Err(ConfigError::Invalid {
+                flag: "cluster",
+                why: "this chat-server was built without the `cluster` feature".into(),
+            });
+        }
+        // The room is part of a stream name and of subjects: no dots,
+        // wildcards or spaces.
+        let room_ok = !self.room.is_empty()
+            && self.room.len() <= 64
+            && self
+                .room
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !room_ok {
+            return Err(ConfigError::Invalid {
+                flag: "room",
+                why: format!("{:?}: use 1 to 64 letters, digits, '_' or '-'", self.room),
+            });
+        }
+        if self.url.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                flag: "cluster",
+                why: "no broker address".into(),
+            });
+        }
+        // The buffer must hold at least one event of the longest kind.
+        let min_buffer = 2 * max_line as u64 + 1024;
+        if (self.buffer_bytes as u64) < min_buffer {
+            return Err(ConfigError::TooSmall {
+                flag: "cluster-buffer",
+                min: min_buffer,
+            });
+        }
+        // JetStream refuses a de-duplication window longer than the age.
+        if self.retention_age < Duration::from_secs(1) {
+            return Err(ConfigError::TooSmall {
+                flag: "cluster-retention",
+                min: 1,
+            });
+        }
+        if self.retention_bytes < 1024 * 1024 {
+            return Err(ConfigError::TooSmall {
+                flag: "cluster-retention-bytes",
+                min: 1024 * 1024,
+            });
+        }
+        for (flag, value) in [
+            ("cluster-heartbeat", self.heartbeat),
+            ("cluster-reconnect-max", self.reconnect_max),
+            ("cluster-ack-timeout", self.ack_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::TooSmall { flag, min: 1 });
+            }
+        }
+        if self.node_timeout < self.heartbeat * 2 {
+            return Err(ConfigError::Invalid {
+                flag: "cluster-node-timeout",
+                why: "must be at least two heartbeats".into(),
             });
         }
         Ok(())

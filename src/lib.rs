@@ -41,9 +41,13 @@
 //! - `queue`: the swap queue underneath it, which frees its buffers when drained;
 //! - `client`: the per-connection state every part shares;
 //! - `config`: models, slow-client policies and limits;
+//! - `cluster`: one room across several servers through a NATS JetStream
+//!   broker (`--cluster`, feature `cluster`), around any model;
 //! - `memory`: returning freed memory to the OS after a burst.
 
 mod client;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod config;
 #[cfg(feature = "test-util")]
 pub mod harness;
@@ -57,7 +61,7 @@ pub mod server;
 mod session;
 
 pub use config::{
-    Choice, Config, ConfigError, Model, QueueKind, SlowClientPolicy, UnknownName,
-    DEFAULT_MAX_PENDING,
+    Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model, QueueKind,
+    SlowClientPolicy, UnknownName, DEFAULT_CLUSTER_BUFFER, DEFAULT_MAX_PENDING,
 };
 pub use protocol::DEFAULT_MAX_LINE;

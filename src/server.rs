@@ -74,16 +74,47 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConfigError> {
     config.validate()?;
-    match config.model {
-        Model::Sharded => serve::<ShardedHub>(listener, config, shutdown).await,
-        Model::Broadcaster => serve::<BroadcasterHub>(listener, config, shutdown).await,
-        Model::Locked => serve::<LockedHub>(listener, config, shutdown).await,
-        Model::Broadcast => serve::<BroadcastHub>(listener, config, shutdown).await,
+    #[cfg(feature = "cluster")]
+    if config.cluster.is_some() {
+        match config.model {
+            Model::Sharded => serve_clustered::<ShardedHub>(listener, config, shutdown).await,
+            Model::Broadcaster => {
+                serve_clustered::<BroadcasterHub>(listener, config, shutdown).await
+            }
+            Model::Locked => serve_clustered::<LockedHub>(listener, config, shutdown).await,
+            Model::Broadcast => serve_clustered::<BroadcastHub>(listener, config, shutdown).await,
+        }
+        return Ok(());
     }
+    match config.model {
+        Model::Sharded => drop(serve::<ShardedHub>(listener, config, shutdown).await),
+        Model::Broadcaster => drop(serve::<BroadcasterHub>(listener, config, shutdown).await),
+        Model::Locked => drop(serve::<LockedHub>(listener, config, shutdown).await),
+        Model::Broadcast => drop(serve::<BroadcastHub>(listener, config, shutdown).await),
+    };
     Ok(())
 }
 
-async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) {
+/// [`serve`] with the model joined to a room on a broker; after the local
+/// clients are gone, their departures get up to `--shutdown-grace` more to
+/// reach the broker.
+#[cfg(feature = "cluster")]
+async fn serve_clustered<H: Hub>(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) {
+    let grace = config.shutdown_grace;
+    let hub = serve::<crate::cluster::Clustered<H>>(listener, config, shutdown).await;
+    hub.close(grace).await;
+}
+
+/// Serves until shutdown is over; returns the hub, for whatever outlives the clients.
+async fn serve<H: Hub>(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Arc<H> {
     let hub = Arc::new(H::new(&config));
     let stop = CancellationToken::new();
     let server = Arc::new(ServerContext {
@@ -166,6 +197,7 @@ async fn serve<H: Hub>(listener: TcpListener, config: Config, shutdown: impl Fut
         server.tracker.wait().await;
     }
     info!("shut down");
+    hub
 }
 
 /// Turns away connections over `--max-clients`. Like accept errors, a

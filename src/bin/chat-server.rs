@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_server::{
-    server, Choice, Config, Model, QueueKind, SlowClientPolicy, DEFAULT_MAX_LINE,
-    DEFAULT_MAX_PENDING,
+    server, Choice, ClusterConfig, Config, Model, QueueKind, SlowClientPolicy,
+    DEFAULT_CLUSTER_BUFFER, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
@@ -73,6 +73,54 @@ struct Args {
     #[arg(long)]
     announce_present: bool,
 
+    /// Join one room with other chat-servers through a NATS JetStream broker:
+    /// `nats://[USER:PASSWORD@|TOKEN@]HOST:PORT` (several, comma-separated).
+    /// Without it this server is a room of its own and needs no broker.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+
+    /// The room's name on the broker (stream CHAT_NAME, subjects chat.NAME.*);
+    /// rooms on one broker are independent.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "chat",
+        requires = "cluster"
+    )]
+    room: String,
+
+    /// A NATS credentials file (JWT and nkey seed) for the broker.
+    #[arg(long, value_name = "FILE", requires = "cluster")]
+    cluster_creds: Option<std::path::PathBuf>,
+
+    /// Bytes of events held for the broker while it is unreachable; past
+    /// it the oldest are dropped (counted and logged).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CLUSTER_BUFFER, requires = "cluster")]
+    cluster_buffer: usize,
+
+    /// Seconds the broker keeps the room's events (how long a node may be
+    /// cut off and still catch up); created with the stream.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 3600.0,
+        requires = "cluster"
+    )]
+    cluster_retention: f64,
+
+    /// Bytes the broker keeps of the room's events; created with the stream.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, requires = "cluster")]
+    cluster_retention_bytes: u64,
+
+    /// Seconds between a node's heartbeats.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, requires = "cluster")]
+    cluster_heartbeat: f64,
+
+    /// Seconds without a heartbeat after which a node counts as dead and its
+    /// clients as gone (announced within this plus one heartbeat).
+    #[arg(long, value_name = "SECS", default_value_t = 3.0, requires = "cluster")]
+    cluster_node_timeout: f64,
+
     /// Worker threads of the runtime [default: one per CPU]. When a load
     /// generator shares the machine, give each its own cores (see README).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -119,9 +167,33 @@ impl Args {
             shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
             names: self.names,
             announce_present: self.announce_present,
+            cluster: self.cluster_config()?,
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+impl Args {
+    fn cluster_config(&self) -> anyhow::Result<Option<ClusterConfig>> {
+        let Some(url) = &self.cluster else {
+            return Ok(None);
+        };
+        if let Some(creds) = &self.cluster_creds {
+            // Fail now rather than retry a file that is not there.
+            std::fs::metadata(creds)
+                .with_context(|| format!("--cluster-creds {}", creds.display()))?;
+        }
+        Ok(Some(ClusterConfig {
+            room: self.room.clone(),
+            creds: self.cluster_creds.clone(),
+            buffer_bytes: self.cluster_buffer,
+            retention_age: seconds("cluster-retention", self.cluster_retention)?,
+            retention_bytes: self.cluster_retention_bytes,
+            heartbeat: seconds("cluster-heartbeat", self.cluster_heartbeat)?,
+            node_timeout: seconds("cluster-node-timeout", self.cluster_node_timeout)?,
+            ..ClusterConfig::new(url)
+        }))
     }
 }
 

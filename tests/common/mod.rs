@@ -279,3 +279,4 @@ pub async fn expect_tasks(
 
 #[allow(unused_imports)] // not every test starts processes
 pub use chat_testkit::process;
+pub mod nats;

@@ -1,0 +1,451 @@
+//! One room across several `chat-server` processes, through a NATS
+//! JetStream broker (`--cluster`).
+//!
+//! [`Clustered`] wraps any [`Hub`]: the wrapped model stays the node's
+//! local fan-out, unchanged, and the wrapper adds two things. Everything a
+//! local client does (arrive, send a read's worth of lines, leave) is
+//! queued as an event for the broker after the local hub has delivered it;
+//! and what other nodes' clients do comes back from the room's stream and
+//! is handed to the local hub as if one more participant had said it.
+//!
+//! **Order.** Local-first: a node's own clients see its lines at once,
+//! through the local hub, exactly as without a cluster; other nodes see
+//! them in stream order. So every client sees each sender's lines in the
+//! order sent, and all clients agree on the order of remote lines among
+//! themselves, but two nodes may interleave their own lines differently
+//! against each other's. ARCHITECTURE.md ("Many servers") gives the
+//! reasons and the measured cost of the alternative.
+//!
+//! **Ownership.** [`Shared`] holds this node's outgoing queue (bounded in
+//! bytes, oldest dropped first), its own roster (for heartbeats) and the
+//! roster of remote nodes (for announcing a dead node's clients); each
+//! behind its own short `parking_lot` mutex, never held across an `.await`.
+//! The broker side (connection, publisher, consumer, heartbeats) is in
+//! [`broker`]; the wire format and its checks in [`wire`].
+//!
+//! **Tasks.** Three of ours (publisher, consumer, heartbeats) plus the
+//! NATS client's four (connection, event log, JetStream acker, the pull
+//! consumer's request loop): a clustered node runs the model's tasks plus
+//! [`ClusterConfig::EXTRA_TASKS`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::client::{Client, ClientId};
+use crate::config::{ClusterConfig, ClusterCounters, Config};
+use crate::hub::{Hub, Joined, NameTaken};
+use crate::protocol::Message;
+
+mod broker;
+pub mod wire;
+
+use wire::Event;
+
+/// Any model, joined to the room on the broker. See the module documentation.
+pub struct Clustered<H: Hub> {
+    inner: Arc<H>,
+    shared: Option<Arc<Shared>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<H: Hub> Hub for Clustered<H> {
+    type Inbox = H::Inbox;
+
+    fn new(config: &Config) -> Self {
+        let inner = Arc::new(H::new(config));
+        let Some(cluster) = &config.cluster else {
+            return Clustered {
+                inner,
+                shared: None,
+                tasks: Mutex::default(),
+            };
+        };
+        let shared = Arc::new(Shared::new(cluster.clone()));
+        let tasks = broker::start(Arc::clone(&shared), Arc::clone(&inner), config);
+        Clustered {
+            inner,
+            shared: Some(shared),
+            tasks: Mutex::new(tasks),
+        }
+    }
+
+    async fn join(
+        &self,
+        client: &Arc<Client>,
+        arrival: Message,
+    ) -> Result<Joined<Self::Inbox>, NameTaken> {
+        let joined = self.inner.join(client, arrival).await?;
+        if let Some(shared) = &self.shared {
+            shared.joined(client);
+        }
+        Ok(joined)
+    }
+
+    async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
+        self.inner.broadcast(from, message).await;
+        if let Some(shared) = &self.shared {
+            shared.said(from, message);
+        }
+    }
+
+    async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
+        self.inner.leave(client, departure).await;
+        // Announced to the other nodes even on shutdown (when the local
+        // hub is told no departure): their clients are not shutting down.
+        if let Some(shared) = &self.shared {
+            shared.left(client);
+        }
+    }
+}
+
+impl<H: Hub> Clustered<H> {
+    /// After the local clients are gone: gives the publisher up to `grace`
+    /// to get every queued event (their departures included) to the
+    /// broker, then stops the backplane's tasks.
+    pub async fn close(&self, grace: Duration) {
+        let Some(shared) = &self.shared else { return };
+        let deadline = Instant::now() + grace;
+        loop {
+            let pending = shared.pending_events();
+            if pending == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    pending,
+                    "broker unreachable: these events were never published"
+                );
+                break;
+            }
+            tokio::select! {
+                () = shared.published.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        shared.stop.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// What the hub wrapper and the broker tasks share.
+pub(crate) struct Shared {
+    pub node: String,
+    pub config: ClusterConfig,
+    pub outgoing: Mutex<Outgoing>,
+    /// Wakes the publisher when an event is queued.
+    pub queued: Notify,
+    /// Signalled after each published batch (shutdown waits on it).
+    pub published: Notify,
+    pub roster: Mutex<Roster>,
+    pub garbage: Mutex<GarbageLog>,
+    pub stop: CancellationToken,
+}
+
+impl Shared {
+    fn new(config: ClusterConfig) -> Shared {
+        Shared {
+            node: wire::new_node_id(),
+            config,
+            outgoing: Mutex::default(),
+            queued: Notify::new(),
+            published: Notify::new(),
+            roster: Mutex::default(),
+            garbage: Mutex::default(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    pub fn counters(&self) -> &ClusterCounters {
+        &self.config.counters
+    }
+
+    fn joined(&self, client: &Client) {
+        self.push(|outgoing, seq| {
+            outgoing.clients.insert(client.id, Arc::clone(&client.who));
+            Event::Arrived {
+                seq,
+                who: Arc::clone(&client.who),
+            }
+        });
+    }
+
+    fn said(&self, from: &Client, message: &Message) {
+        self.push(|_, seq| Event::Lines {
+            seq,
+            who: Arc::clone(&from.who),
+            text: message.as_str().into(),
+        });
+    }
+
+    fn left(&self, client: &Client) {
+        self.push(|outgoing, seq| {
+            outgoing.clients.remove(&client.id);
+            Event::Left {
+                seq,
+                who: Arc::clone(&client.who),
+            }
+        });
+    }
+
+    /// Numbers and queues an event; drops the oldest past `--cluster-buffer`.
+    /// The roster changes in the same critical section, so a heartbeat's
+    /// snapshot (roster, last event number) is always consistent.
+    fn push(&self, event: impl FnOnce(&mut Outgoing, u64) -> Event) {
+        let mut outgoing = self.outgoing.lock();
+        outgoing.last_seq += 1;
+        let seq = outgoing.last_seq;
+        let event = event(&mut outgoing, seq);
+        outgoing.bytes += event.weight();
+        outgoing.queue.push_back(event);
+        let mut dropped = 0;
+        while outgoing.bytes > self.config.buffer_bytes && outgoing.queue.len() > 1 {
+            if let Some(oldest) = outgoing.queue.pop_front() {
+                outgoing.bytes -= oldest.weight();
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            if outgoing.dropping == 0 {
+                warn!(
+                    buffer_bytes = self.config.buffer_bytes,
+                    "broker unreachable and --cluster-buffer full: dropping the oldest events"
+                );
+            }
+            outgoing.dropping += dropped;
+            ClusterCounters::add(&self.counters().dropped, dropped);
+        }
+        drop(outgoing);
+        self.queued.notify_one();
+    }
+
+    /// Takes the oldest queued events, up to about `max_bytes` (at least one).
+    pub fn take_batch(&self, max_bytes: usize) -> Vec<Event> {
+        let mut outgoing = self.outgoing.lock();
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = outgoing.queue.front() {
+            let weight = next.weight();
+            if !events.is_empty() && bytes + weight > max_bytes {
+                break;
+            }
+            bytes += weight;
+            if let Some(event) = outgoing.queue.pop_front() {
+                events.push(event);
+            }
+        }
+        outgoing.bytes -= bytes;
+        outgoing.in_flight = events.len();
+        if outgoing.queue.is_empty() && outgoing.dropping > 0 {
+            warn!(
+                dropped = outgoing.dropping,
+                "events dropped while the broker was unreachable"
+            );
+            outgoing.dropping = 0;
+        }
+        events
+    }
+
+    /// The batch taken last is stored (or given up).
+    pub fn batch_done(&self) {
+        self.outgoing.lock().in_flight = 0;
+        self.published.notify_waiters();
+    }
+
+    /// Events not yet stored by the broker.
+    fn pending_events(&self) -> usize {
+        let outgoing = self.outgoing.lock();
+        outgoing.queue.len() + outgoing.in_flight
+    }
+
+    /// This node's clients and the event number they are current as of.
+    pub fn snapshot(&self) -> (u64, Vec<Arc<str>>) {
+        let outgoing = self.outgoing.lock();
+        (
+            outgoing.last_seq,
+            outgoing.clients.values().cloned().collect(),
+        )
+    }
+
+    /// Counts a message that failed [`wire`]'s checks; logs the first of a burst.
+    pub fn garbage(&self, subject: &str, why: &wire::Garbage) {
+        ClusterCounters::add(&self.counters().garbage, 1);
+        let mut log = self.garbage.lock();
+        if log.in_burst == 0 {
+            warn!(%subject, cause = %why, "dropped a message from the broker that is not ours");
+        } else {
+            debug!(%subject, cause = %why, "dropped another bad broker message");
+        }
+        log.in_burst += 1;
+    }
+
+    /// A good message ended a burst of garbage: says how much was dropped.
+    pub fn good_message(&self) {
+        let mut log = self.garbage.lock();
+        if log.in_burst > 0 {
+            if log.in_burst > 1 {
+                info!(dropped = log.in_burst, "bad broker messages dropped");
+            }
+            log.in_burst = 0;
+        }
+    }
+}
+
+/// This node's side of the room: events for the broker and who is here.
+#[derive(Default)]
+pub(crate) struct Outgoing {
+    /// The last event number given out.
+    last_seq: u64,
+    queue: VecDeque<Event>,
+    /// Weight of `queue`.
+    bytes: usize,
+    /// Events taken by the publisher and not yet stored.
+    in_flight: usize,
+    /// Dropped since the queue was last empty.
+    dropping: u64,
+    clients: HashMap<ClientId, Arc<str>>,
+}
+
+#[derive(Default)]
+pub(crate) struct GarbageLog {
+    in_burst: u64,
+}
+
+/// Who is on the other nodes, so that a node that dies can be mourned:
+/// from their arrivals and departures on the stream and from their
+/// heartbeats, whichever is newer (both carry the node's event number).
+#[derive(Default)]
+pub(crate) struct Roster {
+    nodes: HashMap<String, RemoteNode>,
+    /// Nodes declared dead or gone: late stream events do not bring them
+    /// back; only a heartbeat does.
+    gone: HashSet<String>,
+}
+
+struct RemoteNode {
+    clients: HashSet<Arc<str>>,
+    /// The newest event number reflected in `clients`.
+    applied: u64,
+    /// The newest batch number delivered (a stored duplicate is skipped).
+    last_batch: u64,
+    last_seen: Instant,
+}
+
+impl RemoteNode {
+    fn new(now: Instant) -> RemoteNode {
+        RemoteNode {
+            clients: HashSet::new(),
+            applied: 0,
+            last_batch: 0,
+            last_seen: now,
+        }
+    }
+}
+
+impl Roster {
+    /// Whether batch `batch` of `node` is new (batches are published one at
+    /// a time, so a node's batch numbers only grow along the stream).
+    pub fn fresh_batch(&mut self, node: &str, batch: u64, now: Instant) -> bool {
+        if self.gone.contains(node) {
+            return true;
+        }
+        let remote = self
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| RemoteNode::new(now));
+        if batch <= remote.last_batch {
+            return false;
+        }
+        remote.last_batch = batch;
+        true
+    }
+
+    pub fn apply(&mut self, node: &str, event: &wire::Checked) {
+        if self.gone.contains(node) {
+            return;
+        }
+        let Some(remote) = self.nodes.get_mut(node) else {
+            return;
+        };
+        if event.seq <= remote.applied {
+            return;
+        }
+        remote.applied = event.seq;
+        match event.change {
+            wire::Change::Arrived => {
+                remote.clients.insert(Arc::clone(&event.who));
+            }
+            wire::Change::Left => {
+                remote.clients.remove(&event.who);
+            }
+            wire::Change::None => {}
+        }
+    }
+
+    /// Applies a heartbeat; returns the clients to announce as arrived
+    /// again if the node had been declared dead (it was cut off, not dead).
+    pub fn heartbeat(&mut self, beat: wire::Heartbeat, now: Instant) -> Vec<Arc<str>> {
+        let Some(clients) = beat.clients else {
+            // Leaving: its departures are on the stream.
+            self.nodes.remove(&beat.node);
+            self.gone.insert(beat.node);
+            return Vec::new();
+        };
+        let revived = self.gone.remove(&beat.node);
+        let remote = self
+            .nodes
+            .entry(beat.node)
+            .or_insert_with(|| RemoteNode::new(now));
+        remote.last_seen = now;
+        if beat.seq >= remote.applied {
+            remote.applied = beat.seq;
+            remote.clients = clients.into_iter().collect();
+        }
+        if revived {
+            let mut back: Vec<_> = remote.clients.iter().cloned().collect();
+            back.sort();
+            back
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Nodes silent for longer than `timeout` are dead: returns their
+    /// clients, to be announced as having left.
+    pub fn reap(&mut self, now: Instant, timeout: Duration) -> Vec<Arc<str>> {
+        let dead: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, remote)| now.duration_since(remote.last_seen) > timeout)
+            .map(|(node, _)| node.clone())
+            .collect();
+        let mut gone = Vec::new();
+        for node in dead {
+            if let Some(remote) = self.nodes.remove(&node) {
+                warn!(%node, clients = remote.clients.len(), "node silent: announcing its clients as gone");
+                gone.extend(remote.clients);
+            }
+            self.gone.insert(node);
+        }
+        gone.sort();
+        gone
+    }
+
+    /// After our own connection was down nobody could be heard: restart
+    /// every node's clock rather than declare them all dead.
+    pub fn reset_clocks(&mut self, now: Instant) {
+        for remote in self.nodes.values_mut() {
+            remote.last_seen = now;
+        }
+    }
+}

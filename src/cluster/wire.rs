@@ -1,0 +1,302 @@
+//! What nodes say to each other through the broker, and the checks every
+//! message from the broker passes before a client sees anything of it.
+//!
+//! Two kinds of broker message, both JSON with a version number:
+//! - a [`Batch`] on the room's stream: one node's events (arrivals, one
+//!   read's worth of lines each, departures) in the order it made them;
+//! - a [`Heartbeat`] on plain NATS (not stored): "node X is alive, these
+//!   are its clients as of its event number N".
+//!
+//! Nothing from the broker is trusted: another version, a hand-published
+//! message or a buggy node could send anything. [`decode_batch`] turns a
+//! stored batch into [`Message`]s by the same rules the session applies
+//! to a client's input: names must be `IP:PORT`, every line must carry its
+//! sender's prefix, and the text is sanitised again (a no-op on text that
+//! was sanitised at its origin, so lines read exactly as they were sent).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{ChatBatch, Message};
+
+/// Bumped on any change a node of the previous version would misread;
+/// messages of another version count as garbage.
+pub const VERSION: u32 = 1;
+
+/// The largest broker message we publish or accept. NATS's default
+/// `max_payload` is 1 MiB; staying under it leaves room for headers.
+pub const MAX_PAYLOAD: usize = 1000 * 1024;
+
+/// A batch grows to about this many bytes before it is sent: several reads
+/// ride one broker message when they queue up, and a retry resends no more.
+pub const BATCH_TARGET: usize = 256 * 1024;
+
+/// One thing that happened on a node, as the other nodes need to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Event {
+    /// `who has arrived`.
+    Arrived { seq: u64, who: Arc<str> },
+    /// One read's lines, formatted (`who: text\n` each) and sanitised.
+    Lines {
+        seq: u64,
+        who: Arc<str>,
+        text: Arc<str>,
+    },
+    /// `who has left` (also sent when the node shuts down).
+    Left { seq: u64, who: Arc<str> },
+}
+
+impl Event {
+    /// Bytes the event takes in a buffer, roughly as it goes on the wire.
+    pub fn weight(&self) -> usize {
+        match self {
+            Event::Arrived { who, .. } | Event::Left { who, .. } => 48 + who.len(),
+            Event::Lines { who, text, .. } => 48 + who.len() + text.len(),
+        }
+    }
+}
+
+/// A stored broker message: events of one node, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch {
+    pub v: u32,
+    pub node: String,
+    /// The node's batch number; with `node` it is the JetStream message id,
+    /// so a batch sent twice is stored once.
+    pub batch: u64,
+    pub events: Vec<Event>,
+}
+
+impl Batch {
+    pub fn message_id(&self) -> String {
+        format!("{}-{}", self.node, self.batch)
+    }
+}
+
+/// A node's liveness message (plain NATS, not stored).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub v: u32,
+    pub node: String,
+    /// The last event number the roster below includes.
+    pub seq: u64,
+    /// The node's clients. Absent in a node's last heartbeat ("leaving").
+    pub clients: Option<Vec<Arc<str>>>,
+}
+
+/// Why a broker message was dropped.
+#[derive(Debug, thiserror::Error)]
+pub enum Garbage {
+    #[error("{0} bytes, over the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("does not decode: {0}")]
+    Undecodable(#[from] serde_json::Error),
+    #[error("version {0}, expected {VERSION}")]
+    Version(u32),
+    #[error("bad node id")]
+    Node,
+    #[error("bad client name")]
+    Who,
+    #[error("a line without its sender's prefix")]
+    Prefix,
+}
+
+/// A stored batch that passed every check.
+#[derive(Debug)]
+pub struct Decoded {
+    pub node: String,
+    pub batch: u64,
+    pub events: Vec<Checked>,
+}
+
+/// An event checked and turned into what local clients are sent.
+#[derive(Debug)]
+pub struct Checked {
+    pub seq: u64,
+    pub who: Arc<str>,
+    pub change: Change,
+    pub message: Message,
+}
+
+/// What an event changes in the node's roster of the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Arrived,
+    Left,
+    None,
+}
+
+/// Node ids are what [`new_node_id`] makes: 16 hex digits.
+fn valid_node(node: &str) -> bool {
+    node.len() == 16 && node.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A client name must be what a node names its clients: `IP:PORT`.
+fn valid_who(who: &str) -> bool {
+    who.len() <= 64 && who.parse::<SocketAddr>().is_ok()
+}
+
+/// Decodes and checks a stored batch. All or nothing: one bad event makes
+/// the whole batch garbage, so a client never sees half of a bad message.
+pub fn decode_batch(payload: &[u8]) -> Result<Decoded, Garbage> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Garbage::TooLarge(payload.len()));
+    }
+    let batch: Batch = serde_json::from_slice(payload)?;
+    if batch.v != VERSION {
+        return Err(Garbage::Version(batch.v));
+    }
+    if !valid_node(&batch.node) {
+        return Err(Garbage::Node);
+    }
+    let mut checked = Vec::with_capacity(batch.events.len());
+    for event in batch.events {
+        checked.push(check(event)?);
+    }
+    Ok(Decoded {
+        node: batch.node,
+        batch: batch.batch,
+        events: checked,
+    })
+}
+
+fn check(event: Event) -> Result<Checked, Garbage> {
+    let (seq, who, change, message) = match event {
+        Event::Arrived { seq, who } => {
+            let message = Message::arrived(&who);
+            (seq, who, Change::Arrived, message)
+        }
+        Event::Left { seq, who } => {
+            let message = Message::left(&who);
+            (seq, who, Change::Left, message)
+        }
+        Event::Lines { seq, who, text } => {
+            if !valid_who(&who) {
+                return Err(Garbage::Who);
+            }
+            let prefix = format!("{who}: ");
+            let mut batch = ChatBatch::default();
+            for line in text.split_terminator('\n') {
+                let body = line.strip_prefix(&prefix).ok_or(Garbage::Prefix)?;
+                batch.push(&who, body.as_bytes());
+            }
+            let message = batch.take().ok_or(Garbage::Prefix)?;
+            (seq, who, Change::None, message)
+        }
+    };
+    if !valid_who(&who) {
+        return Err(Garbage::Who);
+    }
+    Ok(Checked {
+        seq,
+        who,
+        change,
+        message,
+    })
+}
+
+/// Decodes and checks a heartbeat.
+pub fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Garbage::TooLarge(payload.len()));
+    }
+    let heartbeat: Heartbeat = serde_json::from_slice(payload)?;
+    if heartbeat.v != VERSION {
+        return Err(Garbage::Version(heartbeat.v));
+    }
+    if !valid_node(&heartbeat.node) {
+        return Err(Garbage::Node);
+    }
+    if let Some(clients) = &heartbeat.clients {
+        if !clients.iter().all(|who| valid_who(who)) {
+            return Err(Garbage::Who);
+        }
+    }
+    Ok(heartbeat)
+}
+
+/// A fresh node id: a restarted node is a new node, never mistaken for
+/// the one before it (whose clients the others announce as gone).
+pub fn new_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness per process; the time
+    // and pid make two ids of one process differ too.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    format!("{:016x}", hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(events: Vec<Event>) -> Vec<u8> {
+        serde_json::to_vec(&Batch {
+            v: VERSION,
+            node: "0123456789abcdef".into(),
+            batch: 1,
+            events,
+        })
+        .unwrap_or_default()
+    }
+
+    #[test]
+    fn lines_round_trip_exactly() {
+        let mut lines = ChatBatch::default();
+        lines.push("1.2.3.4:5", b"hello \x1b[2J world");
+        lines.push("1.2.3.4:5", "caf\u{e9} \t ok".as_bytes());
+        let Some(sent) = lines.take() else {
+            panic!("no message")
+        };
+        let payload = batch(vec![Event::Lines {
+            seq: 1,
+            who: "1.2.3.4:5".into(),
+            text: sent.as_str().into(),
+        }]);
+        let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(decoded.events[0].message, sent);
+    }
+
+    #[test]
+    fn unsanitised_or_forged_text_is_caught() {
+        // Escape sequences are re-sanitised, not passed through.
+        let payload = batch(vec![Event::Lines {
+            seq: 1,
+            who: "1.2.3.4:5".into(),
+            text: "1.2.3.4:5: \u{1b}[2J\n".into(),
+        }]);
+        let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(decoded.events[0].message.as_str(), "1.2.3.4:5: ^[[2J\n");
+        // A line claiming another sender.
+        let payload = batch(vec![Event::Lines {
+            seq: 1,
+            who: "1.2.3.4:5".into(),
+            text: "1.2.3.4:5: ok\n6.6.6.6:6: forged\n".into(),
+        }]);
+        assert!(matches!(decode_batch(&payload), Err(Garbage::Prefix)));
+        // A name that is not IP:PORT.
+        let payload = batch(vec![Event::Arrived {
+            seq: 1,
+            who: "root has left\nx".into(),
+        }]);
+        assert!(matches!(decode_batch(&payload), Err(Garbage::Who)));
+        assert!(decode_batch(b"\xff\x00garbage").is_err());
+        assert!(
+            decode_batch(br#"{"v":2,"node":"0123456789abcdef","batch":1,"events":[]}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn node_ids_differ() {
+        assert_ne!(new_node_id(), new_node_id());
+        assert!(valid_node(&new_node_id()));
+    }
+}

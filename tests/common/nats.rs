@@ -1,0 +1,187 @@
+//! A real `nats-server` with JetStream for the cluster tests: one per test,
+//! on a free loopback port, its store in a directory of its own that is
+//! removed when the test ends. Restartable on the same port and store, as an
+//! operator restarts a broker.
+
+use std::io::{self, BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Where Debian installs it; `PATH` is tried too.
+const CANDIDATES: [&str; 2] = ["/usr/bin/nats-server", "nats-server"];
+
+/// How long a broker may take to accept connections.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `nats-server` binary, if installed. Without it the cluster tests say
+/// so loudly and pass, unless `CI` or `CHAT_REQUIRE_NATS` is set: then it
+/// is an error.
+pub fn nats_server_binary() -> io::Result<Option<&'static str>> {
+    for candidate in CANDIDATES {
+        let runs = Command::new(candidate)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if runs {
+            return Ok(Some(candidate));
+        }
+    }
+    if std::env::var_os("CI").is_some() || std::env::var_os("CHAT_REQUIRE_NATS").is_some() {
+        return Err(io::Error::other(
+            "nats-server is not installed, and CI (or CHAT_REQUIRE_NATS) is set: \
+             the cluster tests must run (apt-get install nats-server)",
+        ));
+    }
+    eprintln!(
+        "\n\
+         ************************************************************\n\
+         * nats-server is not installed: this cluster test did NOT  *\n\
+         * run. Install it (apt-get install nats-server) to run it. *\n\
+         ************************************************************\n"
+    );
+    Ok(None)
+}
+
+/// A free port on 127.0.0.1 right now (bound, then released).
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One broker process and its store.
+pub struct Broker {
+    binary: &'static str,
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts a broker on a free port. `Ok(None)` if nats-server is not
+    /// installed (see [`nats_server_binary`]).
+    pub fn start() -> io::Result<Option<Broker>> {
+        let Some(mut broker) = Broker::prepared()? else {
+            return Ok(None);
+        };
+        broker.run()?;
+        Ok(Some(broker))
+    }
+
+    /// A broker with a store, not started yet. Its port is chosen when it
+    /// starts, unless [`Broker::reserve_port`] chose one before.
+    pub fn prepared() -> io::Result<Option<Broker>> {
+        let Some(binary) = nats_server_binary()? else {
+            return Ok(None);
+        };
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let store = std::env::temp_dir().join(format!(
+            "chat-server-nats-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&store)?;
+        Ok(Some(Broker {
+            binary,
+            port: free_port()?,
+            store,
+            child: None,
+        }))
+    }
+
+    /// Chooses the port now, for nodes that must be told the broker's
+    /// address before it runs (bound and released: another process could
+    /// take it in between, which the start would report).
+    pub fn reserve_port(&mut self) -> io::Result<u16> {
+        self.port = free_port()?;
+        Ok(self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or restarts) the process on the same port and store, and
+    /// waits until it says it is ready. A broker that has no port yet picks
+    /// its own (`-p -1`) and the port is read from its log, so two tests
+    /// never race for one port.
+    pub fn run(&mut self) -> io::Result<()> {
+        let port = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
+        let store = self.store.to_string_lossy().into_owned();
+        let mut child = Command::new(self.binary)
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &store])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| io::Error::other("no stderr"))?;
+        self.child = Some(child);
+        let (lines, log) = mpsc::channel();
+        // Drains the log for the broker's whole life, so it never blocks on it.
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let _ = lines.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = log.recv_timeout(left).map_err(|_| {
+                io::Error::other(format!("nats-server did not start; its log: {seen:#?}"))
+            })?;
+            if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+                let found = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
+                self.port =
+                    found.ok_or_else(|| io::Error::other(format!("no port in {line:?}")))?;
+            }
+            if line.contains("Server is ready") {
+                return Ok(());
+            }
+            seen.push(line);
+        }
+    }
+
+    /// Stops the process with `signal` ("TERM" for a clean stop, "KILL" for
+    /// a crash) and waits for it; the store stays.
+    pub fn stop(&mut self, signal: &str) -> io::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        while child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
