@@ -319,7 +319,7 @@ pub struct ClusterConfig {
     /// How often a node says it is alive.
     pub heartbeat: Duration,
     /// A node not heard from for this long is dead: its clients are
-    /// announced as having left. Detection takes at most this plus one
+    /// announced as having left. Detection takes at most this plus a quarter
     /// `heartbeat`.
     pub node_timeout: Duration,
     /// The longest pause between attempts to reach the broker.

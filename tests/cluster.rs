@@ -678,8 +678,8 @@ async fn latency_local_against_remote() -> io::Result<()> {
     for node in &nodes {
         node.joined(1).await?;
     }
-    let mut sender = nodes[0].client().await?;
-    let mut remote = nodes[1].client().await?;
+    let mut sender = arrive(&nodes, 0).await?;
+    let mut remote = arrive(&nodes, 1).await?;
     sender
         .expect(&format!("{} has arrived", remote.who))
         .await?;

@@ -552,8 +552,11 @@ async fn heartbeats<H: Hub>(
             return;
         }
     };
-    let mut tick = tokio::time::interval(shared.config.heartbeat);
+    // Silent nodes are looked for four times a heartbeat, so that noticing
+    // one takes at most a quarter heartbeat past the timeout.
+    let mut tick = tokio::time::interval(shared.config.heartbeat / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat: Option<Instant> = None;
     let mut was_connected = false;
     loop {
         tokio::select! {
@@ -568,8 +571,11 @@ async fn heartbeats<H: Hub>(
                 if !connected {
                     continue;
                 }
-                let (seq, clients) = shared.snapshot();
-                beat(&connection, &shared, &names, seq, Some(clients)).await;
+                if last_beat.is_none_or(|at| now.duration_since(at) >= shared.config.heartbeat.mul_f64(0.9)) {
+                    last_beat = Some(now);
+                    let (seq, clients) = shared.snapshot();
+                    beat(&connection, &shared, &names, seq, Some(clients)).await;
+                }
                 let gone = shared.roster.lock().reap(now, shared.config.node_timeout);
                 if !gone.is_empty() {
                     ClusterCounters::add(&shared.counters().dead_nodes, 1);
