@@ -168,7 +168,7 @@ type Received = HashMap<String, Vec<usize>>;
 
 /// What [`read_numbered`] returns: the numbers per sender, every numbered
 /// line in arrival order, and every other line.
-type Seen = (Received, Vec<String>, Vec<String>);
+type Seen = (Received, Vec<String>, Vec<String>, Duration);
 
 /// Reads until every one of `senders` has delivered `count` numbered lines.
 async fn read_numbered(
@@ -183,6 +183,8 @@ async fn read_numbered(
     let mut order = Vec::new();
     let mut other = Vec::new();
     let mut raw = Vec::new();
+    let mut last_line: HashMap<String, Instant> = HashMap::new();
+    let mut longest_gap = Duration::ZERO;
     while received.values().any(|numbers| numbers.len() < count) {
         raw.clear();
         let read = tokio::time::timeout_at(deadline, reader.read_until(b'\n', &mut raw)).await;
@@ -200,6 +202,10 @@ async fn read_numbered(
         });
         match parsed {
             Some((from, number)) if received.contains_key(&from) => {
+                let now = Instant::now();
+                if let Some(last) = last_line.insert(from.clone(), now) {
+                    longest_gap = longest_gap.max(now - last);
+                }
                 order.push(line);
                 if let Some(numbers) = received.get_mut(&from) {
                     numbers.push(number);
@@ -208,7 +214,7 @@ async fn read_numbered(
             _ => other.push(line),
         }
     }
-    Ok((received, order, other))
+    Ok((received, order, other, longest_gap))
 }
 
 /// Every sender's numbers exactly once, in order.
@@ -260,6 +266,8 @@ struct Report {
     received: Received,
     order: Vec<String>,
     other: Vec<String>,
+    /// The longest wait between two lines of one sender.
+    longest_gap: Duration,
 }
 
 /// Every client sends `count` numbered lines while reading everyone's.
@@ -284,13 +292,14 @@ async fn chat_everywhere(
             });
             let seen = read_numbered(&who, &mut reader, &senders, count, within).await;
             let _writer = sending.await.map_err(io::Error::other)??;
-            let (received, order, other) = seen?;
+            let (received, order, other, longest_gap) = seen?;
             Ok::<_, io::Error>(Report {
                 who,
                 node,
                 received,
                 order,
                 other,
+                longest_gap,
             })
         }));
     }
@@ -317,6 +326,15 @@ async fn concurrent_senders_on_every_node(model: Model) -> io::Result<()> {
     }
     let count = 300;
     let reports = chat_everywhere(clients, count, 10, Duration::ZERO, JOIN_TIMEOUT).await?;
+    let published: u64 = nodes
+        .iter()
+        .map(|node| ClusterCounters::get(&node.counters.published))
+        .sum();
+    eprintln!(
+        "{model}: {} lines in {} writes went out in {published} broker messages",
+        6 * count,
+        6 * count / 10
+    );
     for report in &reports {
         check_complete(&report.who, &report.received, count)?;
         let departures: Vec<_> = report
@@ -385,6 +403,8 @@ async fn broker_restart_loses_and_duplicates_nothing(model: Model) -> io::Result
         broker.run()
     })?;
     let reports = chat.await.map_err(io::Error::other)??;
+    let gap = reports.iter().map(|r| r.longest_gap).max();
+    eprintln!("{model}: broker restart: longest gap between two lines of one sender {gap:?}");
     for report in &reports {
         check_complete(&report.who, &report.received, count)?;
         // Arrivals of clients that connected after this one, nothing else:
