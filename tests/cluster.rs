@@ -555,6 +555,38 @@ async fn task_counts_with_the_backplane(model: Model) -> io::Result<()> {
     expect(0, "after all left").await
 }
 
+/// Credentials in the URL, as NATS users write them: `user:password@` and
+/// `token@` (percent-encoded characters decoded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url() -> io::Result<()> {
+    for (server_args, credentials) in [
+        (
+            &["--user", "chat", "--pass", "s3cr:t"][..],
+            "chat:s3cr%3At@",
+        ),
+        (&["--auth", "t0ken"][..], "t0ken@"),
+    ] {
+        let Some(broker) = Broker::start_with(server_args)? else {
+            return Ok(());
+        };
+        let url = broker
+            .url()
+            .replace("nats://", &format!("nats://{credentials}"));
+        let nodes = (0..2)
+            .map(|_| Node::start(Model::Sharded, &url))
+            .collect::<io::Result<Vec<_>>>()?;
+        for node in &nodes {
+            node.joined(1).await?;
+        }
+        let mut a = arrive(&nodes, 0).await?;
+        let mut b = arrive(&nodes, 1).await?;
+        a.expect(&format!("{} has arrived", b.who)).await?;
+        b.send("authenticated").await?;
+        a.expect(&format!("{}: authenticated", b.who)).await?;
+    }
+    Ok(())
+}
+
 /// kill -9 of a node: the other nodes' clients hear that each of its
 /// clients left, within 5 s with the default timers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

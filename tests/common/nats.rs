@@ -60,6 +60,8 @@ pub struct Broker {
     pub port: u16,
     store: PathBuf,
     child: Option<Child>,
+    /// More `nats-server` arguments (authentication, for example).
+    extra: Vec<String>,
 }
 
 impl Broker {
@@ -88,10 +90,21 @@ impl Broker {
         std::fs::create_dir_all(&store)?;
         Ok(Some(Broker {
             binary,
-            port: free_port()?,
+            port: 0,
             store,
             child: None,
+            extra: Vec::new(),
         }))
+    }
+
+    /// Starts a broker with more arguments, such as `--user U --pass P`.
+    pub fn start_with(extra: &[&str]) -> io::Result<Option<Broker>> {
+        let Some(mut broker) = Broker::prepared()? else {
+            return Ok(None);
+        };
+        broker.extra = extra.iter().map(|arg| arg.to_string()).collect();
+        broker.run()?;
+        Ok(Some(broker))
     }
 
     /// Chooses the port now, for nodes that must be told the broker's
@@ -119,6 +132,7 @@ impl Broker {
         let store = self.store.to_string_lossy().into_owned();
         let mut child = Command::new(self.binary)
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &store])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
