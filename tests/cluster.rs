@@ -663,9 +663,9 @@ fn addr(node: &ServerProcess) -> io::Result<std::net::SocketAddr> {
 }
 
 /// Connects `n` clients to `node` once `watcher`'s node is in the room
-/// (a probe client on `node` talks until the watcher hears it), and waits
-/// until the watcher has seen them arrive. Returns their names, sorted,
-/// the probe's included (it stays connected).
+/// (a probe client on `node` talks until the watcher hears it, then
+/// leaves), and waits until the watcher has seen them arrive. Returns their
+/// names, sorted.
 async fn clients_seen_by(
     watcher: &mut TestClient,
     node: &ServerProcess,
@@ -688,26 +688,33 @@ async fn clients_seen_by(
         }
         ensure(Instant::now() < deadline, || "the nodes never met".into())?;
     }
-    let mut names = vec![probe.who.clone()];
+    // The probe leaves: it may have arrived before the watcher's node
+    // joined, and such a client is known to that node only from a
+    // heartbeat (see ARCHITECTURE.md, "Many servers").
+    probe.finish().await?;
+    let probe_left = format!("{} has left", probe.who);
+    loop {
+        let line = watcher.line().await?;
+        if line == probe_left {
+            break;
+        }
+        ensure(line == heard, || format!("unexpected {line:?}"))?;
+    }
+    drop(probe);
+    let mut names = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..n {
         let client = TestClient::connect(node_addr).await?;
-        let arrived = format!("{} has arrived", client.who);
-        loop {
-            let line = watcher.line().await?;
-            if line == arrived {
-                break;
-            }
-            // Probes sent before the watcher's first answer may still come.
-            ensure(line == heard, || format!("unexpected {line:?}"))?;
-        }
+        watcher
+            .expect(&format!("{} has arrived", client.who))
+            .await?;
         names.push(client.who.clone());
         clients.push(client);
     }
     // Keep them connected until the node goes: leak the sockets into a task
     // that holds them for the rest of the test.
     tokio::spawn(async move {
-        let _held = (probe, clients);
+        let _held = clients;
         std::future::pending::<()>().await;
     });
     names.sort();
