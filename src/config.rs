@@ -382,6 +382,7 @@ impl ClusterCounters {
         counter.load(Ordering::Relaxed)
     }
 
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
