@@ -555,6 +555,64 @@ async fn task_counts_with_the_backplane(model: Model) -> io::Result<()> {
     expect(0, "after all left").await
 }
 
+/// While the broker is away a node holds at most `--cluster-buffer` bytes of
+/// events: past it the oldest are dropped and counted, and what is left
+/// reaches the room when the broker comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_buffer_drops_the_oldest() -> io::Result<()> {
+    let Some(mut broker) = Broker::prepared()? else {
+        return Ok(());
+    };
+    broker.reserve_port()?;
+    let url = broker.url();
+    let small = |url: &str| -> io::Result<Node> {
+        let cluster = ClusterConfig {
+            // The smallest buffer --max-line 100 allows: about 20 reads.
+            buffer_bytes: 2 * 100 + 1024,
+            ..test_cluster(url)
+        };
+        let counters = Arc::clone(&cluster.counters);
+        let server = TestServer::start(Config {
+            max_line: 100,
+            cluster: Some(cluster),
+            ..Config::with_model(Model::Sharded)
+        })?;
+        Ok(Node { server, counters })
+    };
+    let node = small(&url)?;
+    let mut talker = node.client().await?;
+    let lines = 200;
+    for number in 0..lines {
+        // One read each: wait for the echo before the next line.
+        talker.send(&number.to_string()).await?;
+        talker.expect(&format!("{}: {number}", talker.who)).await?;
+    }
+    let dropped = ClusterCounters::get(&node.counters.dropped);
+    ensure(dropped > 0, || {
+        "nothing was dropped from a full buffer".into()
+    })?;
+    tokio::task::block_in_place(|| broker.run())?;
+    node.joined(1).await?;
+    let other = Node::start(Model::Sharded, &url)?;
+    other.joined(1).await?;
+    wait_for(
+        &node.counters.events_published,
+        lines as u64 + 1 - dropped,
+        "events published",
+    )
+    .await?;
+    // Everything kept (the newest) was published, and nothing more.
+    ensure(
+        ClusterCounters::get(&node.counters.events_published) == lines as u64 + 1 - dropped,
+        || "published more than was kept".into(),
+    )?;
+    // And the room works.
+    let nodes = [other, node];
+    let mut listener = arrive(&nodes, 0).await?;
+    talker.send("after").await?;
+    listener.expect(&format!("{}: after", talker.who)).await
+}
+
 /// Credentials in the URL, as NATS users write them: `user:password@` and
 /// `token@` (percent-encoded characters decoded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
