@@ -277,6 +277,7 @@ pub async fn expect_tasks(
         })
 }
 
+#[allow(unused_imports)] // only the cluster tests start a broker
+pub use chat_testkit::nats;
 #[allow(unused_imports)] // not every test starts processes
 pub use chat_testkit::process;
-pub mod nats;

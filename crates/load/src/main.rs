@@ -46,7 +46,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct LoadArgs {
-    /// The server, HOST:PORT on loopback.
+    /// The server, HOST:PORT on loopback; several, comma-separated (the
+    /// nodes of one `--cluster` room), spread the clients round-robin.
     #[arg(long)]
     addr: String,
 
@@ -221,8 +222,13 @@ fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
 }
 
 fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Options> {
-    let addr = resolve_loopback(&args.addr)?;
-    let mut o = Options::new(scenario, addr);
+    let nodes = args
+        .addr
+        .split(',')
+        .map(|addr| resolve_loopback(addr.trim()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let first = *nodes.first().context("--addr: no address")?;
+    let mut o = Options::new(scenario, first).with_nodes(nodes);
     if let Some(n) = args.clients {
         o.clients = n;
     }

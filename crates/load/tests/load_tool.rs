@@ -58,6 +58,47 @@ fn scratch_dir(name: &str) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// `--addr A,B,C` spreads the clients round-robin over the nodes of a
+/// cluster (three `chat-server --cluster` processes and a real
+/// `nats-server`; without it the test says so and passes, unless CI).
+#[test]
+fn fanout_across_the_nodes_of_a_cluster() -> io::Result<()> {
+    let Some(broker) = chat_testkit::nats::Broker::start()? else {
+        return Ok(());
+    };
+    let url = broker.url();
+    let nodes = (0..3)
+        .map(|_| ServerProcess::start(&["--threads", "1", "--cluster", &url]))
+        .collect::<io::Result<Vec<_>>>()?;
+    let addrs: Vec<String> = nodes.iter().map(|node| node.addr.clone()).collect();
+    chat_testkit::nats::wait_for_room(&addrs)?;
+    let output = chat_load(&[
+        "fanout",
+        "--addr",
+        &addrs.join(","),
+        "-n",
+        "6",
+        "-m",
+        "25",
+        "--window",
+        "4",
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&output)?;
+    // 6 senders, two on each node, × 25 lines × 6 readers.
+    for (field, want) in [("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)] {
+        let got = number(&report, &["deliveries", field])?;
+        ensure(got == want, || {
+            format!("{field}: {got}, want {want}: {report}")
+        })?;
+    }
+    ensure(
+        number(&report, &["deliveries", "order_violations"])? == 0.0,
+        || format!("order violations: {report}"),
+    )
+}
+
 #[test]
 fn fanout_counts_every_delivery_and_the_servers_cpu() -> io::Result<()> {
     let server = ServerProcess::start(&["--threads", "1"])?;

@@ -10,10 +10,13 @@
 //!   `/proc` (Linux; elsewhere the readers report an error);
 //! - [`process`]: the workspace's binaries (`chat-server`, `netcat`) and the
 //!   system's `nc` as child processes whose output is read line by line with
-//!   a timeout.
+//!   a timeout;
+//! - [`nats`]: a real `nats-server` with JetStream per test, for the
+//!   cluster tests (`--cluster`).
 
 pub mod client;
 pub mod lines;
+pub mod nats;
 pub mod payload;
 pub mod proc;
 pub mod process;

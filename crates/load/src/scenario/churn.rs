@@ -46,9 +46,9 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     let cycles = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let mut churners = Vec::new();
-    for _ in 0..concurrency {
+    for churner in 0..concurrency {
         let (budget, cycles, failed) = (budget.clone(), cycles.clone(), failed.clone());
-        let addr = opts.addr;
+        let addr = opts.addr_for(churner as usize);
         churners.push(tokio::spawn(async move {
             let mut latency = new_histogram();
             let mut first_error = None;

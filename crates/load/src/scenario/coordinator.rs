@@ -355,7 +355,7 @@ pub(super) async fn connect_counters(
     let mut progress = Progress::new(opts.progress);
     let start = Instant::now();
     for i in 0..n {
-        let conn = connect_one(opts.addr, i, n, COUNTER_CHUNK).await?;
+        let conn = connect_one(opts.addr_for(i), i, n, COUNTER_CHUNK).await?;
         handles.push(tokio::spawn(run_counter(conn, shared.clone())));
         progress.tick("connected", i as u64 + 1, || {
             format!(

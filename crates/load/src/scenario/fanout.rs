@@ -70,7 +70,7 @@ pub(super) async fn exchange(opts: &Options, slow_who: Option<&str>) -> anyhow::
     let mut handles = Vec::with_capacity(n);
     let expect = n as u64 * u64::from(m);
     for i in 0..n {
-        let conn = connect_one(opts.addr, i, n, READ_CHUNK).await?;
+        let conn = connect_one(opts.addr_for(i), i, n, READ_CHUNK).await?;
         let mut receiver = Receiver::new(i as u32, n, codec.clone());
         if let Some(who) = slow_who {
             receiver.watch_departure_of(who);

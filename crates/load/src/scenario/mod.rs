@@ -119,7 +119,11 @@ impl Scenario {
 /// Everything a scenario needs to run.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The server (the first node when there are several).
     pub addr: SocketAddr,
+    /// Every node of the room, `addr` first: client i connects to node
+    /// i mod len, so a cluster's clients are spread round-robin.
+    pub nodes: Vec<SocketAddr>,
     /// How reports name the server.
     pub target: String,
     pub clients: usize,
@@ -145,11 +149,35 @@ pub struct Options {
 }
 
 impl Options {
+    /// The node client `i` connects to.
+    pub fn addr_for(&self, i: usize) -> SocketAddr {
+        if self.nodes.is_empty() {
+            self.addr
+        } else {
+            self.nodes[i % self.nodes.len()]
+        }
+    }
+
+    /// Spreads the clients over `nodes` (the first is [`Options::addr`]).
+    pub fn with_nodes(mut self, nodes: Vec<SocketAddr>) -> Options {
+        if let Some(&first) = nodes.first() {
+            self.addr = first;
+            self.target = nodes
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            self.nodes = nodes;
+        }
+        self
+    }
+
     /// Options with `scenario`'s defaults.
     pub fn new(scenario: Scenario, addr: SocketAddr) -> Options {
         let d = scenario.defaults();
         Options {
             addr,
+            nodes: vec![addr],
             target: addr.to_string(),
             clients: d.clients,
             messages: d.messages,

@@ -52,7 +52,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut handles = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(n);
     for i in 0..n {
-        let mut conn = connect_one(opts.addr, i, n, READ_CHUNK).await?;
+        let mut conn = connect_one(opts.addr_for(i), i, n, READ_CHUNK).await?;
         // A second handle on the same socket for the pacer thread; both
         // share the non-blocking flag, so the pacer's writes never block.
         let std_stream = conn.stream.into_std().context("detaching a socket")?;

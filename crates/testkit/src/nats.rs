@@ -199,3 +199,47 @@ impl Drop for Broker {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// Waits until the chat servers at `addrs` are one room: a client on each
+/// node says `ping` until every other client has heard it. The nodes join
+/// the room a moment after they start listening (once they reach the
+/// broker); a test that loads them before would lose the first lines.
+pub fn wait_for_room(addrs: &[String]) -> io::Result<()> {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let mut clients = Vec::new();
+    for addr in addrs {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let who = stream.local_addr()?.to_string();
+        clients.push((
+            who,
+            BufReader::new(stream),
+            std::collections::HashSet::new(),
+        ));
+    }
+    let names: Vec<String> = clients.iter().map(|(who, _, _)| who.clone()).collect();
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        for (_, reader, _) in &mut clients {
+            reader.get_mut().write_all(b"ping\n")?;
+        }
+        for (_, reader, heard) in &mut clients {
+            let mut line = String::new();
+            // Read what is there; a timeout ends the round for this client.
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if let Some(from) = line.trim_end().strip_suffix(": ping") {
+                    heard.insert(from.to_string());
+                }
+                line.clear();
+            }
+        }
+        if clients
+            .iter()
+            .all(|(_, _, heard)| names.iter().all(|name| heard.contains(name)))
+        {
+            return Ok(());
+        }
+    }
+    Err(io::Error::other("the nodes did not become one room"))
+}
