@@ -613,6 +613,27 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     listener.expect(&format!("{}: after", talker.who)).await
 }
 
+/// Names are unique per node only, and presence is per node: both are
+/// refused with a clear error rather than half working across nodes.
+#[test]
+fn names_and_presence_are_refused_with_a_cluster() {
+    for (names, announce_present) in [(true, false), (false, true)] {
+        let config = Config {
+            names,
+            announce_present,
+            cluster: Some(ClusterConfig::new("nats://127.0.0.1:4222")),
+            ..Config::default()
+        };
+        let refused = config.validate().map_err(|err| err.to_string());
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|why| why.contains("not with --cluster")),
+            "{refused:?}"
+        );
+    }
+}
+
 /// Credentials in the URL, as NATS users write them: `user:password@` and
 /// `token@` (percent-encoded characters decoded).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
