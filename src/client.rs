@@ -3,16 +3,19 @@
 //! A [`Client`] is shared (behind an `Arc`) by the connection's reader task,
 //! its writer task and whatever the hub keeps to reach it. It owns the
 //! client's identity, the signal that ends its connection early (a kick or
-//! server shutdown) together with the reason, and the byte budget of its
-//! outbound queue. It owns no socket and no queue itself.
+//! server shutdown) together with the reason, the byte budget of its
+//! outbound queue, and what it holds of the server's limits (its
+//! `--max-clients` slot, its address's count, the memory it holds). It owns
+//! no socket and no queue itself.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SlowClientPolicy};
+use crate::limits::Admission;
 use crate::protocol::Message;
 
 /// A server-wide unique number for a connection; the hubs key their maps by it.
@@ -26,6 +29,9 @@ pub enum Kick {
     TooSlow,
     /// Writing to the socket failed (reset, broken pipe): nobody is listening.
     WriteFailed,
+    /// The largest holder of memory when all clients together held more
+    /// than `--max-client-memory`.
+    OverMemory,
 }
 
 /// See the module documentation.
@@ -49,9 +55,13 @@ pub struct Client {
     /// Lines not delivered to this client under the drop policy (in the
     /// `broadcast` model: ring entries, each one read's worth of lines).
     skipped: AtomicU64,
-    /// The `--max-clients` slot, returned when the last handle to the client
-    /// goes (after both its reader and its writer have finished).
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Bytes the reader holds for a partial line, as of its last wait for
+    /// input; counted against `--max-client-memory`.
+    held_input: AtomicUsize,
+    /// The `--max-clients` slot and the place in the address's count,
+    /// returned when the last handle to the client goes (after both its
+    /// reader and its writer have finished).
+    _admission: Option<Admission>,
 }
 
 impl Client {
@@ -60,7 +70,7 @@ impl Client {
         who: Arc<str>,
         config: &Config,
         shutdown: &CancellationToken,
-        slot: Option<OwnedSemaphorePermit>,
+        admission: Option<Admission>,
     ) -> Client {
         Client {
             id,
@@ -75,7 +85,8 @@ impl Client {
             ),
             stuck: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
-            _slot: slot,
+            held_input: AtomicUsize::new(0),
+            _admission: admission,
         }
     }
 
@@ -151,6 +162,20 @@ impl Client {
 
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Records the bytes held for a partial input line.
+    pub fn set_held_input(&self, bytes: usize) {
+        // Most waits hold nothing, as the last did: skip the shared write.
+        if self.held_input.load(Ordering::Relaxed) != bytes {
+            self.held_input.store(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes this client holds on the server: its partial input line and
+    /// the messages queued for it (see [`MemoryGuard`](crate::limits::MemoryGuard)).
+    pub fn memory_held(&self) -> usize {
+        self.held_input.load(Ordering::Relaxed) + self.budget.queued()
     }
 }
 

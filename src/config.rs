@@ -241,6 +241,38 @@ pub fn longest_message(max_line: usize) -> usize {
     max_line.saturating_mul(3).saturating_add(128)
 }
 
+/// Default input budget per client, lines per second (see [`Config::flood_lines`]).
+pub const DEFAULT_FLOOD_LINES: u32 = 500;
+
+/// Default input budget per client, bytes per second (see [`Config::flood_bytes`]).
+pub const DEFAULT_FLOOD_BYTES: u32 = 64 * 1024;
+
+/// Default connections from one address (IPv4) or one /64 (IPv6).
+pub const DEFAULT_MAX_CLIENTS_PER_IP: usize = 100;
+
+/// Default time to notice a peer that vanished without FIN or RST.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The default `--max-client-memory`: a quarter of the machine's physical
+/// memory, or 1 GiB where that cannot be read. ARCHITECTURE.md explains
+/// what is counted.
+pub fn default_max_client_memory() -> usize {
+    const FALLBACK: usize = 1 << 30;
+    // SAFETY: sysconf only reads a system value.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (usize::try_from(pages), usize::try_from(page_size)) {
+        (Ok(pages), Ok(page_size)) if pages > 0 && page_size > 0 => {
+            pages.saturating_mul(page_size) / 4
+        }
+        _ => FALLBACK,
+    }
+}
+
 /// Everything that shapes a running server.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -271,6 +303,24 @@ pub struct Config {
     /// Join a room shared with other nodes through a NATS JetStream broker
     /// (`--cluster`); `None` is the single-process room.
     pub cluster: Option<ClusterConfig>,
+    /// Input budget per client in lines per second (0: no line budget).
+    pub flood_lines: u32,
+    /// Input budget per client in bytes per second (0: no byte budget).
+    pub flood_bytes: u32,
+    /// How much budget a quiet client saves up, in seconds of each rate:
+    /// the burst it may send at once.
+    pub flood_burst: Duration,
+    /// A client held back by its budget for this long without a break is
+    /// disconnected with `error: flooding` (`None`: only ever held back).
+    pub flood_grace: Option<Duration>,
+    /// Connections from one IPv4 address or one IPv6 /64 (0: no limit).
+    pub max_clients_per_ip: usize,
+    /// TCP keepalive: roughly how long until a peer that vanished without a
+    /// FIN or RST is noticed in a quiet room (`None`: off).
+    pub keepalive: Option<Duration>,
+    /// Bytes all clients together may hold in partial lines and queued
+    /// messages before the largest holder is disconnected (0: no limit).
+    pub max_client_memory: usize,
 }
 
 impl Default for Config {
@@ -288,6 +338,13 @@ impl Default for Config {
             names: false,
             announce_present: false,
             cluster: None,
+            flood_lines: DEFAULT_FLOOD_LINES,
+            flood_bytes: DEFAULT_FLOOD_BYTES,
+            flood_burst: Duration::from_secs(1),
+            flood_grace: Some(Duration::from_secs(10)),
+            max_clients_per_ip: DEFAULT_MAX_CLIENTS_PER_IP,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            max_client_memory: default_max_client_memory(),
         }
     }
 }
@@ -404,6 +461,11 @@ pub enum ConfigError {
     TooSmall { flag: &'static str, min: u64 },
     #[error("--{flag}: {why}")]
     Invalid { flag: &'static str, why: String },
+    #[error("--{flag} must be at least {min} seconds")]
+    TooShort {
+        flag: &'static str,
+        min: &'static str,
+    },
 }
 
 impl Config {
@@ -534,9 +596,35 @@ impl ClusterConfig {
             return Err(ConfigError::Invalid {
                 flag: "cluster-node-timeout",
                 why: "must be at least two heartbeats".into(),
+        // A bucket must hold at least one millisecond of budget, or no read
+        // would ever fit in it.
+        if self.flood_enabled() && self.flood_burst < Duration::from_millis(1) {
+            return Err(ConfigError::TooShort {
+                flag: "flood-burst",
+                min: "0.001",
+            });
+        }
+        // The kernel counts keepalive times in whole seconds.
+        if self.keepalive.is_some_and(|every| every < Duration::from_secs(1)) {
+            return Err(ConfigError::TooShort {
+                flag: "keepalive",
+                min: "1",
+            });
+        }
+        // The budget must fit one client's longest line, or a client would
+        // be evicted for an ordinary long line while alone.
+        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_pending {
+            return Err(ConfigError::TooSmall {
+                flag: "max-client-memory",
+                min: min_pending,
             });
         }
         Ok(())
+    }
+
+    /// Whether clients have an input budget at all.
+    pub fn flood_enabled(&self) -> bool {
+        self.flood_lines != 0 || self.flood_bytes != 0
     }
 }
 

@@ -33,6 +33,8 @@
 //!   graceful shutdown;
 //! - `lobby`: naming (`--names`), joining, and the first lines a client gets;
 //! - `session`: one connection's reader and writer tasks, shared by every model;
+//! - `flood`: each connection's input budget (flood control);
+//! - `limits`: per-address limits, keepalive, and the clients' memory budget;
 //! - `protocol`: line framing, sanitising and the seed's message texts (the
 //!   texts themselves live in the `chat-wire` crate, which the load tool and
 //!   the tests read them from);
@@ -49,9 +51,11 @@ mod client;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod config;
+mod flood;
 #[cfg(feature = "test-util")]
 pub mod harness;
 mod hub;
+mod limits;
 mod lobby;
 mod memory;
 mod outbox;
@@ -61,7 +65,8 @@ pub mod server;
 mod session;
 
 pub use config::{
-    Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model, QueueKind,
-    SlowClientPolicy, UnknownName, DEFAULT_CLUSTER_BUFFER, DEFAULT_MAX_PENDING,
+    default_max_client_memory, Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
+    QueueKind, SlowClientPolicy, UnknownName, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES,
+    DEFAULT_FLOOD_LINES, DEFAULT_KEEPALIVE, DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_PENDING,
 };
 pub use protocol::DEFAULT_MAX_LINE;

@@ -347,8 +347,7 @@ impl LineBuffer {
         self.buf.len() - self.start
     }
 
-    /// Bytes of heap memory held.
-    #[cfg(test)]
+    /// Bytes of heap memory held: what `--max-client-memory` counts.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }

@@ -5,9 +5,14 @@
 //! shutdown signal as arguments (as mini-redis does) lets tests run a real
 //! server on an ephemeral port and stop it without signals.
 //!
-//! - **Limits.** At most `--max-clients` connections are served; one more is
-//!   told `error: server full` and closed at once, without a task, so a
-//!   flood of connections cannot grow the server.
+//! - **Limits.** At most `--max-clients` connections are served, and at most
+//!   `--max-clients-per-ip` from one address; one more is told
+//!   `error: server full` or `error: too many connections from your address`
+//!   and closed at once, without a task, so a flood of connections cannot
+//!   grow the server. Every accepted socket gets TCP keepalive and a user
+//!   timeout ([`limits::tune_socket`]).
+//! - **Memory.** The accept loop's housekeeping tick (every 250 ms) also
+//!   enforces `--max-client-memory` ([`limits::MemoryGuard`]).
 //! - **Accept errors** (out of file descriptors, aborted handshakes) are
 //!   logged once per burst and retried after a growing pause: never a hot
 //!   loop, never an exit.
@@ -31,6 +36,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientId};
+use crate::flood::FloodLimits;
+use crate::limits::{self, AddressLimits, Admission, MemoryGuard};
 use crate::config::{Config, ConfigError, Model};
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
 use crate::memory::{self, Trimmer};
@@ -118,12 +125,15 @@ async fn serve<H: Hub>(
     let hub = Arc::new(H::new(&config));
     let stop = CancellationToken::new();
     let server = Arc::new(ServerContext {
-        config,
         stopping: AtomicBool::new(false),
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        flood: FloodLimits::from_config(&config),
+        config,
     });
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
+    let addresses = AddressLimits::new(&server.config);
+    let memory_guard = MemoryGuard::new(&server.config);
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
     let mut refusals = Refusals::default();
@@ -141,6 +151,18 @@ async fn serve<H: Hub>(
             _ = housekeeping.tick() => {
                 let connections = server.config.max_clients - slots.available_permits();
                 let started = std::time::Instant::now();
+                if let Some(guard) = &memory_guard {
+                    let eviction = guard.enforce();
+                    if eviction.evicted > 0 {
+                        warn!(
+                            held_bytes = eviction.held,
+                            budget = server.config.max_client_memory,
+                            evicted = eviction.evicted,
+                            freed_bytes = eviction.freed,
+                            "clients over --max-client-memory; disconnected the largest holders"
+                        );
+                    }
+                }
                 if let Some(why) = trimmer.observe(connections, memory::take_released()) {
                     let took = started.elapsed();
                     debug!(?why, connections, ?took, "returned freed memory to the system");
@@ -158,27 +180,48 @@ async fn serve<H: Hub>(
             }
         };
         backoff.succeeded();
+        let place = match &addresses {
+            Some(addresses) => match addresses.admit(peer.ip()) {
+                Some(place) => Some(place),
+                None => {
+                    refusals.refuse(&stream, peer, Refusal::TooManyFromAddress);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.refuse(&stream, peer);
+            refusals.refuse(&stream, peer, Refusal::ServerFull);
             continue;
         };
         refusals.admitted();
         // We coalesce writes ourselves; Nagle would only add latency.
         let _ = stream.set_nodelay(true);
+        if let Err(err) = limits::tune_socket(&stream, &server.config) {
+            debug!(%peer, cause = %err, "cannot set keepalive or user timeout");
+        }
         let id = ClientId(next_id.fetch_add(1, Ordering::Relaxed));
         let client = Arc::new(Client::new(
             id,
             peer.to_string().into(),
             &server.config,
             &stop,
-            Some(slot),
+            Some(Admission::new(slot, place)),
         ));
-        server.tracker.spawn(session::serve(
-            Arc::clone(&hub),
-            stream,
-            client,
-            Arc::clone(&server),
-        ));
+        let session = session::serve(Arc::clone(&hub), stream, Arc::clone(&client), Arc::clone(&server));
+        match &memory_guard {
+            Some(guard) => {
+                guard.watch(&client);
+                let guard = Arc::clone(guard);
+                server.tracker.spawn(async move {
+                    session.await;
+                    guard.forget(id);
+                });
+            }
+            None => {
+                server.tracker.spawn(session);
+            }
+        }
     }
 
     drop(listener);
@@ -200,44 +243,67 @@ async fn serve<H: Hub>(
     hub
 }
 
-/// Turns away connections over `--max-clients`. Like accept errors, a
-/// flood of them is logged once (its first, then a count when it ends), so
-/// that a flood of connections cannot become a flood of log lines.
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    ServerFull,
+    TooManyFromAddress,
+}
+
+/// Turns away connections over `--max-clients` or `--max-clients-per-ip`.
+/// Like accept errors, a flood of them is logged once per reason (its first,
+/// then a count when the server admits again), so that a flood of
+/// connections cannot become a flood of log lines.
 #[derive(Debug)]
 struct Refusals {
-    in_burst: u64,
-    /// `error: server full`, formatted once.
+    full: u64,
+    per_address: u64,
+    /// The refusal lines, formatted once.
     server_full: Message,
+    too_many_from_address: Message,
 }
 
 impl Default for Refusals {
     fn default() -> Refusals {
         Refusals {
-            in_burst: 0,
+            full: 0,
+            per_address: 0,
             server_full: Message::notice(chat_wire::SERVER_FULL),
+            too_many_from_address: Message::notice(chat_wire::TOO_MANY_FROM_ADDRESS),
         }
     }
 }
 
 impl Refusals {
     /// Tells the connection why, without waiting for it, and closes it.
-    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr) {
-        if self.in_burst == 0 {
-            warn!(%peer, "refused: server full");
+    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr, why: Refusal) {
+        let (in_burst, line) = match why {
+            Refusal::ServerFull => (&mut self.full, &self.server_full),
+            Refusal::TooManyFromAddress => (&mut self.per_address, &self.too_many_from_address),
+        };
+        if *in_burst == 0 {
+            match why {
+                Refusal::ServerFull => warn!(%peer, "refused: server full"),
+                Refusal::TooManyFromAddress => {
+                    warn!(%peer, "refused: too many connections from this address")
+                }
+            }
         }
-        self.in_burst += 1;
+        *in_burst += 1;
         // A fresh socket's send buffer is empty, so one non-blocking write
         // carries the line; if it does not, the client gets a plain close.
-        let _ = stream.try_write(self.server_full.as_bytes());
+        let _ = stream.try_write(line.as_bytes());
     }
 
     fn admitted(&mut self) {
-        if self.in_burst > 0 {
+        if self.full + self.per_address > 0 {
             info!(
-                refused = self.in_burst,
+                refused_server_full = self.full,
+                refused_per_address = self.per_address,
                 "admitting again after refusing connections"
             );
-            self.in_burst = 0;
+            self.full = 0;
+            self.per_address = 0;
         }
     }
 }

@@ -41,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
+use crate::flood::{FloodGate, FloodLimits, Verdict};
 use crate::hub::{Hub, Inbox};
 use crate::lobby;
 use crate::memory;
@@ -74,6 +75,8 @@ pub(crate) struct ServerContext {
     /// flushing give up.
     pub force: CancellationToken,
     pub tracker: TaskTracker,
+    /// Every connection's input budget; `None` when flood control is off.
+    pub flood: Option<FloodLimits>,
 }
 
 /// Why the reader stopped.
@@ -82,6 +85,8 @@ enum End {
     ReadFailed(io::Error),
     TooLong(LineTooLong),
     Idle,
+    /// Over its input budget for longer than `--flood-grace`.
+    Flooding,
     /// Kicked, or the server is shutting down.
     Ending,
 }
@@ -166,6 +171,13 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
             client.say_last(Message::notice("error: idle timeout"));
             (departure, false)
         }
+        End::Flooding => {
+            warn!("disconnecting: flooding");
+            client.say_last(Message::notice(chat_wire::FLOODING));
+            // It was still sending: closing now would reset the connection
+            // and destroy the error line.
+            (departure, true)
+        }
         End::Ending => match client.kicked() {
             Some(Kick::TooSlow) => {
                 warn!(
@@ -177,6 +189,13 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
             Some(Kick::WriteFailed) => {
                 info!("left: write failed");
                 (departure, false)
+            }
+            Some(Kick::OverMemory) => {
+                warn!(
+                    held_bytes = client.memory_held(),
+                    "disconnected: the clients' memory was over --max-client-memory and this one held the most"
+                );
+                (departure, true)
             }
             None => {
                 // Shutdown: everybody is leaving, so nobody is told who left.
@@ -206,6 +225,10 @@ async fn read_loop<H: Hub>(
     let mut lines = LineBuffer::new(config.max_line);
     let mut batch = ChatBatch::default();
     let mut idle_deadline = config.idle_timeout.map(|idle| Instant::now() + idle);
+    let mut gate = server
+        .flood
+        .as_ref()
+        .map(|limits| FloodGate::new(limits, Instant::now()));
     loop {
         if client.is_kicked() || server.stopping.load(Ordering::Relaxed) {
             return End::Ending;
@@ -222,15 +245,19 @@ async fn read_loop<H: Hub>(
                 }
                 return End::InputEnded;
             }
-            Ok(_) => {
+            Ok(read) => {
                 if let Some(idle) = config.idle_timeout {
                     idle_deadline = Some(Instant::now() + idle);
                 }
                 // Everything this read completed goes out as one message:
                 // one allocation, and one queue push per recipient.
+                let mut completed = 0;
                 let framed = loop {
                     match lines.next_line() {
-                        Ok(Some(line)) => batch.push(&client.who, line),
+                        Ok(Some(line)) => {
+                            completed += 1;
+                            batch.push(&client.who, line);
+                        }
                         Ok(None) => break Ok(()),
                         Err(too_long) => break Err(too_long),
                     }
@@ -246,9 +273,24 @@ async fn read_loop<H: Hub>(
                 if let Err(too_long) = framed {
                     return End::TooLong(too_long);
                 }
+                if let (Some(gate), Some(limits)) = (gate.as_mut(), server.flood.as_ref()) {
+                    match gate.charge(limits, Instant::now(), completed, read) {
+                        Verdict::Go => {}
+                        Verdict::HoldUntil(until) => {
+                            if !hold_off(until, client).await {
+                                return End::Ending;
+                            }
+                        }
+                        Verdict::Flooding => return End::Flooding,
+                    }
+                }
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 lines.release_if_empty();
+                client.set_held_input(lines.capacity());
+                if let Some(gate) = gate.as_mut() {
+                    gate.caught_up();
+                }
                 // `poll_read_ready` uses the socket's own reader waker slot;
                 // `readable()` would add a 168-byte waiter to every task.
                 tokio::select! {
@@ -264,6 +306,16 @@ async fn read_loop<H: Hub>(
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return End::ReadFailed(err),
         }
+    }
+}
+
+/// Reads nothing until `until`, so that TCP pushes back on this client
+/// alone. Boxed: only a client over its budget waits here. Returns false if
+/// the connection must end first.
+async fn hold_off(until: Instant, client: &Client) -> bool {
+    tokio::select! {
+        () = Box::pin(tokio::time::sleep_until(until)) => true,
+        () = client.ending() => false,
     }
 }
 
@@ -329,6 +381,12 @@ async fn write_loop<I: Inbox>(
     drop(hello);
     let mut batch: Vec<u8> = Vec::new();
     while result.is_ok() {
+        // An evicted client's queue is the memory being reclaimed: drop it
+        // rather than drain it at the client's pace.
+        if client.kicked() == Some(Kick::OverMemory) {
+            result = Err(WriteEnd::Abandoned);
+            break;
+        }
         let first = match inbox.try_recv() {
             Some(message) => message,
             None => {

@@ -1,16 +1,23 @@
 //! `chat-server`: the gopl.io chat server, in the concurrency model of your choice.
 //!
-//! Parses flags into a [`Config`], binds, prints the address, and serves
-//! until SIGINT or SIGTERM. Everything else lives in the library.
+//! Parses flags into a [`Config`], fits the open-file limit to
+//! `--max-clients`, binds, prints the address, and serves until SIGINT or
+//! SIGTERM. Everything else lives in the library.
+//!
+//! Nothing here may fail because our own stdout or stderr is gone (a log
+//! pipe whose reader died, `chat-server 2>&1 | tee log` after Ctrl-C): every
+//! write to them goes through [`say`] or the log writer, which drop what
+//! cannot be written instead of panicking as `println!` and `eprintln!` do.
 
-use std::io::IsTerminal;
+use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_server::{
-    server, Choice, ClusterConfig, Config, Model, QueueKind, SlowClientPolicy,
-    DEFAULT_CLUSTER_BUFFER, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
+    default_max_client_memory, server, Choice, ClusterConfig, Config, Model, QueueKind,
+    SlowClientPolicy, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES,
+    DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
@@ -121,6 +128,41 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 3.0, requires = "cluster")]
     cluster_node_timeout: f64,
 
+    /// Input budget per client, lines per second (0: no line budget). Over
+    /// budget, the server stops reading that client until it is back within.
+    #[arg(long, value_name = "LINES", default_value_t = DEFAULT_FLOOD_LINES)]
+    flood_lines: u32,
+
+    /// Input budget per client, bytes per second (0: no byte budget; both 0
+    /// turns flood control off).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_FLOOD_BYTES)]
+    flood_bytes: u32,
+
+    /// Seconds of budget a quiet client saves up: the burst it may send at once.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    flood_burst: f64,
+
+    /// A client held back by its budget this long without a break gets
+    /// `error: flooding` and is disconnected (0: only ever held back).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    flood_grace: f64,
+
+    /// Connections from one IPv4 address or one IPv6 /64 (0: no limit);
+    /// one more is told `error: too many connections from your address`.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS_PER_IP)]
+    max_clients_per_ip: usize,
+
+    /// TCP keepalive: about how many seconds until a peer that vanished
+    /// without a FIN or RST is freed in a quiet room (0: off).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    keepalive: u64,
+
+    /// Bytes all clients together may hold in partial lines and queued
+    /// messages; over it, the largest holder is disconnected first (0: no
+    /// limit) [default: a quarter of physical memory].
+    #[arg(long, value_name = "BYTES")]
+    max_client_memory: Option<usize>,
+
     /// Worker threads of the runtime [default: one per CPU]. When a load
     /// generator shares the machine, give each its own cores (see README).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -168,6 +210,16 @@ impl Args {
             names: self.names,
             announce_present: self.announce_present,
             cluster: self.cluster_config()?,
+            flood_lines: self.flood_lines,
+            flood_bytes: self.flood_bytes,
+            flood_burst: seconds("flood-burst", self.flood_burst)?,
+            flood_grace: Some(seconds("flood-grace", self.flood_grace)?)
+                .filter(|grace| !grace.is_zero()),
+            max_clients_per_ip: self.max_clients_per_ip,
+            keepalive: (self.keepalive > 0).then(|| Duration::from_secs(self.keepalive)),
+            max_client_memory: self
+                .max_client_memory
+                .unwrap_or_else(default_max_client_memory),
         };
         config.validate()?;
         Ok(config)
@@ -203,21 +255,101 @@ fn main() -> ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        // Its fallback for a failed write is `eprintln!`, which panics.
+        .log_internal_errors(false)
         // Colour codes belong on a terminal, not in a redirected log file.
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(io::stderr().is_terminal())
         .init();
     match serve(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("chat-server: {err:#}");
+            say(io::stderr(), format_args!("chat-server: {err:#}"));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Writes one line to `out`, dropping it if `out` is gone.
+fn say(mut out: impl Write, line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// stderr for the log: a write that fails (the pipe's reader has gone)
+/// reports success, so the line is dropped and the server carries on.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let _ = io::stderr().write_all(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Descriptors the server needs besides one per client: stdio, the
+/// listener, the runtime's epoll and wake-up descriptors, and room for
+/// connections it accepts only to refuse.
+const SPARE_FILES: u64 = 64;
+
+/// Raises the soft open-file limit to the hard one if `--max-clients` needs
+/// more than the soft limit, and warns if even the hard limit is too low:
+/// otherwise the server would silently sit in accept-error backoff at about
+/// the soft limit (1,024 on many systems).
+#[cfg(unix)]
+fn fit_open_files(max_clients: usize) {
+    let needed = max_clients as u64 + SPARE_FILES;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        let cause = io::Error::last_os_error();
+        tracing::warn!(%cause, "cannot read the open-file limit");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft >= needed {
+        return;
+    }
+    // An unlimited hard limit cannot be the soft one (the kernel caps it at
+    // fs.nr_open): ask for what is needed instead.
+    let raised = if limit.rlim_max == libc::RLIM_INFINITY {
+        needed
+    } else {
+        limit.rlim_max
+    };
+    limit.rlim_cur = raised;
+    // SAFETY: as above.
+    let now = if raised > soft && unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::info!(from = soft, to = raised, "raised the open-file limit");
+        raised
+    } else {
+        soft
+    };
+    if now < needed {
+        let room = now.saturating_sub(SPARE_FILES);
+        tracing::warn!(
+            "the open-file limit is {now} (hard limit {}): room for about {room} clients, \
+             but --max-clients is {max_clients}; past that, connections wait in accept-error \
+             backoff. Raise the limit (`ulimit -n {needed}`, as root if the hard limit is \
+             lower) or lower --max-clients",
+            limit.rlim_max
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn fit_open_files(_max_clients: usize) {}
+
 fn serve(args: &Args) -> anyhow::Result<()> {
     let config = args.config()?;
+    fit_open_files(config.max_clients);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = args.threads {
         runtime.worker_threads(usize::from(threads));
@@ -235,9 +367,12 @@ async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
     // On stdout, alone on its line, so scripts can learn the port.
-    println!(
-        "{}",
-        chat_wire::banner::format(&addr.to_string(), config.model.name())
+    say(
+        io::stdout(),
+        format_args!(
+            "{}",
+            chat_wire::banner::format(&addr.to_string(), config.model.name())
+        ),
     );
     if config.model.has_client_queues() {
         tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");

@@ -36,6 +36,17 @@ pub const TOO_SLOW: &str = "error: disconnected: too slow";
 /// The only line a connection over `--max-clients` receives.
 pub const SERVER_FULL: &str = "error: server full";
 
+/// The only line a connection over `--max-clients-per-ip` receives.
+pub const TOO_MANY_FROM_ADDRESS: &str = "error: too many connections from your address";
+
+/// The last line of a client that stayed over its input budget
+/// (`--flood-lines`, `--flood-bytes`) for `--flood-grace`.
+pub const FLOODING: &str = "error: flooding";
+
+/// The last line of the client holding the most memory when all clients
+/// together held more than `--max-client-memory`.
+pub const TOO_MUCH_MEMORY: &str = "error: disconnected: holding too much server memory";
+
 /// The last line of every client when the server stops.
 pub const SHUTTING_DOWN: &str = "server shutting down";
 
