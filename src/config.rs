@@ -605,7 +605,10 @@ impl ClusterConfig {
             });
         }
         // The kernel counts keepalive times in whole seconds.
-        if self.keepalive.is_some_and(|every| every < Duration::from_secs(1)) {
+        if self
+            .keepalive
+            .is_some_and(|every| every < Duration::from_secs(1))
+        {
             return Err(ConfigError::TooShort {
                 flag: "keepalive",
                 min: "1",
@@ -620,6 +623,18 @@ impl ClusterConfig {
             });
         }
         Ok(())
+    }
+
+    /// This configuration with flood control and the per-address limit
+    /// off, for tests and benchmarks that drive many fast clients from one
+    /// loopback address on purpose.
+    pub fn without_abuse_limits(self) -> Config {
+        Config {
+            flood_lines: 0,
+            flood_bytes: 0,
+            max_clients_per_ip: 0,
+            ..self
+        }
     }
 
     /// Whether clients have an input budget at all.

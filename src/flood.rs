@@ -155,7 +155,12 @@ mod tests {
     /// `bytes` bytes each time the gate lets it, on the paused clock, until
     /// disconnected or `limit` passes. Returns how long it lasted and how
     /// many bytes it got through.
-    async fn flood(limits: &FloodLimits, lines: usize, bytes: usize, limit: Duration) -> (Duration, usize, bool) {
+    async fn flood(
+        limits: &FloodLimits,
+        lines: usize,
+        bytes: usize,
+        limit: Duration,
+    ) -> (Duration, usize, bool) {
         let start = Instant::now();
         let mut gate = FloodGate::new(limits, start);
         let mut through = 0;
@@ -234,7 +239,10 @@ mod tests {
         );
         // What got through is the burst plus the rate over that time.
         let allowed = 64 * 1024 * (1 + lasted.as_secs() as usize + 1);
-        assert!(through <= allowed, "{through} bytes through, at most {allowed} allowed");
+        assert!(
+            through <= allowed,
+            "{through} bytes through, at most {allowed} allowed"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -243,7 +251,10 @@ mod tests {
         // 500-line budget, a flood however few bytes it is.
         let limits = limits(500, 64 * 1024, 1, Some(10));
         let (lasted, _, cut) = flood(&limits, 8192, 8192, Duration::from_secs(60)).await;
-        assert!(cut && lasted < Duration::from_secs(1), "cut {cut} after {lasted:?}");
+        assert!(
+            cut && lasted < Duration::from_secs(1),
+            "cut {cut} after {lasted:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

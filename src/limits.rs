@@ -130,7 +130,12 @@ pub fn keepalive_for(every: Duration) -> socket2::TcpKeepalive {
     let interval = (secs / 6).max(1);
     let idle = secs.saturating_sub(u64::from(PROBES) * interval).max(1);
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(idle));
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "freebsd"))]
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "freebsd"
+    ))]
     let keepalive = keepalive
         .with_interval(Duration::from_secs(interval))
         .with_retries(PROBES);
@@ -243,7 +248,10 @@ impl MemoryGuard {
             if remaining <= self.budget || holds == 0 {
                 break;
             }
-            client.kick(Kick::OverMemory, Some(Message::notice(chat_wire::TOO_MUCH_MEMORY)));
+            client.kick(
+                Kick::OverMemory,
+                Some(Message::notice(chat_wire::TOO_MUCH_MEMORY)),
+            );
             remaining -= holds;
             eviction.evicted += 1;
             eviction.freed += holds;

@@ -36,10 +36,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientId};
-use crate::flood::FloodLimits;
-use crate::limits::{self, AddressLimits, Admission, MemoryGuard};
 use crate::config::{Config, ConfigError, Model};
+use crate::flood::FloodLimits;
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
+use crate::limits::{self, AddressLimits, Admission, MemoryGuard};
 use crate::memory::{self, Trimmer};
 use crate::protocol::Message;
 use crate::session::{self, ServerContext};
@@ -208,7 +208,12 @@ async fn serve<H: Hub>(
             &stop,
             Some(Admission::new(slot, place)),
         ));
-        let session = session::serve(Arc::clone(&hub), stream, Arc::clone(&client), Arc::clone(&server));
+        let session = session::serve(
+            Arc::clone(&hub),
+            stream,
+            Arc::clone(&client),
+            Arc::clone(&server),
+        );
         match &memory_guard {
             Some(guard) => {
                 guard.watch(&client);
