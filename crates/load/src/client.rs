@@ -84,6 +84,11 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
         })??;
     match chat_wire::greeted(&greeting) {
         Some(who) => conn.who = who.to_owned(),
+        // Every client of this tool comes from one loopback address.
+        None if greeting == chat_wire::TOO_MANY_FROM_ADDRESS => bail!(
+            "{addr} refused: {greeting:?}; start our server with --max-clients-per-ip 0 \
+             (or at least the clients this run opens) to load it from one address"
+        ),
         None => bail!(
             "{addr} greeted with {greeting:?}, expected {:?}",
             chat_wire::greeting("IP:PORT")

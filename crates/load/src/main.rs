@@ -40,6 +40,8 @@ enum Command {
     Slow(LoadArgs),
     /// n idle connections: server RSS per connection (needs --server-pid).
     Idle(LoadArgs),
+    /// Rate, while one extra client writes as fast as it can: ordinary clients' latency and losses.
+    Flood(LoadArgs),
     /// Start our server in each model (and any --peer), run the same scenarios, compare.
     Compare(Box<CompareArgs>),
 }
@@ -51,7 +53,7 @@ struct LoadArgs {
     #[arg(long)]
     addr: String,
 
-    /// Clients [fanout 100, rate 500, churn: idle clients 100, slow 20, idle 5000].
+    /// Clients [fanout 100, rate 500, churn: idle clients 100, slow 20, idle 5000, flood 10 and the flooder].
     #[arg(short = 'n', long = "clients")]
     clients: Option<usize>,
 
@@ -67,11 +69,11 @@ struct LoadArgs {
     #[arg(long)]
     window: Option<u32>,
 
-    /// Messages per second per client (rate) [1].
+    /// Messages per second per client (rate [1], flood [20]).
     #[arg(long)]
     rate: Option<f64>,
 
-    /// Seconds: sending stops after this (fanout 60, slow 30, rate 10); churn runs this long [5].
+    /// Seconds: sending stops after this (fanout 60, slow 30, rate 10, flood 5); churn runs this long [5].
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
 
@@ -322,7 +324,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::Rate(a)
         | Command::Churn(a)
         | Command::Slow(a)
-        | Command::Idle(a) => a.common.threads(),
+        | Command::Idle(a)
+        | Command::Flood(a) => a.common.threads(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -377,6 +380,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Churn(args) => (Scenario::Churn, args),
         Command::Slow(args) => (Scenario::Slow, args),
         Command::Idle(args) => (Scenario::Idle, args),
+        Command::Flood(args) => (Scenario::Flood, args),
     };
     let options = scenario_options(scenario, &args)?;
     if scenario == Scenario::Idle && options.server_pid.is_none() {

@@ -38,6 +38,8 @@ pub struct Report {
     pub slow: Option<Slow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle: Option<Idle>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flood: Option<Flood>,
     /// Given the server's pid: its CPU and memory over the measured interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerUsage>,
@@ -143,6 +145,22 @@ pub struct Slow {
     pub final_state: String,
     /// Bytes it found waiting when it finally read.
     pub bytes_buffered: u64,
+}
+
+/// What the flooder of the `flood` scenario managed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Flood {
+    /// Bytes the flooder's socket took (the server's, and the kernel's buffers).
+    pub bytes_written: u64,
+    /// Bytes the server sent it: its own lines' echoes, mostly, so about
+    /// what the server let through from it (plus `IP:PORT: ` each).
+    pub bytes_received: u64,
+    /// How long it flooded, seconds.
+    pub seconds: f64,
+    /// When it was told `error: flooding`, seconds after it started.
+    pub cut_off_after_s: Option<f64>,
+    /// `still connected` when the run ended, or how the server ended it.
+    pub final_state: String,
 }
 
 /// Memory of idle connections.
@@ -252,6 +270,7 @@ impl Report {
             send_lag_us: None,
             churn: None,
             slow: None,
+            flood: None,
             idle: None,
             server: None,
             tool_cpu_s: 0.0,
@@ -367,6 +386,21 @@ impl Report {
                 format!(
                     "{} ({} bytes were waiting)",
                     s.final_state, s.bytes_buffered
+                ),
+            );
+        }
+        if let Some(f) = &self.flood {
+            let secs = f.seconds.max(1e-9);
+            row(
+                "flooder",
+                format!(
+                    "wrote {}B/s, was sent {}B/s back; {}",
+                    si(f.bytes_written as f64 / secs),
+                    si(f.bytes_received as f64 / secs),
+                    match f.cut_off_after_s {
+                        Some(t) => format!("cut off after {t:.1} s ({})", f.final_state),
+                        None => f.final_state.clone(),
+                    }
                 ),
             );
         }

@@ -217,6 +217,51 @@ fn rate_reports_latency_at_the_offered_load() -> io::Result<()> {
     )
 }
 
+/// With the server's default flood control, the ordinary clients lose
+/// nothing while the flooder is held back; the report says what it got through.
+#[test]
+fn flood_reports_the_ordinary_clients_and_the_flooder() -> io::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let output = chat_load(&[
+        "flood",
+        "--addr",
+        &server.addr,
+        "--duration",
+        "1",
+        "--json",
+        "-q",
+    ])?;
+    let report = json_report(&output)?;
+    ensure(report["scenario"] == "flood", || format!("{report}"))?;
+    // Ten clients at 20 lines/s for a second, everyone hears everyone.
+    ensure(
+        number(&report, &["deliveries", "delivered"])? == 10.0 * 20.0 * 10.0,
+        || format!("ordinary clients lost lines: {report}"),
+    )?;
+    ensure(number(&report, &["deliveries", "lost"])? == 0.0, || {
+        format!("lost: {report}")
+    })?;
+    let written = number(&report, &["flood", "bytes_written"])?;
+    let let_through = number(&report, &["flood", "bytes_received"])?;
+    // Held back: the server echoed far less than the flooder wrote.
+    ensure(written > 4.0 * let_through, || {
+        format!("the flooder was not held back: {report}")
+    })
+}
+
+/// One address over the server's default `--max-clients-per-ip`: the tool
+/// says which flag to pass.
+#[test]
+fn a_per_address_refusal_names_the_flag() -> io::Result<()> {
+    let server = ServerProcess::start(&["--max-clients-per-ip", "5"])?;
+    let output = chat_load(&["fanout", "--addr", &server.addr, "-n", "8", "-m", "1", "-q"])?;
+    ensure(!output.status.success(), || "it ran".into())?;
+    let stderr = stderr_of(&output);
+    ensure(stderr.contains("--max-clients-per-ip"), || {
+        format!("unclear refusal: {stderr}")
+    })
+}
+
 #[test]
 fn addresses_off_loopback_are_refused_before_any_traffic() -> io::Result<()> {
     // 192.0.2.0/24 is reserved for documentation: nothing answers there.
