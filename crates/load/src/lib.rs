@@ -14,10 +14,10 @@
 //!
 //! The modules, in the order a run uses them:
 //!
-//! - [`scenario`]: the five scenarios (`fanout`, `rate`, `churn`, `slow`,
-//!   `idle`, a file each) and the coordinator that connects, settles,
-//!   starts, watches and stops the clients, always within bounds of count
-//!   and time;
+//! - [`scenario`]: the six scenarios (`fanout`, `rate`, `churn`, `slow`,
+//!   `idle`, `flood`, a file each) and the coordinator that connects,
+//!   settles, starts, watches and stops the clients, always within bounds of
+//!   count and time;
 //! - `client`: one simulated user, its connection and its receive path;
 //! - [`payload`]: the chat line's text, its decoder, the clock and order checking;
 //! - [`proc`]: CPU time, memory and limits from `/proc`;
@@ -48,6 +48,16 @@
 //!   its own; open-loop runs at low rates) a delivery costs 1.5–3 µs, almost
 //!   all of it the kernel's TCP receive path and the wake-up, which is why
 //!   the tool's CPU is reported beside the server's.
+
+/// `eprintln!` that cannot panic: progress and notes on stderr are dropped
+/// if stderr is gone (a closed pipe), rather than ending a run mid-way.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 mod client;
 pub mod compare;

@@ -311,7 +311,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("chat-load: {err:#}");
+            chat_load::note!("chat-load: {err:#}");
             ExitCode::FAILURE
         }
     }
@@ -362,13 +362,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let options = compare_options(&args)?;
             let comparison = compare::compare(&options).await?;
             if args.common.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&comparison).context("serialising the comparison")?
-                );
+                let json =
+                    serde_json::to_string(&comparison).context("serialising the comparison")?;
+                results(&format!("{json}\n"))?;
             } else {
-                print!("{}", compare::table(&comparison));
-                eprintln!(
+                results(&compare::table(&comparison))?;
+                chat_load::note!(
                     "chat-load: wrote compare.md, compare.json and compare.svg to {}",
                     options.out.display()
                 );
@@ -384,17 +383,27 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     let options = scenario_options(scenario, &args)?;
     if scenario == Scenario::Idle && options.server_pid.is_none() {
-        eprintln!(
+        chat_load::note!(
             "chat-load: note: without --server-pid the idle scenario cannot report server memory"
         );
     }
     let report = load::run(scenario, &options).await?;
     if args.common.json {
-        println!("{}", report.to_json());
+        results(&format!("{}\n", report.to_json()))
     } else {
-        print!("{}", report.to_table());
+        results(&report.to_table())
     }
-    Ok(())
+}
+
+/// Writes the results to stdout. Unlike `print!`, a closed stdout is an
+/// error the run reports (its results are lost), not a panic.
+fn results(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("cannot write the results to stdout")
 }
 
 /// Completes on SIGINT or SIGTERM, naming it.

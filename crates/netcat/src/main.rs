@@ -7,6 +7,10 @@
 //! once rather than waiting for more input, as the seed's netcat would.
 //!
 //! Plain threads and blocking sockets: two byte pumps need nothing more.
+//!
+//! Nothing here panics when our own stdout or stderr is gone (`netcat |
+//! head -1`, a closed terminal): messages to a closed stderr are dropped,
+//! and a closed stdout ends the program, as a closed pipe ends `cat`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -19,27 +23,30 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let addr = match (args.next(), args.next()) {
         (Some(flag), None) if flag == "-h" || flag == "--help" => {
-            println!("{USAGE}");
+            say(io::stdout(), format_args!("{USAGE}"));
             return ExitCode::SUCCESS;
         }
         (Some(addr), None) => addr,
         (None, None) => "localhost:8000".to_string(),
         _ => {
-            eprintln!("{USAGE}");
+            say(io::stderr(), format_args!("{USAGE}"));
             return ExitCode::from(2);
         }
     };
     let conn = match TcpStream::connect(&addr) {
         Ok(conn) => conn,
         Err(err) => {
-            eprintln!("netcat: cannot connect to {addr}: {err}");
+            say(
+                io::stderr(),
+                format_args!("netcat: cannot connect to {addr}: {err}"),
+            );
             return ExitCode::FAILURE;
         }
     };
     let from_server = match conn.try_clone() {
         Ok(from_server) => from_server,
         Err(err) => {
-            eprintln!("netcat: {err}");
+            say(io::stderr(), format_args!("netcat: {err}"));
             return ExitCode::FAILURE;
         }
     };
@@ -50,18 +57,23 @@ fn main() -> ExitCode {
     if let Err(err) = sent {
         // Stdin failed, or the server is gone; either way stop sending.
         if err.kind() != io::ErrorKind::BrokenPipe {
-            eprintln!("netcat: {err}");
+            say(io::stderr(), format_args!("netcat: {err}"));
         }
     }
     let _ = conn.shutdown(Shutdown::Write);
     match printer.join() {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(err)) => {
-            eprintln!("netcat: {err}");
+            say(io::stderr(), format_args!("netcat: {err}"));
             ExitCode::FAILURE
         }
         Err(_) => ExitCode::FAILURE,
     }
+}
+
+/// Writes one line to `out`, dropping it if `out` is gone.
+fn say(mut out: impl Write, line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Prints everything the server sends. When the server closes, the process
@@ -86,6 +98,12 @@ fn copy_to_stdout(mut conn: TcpStream) -> io::Result<()> {
     match result {
         // The server closed: nothing more can happen, whatever stdin does.
         Ok(()) => std::process::exit(0),
+        // Nobody reads what the server sends any more: stop, whatever
+        // stdin does, as a closed pipe stops `cat`.
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+            say(io::stderr(), format_args!("netcat: stdout: {err}"));
+            std::process::exit(1)
+        }
         Err(err) => Err(err),
     }
 }

@@ -142,3 +142,34 @@ fn netcat_exits_when_the_server_closes() -> io::Result<()> {
     ensure(client.rest()?.is_empty(), || "more output".into())?;
     ensure(client.wait()?.success(), || "netcat failed".into())
 }
+
+/// `netcat ADDR | head -0`: stdout and stderr both gone. The greeting
+/// cannot be printed, so netcat stops with a failure status, never a panic
+/// (101), and never waits for a stdin that may never end.
+#[test]
+fn closed_stdout_and_stderr_end_netcat_without_a_panic() -> io::Result<()> {
+    let server = ServerProcess::start(&[])?;
+    let mut child = Command::new(chat_testkit::process::binary("netcat")?)
+        .arg(&server.addr)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The read ends go before netcat writes anything.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(io::Error::other("netcat kept running with stdout gone"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    ensure(status.code() == Some(1), || {
+        format!("exit status {status}; 101 would be a panic")
+    })
+}
