@@ -242,7 +242,7 @@ impl MemoryGuard {
             .map(|client| (client.memory_held(), client))
             .collect();
         drop(clients);
-        holders.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        holders.sort_unstable_by_key(|(holds, _)| std::cmp::Reverse(*holds));
         let mut remaining = held;
         for (holds, client) in holders {
             if remaining <= self.budget || holds == 0 {

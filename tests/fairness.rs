@@ -179,7 +179,7 @@ async fn flood(
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     };
-    let _ = stream.set_linger(Some(Duration::ZERO));
+    let _ = stream.set_zero_linger();
     let cut = String::from_utf8_lossy(&tail).contains(chat_wire::FLOODING);
     let rate = echoed as f64 / started.elapsed().as_secs_f64() / 1e3;
     format!(
