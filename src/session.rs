@@ -3,9 +3,14 @@
 //!
 //! The **reader** (the task the accept loop spawned) joins the hub, starts
 //! the writer, then turns socket bytes into lines and hands the hub one
-//! message per read, holding every line that read completed. When input ends (or the client is
-//! kicked, idles out, sends an over-long line, or the server shuts down) it
-//! leaves the hub, which announces the departure.
+//! message per read, holding every line that read completed. After each read
+//! it charges the client's input budget ([`crate::flood`]) and, when the
+//! client is over it, reads nothing until the debt is paid: TCP then pushes
+//! back on that client alone. When input ends (or the client is kicked,
+//! idles out, sends an over-long line, floods past `--flood-grace`, or the
+//! server shuts down) it leaves the hub, which announces the departure.
+//! Before each wait for input it records what it holds of a partial line,
+//! for `--max-client-memory`.
 //!
 //! Before any of that, [`lobby`] names the client (`--names`) and joins
 //! it; the first thing the writer sends is what the lobby hands it.
