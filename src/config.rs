@@ -258,6 +258,11 @@ pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 /// what is counted.
 pub fn default_max_client_memory() -> usize {
     const FALLBACK: usize = 1 << 30;
+    physical_memory().map_or(FALLBACK, |bytes| bytes / 4)
+}
+
+#[cfg(unix)]
+fn physical_memory() -> Option<usize> {
     // SAFETY: sysconf only reads a system value.
     let (pages, page_size) = unsafe {
         (
@@ -267,10 +272,15 @@ pub fn default_max_client_memory() -> usize {
     };
     match (usize::try_from(pages), usize::try_from(page_size)) {
         (Ok(pages), Ok(page_size)) if pages > 0 && page_size > 0 => {
-            pages.saturating_mul(page_size) / 4
+            Some(pages.saturating_mul(page_size))
         }
-        _ => FALLBACK,
+        _ => None,
     }
+}
+
+#[cfg(not(unix))]
+fn physical_memory() -> Option<usize> {
+    None
 }
 
 /// Everything that shapes a running server.

@@ -294,6 +294,7 @@ impl Write for LossyStderr {
 /// Descriptors the server needs besides one per client: stdio, the
 /// listener, the runtime's epoll and wake-up descriptors, and room for
 /// connections it accepts only to refuse.
+#[cfg(unix)]
 const SPARE_FILES: u64 = 64;
 
 /// Raises the soft open-file limit to the hard one if `--max-clients` needs

@@ -352,8 +352,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(args) => {
             if let Some(json) = &args.replot {
                 let comparison = compare::replot(json, &args.out)?;
-                print!("{}", compare::table(&comparison));
-                eprintln!(
+                results(&compare::table(&comparison))?;
+                chat_load::note!(
                     "chat-load: wrote compare.md and compare.svg to {}",
                     args.out.display()
                 );

@@ -148,7 +148,7 @@ pub struct Slow {
 }
 
 /// What the flooder of the `flood` scenario managed.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Flood {
     /// Bytes the flooder's socket took (the server's, and the kernel's buffers).
     pub bytes_written: u64,

@@ -99,9 +99,11 @@ impl Spec {
             Spec::Peer(peer) => start_peer(opts, peer)?,
         };
         if opts.progress {
-            eprintln!(
+            crate::note!(
                 "chat-load: started {} on {} (pid {})",
-                server.name, server.addr, server.pid
+                server.name,
+                server.addr,
+                server.pid
             );
         }
         Ok(server)
@@ -110,14 +112,10 @@ impl Spec {
     fn command(&self, opts: &CompareOptions) -> String {
         match self {
             Spec::Ours(model) => format!(
-                "{} --addr 127.0.0.1:0 --model {} --threads {}{}",
+                "{} {}",
                 opts.server_bin.display(),
-                model.name(),
-                opts.server_threads,
-                opts.server_args
-                    .iter()
-                    .map(|a| format!(" {a}"))
-                    .collect::<String>()
+                super::spec::our_server_args(*model, opts.server_threads, &opts.server_args)
+                    .join(" ")
             ),
             Spec::Peer(peer) => peer.command.clone(),
         }
@@ -145,7 +143,7 @@ async fn run_all(
             Ok(server) => server,
             Err(err) => {
                 // It would fail the same way for the rest: say so once.
-                eprintln!("chat-load: {}: cannot start: {err:#}", spec.name());
+                crate::note!("chat-load: {}: cannot start: {err:#}", spec.name());
                 let error = format!("cannot start: {err:#}");
                 for (label, scenario, n) in &runs[cells.len()..] {
                     cells.push(Cell {
@@ -159,20 +157,20 @@ async fn run_all(
                 break;
             }
         };
-        eprintln!("chat-load: {}: {label}", server.name);
+        crate::note!("chat-load: {}: {label}", server.name);
         let options = options_for(opts, &server, *scenario, *n);
         match scenario::run(*scenario, &options).await {
             Ok(report) => {
-                eprintln!("chat-load: {}: {label}: {}", server.name, summary(&report));
+                crate::note!("chat-load: {}: {label}: {}", server.name, summary(&report));
                 cells.push(cell(Some(report), None));
             }
             Err(err) => {
-                eprintln!("chat-load: {}: {label} failed: {err:#}", server.name);
+                crate::note!("chat-load: {}: {label} failed: {err:#}", server.name);
                 cells.push(cell(None, Some(format!("{err:#}"))));
             }
         }
         if !Proc::Pid(server.pid).alive() {
-            eprintln!(
+            crate::note!(
                 "chat-load: {} exited during {label}; see {}",
                 server.name,
                 server.log.display()
@@ -224,7 +222,7 @@ pub async fn compare(opts: &CompareOptions) -> anyhow::Result<Comparison> {
     }
     for peer in &opts.peers {
         if let Some(addr) = &peer.addr {
-            eprintln!(
+            crate::note!(
                 "chat-load: note: peer {} needs {addr} free while it runs",
                 peer.name
             );

@@ -150,6 +150,17 @@ fn columns(scenario: Scenario) -> Vec<Column> {
                 None => "never".into(),
             })
     }
+    fn flooder(r: &Report) -> String {
+        r.flood
+            .as_ref()
+            .map_or("-".into(), |f| match f.cut_off_after_s {
+                Some(t) => format!("cut off after {t:.1} s"),
+                None => format!(
+                    "{}B/s let through",
+                    report::si(f.bytes_received as f64 / f.seconds.max(1e-9))
+                ),
+            })
+    }
     fn done(r: &Report) -> String {
         if r.complete {
             "yes".into()
@@ -192,6 +203,12 @@ fn columns(scenario: Scenario) -> Vec<Column> {
             c("slow cut", slow_cut),
             c("done", done),
             c("lost/viol", lost),
+        ],
+        Scenario::Flood => vec![
+            c("p50", p50),
+            c("p99", p99),
+            c("lost/viol", lost),
+            c("flooder", flooder),
         ],
     }
 }

@@ -77,6 +77,43 @@ const OWN_SERVER_FLAGS: [(&str, &str); 3] = [
     ("--threads", "use --server-threads"),
 ];
 
+/// Limits `compare` lifts on our servers unless a `--server-arg` sets the
+/// flag: the scenarios open thousands of connections from 127.0.0.1 and send
+/// as fast as the server takes their lines, and what is compared is the
+/// models, not the server's defences. (Keep flood control on, for the
+/// `flood` scenario, with `--server-arg=--flood-lines=500
+/// --server-arg=--flood-bytes=65536`.)
+const LIFTED_LIMITS: [(&str, &str); 3] = [
+    ("--max-clients-per-ip", "0"),
+    ("--flood-lines", "0"),
+    ("--flood-bytes", "0"),
+];
+
+/// Everything after the binary on our server's command line, in `model`:
+/// what `compare` sets itself, the limits it lifts, then `server_args`.
+pub fn our_server_args(model: Model, threads: usize, server_args: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--addr",
+        "127.0.0.1:0",
+        "--model",
+        model.name(),
+        "--threads",
+        &threads.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for (flag, value) in LIFTED_LIMITS {
+        let given = server_args
+            .iter()
+            .any(|arg| arg.split('=').next() == Some(flag));
+        if !given {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
+    args.extend(server_args.iter().cloned());
+    args
+}
+
 /// Refuses a `--server-arg` that `compare` already passes, naming the
 /// option to use instead.
 pub fn check_server_args(args: &[String]) -> anyhow::Result<()> {
@@ -109,6 +146,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--server-threads"), "{err}");
+    }
+
+    #[test]
+    fn lifts_limits_unless_told_otherwise() {
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let lifted = our_server_args("sharded".parse().unwrap(), 1, &[]).join(" ");
+        assert_eq!(
+            lifted,
+            "--addr 127.0.0.1:0 --model sharded --threads 1 \
+             --max-clients-per-ip 0 --flood-lines 0 --flood-bytes 0"
+        );
+        let kept = our_server_args(
+            "locked".parse().unwrap(),
+            2,
+            &args(&["--flood-lines=500", "--flood-bytes", "65536"]),
+        )
+        .join(" ");
+        assert_eq!(
+            kept,
+            "--addr 127.0.0.1:0 --model locked --threads 2 \
+             --max-clients-per-ip 0 --flood-lines=500 --flood-bytes 65536"
+        );
     }
 
     #[test]

@@ -91,9 +91,11 @@ pub(super) fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<
     let (log, log_path) = log_file(&opts.out, &name)?;
     let mut command = Command::new(&opts.server_bin);
     command
-        .args(["--addr", "127.0.0.1:0", "--model", model.name()])
-        .args(["--threads", &opts.server_threads.to_string()])
-        .args(&opts.server_args)
+        .args(super::spec::our_server_args(
+            model,
+            opts.server_threads,
+            &opts.server_args,
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -221,7 +223,7 @@ pub(super) fn start_peer(opts: &CompareOptions, peer: &PeerSpec) -> anyhow::Resu
             "peer {}: {addr} is held by pid {pid}, which is not the peer we started",
             peer.name
         ),
-        None => eprintln!(
+        None => crate::note!(
             "chat-load: peer {}: cannot see which process listens on {addr}; measuring the shell's pid {shell}",
             peer.name
         ),

@@ -57,7 +57,7 @@ impl Progress {
         }
         let rate = (value - self.last_value.min(value)) as f64
             / now.duration_since(self.last_at).as_secs_f64().max(1e-9);
-        eprintln!(
+        crate::note!(
             "chat-load: [{:6.1}s] {what} {} ({}/s){}",
             now.duration_since(self.start).as_secs_f64(),
             value,

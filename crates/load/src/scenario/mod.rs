@@ -1,7 +1,7 @@
-//! The five scenarios: what each one is ([`Scenario`]), its defaults, the
+//! The six scenarios: what each one is ([`Scenario`]), its defaults, the
 //! [`Options`] a run takes, and [`run`], which hands a run to the scenario's
-//! own module: [`fanout`], [`rate`], [`churn`], [`slow`] and [`idle`], one
-//! scenario per file. What they share, connecting the clients, letting the
+//! own module: [`fanout`], [`rate`], [`churn`], [`slow`], [`idle`] and
+//! [`flood`], one scenario per file. What they share, connecting the clients, letting the
 //! arrival announcements settle, starting everyone at once, watching
 //! progress, stopping within the time bounds and turning what the clients
 //! counted into a [`Report`], is the [`coordinator`]; the open-loop sender
@@ -25,6 +25,7 @@
 mod churn;
 mod coordinator;
 mod fanout;
+mod flood;
 mod idle;
 mod pacer;
 mod rate;
@@ -37,7 +38,7 @@ use anyhow::{bail, Context};
 
 use crate::report::{Params, Report};
 
-/// The five ways of loading a server.
+/// The six ways of loading a server.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
 )]
@@ -53,6 +54,9 @@ pub enum Scenario {
     Slow,
     /// n idle connections: server memory per connection.
     Idle,
+    /// `rate` while one extra client writes as fast as the server takes it:
+    /// the ordinary clients' latency and losses under a flood.
+    Flood,
 }
 
 /// A scenario's defaults for the options left out.
@@ -74,6 +78,7 @@ impl Scenario {
             Scenario::Churn => "churn",
             Scenario::Slow => "slow",
             Scenario::Idle => "idle",
+            Scenario::Flood => "flood",
         }
     }
 
@@ -110,6 +115,14 @@ impl Scenario {
             },
             Scenario::Idle => Defaults {
                 clients: 5000,
+                ..base
+            },
+            // Ten people chatting, a line every 50 ms each, as in the
+            // server's tests/fairness.rs.
+            Scenario::Flood => Defaults {
+                clients: 10,
+                rate: 20.0,
+                duration: Duration::from_secs(5),
                 ..base
             },
         }
@@ -232,6 +245,7 @@ pub async fn run(scenario: Scenario, opts: &Options) -> anyhow::Result<Report> {
         Scenario::Rate => rate::run(opts).await,
         Scenario::Churn => churn::run(opts).await,
         Scenario::Idle => idle::run(opts).await,
+        Scenario::Flood => flood::run(opts).await,
     }
 }
 

@@ -17,13 +17,19 @@ use super::coordinator::{
 };
 use super::pacer::pace;
 use super::{params, Options};
-use crate::client::{run_client, Plan, Receiver, Shared, READ_CHUNK};
+use crate::client::{run_client, Conn, Plan, Receiver, Shared, READ_CHUNK};
 use crate::payload::{now_ns, ns_since_origin, Codec};
 use crate::proc;
 use crate::report::{self, Latency, Params, Report};
 
 /// `rate`: open loop at a fixed rate per client, spread evenly.
 pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
+    open_loop(opts, None).await
+}
+
+/// The open loop, with `flooder` (connected before the others) flooding
+/// from the start to the end of the run if given: the `flood` scenario.
+pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::Result<Report> {
     let n = opts.clients;
     if !(opts.rate.is_finite() && opts.rate > 0.0) {
         bail!("--rate must be a positive number of messages per second");
@@ -35,7 +41,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     let codec = Codec::for_this_run(opts.size)?;
     let offered = n as f64 * n as f64 * opts.rate;
     let mut report = Report::new(
-        "rate",
+        if flooder.is_some() { "flood" } else { "rate" },
         opts.target.clone(),
         Params {
             rate_per_client: Some(opts.rate),
@@ -80,6 +86,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     let t0 = Instant::now() + Duration::from_millis(5);
     let t0_ns = ns_since_origin(t0);
     shared.start.cancel();
+    let flooding = flooder.map(|conn| tokio::spawn(super::flood::flood(conn, shared.stop.clone())));
     let abort = Arc::new(AtomicBool::new(false));
     let pacer = {
         let (codec, shared, abort) = (codec.clone(), shared.clone(), abort.clone());
@@ -143,6 +150,13 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     shared.stop.cancel();
     let mut merged = collect(handles).await;
     merged.sent = paced.sent;
+    if let Some(flooding) = flooding {
+        report.flood = Some(
+            flooding
+                .await
+                .map_err(|err| anyhow::anyhow!("the flooder task: {err}"))?,
+        );
+    }
 
     let end_ns = match ending {
         Ending::Complete => merged.last_delivery_ns,
