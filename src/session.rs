@@ -61,6 +61,11 @@ pub const MAX_WRITE: usize = 64 * 1024;
 /// a socket with unread input sends.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// After a flood or an eviction, lingering stops after this many bytes as
+/// well: a flooder writes hundreds of megabytes a second, and reading them
+/// all for [`LINGER`] would hand it two seconds of a core.
+const LINGER_AFTER_FLOOD: usize = 1024 * 1024;
+
 /// A read's lines go out as one message, split at about this size, so that
 /// a read of many tiny lines (8 KiB of newlines formats to ~200 KiB) does not
 /// become one outsized queue entry.
@@ -121,10 +126,10 @@ pub(crate) async fn serve<H: Hub>(
     // greeting it is registered and will see everyone's next line.
     spawn_writer(writer, entered.inbox, entered.hello, &client, &server);
     let end = read_loop(&*hub, &reader, &client, &server).await;
-    let (departure, lingers) = client.span().in_scope(|| conclude(end, &client));
+    let (departure, linger_for) = client.span().in_scope(|| conclude(end, &client));
     leave(&*hub, &client, departure).await;
-    if lingers {
-        linger(&reader, &client).await;
+    if let Some(at_most) = linger_for {
+        linger(&reader, &client, at_most).await;
     }
 }
 
@@ -154,34 +159,35 @@ fn spawn_writer<I: Inbox>(
 
 /// Logs why the reader stopped and decides what the others are told and
 /// what the client's last words are. Returns the departure to announce and
-/// whether to linger (keep discarding input) before closing.
-fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
+/// whether to linger (keep discarding input, up to how many bytes) before
+/// closing.
+fn conclude(end: End, client: &Client) -> (Option<Message>, Option<usize>) {
     let departure = Some(Message::left(&client.who));
     match end {
         End::InputEnded => {
             info!(skipped = client.skipped(), "left");
-            (departure, false)
+            (departure, None)
         }
         End::ReadFailed(cause) => {
             info!(%cause, skipped = client.skipped(), "left: read failed");
-            (departure, false)
+            (departure, None)
         }
         End::TooLong(err) => {
             warn!(max = err.max, "disconnecting: line too long");
             client.say_last(Message::notice(&format!("error: {err}")));
-            (departure, true)
+            (departure, Some(usize::MAX))
         }
         End::Idle => {
             info!("disconnecting: idle timeout");
             client.say_last(Message::notice("error: idle timeout"));
-            (departure, false)
+            (departure, None)
         }
         End::Flooding => {
             warn!("disconnecting: flooding");
             client.say_last(Message::notice(chat_wire::FLOODING));
             // It was still sending: closing now would reset the connection
             // and destroy the error line.
-            (departure, true)
+            (departure, Some(LINGER_AFTER_FLOOD))
         }
         End::Ending => match client.kicked() {
             Some(Kick::TooSlow) => {
@@ -189,23 +195,23 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
                     queued_bytes = client.budget.queued(),
                     "disconnected: too slow"
                 );
-                (departure, false)
+                (departure, None)
             }
             Some(Kick::WriteFailed) => {
                 info!("left: write failed");
-                (departure, false)
+                (departure, None)
             }
             Some(Kick::OverMemory) => {
                 warn!(
                     held_bytes = client.memory_held(),
                     "disconnected: the clients' memory was over --max-client-memory and this one held the most"
                 );
-                (departure, true)
+                (departure, Some(LINGER_AFTER_FLOOD))
             }
             None => {
                 // Shutdown: everybody is leaving, so nobody is told who left.
                 client.say_last(Message::notice(SHUTTING_DOWN));
-                (None, false)
+                (None, None)
             }
         },
     }
@@ -215,8 +221,9 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, bool) {
 pub(crate) fn linger<'a>(
     reader: &'a OwnedReadHalf,
     client: &'a Client,
+    at_most: usize,
 ) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
-    Box::pin(discard_input(reader, client))
+    Box::pin(discard_input(reader, client, at_most))
 }
 
 /// Reads lines and broadcasts them until input ends or the connection must end.
@@ -333,15 +340,21 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Reads and throws away input for up to [`LINGER`], or until the client
-/// closes its side.
-async fn discard_input(reader: &OwnedReadHalf, client: &Client) {
+/// Reads and throws away input for up to [`LINGER`] and `at_most` bytes,
+/// or until the client closes its side.
+async fn discard_input(reader: &OwnedReadHalf, client: &Client, at_most: usize) {
     let deadline = Instant::now() + LINGER;
     let mut sink = vec![0u8; 16 * 1024];
+    let mut discarded = 0usize;
     loop {
         match reader.try_read(&mut sink) {
             Ok(0) => return,
-            Ok(_) => {}
+            Ok(read) => {
+                discarded = discarded.saturating_add(read);
+                if discarded >= at_most {
+                    return;
+                }
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 tokio::select! {
                     ready = reader.readable() => if ready.is_err() { return },
