@@ -214,6 +214,67 @@ async fn memory_budget_evicts_the_largest_holder(model: Model) -> io::Result<()>
     Ok(())
 }
 
+for_models!(
+    [sharded: Sharded, broadcaster: Broadcaster, locked: Locked]
+    memory_budget_evicts_a_client_whose_queue_grows,
+);
+
+/// Queued bytes count too (in the models with a queue per client; the
+/// `broadcast` ring is shared and bounded by `--max-pending`): a client that
+/// never reads while another talks is evicted once its queue, behind the
+/// kernel's buffers, takes the total over the budget, long before its own
+/// `--max-pending` or `--write-timeout` would end it.
+async fn memory_budget_evicts_a_client_whose_queue_grows(model: Model) -> io::Result<()> {
+    let server = TestServer::start(Config {
+        max_line: 16 * 1024,
+        max_client_memory: 256 * 1024,
+        // Far above what the budget allows, so that only the budget can end
+        // the stuck client (within the test's deadline).
+        max_pending: 1 << 30,
+        // The talker bursts on purpose.
+        ..Config::with_model(model).without_abuse_limits()
+    })?;
+    let stuck = TestClient::connect(server.addr()).await?;
+    let stuck_who = stuck.who.clone();
+    let mut talker = TestClient::connect(server.addr()).await?;
+    let talker_who = talker.who.clone();
+    let left = chat_wire::left(&stuck_who);
+    let burst = format!("{}\n", "q".repeat(199)).repeat(100);
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut sent = 0usize;
+    'talking: loop {
+        ensure(Instant::now() < deadline, || {
+            format!("{model}: the stuck client was not evicted after {sent} bursts")
+        })?;
+        talker.send_raw(burst.as_bytes()).await?;
+        sent += 1;
+        // Paced at about 4 MB/s, so that the budget's 250 ms check sees the
+        // queue grow rather than a queue already past anything.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Read this burst's echoes (the talker must not be the one queueing).
+        let mut echoes = 0;
+        while echoes < 100 {
+            let line = talker.line().await?;
+            if line == left {
+                break 'talking;
+            }
+            if line.starts_with(&talker_who) {
+                echoes += 1;
+            }
+        }
+    }
+    // The kernel's buffers take about 4 MB first; then a quarter of a
+    // second of the pace at most, beyond the budget.
+    println!("{model}: evicted after {} KB sent", sent * 20);
+    ensure(sent * 20 < 16_000, || {
+        format!("{model}: evicted only after {} KB", sent * 20)
+    })?;
+    talker.send("after the eviction").await?;
+    hear(&mut talker, &talker_who, "after the eviction").await?;
+    drop(stuck);
+    Ok(())
+}
+
 /// `chat-server 2>&1 | tee log`, then Ctrl-C kills `tee` too: the server's
 /// stderr is a pipe nobody reads. It must log nothing, panic never, tell its
 /// clients `server shutting down` and exit 0.
