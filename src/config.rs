@@ -540,7 +540,50 @@ impl Config {
             }
             cluster.validate(self.max_line)?;
         }
+        // A bucket must hold at least one millisecond of budget, or no read
+        // would ever fit in it.
+        if self.flood_enabled() && self.flood_burst < Duration::from_millis(1) {
+            return Err(ConfigError::TooShort {
+                flag: "flood-burst",
+                min: "0.001",
+            });
+        }
+        // The kernel counts keepalive times in whole seconds.
+        if self
+            .keepalive
+            .is_some_and(|every| every < Duration::from_secs(1))
+        {
+            return Err(ConfigError::TooShort {
+                flag: "keepalive",
+                min: "1",
+            });
+        }
+        // The budget must fit one client's longest line, or a client would
+        // be evicted for an ordinary long line while alone.
+        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_pending {
+            return Err(ConfigError::TooSmall {
+                flag: "max-client-memory",
+                min: min_pending,
+            });
+        }
         Ok(())
+    }
+
+    /// This configuration with flood control and the per-address limit
+    /// off, for tests and benchmarks that drive many fast clients from one
+    /// loopback address on purpose.
+    pub fn without_abuse_limits(self) -> Config {
+        Config {
+            flood_lines: 0,
+            flood_bytes: 0,
+            max_clients_per_ip: 0,
+            ..self
+        }
+    }
+
+    /// Whether clients have an input budget at all.
+    pub fn flood_enabled(&self) -> bool {
+        self.flood_lines != 0 || self.flood_bytes != 0
     }
 }
 
@@ -606,50 +649,9 @@ impl ClusterConfig {
             return Err(ConfigError::Invalid {
                 flag: "cluster-node-timeout",
                 why: "must be at least two heartbeats".into(),
-        // A bucket must hold at least one millisecond of budget, or no read
-        // would ever fit in it.
-        if self.flood_enabled() && self.flood_burst < Duration::from_millis(1) {
-            return Err(ConfigError::TooShort {
-                flag: "flood-burst",
-                min: "0.001",
-            });
-        }
-        // The kernel counts keepalive times in whole seconds.
-        if self
-            .keepalive
-            .is_some_and(|every| every < Duration::from_secs(1))
-        {
-            return Err(ConfigError::TooShort {
-                flag: "keepalive",
-                min: "1",
-            });
-        }
-        // The budget must fit one client's longest line, or a client would
-        // be evicted for an ordinary long line while alone.
-        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_pending {
-            return Err(ConfigError::TooSmall {
-                flag: "max-client-memory",
-                min: min_pending,
             });
         }
         Ok(())
-    }
-
-    /// This configuration with flood control and the per-address limit
-    /// off, for tests and benchmarks that drive many fast clients from one
-    /// loopback address on purpose.
-    pub fn without_abuse_limits(self) -> Config {
-        Config {
-            flood_lines: 0,
-            flood_bytes: 0,
-            max_clients_per_ip: 0,
-            ..self
-        }
-    }
-
-    /// Whether clients have an input budget at all.
-    pub fn flood_enabled(&self) -> bool {
-        self.flood_lines != 0 || self.flood_bytes != 0
     }
 }
 

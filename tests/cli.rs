@@ -94,3 +94,21 @@ fn an_unknown_model_lists_the_choices() -> io::Result<()> {
         || format!("the refusal does not list the models: {stderr}"),
     )
 }
+
+#[test]
+fn limits_that_cannot_work_are_refused() -> io::Result<()> {
+    for (args, says) in [
+        (
+            &["--max-client-memory", "100"][..],
+            "--max-client-memory must be at least",
+        ),
+        (&["--flood-burst", "0"], "--flood-burst must be at least"),
+    ] {
+        let (ok, _, stderr) = chat_server(&[&["--addr", "127.0.0.1:0"][..], args].concat())?;
+        ensure(!ok, || format!("{args:?}: the server started"))?;
+        ensure(stderr.contains(says), || {
+            format!("{args:?}: unclear refusal: {stderr}")
+        })?;
+    }
+    Ok(())
+}
