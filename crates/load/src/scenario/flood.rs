@@ -46,12 +46,16 @@ pub(super) async fn flood(conn: Conn, stop: CancellationToken) -> report::Flood 
     let verdict = chat_wire::FLOODING.as_bytes();
     let mut result = report::Flood::default();
     let started = Instant::now();
+    // Once a write fails the server has closed; what it said last may still
+    // be waiting to be read, so reading goes on to the end.
+    let mut writing = true;
     let state = loop {
         tokio::select! {
             () = stop.cancelled() => break "still connected",
-            ready = stream.writable() => {
+            ready = stream.writable(), if writing => {
                 if ready.is_err() {
-                    break "write error";
+                    writing = false;
+                    continue;
                 }
                 match stream.try_write(&chunk[offset..]) {
                     Ok(written) => {
@@ -59,7 +63,7 @@ pub(super) async fn flood(conn: Conn, stop: CancellationToken) -> report::Flood 
                         offset = (offset + written) % chunk.len();
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => break "closed (write failed)",
+                    Err(_) => writing = false,
                 }
             }
             ready = stream.readable() => {
@@ -80,7 +84,8 @@ pub(super) async fn flood(conn: Conn, stop: CancellationToken) -> report::Flood 
                         tail.drain(..tail.len() - keep);
                     }
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => break "reset",
+                    Err(_) if writing => break "reset",
+                    Err(_) => break "closed (writes failed)",
                 }
             }
         }
