@@ -145,7 +145,7 @@ async fn ask_name(
             let _ = say(writer, &words, server).await;
         }
         if matches!(gone, Gone::TooLong(_)) {
-            linger(reader, client).await;
+            linger(reader, client, usize::MAX).await;
         }
         return None;
     }
