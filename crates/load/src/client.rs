@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 pub use chat_testkit::LineReader;
 
 use crate::payload::{now_ns, Codec, Order, OrderTracker, Payload};
+use crate::protocol::{Framing, Protocol};
 
 /// Bytes asked for per read on the measured path: few system calls per line
 /// when the server batches its writes.
@@ -56,6 +57,9 @@ pub struct Conn {
     pub who: String,
     /// What was read after the greeting, and room for more.
     pub reader: LineReader,
+    /// Where this client publishes when that cannot be `stream` (a
+    /// subscribed Redis connection cannot publish).
+    pub publisher: Option<TcpStream>,
 }
 
 /// Connects to `addr` and reads the greeting (`You are IP:PORT`, or under
@@ -74,6 +78,7 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
         stream,
         who: String::new(),
         reader: LineReader::new(buffer),
+        publisher: None,
     };
     let greeting = timeout(GREETING_TIMEOUT, greeted_line(&mut conn))
         .await
@@ -153,6 +158,8 @@ pub struct RecvCounts {
     pub own: u64,
     /// Lines that broke their sender's order (skips and backward steps).
     pub order_violations: u64,
+    /// Of those, backward steps: duplicates or overtaken lines.
+    pub backwards: u64,
     /// Chat lines with this run's tag but a sender id out of range.
     pub unknown_sender: u64,
     /// `... has arrived` lines.
@@ -168,6 +175,7 @@ impl RecvCounts {
         self.delivered += other.delivered;
         self.own += other.own;
         self.order_violations += other.order_violations;
+        self.backwards += other.backwards;
         self.unknown_sender += other.unknown_sender;
         self.arrivals += other.arrivals;
         self.departures += other.departures;
@@ -189,6 +197,12 @@ pub struct Receiver {
     pub watched_left_ns: Option<u64>,
     /// When the last chat line of this run arrived, in ns since the origin.
     pub last_delivery_ns: u64,
+    /// The longest time between two of this run's chat lines, in ns.
+    pub longest_gap_ns: u64,
+    /// The protocol whose frames surround the payload lines.
+    protocol: Protocol,
+    /// NATS `PING`s not answered yet.
+    pub pings_due: u32,
 }
 
 impl Receiver {
@@ -202,7 +216,16 @@ impl Receiver {
             watch_left: None,
             watched_left_ns: None,
             last_delivery_ns: 0,
+            longest_gap_ns: 0,
+            protocol: Protocol::Line,
+            pings_due: 0,
         }
+    }
+
+    /// Lines arrive framed by `protocol` (see [`Protocol::is_frame`]).
+    pub fn speaking(mut self, protocol: Protocol) -> Receiver {
+        self.protocol = protocol;
+        self
     }
 
     /// Also notice when `who` leaves.
@@ -223,7 +246,11 @@ impl Receiver {
     fn on_payload(&mut self, p: Payload, now_ns: u64) {
         match self.order.observe(p.sender, p.seq) {
             Order::InOrder => {}
-            Order::Skipped | Order::Backwards => self.counts.order_violations += 1,
+            Order::Skipped => self.counts.order_violations += 1,
+            Order::Backwards => {
+                self.counts.order_violations += 1;
+                self.counts.backwards += 1;
+            }
             Order::UnknownSender => {
                 self.counts.unknown_sender += 1;
                 return;
@@ -232,6 +259,11 @@ impl Receiver {
         self.counts.delivered += 1;
         if p.sender == self.me {
             self.counts.own += 1;
+        }
+        if self.last_delivery_ns > 0 {
+            self.longest_gap_ns = self
+                .longest_gap_ns
+                .max(now_ns.saturating_sub(self.last_delivery_ns));
         }
         self.last_delivery_ns = now_ns;
         // Nearest microsecond; saturating because an open-loop send time
@@ -243,6 +275,14 @@ impl Receiver {
 
     #[cold]
     fn on_other(&mut self, line: &[u8], now_ns: u64) {
+        if self.protocol != Protocol::Line {
+            if self.protocol == Protocol::Nats && line == b"PING" {
+                self.pings_due = self.pings_due.saturating_add(1);
+            } else if !self.protocol.is_frame(line) {
+                self.counts.other += 1;
+            }
+            return;
+        }
         if chat_wire::arrival_of(line).is_some() {
             self.counts.arrivals += 1;
         } else if chat_wire::departure_of(line).is_some() {
@@ -282,6 +322,12 @@ pub struct Plan {
     pub window: u32,
     /// Chat lines of this run it should receive before it is done.
     pub expect: u64,
+    /// How its messages go on the wire.
+    pub framing: Framing,
+    /// Whether it answers NATS `PING`s itself; not when another writer
+    /// (the rate scenario's pacer) shares its socket, whose writes a
+    /// `PONG` could split.
+    pub answer_pings: bool,
 }
 
 /// How a client's task ended.
@@ -320,13 +366,18 @@ pub async fn run_client(
     let Conn {
         mut stream,
         mut reader,
+        publisher,
         ..
     } = conn;
     // `read` (not `readable` + `try_read`) because tokio clears the read
     // readiness after a short read: one system call per wake-up instead of
     // a second one that only says "would block", which matters at one line
     // per wake-up in the rate scenario.
-    let (mut rd, wr) = stream.split();
+    let (mut rd, own_wr) = stream.split();
+    let wr: &TcpStream = match &publisher {
+        Some(publisher) => publisher,
+        None => own_wr.as_ref(),
+    };
     // Created once, not per loop turn: polling a fresh `cancelled()` future
     // registers a waiter under the token's lock, which every client shares.
     let stop = shared.stop.clone();
@@ -354,16 +405,29 @@ pub async fn run_client(
         }
         // Refill only once the previous batch is fully written, so a batch
         // is one write in the common case.
-        if started && sending && written == out.len() {
+        if written == out.len() && receiver.pings_due > 0 {
+            out.clear();
+            written = 0;
+            if plan.answer_pings {
+                for _ in 0..receiver.pings_due {
+                    out.extend_from_slice(b"PONG\r\n");
+                }
+            }
+            receiver.pings_due = 0;
+        }
+        if started && sending && (written == out.len() || written == 0) {
             let in_flight = u64::from(sent) - receiver.counts.own;
             let room = u64::from(plan.window).saturating_sub(in_flight);
             let batch = room.min(u64::from(plan.messages - sent)) as u32;
             if batch > 0 {
-                out.clear();
-                written = 0;
+                if written == out.len() {
+                    out.clear();
+                    written = 0;
+                }
                 let sent_ns = now_ns();
                 for seq in sent..sent + batch {
-                    codec.encode_into(
+                    plan.framing.encode_into(
+                        &codec,
                         &mut out,
                         Payload {
                             sender: plan.id,

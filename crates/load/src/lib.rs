@@ -19,6 +19,8 @@
 //!   settles, starts, watches and stops the clients, always within bounds of
 //!   count and time;
 //! - `client`: one simulated user, its connection and its receive path;
+//! - [`protocol`]: `--protocol line|nats|redis`, the chat's protocol or a
+//!   broker's pub/sub on one subject, with the same payloads and accounting;
 //! - [`payload`]: the chat line's text, its decoder, the clock and order checking;
 //! - [`proc`]: CPU time, memory and limits from `/proc`;
 //! - [`report`]: one run's results, as a table or JSON;
@@ -61,6 +63,7 @@ macro_rules! note {
 
 mod client;
 pub mod compare;
+pub mod protocol;
 pub mod report;
 pub mod scenario;
 

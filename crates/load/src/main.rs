@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chat_load::compare::Model;
 use chat_load::compare::{self, CompareOptions, PeerSpec};
+use chat_load::protocol::Protocol;
 use chat_load::scenario::resolve_loopback;
 use chat_load::{self as load, Options, Scenario};
 use clap::builder::TypedValueParser;
@@ -89,6 +90,15 @@ struct LoadArgs {
     #[arg(long, value_name = "PID")]
     server_pid: Option<u32>,
 
+    /// What the clients speak: the chat's line protocol, NATS core (PUB/SUB)
+    /// or Redis pub/sub (PUBLISH/SUBSCRIBE) on one subject (fanout and rate).
+    #[arg(long, value_enum, default_value_t = Protocol::Line)]
+    protocol: Protocol,
+
+    /// The NATS subject or Redis channel for --protocol nats|redis.
+    #[arg(long, default_value = load::protocol::DEFAULT_SUBJECT)]
+    subject: String,
+
     #[command(flatten)]
     common: Common,
 }
@@ -138,6 +148,25 @@ struct CompareArgs {
     /// in COMMAND. Run with `sh -c COMMAND`. Repeatable.
     #[arg(long = "peer", value_name = "NAME[@ADDR]=COMMAND")]
     peers: Vec<PeerSpec>,
+
+    /// Also run against routed NATS clusters of these sizes (comma-separated,
+    /// e.g. 3): K `nats-server`s joined with --cluster/--routes on free
+    /// loopback ports, the clients speaking NATS to them round-robin.
+    #[arg(long, value_delimiter = ',', value_name = "K")]
+    nats_cluster: Vec<usize>,
+
+    /// Also run against clusters of our nodes of these sizes (comma-separated,
+    /// e.g. 1,3): one `nats-server -js` and K `chat-server --cluster` nodes in
+    /// the first of --models, the clients spread round-robin.
+    #[arg(long, value_delimiter = ',', value_name = "K")]
+    cluster_nodes: Vec<usize>,
+
+    /// In rate runs against --cluster-nodes: kill the cluster's broker with
+    /// SIGKILL this many seconds after sending started, and start it again
+    /// on the same port and store (lost, backwards and longest gap show what
+    /// the clients saw).
+    #[arg(long, value_name = "SECS")]
+    broker_restart: Option<f64>,
 
     /// Scenarios to run against each server (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "fanout,rate")]
@@ -252,6 +281,8 @@ fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Optio
     o.drain = seconds("drain", args.drain)?;
     o.hold = seconds("hold", args.hold)?;
     o.server_pid = args.server_pid;
+    o.protocol = args.protocol;
+    o.subject = args.subject.clone();
     o.threads = args.common.threads();
     o.progress = !args.common.quiet;
     Ok(o)
@@ -266,12 +297,15 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
             .context("this executable has no parent directory")?
             .join("chat-server"),
     };
+    if args.nats_cluster.contains(&0) || args.cluster_nodes.contains(&0) {
+        anyhow::bail!("--nats-cluster and --cluster-nodes take sizes of at least 1");
+    }
     let models = if args.peers_only {
         Vec::new()
     } else {
         args.models.clone()
     };
-    if !models.is_empty() && !server_bin.exists() {
+    if (!models.is_empty() || !args.cluster_nodes.is_empty()) && !server_bin.exists() {
         anyhow::bail!(
             "{} does not exist: build it (cargo build --release --bin chat-server) or pass --server-bin",
             server_bin.display()
@@ -283,6 +317,16 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
         models,
         server_args: args.server_args.clone(),
         peers: args.peers.clone(),
+        nats_clusters: args.nats_cluster.clone(),
+        cluster_nodes: args.cluster_nodes.clone(),
+        broker_restart: args
+            .broker_restart
+            .map(|secs| seconds("broker-restart", secs))
+            .transpose()?,
+        cluster_model: *args
+            .models
+            .first()
+            .context("--models: give at least one (the cluster nodes run the first)")?,
         scenarios: args.scenarios.clone(),
         clients: args.clients.clone(),
         deliveries: args.deliveries,

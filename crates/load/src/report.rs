@@ -85,6 +85,14 @@ pub struct Deliveries {
     pub pending: u64,
     /// Lines that broke their sender's sequence at some receiver.
     pub order_violations: u64,
+    /// Of those, lines earlier than the sender's next expected one: a
+    /// duplicate, or a line overtaken by a later one of the same sender.
+    #[serde(default)]
+    pub backwards: u64,
+    /// The longest any receiver went without a delivery once it had its
+    /// first (an outage shows here), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_gap_ms: Option<f64>,
     pub per_s: f64,
     /// Open loop only: the deliveries per second asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -331,7 +339,13 @@ impl Report {
             if d.pending > 0 {
                 row("pending at the time bound", d.pending.to_string());
             }
-            row("order violations", d.order_violations.to_string());
+            row(
+                "order violations",
+                format!("{} ({} backwards)", d.order_violations, d.backwards),
+            );
+            if let Some(gap) = d.longest_gap_ms {
+                row("longest gap", format!("{gap:.1} ms"));
+            }
         }
         if let Some(l) = &self.latency_us {
             row(

@@ -414,3 +414,83 @@ fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result
         "replot wrote no compare.svg".into()
     })
 }
+
+/// `compare` runs a routed NATS cluster (clients speaking NATS) and
+/// clusters of our nodes with their broker as targets, restarts our
+/// cluster's broker during `rate` when asked, and cleans up after every
+/// group (its broker's store is removed once the broker stopped).
+#[test]
+fn compare_runs_a_nats_cluster_and_clusters_of_ours() -> io::Result<()> {
+    if chat_testkit::nats::nats_server_binary()?.is_none() {
+        return Ok(());
+    }
+    let out = scratch_dir("compare-clusters")?;
+    let out_arg = out.to_string_lossy().into_owned();
+    let server_bin = chat_testkit::process::binary("chat-server")?;
+    let output = chat_load(&[
+        "compare",
+        "--server-bin",
+        &server_bin.to_string_lossy(),
+        "--peers-only",
+        "--nats-cluster",
+        "3",
+        "--cluster-nodes",
+        "1,3",
+        "--broker-restart",
+        "0.5",
+        "--scenarios",
+        "fanout,rate",
+        "--clients",
+        "6",
+        "-m",
+        "10",
+        "--rate-clients",
+        "6",
+        "--rate",
+        "20",
+        "--duration",
+        "2",
+        "--drain",
+        "5",
+        "--threads",
+        "1",
+        "--server-threads",
+        "1",
+        "--out",
+        &out_arg,
+        "-q",
+    ])?;
+    ensure(output.status.success(), || {
+        format!("compare failed: {}", stderr_of(&output))
+    })?;
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("compare.json"))?)
+        .map_err(io::Error::other)?;
+    let rows = json["rows"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["server"].as_str()).collect();
+    ensure(
+        names == ["nats-cluster-3", "cluster-1", "cluster-3"],
+        || format!("rows: {names:?}"),
+    )?;
+    for row in &rows {
+        for cell in row["cells"].as_array().cloned().unwrap_or_default() {
+            let d = &cell["report"]["deliveries"];
+            let what = format!("{} {}", row["server"], cell["label"]);
+            ensure(d["delivered"].as_f64().is_some_and(|n| n > 0.0), || {
+                format!("{what}: nothing delivered: {cell}")
+            })?;
+            for field in ["lost", "backwards"] {
+                ensure(d[field] == 0, || format!("{what}: {field}: {cell}"))?;
+            }
+        }
+    }
+    let rate_of_3 = &rows[2]["cells"][1]["report"];
+    let notes = rate_of_3["notes"].to_string();
+    ensure(notes.contains("broker killed (SIGKILL)"), || {
+        format!("no broker restart in cluster-3's rate run: {rate_of_3}")
+    })?;
+    let leftovers = std::fs::read_dir(&out)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".store"))
+        .count();
+    ensure(leftovers == 0, || format!("{leftovers} broker stores left"))
+}

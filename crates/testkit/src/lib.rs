@@ -12,7 +12,9 @@
 //!   system's `nc` as child processes whose output is read line by line with
 //!   a timeout;
 //! - [`nats`]: a real `nats-server` with JetStream per test, for the
-//!   cluster tests (`--cluster`).
+//!   cluster tests (`--cluster`);
+//! - [`redis`]: a real `redis-server` per test, for chat-load's Redis
+//!   pub/sub client.
 
 pub mod client;
 pub mod lines;
@@ -20,6 +22,7 @@ pub mod nats;
 pub mod payload;
 pub mod proc;
 pub mod process;
+pub mod redis;
 
 pub use client::{TestClient, LINE_TIMEOUT};
 pub use lines::LineReader;

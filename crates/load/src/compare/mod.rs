@@ -29,10 +29,12 @@
 //!
 //! The modules, in the order a comparison uses them: [`spec`] (what to
 //! compare: our models, peers given on the command line), [`supervise`]
-//! (starting and stopping the servers), [`orchestrate`] (the runs against
+//! (starting and stopping the servers), [`groups`] (targets of several
+//! processes: a routed NATS cluster, our nodes and their broker), [`orchestrate`] (the runs against
 //! each server), [`output`] (the table, `compare.md`, `compare.json`) and
 //! [`plot`] (`compare.svg`).
 
+mod groups;
 mod orchestrate;
 mod output;
 mod plot;
@@ -58,6 +60,15 @@ pub struct CompareOptions {
     /// Extra arguments for every one of our servers.
     pub server_args: Vec<String>,
     pub peers: Vec<PeerSpec>,
+    /// Sizes of routed NATS clusters to run as targets (clients speak NATS).
+    pub nats_clusters: Vec<usize>,
+    /// Sizes of clusters of our nodes (one broker and k nodes) to run.
+    pub cluster_nodes: Vec<usize>,
+    /// The model of the cluster nodes.
+    pub cluster_model: Model,
+    /// In `rate` against a cluster of ours: kill its broker (SIGKILL) this
+    /// long after sending started and start it again on the same port and store.
+    pub broker_restart: Option<Duration>,
     pub scenarios: Vec<Scenario>,
     /// Fanout points.
     pub clients: Vec<usize>,

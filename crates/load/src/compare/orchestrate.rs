@@ -6,11 +6,10 @@ use std::fs;
 
 use anyhow::{bail, Context};
 
+use super::groups::{nats_cluster_name, our_cluster_name, Group};
 use super::output::{self, Cell, Comparison, Machine, Row};
 use super::spec::{Model, PeerSpec};
-use super::supervise::{start_ours, start_peer, Running};
 use super::CompareOptions;
-use crate::proc::Proc;
 use crate::report::{self, Report};
 use crate::scenario::{self, Options, Scenario};
 
@@ -50,11 +49,12 @@ fn plan(opts: &CompareOptions) -> Vec<(String, Scenario, usize)> {
     runs
 }
 
-fn options_for(opts: &CompareOptions, server: &Running, scenario: Scenario, n: usize) -> Options {
-    let mut o = Options::new(scenario, server.addr);
+fn options_for(opts: &CompareOptions, server: &Group, scenario: Scenario, n: usize) -> Options {
+    let mut o = Options::new(scenario, server.nodes[0]).with_nodes(server.nodes.clone());
     o.target = server.name.clone();
     o.clients = n;
-    o.server_pid = Some(server.pid);
+    o.server_pid = server.pid;
+    o.protocol = server.protocol;
     o.threads = opts.threads;
     o.progress = opts.progress;
     o.drain = opts.drain;
@@ -83,27 +83,42 @@ fn options_for(opts: &CompareOptions, server: &Running, scenario: Scenario, n: u
 enum Spec {
     Ours(Model),
     Peer(PeerSpec),
+    /// K routed `nats-server`s, the clients speaking NATS.
+    NatsCluster(usize),
+    /// One `nats-server -js` and K of our nodes in this model.
+    Cluster(Model, usize),
 }
 
 impl Spec {
-    fn name(&self) -> &str {
+    fn name(&self) -> String {
         match self {
-            Spec::Ours(model) => model.name(),
-            Spec::Peer(peer) => &peer.name,
+            Spec::Ours(model) => model.name().to_owned(),
+            Spec::Peer(peer) => peer.name.clone(),
+            Spec::NatsCluster(k) => nats_cluster_name(*k),
+            Spec::Cluster(_, k) => our_cluster_name(*k),
         }
     }
 
-    fn start(&self, opts: &CompareOptions) -> anyhow::Result<Running> {
+    fn start(&self, opts: &CompareOptions) -> anyhow::Result<Group> {
         let server = match self {
-            Spec::Ours(model) => start_ours(opts, *model)?,
-            Spec::Peer(peer) => start_peer(opts, peer)?,
+            Spec::Ours(model) => Group::ours(opts, *model)?,
+            Spec::Peer(peer) => Group::peer(opts, peer)?,
+            Spec::NatsCluster(k) => Group::nats_cluster(opts, *k)?,
+            Spec::Cluster(model, k) => Group::our_cluster(opts, *model, *k)?,
         };
         if opts.progress {
             crate::note!(
                 "chat-load: started {} on {} (pid {})",
                 server.name,
-                server.addr,
-                server.pid
+                server
+                    .nodes
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                server
+                    .pid
+                    .map_or_else(|| "several".to_owned(), |pid| pid.to_string())
             );
         }
         Ok(server)
@@ -118,6 +133,17 @@ impl Spec {
                     .join(" ")
             ),
             Spec::Peer(peer) => peer.command.clone(),
+            Spec::NatsCluster(k) => format!(
+                "{k} x nats-server --cluster nats://127.0.0.1:PORT_i --routes (the others); \
+                 clients speak NATS"
+            ),
+            Spec::Cluster(model, k) => format!(
+                "nats-server -js -sd STORE; {k} x {} --addr 127.0.0.1:0 --model {} --threads {} \
+                 --cluster nats://127.0.0.1:PORT --room chatload",
+                opts.server_bin.display(),
+                model.name(),
+                opts.server_threads
+            ),
         }
     }
 }
@@ -158,8 +184,22 @@ async fn run_all(
             }
         };
         crate::note!("chat-load: {}: {label}", server.name);
-        let options = options_for(opts, &server, *scenario, *n);
-        match scenario::run(*scenario, &options).await {
+        let mut server = server;
+        let mut options = options_for(opts, &server, *scenario, *n);
+        let restart = match (spec, scenario, opts.broker_restart) {
+            (Spec::Cluster(..), Scenario::Rate, Some(after)) => Some(after),
+            _ => None,
+        };
+        let result = match restart {
+            None => scenario::run(*scenario, &options).await,
+            Some(after) => {
+                let started = tokio_util::sync::CancellationToken::new();
+                options.sending_started = Some(started.clone());
+                run_with_broker_restart(opts, &mut server, &options, *scenario, &started, after)
+                    .await
+            }
+        };
+        match result {
             Ok(report) => {
                 crate::note!("chat-load: {}: {label}: {}", server.name, summary(&report));
                 cells.push(cell(Some(report), None));
@@ -169,7 +209,7 @@ async fn run_all(
                 cells.push(cell(None, Some(format!("{err:#}"))));
             }
         }
-        if !Proc::Pid(server.pid).alive() {
+        if !server.alive() {
             crate::note!(
                 "chat-load: {} exited during {label}; see {}",
                 server.name,
@@ -180,6 +220,49 @@ async fn run_all(
         drop(server);
     }
     cells
+}
+
+/// Runs `scenario` and, `after` its sending started, restarts the
+/// cluster's broker; the report says when and for how long.
+async fn run_with_broker_restart(
+    opts: &CompareOptions,
+    server: &mut Group,
+    options: &Options,
+    scenario: Scenario,
+    started: &tokio_util::sync::CancellationToken,
+    after: std::time::Duration,
+) -> anyhow::Result<Report> {
+    let run = scenario::run(scenario, options);
+    tokio::pin!(run);
+    let cue = async {
+        started.cancelled().await;
+        tokio::time::sleep(after).await;
+    };
+    tokio::select! {
+        result = &mut run => {
+            let mut report = result?;
+            report.notes.push(format!(
+                "the run ended before the broker restart was due ({after:?} after sending started)"
+            ));
+            Ok(report)
+        }
+        () = cue => {
+            // Blocking on purpose: the clients and the pacer run on their
+            // own; only this run's coordinator waits meanwhile.
+            let restarted = tokio::task::block_in_place(|| server.restart_broker(opts));
+            let mut report = run.await?;
+            report.notes.push(match restarted {
+                Ok(down) => format!(
+                    "broker killed (SIGKILL) {:.1} s after sending started and restarted on \
+                     the same port and store: unreachable for {:.0} ms",
+                    after.as_secs_f64(),
+                    down.as_secs_f64() * 1e3
+                ),
+                Err(err) => format!("broker restart failed: {err:#}"),
+            });
+            Ok(report)
+        }
+    }
 }
 
 /// One line for the progress log.
@@ -217,8 +300,12 @@ fn summary(report: &Report) -> String {
 pub async fn compare(opts: &CompareOptions) -> anyhow::Result<Comparison> {
     fs::create_dir_all(&opts.out)
         .with_context(|| format!("cannot create {}", opts.out.display()))?;
-    if opts.models.is_empty() && opts.peers.is_empty() {
-        bail!("nothing to compare: give --models and/or --peer");
+    if opts.models.is_empty()
+        && opts.peers.is_empty()
+        && opts.nats_clusters.is_empty()
+        && opts.cluster_nodes.is_empty()
+    {
+        bail!("nothing to compare: give --models, --peer, --nats-cluster and/or --cluster-nodes");
     }
     for peer in &opts.peers {
         if let Some(addr) = &peer.addr {
@@ -233,14 +320,21 @@ pub async fn compare(opts: &CompareOptions) -> anyhow::Result<Comparison> {
         .models
         .iter()
         .map(|&model| Spec::Ours(model))
-        .chain(opts.peers.iter().cloned().map(Spec::Peer));
+        .chain(opts.peers.iter().cloned().map(Spec::Peer))
+        .chain(opts.nats_clusters.iter().map(|&k| Spec::NatsCluster(k)))
+        .chain(
+            opts.cluster_nodes
+                .iter()
+                .map(|&k| Spec::Cluster(opts.cluster_model, k)),
+        );
     let mut rows = Vec::new();
     for spec in specs {
         // A fresh log per compare run (then appended to per scenario).
         let _ = fs::remove_file(opts.out.join(format!("{}.log", spec.name())));
+        let name = spec.name();
         let cells = run_all(opts, &spec, &runs).await;
         rows.push(Row {
-            server: spec.name().to_owned(),
+            server: name,
             command: spec.command(opts),
             cells,
         });

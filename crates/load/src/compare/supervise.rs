@@ -60,6 +60,16 @@ impl Running {
     }
 }
 
+impl Running {
+    /// SIGKILL to the whole process group, as a crash: nothing is flushed.
+    pub(super) fn kill(&mut self) {
+        let group = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
+        let _ = killpg(group, Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop();
@@ -87,7 +97,18 @@ fn quiet_logs(command: &mut Command) {
 
 /// Starts our server in `model` on a fresh port.
 pub(super) fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<Running> {
-    let name = model.name().to_owned();
+    start_node(opts, model, model.name(), &[])
+}
+
+/// Starts our server in `model` on a fresh port as `name`, with `extra`
+/// arguments after the user's (a cluster node's `--cluster URL`).
+pub(super) fn start_node(
+    opts: &CompareOptions,
+    model: Model,
+    name: &str,
+    extra: &[String],
+) -> anyhow::Result<Running> {
+    let name = name.to_owned();
     let (log, log_path) = log_file(&opts.out, &name)?;
     let mut command = Command::new(&opts.server_bin);
     command
@@ -96,6 +117,7 @@ pub(super) fn start_ours(opts: &CompareOptions, model: Model) -> anyhow::Result<
             opts.server_threads,
             &opts.server_args,
         ))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

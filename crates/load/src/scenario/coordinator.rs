@@ -18,7 +18,9 @@ use crate::client::{
     self, new_histogram, run_counter, ClientResult, Conn, CounterShared, End, RecvCounts,
     COUNTER_CHUNK,
 };
+use crate::payload::Codec;
 use crate::proc::{self, Proc};
+use crate::protocol::{self, Framing, Protocol};
 use crate::report::{self, Deliveries, Latency, Report, ServerUsage};
 
 /// How long arrival announcements may go without progress before the tool
@@ -203,6 +205,43 @@ pub(super) async fn connect_one(
         .with_context(|| format!("client {} of {n}", i + 1))
 }
 
+/// Connects client `i` in the scenario's protocol to its node.
+pub(super) async fn connect_client(
+    opts: &Options,
+    i: usize,
+    buffer: usize,
+) -> anyhow::Result<Conn> {
+    protocol::connect(opts.protocol, opts.addr_for(i), buffer, &opts.subject)
+        .await
+        .with_context(|| format!("client {} of {}", i + 1, opts.clients))
+}
+
+/// How long routed NATS servers get to tell each other about new
+/// subscriptions: a server learns of a remote subscription asynchronously,
+/// after the subscriber's own server confirmed it, and there is nothing a
+/// client can wait on for it.
+pub(super) const INTEREST_PROPAGATION: Duration = Duration::from_millis(500);
+
+/// Before anyone sends: the chat's arrivals settle ([`settle_before_sending`]);
+/// a broker has no arrivals, and its subscriptions are confirmed already,
+/// but across several routed servers they need [`INTEREST_PROPAGATION`].
+pub(super) async fn settle_for_protocol(
+    opts: &Options,
+    report: &mut Report,
+    heard: impl Fn() -> u64,
+) {
+    match opts.protocol {
+        Protocol::Line => settle_before_sending(report, opts.clients, heard).await,
+        _ if opts.nodes.len() > 1 => tokio::time::sleep(INTEREST_PROPAGATION).await,
+        _ => {}
+    }
+}
+
+/// The framing of client `i`, known by the server as `who`.
+pub(super) fn framing_for(opts: &Options, who: &str, codec: &Codec) -> Framing {
+    Framing::new(opts.protocol, who, &opts.subject, codec)
+}
+
 /// Merged results of a set of clients.
 #[derive(Default)]
 pub(super) struct Merged {
@@ -212,6 +251,7 @@ pub(super) struct Merged {
     pub(super) closed: usize,
     pub(super) failed: Vec<String>,
     pub(super) last_delivery_ns: u64,
+    pub(super) longest_gap_ns: u64,
     pub(super) watched_left_ns: Option<u64>,
 }
 
@@ -236,6 +276,7 @@ pub(super) async fn collect(handles: Vec<JoinHandle<ClientResult>>) -> Merged {
             let _ = latency.add(&r.latency);
         }
         merged.last_delivery_ns = merged.last_delivery_ns.max(r.last_delivery_ns);
+        merged.longest_gap_ns = merged.longest_gap_ns.max(r.longest_gap_ns);
         merged.watched_left_ns = match (merged.watched_left_ns, r.watched_left_ns) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -338,6 +379,8 @@ pub(super) fn fill_deliveries(
         lost: if cut { 0 } else { missing },
         pending: if cut { missing } else { 0 },
         order_violations: merged.counts.order_violations,
+        backwards: merged.counts.backwards,
+        longest_gap_ms: (merged.longest_gap_ns > 0).then(|| merged.longest_gap_ns as f64 / 1e6),
         per_s: delivered as f64 / elapsed,
         offered_per_s,
     });

@@ -10,8 +10,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use super::coordinator::{
-    collect, connect_one, connection_notes, ending_note, fill_deliveries, settle_before_sending,
-    Ending, Meter, Progress, POLL,
+    collect, connect_client, connection_notes, ending_note, fill_deliveries, framing_for,
+    settle_for_protocol, Ending, Meter, Progress, POLL,
 };
 use super::{params, Options};
 use crate::client::{run_client, Plan, Receiver, Shared, READ_CHUNK};
@@ -70,8 +70,8 @@ pub(super) async fn exchange(opts: &Options, slow_who: Option<&str>) -> anyhow::
     let mut handles = Vec::with_capacity(n);
     let expect = n as u64 * u64::from(m);
     for i in 0..n {
-        let conn = connect_one(opts.addr_for(i), i, n, READ_CHUNK).await?;
-        let mut receiver = Receiver::new(i as u32, n, codec.clone());
+        let conn = connect_client(opts, i, READ_CHUNK).await?;
+        let mut receiver = Receiver::new(i as u32, n, codec.clone()).speaking(opts.protocol);
         if let Some(who) = slow_who {
             receiver.watch_departure_of(who);
         }
@@ -80,6 +80,8 @@ pub(super) async fn exchange(opts: &Options, slow_who: Option<&str>) -> anyhow::
             messages: m,
             window: opts.window,
             expect,
+            framing: framing_for(opts, &conn.who, &codec),
+            answer_pings: true,
         };
         handles.push(tokio::spawn(run_client(
             conn,
@@ -89,12 +91,15 @@ pub(super) async fn exchange(opts: &Options, slow_who: Option<&str>) -> anyhow::
             shared.clone(),
         )));
     }
-    settle_before_sending(&mut report, n, || shared.arrivals.load(Relaxed)).await;
+    settle_for_protocol(opts, &mut report, || shared.arrivals.load(Relaxed)).await;
 
     let meter = Meter::start(opts.server_pid)?;
     let t0 = Instant::now();
     let t0_ns = ns_since_origin(t0);
     shared.start.cancel();
+    if let Some(started) = &opts.sending_started {
+        started.cancel();
+    }
 
     let mut progress = Progress::new(opts.progress);
     let mut last_delivered = 0;
@@ -160,8 +165,9 @@ mod tests {
     use chat_server::harness::TestServer;
     use chat_server::Config;
 
-    use super::super::test_support::small;
+    use super::super::test_support::{small, small_broker};
     use super::super::{run, Scenario};
+    use crate::protocol::Protocol;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_fanout_loses_nothing() {
@@ -177,5 +183,42 @@ mod tests {
         );
         assert_eq!(report.latency_us.as_ref().unwrap().samples, 450);
         assert!(report.notes.is_empty(), "{:?}", report.notes);
+    }
+
+    /// The same accounting over a broker's pub/sub: everyone, the sender
+    /// included, receives every publication once and in order.
+    async fn fanout_over(protocol: Protocol) {
+        let Some((mut opts, _broker)) = small_broker(Scenario::Fanout, protocol) else {
+            return;
+        };
+        opts.messages = 50;
+        let report = run(Scenario::Fanout, &opts).await.unwrap();
+        let d = report.deliveries.as_ref().unwrap();
+        assert!(report.complete, "{}", report.to_table());
+        assert_eq!(
+            (d.sent, d.delivered, d.lost, d.order_violations),
+            (150, 450, 0, 0)
+        );
+        assert_eq!(report.latency_us.as_ref().unwrap().samples, 450);
+        assert!(report.notes.is_empty(), "{:?}", report.notes);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_fanout_over_nats_loses_nothing() {
+        fanout_over(Protocol::Nats).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_fanout_over_redis_loses_nothing() {
+        fanout_over(Protocol::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_protocols_refuse_scenarios_that_need_announcements() {
+        let server = TestServer::start(Config::default()).unwrap();
+        let mut opts = small(Scenario::Churn, &server);
+        opts.protocol = Protocol::Nats;
+        let err = run(Scenario::Churn, &opts).await.unwrap_err().to_string();
+        assert!(err.contains("fanout and rate only"), "{err}");
     }
 }

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use crate::protocol::{Protocol, DEFAULT_SUBJECT};
 use crate::report::{Params, Report};
 
 /// The six ways of loading a server.
@@ -159,6 +160,13 @@ pub struct Options {
     pub threads: usize,
     /// Print progress lines on stderr.
     pub progress: bool,
+    /// What the clients speak: the chat's line protocol or a broker's pub/sub.
+    pub protocol: Protocol,
+    /// The NATS subject or Redis channel of the broker protocols.
+    pub subject: String,
+    /// Cancelled when the clients start sending (`rate`, `fanout`), for
+    /// whoever disturbs a run on cue (`compare`'s broker restart).
+    pub sending_started: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Options {
@@ -204,6 +212,9 @@ impl Options {
             server_pid: None,
             threads: 2,
             progress: true,
+            protocol: Protocol::Line,
+            subject: DEFAULT_SUBJECT.to_string(),
+            sending_started: None,
         }
     }
 }
@@ -239,6 +250,13 @@ pub async fn run(scenario: Scenario, opts: &Options) -> anyhow::Result<Report> {
     if opts.clients == 0 {
         bail!("-n must be at least 1");
     }
+    if opts.protocol != Protocol::Line && !matches!(scenario, Scenario::Fanout | Scenario::Rate) {
+        bail!(
+            "--protocol {} runs fanout and rate only; {} needs the chat's announcements",
+            opts.protocol.name(),
+            scenario.name()
+        );
+    }
     match scenario {
         Scenario::Fanout => fanout::run(opts).await,
         Scenario::Slow => slow::run(opts).await,
@@ -261,19 +279,55 @@ fn params(opts: &Options) -> Params {
 
 #[cfg(test)]
 mod test_support {
+    use std::net::SocketAddr;
     use std::time::Duration;
 
     use chat_server::harness::TestServer;
+    use chat_testkit::nats::Broker;
+    use chat_testkit::redis::RedisServer;
 
     use super::{Options, Scenario};
+    use crate::protocol::Protocol;
 
     /// Three clients, no progress lines, a generous time bound.
     pub(super) fn small(scenario: Scenario, server: &TestServer) -> Options {
-        let mut opts = Options::new(scenario, server.addr());
+        small_at(scenario, server.addr())
+    }
+
+    fn small_at(scenario: Scenario, addr: SocketAddr) -> Options {
+        let mut opts = Options::new(scenario, addr);
         opts.clients = 3;
         opts.progress = false;
         opts.duration = Duration::from_secs(10);
         opts
+    }
+
+    /// A broker speaking `protocol`, kept alive while the test runs.
+    pub(super) enum BrokerProcess {
+        Nats(#[allow(dead_code)] Broker),
+        Redis(#[allow(dead_code)] RedisServer),
+    }
+
+    /// [`small`] against a fresh broker speaking `protocol`, or `None`
+    /// (after a loud message) if its binary is not installed here.
+    pub(super) fn small_broker(
+        scenario: Scenario,
+        protocol: Protocol,
+    ) -> Option<(Options, BrokerProcess)> {
+        let (port, process) = match protocol {
+            Protocol::Nats => {
+                let broker = Broker::start().unwrap()?;
+                (broker.port, BrokerProcess::Nats(broker))
+            }
+            Protocol::Redis => {
+                let redis = RedisServer::start().unwrap()?;
+                (redis.port, BrokerProcess::Redis(redis))
+            }
+            Protocol::Line => unreachable!("not a broker"),
+        };
+        let mut opts = small_at(scenario, SocketAddr::from(([127, 0, 0, 1], port)));
+        opts.protocol = protocol;
+        Some((opts, process))
     }
 }
 

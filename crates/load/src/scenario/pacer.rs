@@ -12,6 +12,7 @@ use hdrhistogram::Histogram;
 
 use crate::client::{new_histogram, Shared};
 use crate::payload::{now_ns, Codec, Payload};
+use crate::protocol::Framing;
 
 /// What the pacer thread did.
 pub(super) struct Paced {
@@ -26,8 +27,10 @@ pub(super) struct Paced {
 /// granularity would add up to a millisecond of the tool's own lateness to
 /// every latency measured from the schedule; `thread::sleep` is typically
 /// within 0.1 ms. Its own lateness is recorded as "send lag".
+#[allow(clippy::too_many_arguments)]
 pub(super) fn pace(
     writers: Vec<std::net::TcpStream>,
+    framings: Vec<Framing>,
     codec: Codec,
     per_client: u64,
     rate: f64,
@@ -64,7 +67,8 @@ pub(super) fn pace(
             continue;
         }
         line.clear();
-        codec.encode_into(
+        framings[client].encode_into(
+            &codec,
             &mut line,
             Payload {
                 sender: client as u32,

@@ -12,8 +12,8 @@ use anyhow::{bail, Context};
 use tokio::net::TcpStream;
 
 use super::coordinator::{
-    collect, connect_one, connection_notes, ending_note, fill_deliveries, settle_before_sending,
-    Ending, Meter, Progress, POLL,
+    collect, connect_client, connection_notes, ending_note, fill_deliveries, framing_for,
+    settle_for_protocol, Ending, Meter, Progress, POLL,
 };
 use super::pacer::pace;
 use super::{params, Options};
@@ -57,20 +57,33 @@ pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::
     let expect = n as u64 * per_client;
     let mut handles = Vec::with_capacity(n);
     let mut writers = Vec::with_capacity(n);
+    let mut framings = Vec::with_capacity(n);
     for i in 0..n {
-        let mut conn = connect_one(opts.addr_for(i), i, n, READ_CHUNK).await?;
-        // A second handle on the same socket for the pacer thread; both
-        // share the non-blocking flag, so the pacer's writes never block.
-        let std_stream = conn.stream.into_std().context("detaching a socket")?;
-        writers.push(std_stream.try_clone().context("duplicating a socket")?);
-        conn.stream = TcpStream::from_std(std_stream).context("re-attaching a socket")?;
+        let mut conn = connect_client(opts, i, READ_CHUNK).await?;
+        framings.push(framing_for(opts, &conn.who, &codec));
+        if let Some(publisher) = conn.publisher.take() {
+            // Redis: the pacer owns the publishing connection outright
+            // (still non-blocking after `into_std`).
+            writers.push(publisher.into_std().context("detaching a socket")?);
+        } else {
+            // A second handle on the same socket for the pacer thread; both
+            // share the non-blocking flag, so the pacer's writes never block.
+            let std_stream = conn.stream.into_std().context("detaching a socket")?;
+            writers.push(std_stream.try_clone().context("duplicating a socket")?);
+            conn.stream = TcpStream::from_std(std_stream).context("re-attaching a socket")?;
+        }
         let plan = Plan {
             id: i as u32,
             messages: 0,
             window: 0,
             expect,
+            framing: framing_for(opts, &conn.who, &codec),
+            // The pacer writes on this socket too; a PONG could land inside
+            // one of its partial writes. NATS pings every 2 minutes and
+            // closes after two unanswered ones, far beyond a rate run.
+            answer_pings: false,
         };
-        let receiver = Receiver::new(i as u32, n, codec.clone());
+        let receiver = Receiver::new(i as u32, n, codec.clone()).speaking(opts.protocol);
         handles.push(tokio::spawn(run_client(
             conn,
             plan,
@@ -79,7 +92,7 @@ pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::
             shared.clone(),
         )));
     }
-    settle_before_sending(&mut report, n, || shared.arrivals.load(Relaxed)).await;
+    settle_for_protocol(opts, &mut report, || shared.arrivals.load(Relaxed)).await;
 
     let meter = Meter::start(opts.server_pid)?;
     // Start a little ahead so that the first ticks are not already late.
@@ -87,13 +100,20 @@ pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::
     let t0_ns = ns_since_origin(t0);
     shared.start.cancel();
     let flooding = flooder.map(|conn| tokio::spawn(super::flood::flood(conn, shared.stop.clone())));
+    if let Some(started) = &opts.sending_started {
+        started.cancel();
+    }
     let abort = Arc::new(AtomicBool::new(false));
     let pacer = {
         let (codec, shared, abort) = (codec.clone(), shared.clone(), abort.clone());
         let rate = opts.rate;
         thread::Builder::new()
             .name("chat-load-pacer".into())
-            .spawn(move || pace(writers, codec, per_client, rate, t0_ns, shared, abort))
+            .spawn(move || {
+                pace(
+                    writers, framings, codec, per_client, rate, t0_ns, shared, abort,
+                )
+            })
             .context("cannot start the pacer thread")?
     };
     // Make sure the pacer stops if we return early.
@@ -206,8 +226,9 @@ mod tests {
     use chat_server::harness::TestServer;
     use chat_server::Config;
 
-    use super::super::test_support::small;
+    use super::super::test_support::{small, small_broker};
     use super::super::{run, Scenario};
+    use crate::protocol::Protocol;
     use std::time::Duration;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,5 +246,30 @@ mod tests {
         );
         assert_eq!(d.offered_per_s, Some(450.0));
         assert!(report.elapsed_s >= 0.19, "{}", report.elapsed_s);
+    }
+
+    async fn rate_over(protocol: Protocol) {
+        let Some((mut opts, _broker)) = small_broker(Scenario::Rate, protocol) else {
+            return;
+        };
+        opts.rate = 50.0;
+        opts.duration = Duration::from_millis(200);
+        let report = run(Scenario::Rate, &opts).await.unwrap();
+        let d = report.deliveries.as_ref().unwrap();
+        assert!(report.complete, "{}", report.to_table());
+        assert_eq!(
+            (d.sent, d.delivered, d.lost, d.order_violations),
+            (30, 90, 0, 0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_loop_run_over_nats_loses_nothing() {
+        rate_over(Protocol::Nats).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_loop_run_over_redis_loses_nothing() {
+        rate_over(Protocol::Redis).await;
     }
 }
