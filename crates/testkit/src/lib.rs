@@ -12,7 +12,9 @@
 //!   system's `nc` as child processes whose output is read line by line with
 //!   a timeout;
 //! - [`nats`]: a real `nats-server` with JetStream per test, for the
-//!   cluster tests (`--cluster`).
+//!   cluster tests (`--cluster`);
+//! - [`tls`] (feature `tls`): certificates made at run time and a TLS line
+//!   client.
 
 pub mod client;
 pub mod lines;
@@ -20,6 +22,8 @@ pub mod nats;
 pub mod payload;
 pub mod proc;
 pub mod process;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{TestClient, LINE_TIMEOUT};
 pub use lines::LineReader;
@@ -31,4 +35,9 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> std::io::Res
     } else {
         Err(std::io::Error::other(message()))
     }
+}
+
+#[cfg(feature = "tls")]
+fn chat_wire_greeting(who: &str) -> String {
+    chat_wire::greeting(who)
 }

@@ -36,6 +36,10 @@ pub const TOO_SLOW: &str = "error: disconnected: too slow";
 /// The only line a connection over `--max-clients` receives.
 pub const SERVER_FULL: &str = "error: server full";
 
+/// The only line a client that sent a wrong password (`--password-file`)
+/// receives before the server closes the connection.
+pub const WRONG_PASSWORD: &str = "error: wrong password";
+
 /// The last line of every client when the server stops.
 pub const SHUTTING_DOWN: &str = "server shutting down";
 
