@@ -331,6 +331,65 @@ pub struct Config {
     /// Bytes all clients together may hold in partial lines and queued
     /// messages before the largest holder is disconnected (0: no limit).
     pub max_client_memory: usize,
+    /// Serve Prometheus text at `/metrics` and `200 OK` at `/healthz` on
+    /// this address (off by default). Needs the `metrics` feature.
+    pub metrics_addr: Option<String>,
+    /// Speak TLS with this certificate chain and key (plaintext by default).
+    pub tls: Option<TlsFiles>,
+    /// How long a TLS handshake may take; the connection holds a
+    /// `max_clients` slot meanwhile.
+    pub tls_handshake_timeout: Duration,
+    /// `--password-file`: a client's first line must be this password
+    /// before it enters the room (off by default).
+    pub password: Option<Password>,
+}
+
+/// The room password. Its `Debug` output does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(std::sync::Arc<[u8]>);
+
+/// The longest password accepted: it is read like a name, as one short line.
+pub const MAX_PASSWORD: usize = 1024;
+
+impl Password {
+    pub fn new(password: impl Into<Vec<u8>>) -> Password {
+        Password(password.into().into())
+    }
+
+    /// The first line of the file at `path`, without its line ending.
+    pub fn from_file(path: &std::path::Path) -> std::io::Result<Password> {
+        let text = std::fs::read(path)?;
+        let line = text.split(|&byte| byte == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        Ok(Password::new(line))
+    }
+
+    /// Compares in constant time for a given length.
+    pub(crate) fn matches(&self, attempt: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.ct_eq(attempt))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password(..)")
+    }
+}
+
+/// The PEM files of the server's TLS identity. They are read at start and
+/// again on every SIGHUP, so a renewed certificate is picked up without a
+/// restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -355,6 +414,10 @@ impl Default for Config {
             max_clients_per_ip: DEFAULT_MAX_CLIENTS_PER_IP,
             keepalive: Some(DEFAULT_KEEPALIVE),
             max_client_memory: default_max_client_memory(),
+            metrics_addr: None,
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(5),
+            password: None,
         }
     }
 }
@@ -476,6 +539,16 @@ pub enum ConfigError {
         flag: &'static str,
         min: &'static str,
     },
+    #[error("--metrics-addr: this server was built without the `metrics` feature")]
+    MetricsNotBuilt,
+    #[error("--metrics-addr {addr}: cannot listen: {cause}")]
+    MetricsListen { addr: String, cause: String },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("--password-file: the first line is empty")]
+    EmptyPassword,
+    #[error("--password-file: the first line is longer than {max} bytes")]
+    LongPassword { max: usize },
 }
 
 impl Config {
@@ -523,6 +596,27 @@ impl Config {
                 flag: "write-timeout",
                 min: 1,
             });
+        }
+        if self.metrics_addr.is_some() && !cfg!(feature = "metrics") {
+            return Err(ConfigError::MetricsNotBuilt);
+        }
+        if let Some(password) = &self.password {
+            if password.len() == 0 {
+                return Err(ConfigError::EmptyPassword);
+            }
+            if password.len() > MAX_PASSWORD {
+                return Err(ConfigError::LongPassword { max: MAX_PASSWORD });
+            }
+        }
+        if let Some(files) = &self.tls {
+            if self.tls_handshake_timeout.is_zero() {
+                return Err(ConfigError::TooSmall {
+                    flag: "tls-handshake-timeout",
+                    min: 1,
+                });
+            }
+            // Read now, so that a bad file stops the start with its reason.
+            crate::tls::load(files).map_err(ConfigError::Tls)?;
         }
         if let Some(cluster) = &self.cluster {
             // Names are unique per node only, and a node knows nothing of

@@ -26,13 +26,16 @@ pub use chat_testkit::{TestClient, LINE_TIMEOUT};
 #[derive(Debug)]
 pub struct TestServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     runtime: Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl TestServer {
-    /// Starts a server with `config` on `127.0.0.1:0`.
+    /// Starts a server with `config` on `127.0.0.1:0`. If the configuration
+    /// asks for metrics, their listener is bound here too (give it port 0)
+    /// and [`TestServer::metrics_addr`] tells where it is.
     pub fn start(config: Config) -> io::Result<TestServer> {
         config
             .validate()
@@ -49,13 +52,23 @@ impl TestServer {
             .name("chat-server-main".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let bound = server::bind("127.0.0.1:0")
-                        .await
-                        .and_then(|listener| Ok((listener.local_addr()?, listener)));
-                    let listener = match bound {
-                        Ok((addr, listener)) => {
-                            let _ = listening.send(Ok(addr));
-                            listener
+                    let bound = async {
+                        let listener = server::bind("127.0.0.1:0").await?;
+                        let metrics = match &config.metrics_addr {
+                            Some(addr) => Some(server::bind(addr).await?),
+                            None => None,
+                        };
+                        let metrics_addr = metrics
+                            .as_ref()
+                            .map(|metrics| metrics.local_addr())
+                            .transpose()?;
+                        io::Result::Ok(((listener.local_addr()?, metrics_addr), listener, metrics))
+                    }
+                    .await;
+                    let (listener, metrics) = match bound {
+                        Ok((addrs, listener, metrics)) => {
+                            let _ = listening.send(Ok(addrs));
+                            (listener, metrics)
                         }
                         Err(err) => {
                             let _ = listening.send(Err(err));
@@ -64,17 +77,23 @@ impl TestServer {
                     };
                     // Spawned, not run in place, so the accept loop is a task
                     // of the runtime like in the binary.
-                    let server = tokio::spawn(server::run(listener, config, async move {
-                        let _ = stopped.await;
-                    }));
+                    let server = tokio::spawn(server::run_with_metrics(
+                        listener,
+                        metrics,
+                        config,
+                        async move {
+                            let _ = stopped.await;
+                        },
+                    ));
                     let _ = server.await;
                 });
             })?;
-        let addr = started
+        let (addr, metrics_addr) = started
             .recv()
             .map_err(|_| io::Error::other("server thread exited early"))??;
         Ok(TestServer {
             addr,
+            metrics_addr,
             runtime: handle,
             stop: Some(stop),
             thread: Some(thread),
@@ -83,6 +102,11 @@ impl TestServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics` is served, if the configuration asked for it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Tasks alive in the server's runtime: the accept loop, any model task,

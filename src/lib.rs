@@ -45,7 +45,12 @@
 //! - `config`: models, slow-client policies and limits;
 //! - `cluster`: one room across several servers through a NATS JetStream
 //!   broker (`--cluster`, feature `cluster`), around any model;
-//! - `memory`: returning freed memory to the OS after a burst.
+//! - `memory`: returning freed memory to the OS after a burst;
+//! - `password`: the room password's check and per-address throttle;
+//! - `metrics`: the server's counters and the Prometheus endpoint;
+//! - `tls`: loading the certificate (and reloading it on SIGHUP) and the
+//!   bounded handshake;
+//! - `transport`: plain TCP and TLS behind the interface a session uses.
 
 mod client;
 #[cfg(feature = "cluster")]
@@ -58,15 +63,20 @@ mod hub;
 mod limits;
 mod lobby;
 mod memory;
+mod metrics;
 mod outbox;
+mod password;
 mod protocol;
 mod queue;
 pub mod server;
 mod session;
+mod tls;
+mod transport;
 
 pub use config::{
     default_max_client_memory, Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
-    QueueKind, SlowClientPolicy, UnknownName, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES,
-    DEFAULT_FLOOD_LINES, DEFAULT_KEEPALIVE, DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_PENDING,
+    Password, QueueKind, SlowClientPolicy, TlsFiles, UnknownName, DEFAULT_CLUSTER_BUFFER,
+    DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES, DEFAULT_KEEPALIVE, DEFAULT_MAX_CLIENTS_PER_IP,
+    DEFAULT_MAX_PENDING,
 };
 pub use protocol::DEFAULT_MAX_LINE;

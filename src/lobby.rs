@@ -1,9 +1,13 @@
-//! From accept to the room: the naming handshake (`--names`), the join, and
+//! From accept to the room: the password (`--password-file`, checked in
+//! `password`), the naming handshake (`--names`), the join, and
 //! the first lines the client is sent (`You are WHO`, and with
 //! `--announce-present` the `present` line). Shared by every model; what
 //! makes a name unique and a list exact is each hub's business.
 //!
-//! Without `--names` this is one [`Hub::join`]. With it, the reader task
+//! With a password, the client's first line must be it (no prompt: the
+//! seed's clients see nothing new); a wrong one gets `error: wrong
+//! password` and a close, after the delay its address has earned.
+//! Without `--names` (and a password) this is one [`Hub::join`]. With it, the reader task
 //! sends [`NAME_PROMPT`] and reads lines until one is a free, well-formed
 //! name, answering each bad or taken one with an `error: ...` line. Until
 //! then the client is not in the room: nobody hears of it and it hears
@@ -14,25 +18,28 @@
 //!
 //! Reading a name never consumes past its newline (it peeks, then takes up
 //! to the newline), so whatever the client typed after its name stays in
-//! the socket for the chat loop, which starts with an empty buffer.
+//! the socket (over TLS: in the reader's stash of decrypted bytes) for the
+//! chat loop, which starts with an empty buffer.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{info, warn};
 
 use crate::client::Client;
+use crate::config::MAX_PASSWORD;
 use crate::hub::{Hub, NameTaken};
+use crate::password::Gate;
 use crate::protocol::{
     check_name, LineTooLong, Message, BAD_NAME, MAX_NAME, NAME_PROMPT, NAME_TAKEN,
 };
 use crate::session::{linger, ServerContext, SHUTTING_DOWN};
+use crate::transport::{self, SessionRead, SessionWrite};
 
 /// A client in the room, and what its writer sends first.
 pub(crate) struct Entered<I> {
@@ -47,10 +54,10 @@ pub(crate) struct Entered<I> {
 /// the connection ended before that; it has been told why, if anything.
 /// Boxed, so that the reader task's state does not keep room for the
 /// handshake for the connection's whole life.
-pub(crate) fn enter<'a, H: Hub>(
+pub(crate) fn enter<'a, H: Hub, R: SessionRead, W: SessionWrite>(
     hub: &'a H,
-    reader: &'a mut OwnedReadHalf,
-    writer: &'a mut OwnedWriteHalf,
+    reader: &'a mut R,
+    writer: &'a mut W,
     client: Arc<Client>,
     server: &'a ServerContext,
 ) -> Pin<Box<impl Future<Output = Option<Entered<H::Inbox>>> + Send + 'a>> {
@@ -58,6 +65,9 @@ pub(crate) fn enter<'a, H: Hub>(
         let names = server.config.names;
         let address = Arc::clone(&client.who);
         let mut client = client;
+        if let Some(gate) = &server.gate {
+            ask_password(gate, reader, writer, &client, server).await?;
+        }
         if names {
             say(writer, NAME_PROMPT, server).await.ok()?;
         }
@@ -107,16 +117,54 @@ enum Gone {
     TooLong(LineTooLong),
 }
 
+/// Reads the client's first line and checks it is the password, after the
+/// delay its address has earned by earlier wrong guesses. `None` if it is
+/// wrong (the client is told so) or the connection ends first.
+async fn ask_password<R: SessionRead, W: SessionWrite>(
+    gate: &Gate,
+    reader: &mut R,
+    writer: &mut W,
+    client: &Client,
+    server: &ServerContext,
+) -> Option<()> {
+    let gone = match read_line(reader, client, server, MAX_PASSWORD + 2).await {
+        Ok(mut line) => {
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let ip = client.who.parse::<SocketAddr>().ok().map(|addr| addr.ip());
+            let delay = gate.delay(ip);
+            if !delay.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = client.ending() => return None,
+                }
+            }
+            if gate.check(ip, &line) {
+                return Some(());
+            }
+            client
+                .span()
+                .in_scope(|| warn!(throttled_for = ?delay, "wrong password"));
+            let _ = say(writer, chat_wire::WRONG_PASSWORD, server).await;
+            return None;
+        }
+        Err(gone) => gone,
+    };
+    farewell(gone, reader, writer, client, server).await;
+    None
+}
+
 /// Reads lines until one is a well-formed name; `None` if the connection
 /// ends first, after telling the client why.
-async fn ask_name(
-    reader: &mut OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+async fn ask_name<R: SessionRead, W: SessionWrite>(
+    reader: &mut R,
+    writer: &mut W,
     client: &Client,
     server: &ServerContext,
 ) -> Option<Arc<str>> {
     loop {
-        let gone = match read_name_line(reader, client, server).await {
+        let gone = match read_line(reader, client, server, MAX_NAME + 2).await {
             Ok(line) => match check_name(&line) {
                 Some(name) => return Some(name.into()),
                 None => {
@@ -126,49 +174,64 @@ async fn ask_name(
             },
             Err(gone) => gone,
         };
-        let last_words = client.span().in_scope(|| match &gone {
-            Gone::Closed => {
-                info!("left before naming itself");
-                None
-            }
-            Gone::Idle => {
-                info!("disconnecting before naming: idle timeout");
-                Some("error: idle timeout".to_string())
-            }
-            Gone::Ending => Some(SHUTTING_DOWN.to_string()),
-            Gone::TooLong(err) => {
-                warn!(max = err.max, "disconnecting before naming: line too long");
-                Some(format!("error: {err}"))
-            }
-        });
-        if let Some(words) = last_words {
-            let _ = say(writer, &words, server).await;
-        }
-        if matches!(gone, Gone::TooLong(_)) {
-            linger(reader, client, usize::MAX).await;
-        }
+        farewell(gone, reader, writer, client, server).await;
         return None;
     }
 }
 
-/// The next line, without its newline, consuming nothing after it. Only
-/// the first `MAX_NAME + 2` bytes are kept (a longer line is no name).
-async fn read_name_line(
-    reader: &mut OwnedReadHalf,
+/// Tells a client that goes before entering why, if anything, and logs it.
+async fn farewell<R: SessionRead, W: SessionWrite>(
+    gone: Gone,
+    reader: &mut R,
+    writer: &mut W,
     client: &Client,
     server: &ServerContext,
+) {
+    let last_words = client.span().in_scope(|| match &gone {
+        Gone::Closed => {
+            info!("left before entering the room");
+            None
+        }
+        Gone::Idle => {
+            info!("disconnecting before entering: idle timeout");
+            Some("error: idle timeout".to_string())
+        }
+        Gone::Ending => Some(SHUTTING_DOWN.to_string()),
+        Gone::TooLong(err) => {
+            warn!(
+                max = err.max,
+                "disconnecting before entering: line too long"
+            );
+            Some(format!("error: {err}"))
+        }
+    });
+    if let Some(words) = last_words {
+        let _ = say(writer, &words, server).await;
+    }
+    if matches!(gone, Gone::TooLong(_)) {
+        linger(reader, client, usize::MAX).await;
+    }
+}
+
+/// The next line, without its newline, consuming nothing after it. Only
+/// the first `keep` bytes are kept (a longer line is no name and no
+/// password).
+async fn read_line<R: SessionRead>(
+    reader: &mut R,
+    client: &Client,
+    server: &ServerContext,
+    keep: usize,
 ) -> Result<Vec<u8>, Gone> {
-    const KEEP: usize = MAX_NAME + 2;
     let max_line = server.config.max_line;
-    let mut line = Vec::with_capacity(KEEP);
+    let mut line = Vec::with_capacity(keep);
     let mut length = 0;
-    let mut chunk = [0u8; KEEP];
+    let mut chunk = vec![0u8; keep];
     loop {
         if server.stopping.load(Ordering::Relaxed) {
             return Err(Gone::Ending);
         }
         let peeked = tokio::select! {
-            peeked = reader.peek(&mut chunk) => peeked,
+            peeked = std::future::poll_fn(|cx| reader.poll_peek(cx, &mut chunk)) => peeked,
             () = client.ending() => return Err(Gone::Ending),
             () = sleep_for(server.config.idle_timeout) => return Err(Gone::Idle),
         };
@@ -179,11 +242,14 @@ async fn read_name_line(
         let newline = memchr::memchr(b'\n', &chunk[..peeked]);
         let take = newline.map_or(peeked, |at| at + 1);
         // Already in the socket's buffer: this read does not wait.
-        if reader.read_exact(&mut chunk[..take]).await.is_err() {
+        if transport::read_exact(reader, &mut chunk[..take])
+            .await
+            .is_err()
+        {
             return Err(Gone::Closed);
         }
         length += take;
-        let room = KEEP - line.len();
+        let room = keep - line.len();
         line.extend_from_slice(&chunk[..take.min(room)]);
         let (complete, text_length) = match newline {
             Some(_) => (true, length - 1),
@@ -210,10 +276,14 @@ async fn sleep_for(idle: Option<Duration>) {
 
 /// Writes `text` and a newline, giving up after `--write-timeout` or when
 /// the shutdown grace period ends.
-async fn say(writer: &mut OwnedWriteHalf, text: &str, server: &ServerContext) -> io::Result<()> {
+async fn say<W: SessionWrite>(
+    writer: &mut W,
+    text: &str,
+    server: &ServerContext,
+) -> io::Result<()> {
     let line = format!("{text}\n");
     tokio::select! {
-        written = tokio::time::timeout(server.config.write_timeout, writer.write_all(line.as_bytes())) => {
+        written = tokio::time::timeout(server.config.write_timeout, transport::write_all(writer, line.as_bytes())) => {
             written.map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
         }
         () = server.force.cancelled() => Err(io::ErrorKind::TimedOut.into()),

@@ -41,8 +41,10 @@ use crate::flood::FloodLimits;
 use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
 use crate::limits::{self, AddressLimits, Admission, MemoryGuard};
 use crate::memory::{self, Trimmer};
+use crate::metrics::{Metrics, Refusal};
 use crate::protocol::Message;
 use crate::session::{self, ServerContext};
+use crate::tls::TlsListener;
 
 /// Connections the kernel may hold for us before `accept`. The usual
 /// defaults (128 for std, 1,024 for tokio) make a burst of thousands of
@@ -81,25 +83,63 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConfigError> {
     config.validate()?;
+    let metrics_listener = match &config.metrics_addr {
+        Some(addr) => Some(bind(addr).await.map_err(|err| ConfigError::MetricsListen {
+            addr: addr.clone(),
+            cause: err.to_string(),
+        })?),
+        None => None,
+    };
+    run_with_metrics(listener, metrics_listener, config, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (the test harness binds
+/// port 0 and needs to know which port it got).
+pub(crate) async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ConfigError> {
+    config.validate()?;
+    let tls = match &config.tls {
+        Some(files) => Some(
+            TlsListener::new(files.clone(), config.tls_handshake_timeout)
+                .map_err(ConfigError::Tls)?,
+        ),
+        None => None,
+    };
+    let listeners = Listeners {
+        chat: listener,
+        metrics: metrics_listener,
+        tls,
+    };
     #[cfg(feature = "cluster")]
     if config.cluster.is_some() {
         match config.model {
-            Model::Sharded => serve_clustered::<ShardedHub>(listener, config, shutdown).await,
+            Model::Sharded => serve_clustered::<ShardedHub>(listeners, config, shutdown).await,
             Model::Broadcaster => {
-                serve_clustered::<BroadcasterHub>(listener, config, shutdown).await
+                serve_clustered::<BroadcasterHub>(listeners, config, shutdown).await
             }
-            Model::Locked => serve_clustered::<LockedHub>(listener, config, shutdown).await,
-            Model::Broadcast => serve_clustered::<BroadcastHub>(listener, config, shutdown).await,
+            Model::Locked => serve_clustered::<LockedHub>(listeners, config, shutdown).await,
+            Model::Broadcast => serve_clustered::<BroadcastHub>(listeners, config, shutdown).await,
         }
         return Ok(());
     }
     match config.model {
-        Model::Sharded => drop(serve::<ShardedHub>(listener, config, shutdown).await),
-        Model::Broadcaster => drop(serve::<BroadcasterHub>(listener, config, shutdown).await),
-        Model::Locked => drop(serve::<LockedHub>(listener, config, shutdown).await),
-        Model::Broadcast => drop(serve::<BroadcastHub>(listener, config, shutdown).await),
+        Model::Sharded => drop(serve::<ShardedHub>(listeners, config, shutdown).await),
+        Model::Broadcaster => drop(serve::<BroadcasterHub>(listeners, config, shutdown).await),
+        Model::Locked => drop(serve::<LockedHub>(listeners, config, shutdown).await),
+        Model::Broadcast => drop(serve::<BroadcastHub>(listeners, config, shutdown).await),
     };
     Ok(())
+}
+
+/// What the accept loop serves.
+struct Listeners {
+    chat: TcpListener,
+    metrics: Option<TcpListener>,
+    tls: Option<TlsListener>,
 }
 
 /// [`serve`] with the model joined to a room on a broker; after the local
@@ -107,30 +147,55 @@ pub async fn run(
 /// reach the broker.
 #[cfg(feature = "cluster")]
 async fn serve_clustered<H: Hub>(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) {
     let grace = config.shutdown_grace;
-    let hub = serve::<crate::cluster::Clustered<H>>(listener, config, shutdown).await;
+    let hub = serve::<crate::cluster::Clustered<H>>(listeners, config, shutdown).await;
     hub.close(grace).await;
 }
 
 /// Serves until shutdown is over; returns the hub, for whatever outlives the clients.
 async fn serve<H: Hub>(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Arc<H> {
+    let Listeners {
+        chat: listener,
+        metrics: metrics_listener,
+        mut tls,
+    } = listeners;
     let hub = Arc::new(H::new(&config));
     let stop = CancellationToken::new();
+    let gate = config.password.clone().map(crate::password::Gate::new);
     let server = Arc::new(ServerContext {
         stopping: AtomicBool::new(false),
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
         flood: FloodLimits::from_config(&config),
+        metrics: Arc::new(Metrics::default()),
+        gate,
         config,
     });
+    #[cfg(feature = "metrics")]
+    if let Some(metrics_listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(
+            metrics_listener,
+            Arc::clone(&server.metrics),
+            server.config.model,
+            stop.clone(),
+        ));
+    }
+    #[cfg(not(feature = "metrics"))]
+    drop(metrics_listener);
+    // SIGHUP rereads the TLS certificate. Watched here, in the accept loop
+    // that owns the acceptor, rather than by a task of its own.
+    let mut hangups = match &tls {
+        Some(_) => hangup_signals(),
+        None => None,
+    };
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
     let addresses = AddressLimits::new(&server.config);
     let memory_guard = MemoryGuard::new(&server.config);
@@ -148,6 +213,12 @@ async fn serve<H: Hub>(
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
+            Some(()) = hangup(&mut hangups) => {
+                if let Some(tls) = &mut tls {
+                    tls.reload();
+                }
+                continue;
+            }
             _ = housekeeping.tick() => {
                 let connections = server.config.max_clients - slots.available_permits();
                 let started = std::time::Instant::now();
@@ -173,6 +244,7 @@ async fn serve<H: Hub>(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
+                server.metrics.accept_errors.add(1);
                 tokio::select! {
                     () = &mut shutdown => break,
                     () = backoff.pause(&err) => continue,
@@ -184,17 +256,18 @@ async fn serve<H: Hub>(
             Some(addresses) => match addresses.admit(peer.ip()) {
                 Some(place) => Some(place),
                 None => {
-                    refusals.refuse(&stream, peer, Refusal::TooManyFromAddress);
+                    refusals.refuse(&stream, peer, Limit::Address, &server.metrics);
                     continue;
                 }
             },
             None => None,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.refuse(&stream, peer, Refusal::ServerFull);
+            refusals.refuse(&stream, peer, Limit::Server, &server.metrics);
             continue;
         };
         refusals.admitted();
+        server.metrics.accepted.add(1);
         // We coalesce writes ourselves; Nagle would only add latency.
         let _ = stream.set_nodelay(true);
         if let Err(err) = limits::tune_socket(&stream, &server.config) {
@@ -208,23 +281,35 @@ async fn serve<H: Hub>(
             &stop,
             Some(Admission::new(slot, place)),
         ));
-        let session = session::serve(
-            Arc::clone(&hub),
-            stream,
-            Arc::clone(&client),
-            Arc::clone(&server),
-        );
-        match &memory_guard {
-            Some(guard) => {
-                guard.watch(&client);
-                let guard = Arc::clone(guard);
-                server.tracker.spawn(async move {
-                    session.await;
-                    guard.forget(id);
-                });
-            }
+        match &tls {
             None => {
-                server.tracker.spawn(session);
+                let session = session::serve(
+                    Arc::clone(&hub),
+                    stream,
+                    Arc::clone(&client),
+                    Arc::clone(&server),
+                );
+                spawn_session(&server, memory_guard.as_ref(), &client, session);
+            }
+            Some(tls) => {
+                let handshake = tls.handshake(stream, peer, Arc::clone(&server.metrics));
+                let hub = Arc::clone(&hub);
+                let task_client = Arc::clone(&client);
+                let task_server = Arc::clone(&server);
+                // The handshake runs in the task that becomes the reader,
+                // holding the client's slot, so that it counts against
+                // `max_clients` and adds no task.
+                let session = async move {
+                    let stream = tokio::select! {
+                        stream = handshake => stream,
+                        // Shutdown need not wait out a handshake.
+                        () = task_client.ending() => None,
+                    };
+                    if let Some(stream) = stream {
+                        session::serve(hub, stream, task_client, task_server).await;
+                    }
+                };
+                spawn_session(&server, memory_guard.as_ref(), &client, session);
             }
         }
     }
@@ -248,11 +333,59 @@ async fn serve<H: Hub>(
     hub
 }
 
-/// Why a connection was turned away.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Refusal {
-    ServerFull,
-    TooManyFromAddress,
+#[cfg(unix)]
+type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangups = ();
+
+/// SIGHUP, if this platform has it and the handler can be installed.
+fn hangup_signals() -> Option<Hangups> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(signals) => Some(signals),
+            Err(err) => {
+                warn!(cause = %err, "cannot watch SIGHUP; the TLS certificate will not be reloaded");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// The next SIGHUP; never, if they are not watched.
+async fn hangup(hangups: &mut Option<Hangups>) -> Option<()> {
+    match hangups {
+        #[cfg(unix)]
+        Some(signals) => signals.recv().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Spawns a connection's reader task; under `--max-client-memory` the
+/// memory guard watches the client for as long as the task runs.
+fn spawn_session(
+    server: &ServerContext,
+    memory_guard: Option<&Arc<MemoryGuard>>,
+    client: &Arc<Client>,
+    session: impl Future<Output = ()> + Send + 'static,
+) {
+    match memory_guard {
+        Some(guard) => {
+            guard.watch(client);
+            let guard = Arc::clone(guard);
+            let id = client.id;
+            server.tracker.spawn(async move {
+                session.await;
+                guard.forget(id);
+            });
+        }
+        None => {
+            server.tracker.spawn(session);
+        }
+    }
 }
 
 /// Turns away connections over `--max-clients` or `--max-clients-per-ip`.
@@ -279,17 +412,32 @@ impl Default for Refusals {
     }
 }
 
+/// Which limit turned a connection away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// `--max-clients`.
+    Server,
+    /// `--max-clients-per-ip`.
+    Address,
+}
+
 impl Refusals {
     /// Tells the connection why, without waiting for it, and closes it.
-    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr, why: Refusal) {
-        let (in_burst, line) = match why {
-            Refusal::ServerFull => (&mut self.full, &self.server_full),
-            Refusal::TooManyFromAddress => (&mut self.per_address, &self.too_many_from_address),
+    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr, limit: Limit, metrics: &Metrics) {
+        let (in_burst, line) = match limit {
+            Limit::Server => {
+                metrics.refused(Refusal::ServerFull);
+                (&mut self.full, &self.server_full)
+            }
+            Limit::Address => {
+                metrics.refused(Refusal::TooManyFromAddress);
+                (&mut self.per_address, &self.too_many_from_address)
+            }
         };
         if *in_burst == 0 {
-            match why {
-                Refusal::ServerFull => warn!(%peer, "refused: server full"),
-                Refusal::TooManyFromAddress => {
+            match limit {
+                Limit::Server => warn!(%peer, "refused: server full"),
+                Limit::Address => {
                     warn!(%peer, "refused: too many connections from this address")
                 }
             }

@@ -37,8 +37,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,8 +48,10 @@ use crate::flood::{FloodGate, FloodLimits, Verdict};
 use crate::hub::{Hub, Inbox};
 use crate::lobby;
 use crate::memory;
+use crate::metrics::Metrics;
 use crate::outbox::TOO_SLOW;
 use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
+use crate::transport::{SessionRead, SessionWrite, Transport};
 
 /// The largest single write the writer assembles from queued messages.
 pub const MAX_WRITE: usize = 64 * 1024;
@@ -87,6 +87,9 @@ pub(crate) struct ServerContext {
     pub tracker: TaskTracker,
     /// Every connection's input budget; `None` when flood control is off.
     pub flood: Option<FloodLimits>,
+    pub metrics: Arc<Metrics>,
+    /// The room password (`--password-file`), if any.
+    pub gate: Option<crate::password::Gate>,
 }
 
 /// Why the reader stopped.
@@ -106,9 +109,9 @@ enum End {
 /// Log lines are emitted in the client's span ([`Client::span`]), entered
 /// only around each log call: entering a span on every poll of the tasks
 /// was measurable at a few hundred thousand polls a second.
-pub(crate) async fn serve<H: Hub>(
+pub(crate) async fn serve<H: Hub, T: Transport>(
     hub: Arc<H>,
-    stream: TcpStream,
+    stream: T,
     client: Arc<Client>,
     server: Arc<ServerContext>,
 ) {
@@ -116,20 +119,21 @@ pub(crate) async fn serve<H: Hub>(
     // spawned there: an async fn reserves room in its state for temporaries
     // it holds around an `.await`, and this task lives as long as the
     // connection, so only what the reading itself needs should be in it.
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = stream.split();
     let Some(entered) = lobby::enter(&*hub, &mut reader, &mut writer, client, &server).await else {
         return;
     };
     let client = entered.client;
+    server.metrics.register(&client);
     client.span().in_scope(|| info!("arrived"));
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
     spawn_writer(writer, entered.inbox, entered.hello, &client, &server);
-    let end = read_loop(&*hub, &reader, &client, &server).await;
+    let end = read_loop(&*hub, &mut reader, &client, &server).await;
     let (departure, linger_for) = client.span().in_scope(|| conclude(end, &client));
     leave(&*hub, &client, departure).await;
     if let Some(at_most) = linger_for {
-        linger(&reader, &client, at_most).await;
+        linger(&mut reader, &client, at_most).await;
     }
 }
 
@@ -141,8 +145,8 @@ fn leave<'a, H: Hub>(
     Box::pin(hub.leave(client, departure))
 }
 
-fn spawn_writer<I: Inbox>(
-    writer: OwnedWriteHalf,
+fn spawn_writer<I: Inbox, W: SessionWrite>(
+    writer: W,
     inbox: I,
     hello: Message,
     client: &Arc<Client>,
@@ -218,8 +222,8 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, Option<usize>) {
 }
 
 /// [`discard_input`], boxed: it is rare.
-pub(crate) fn linger<'a>(
-    reader: &'a OwnedReadHalf,
+pub(crate) fn linger<'a, R: SessionRead>(
+    reader: &'a mut R,
     client: &'a Client,
     at_most: usize,
 ) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
@@ -227,9 +231,9 @@ pub(crate) fn linger<'a>(
 }
 
 /// Reads lines and broadcasts them until input ends or the connection must end.
-async fn read_loop<H: Hub>(
+async fn read_loop<H: Hub, R: SessionRead>(
     hub: &H,
-    reader: &OwnedReadHalf,
+    reader: &mut R,
     client: &Arc<Client>,
     server: &ServerContext,
 ) -> End {
@@ -251,6 +255,7 @@ async fn read_loop<H: Hub>(
             Ok(0) => {
                 if let Some(line) = lines.take_unterminated() {
                     batch.push(&client.who, line);
+                    server.metrics.lines_received(1);
                 }
                 if let Some(message) = batch.take() {
                     hub.broadcast(client, &message).await;
@@ -279,6 +284,7 @@ async fn read_loop<H: Hub>(
                         }
                     }
                 };
+                server.metrics.lines_received(completed as u64);
                 if let Some(message) = batch.take() {
                     hub.broadcast(client, &message).await;
                 }
@@ -306,7 +312,7 @@ async fn read_loop<H: Hub>(
                 // `poll_read_ready` uses the socket's own reader waker slot;
                 // `readable()` would add a 168-byte waiter to every task.
                 tokio::select! {
-                    ready = std::future::poll_fn(|cx| reader.as_ref().poll_read_ready(cx)) => {
+                    ready = std::future::poll_fn(|cx| reader.poll_read_ready(cx)) => {
                         if let Err(err) = ready {
                             return End::ReadFailed(err);
                         }
@@ -342,12 +348,13 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Reads and throws away input for up to [`LINGER`] and `at_most` bytes,
 /// or until the client closes its side.
-async fn discard_input(reader: &OwnedReadHalf, client: &Client, at_most: usize) {
+async fn discard_input<R: SessionRead>(reader: &mut R, client: &Client, at_most: usize) {
     let deadline = Instant::now() + LINGER;
-    let mut sink = vec![0u8; 16 * 1024];
+    let mut sink = Vec::with_capacity(16 * 1024);
     let mut discarded = 0usize;
     loop {
-        match reader.try_read(&mut sink) {
+        sink.clear();
+        match reader.try_read_buf(&mut sink) {
             Ok(0) => return,
             Ok(read) => {
                 discarded = discarded.saturating_add(read);
@@ -357,7 +364,7 @@ async fn discard_input(reader: &OwnedReadHalf, client: &Client, at_most: usize) 
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 tokio::select! {
-                    ready = reader.readable() => if ready.is_err() { return },
+                    ready = std::future::poll_fn(|cx| reader.poll_read_ready(cx)) => if ready.is_err() { return },
                     () = tokio::time::sleep_until(deadline) => return,
                     () = client.ending() => return,
                 }
@@ -380,8 +387,8 @@ enum WriteEnd {
 }
 
 /// The writer task.
-async fn write_loop<I: Inbox>(
-    half: OwnedWriteHalf,
+async fn write_loop<I: Inbox, W: SessionWrite>(
+    half: W,
     mut inbox: I,
     hello: Message,
     client: Arc<Client>,
@@ -392,6 +399,7 @@ async fn write_loop<I: Inbox>(
         client: &client,
         write_timeout: server.config.write_timeout,
         force: &server.force,
+        metrics: &server.metrics,
         shutting_down: false,
         mid_line: false,
     };
@@ -411,6 +419,11 @@ async fn write_loop<I: Inbox>(
                 // Nothing ready: give the batch memory back before waiting.
                 memory::note_released(batch.capacity());
                 batch = Vec::new();
+                // What TLS still holds goes out before we sleep.
+                result = socket.flush().await;
+                if result.is_err() {
+                    break;
+                }
                 match inbox.recv().await {
                     Some(message) => message,
                     None => break,
@@ -418,6 +431,7 @@ async fn write_loop<I: Inbox>(
             }
         };
         let mut bytes = first.len();
+        let mut messages = 1;
         result = match inbox.try_recv() {
             // A lone message is written straight from its shared buffer.
             None => socket.write_all(first.as_bytes()).await,
@@ -427,6 +441,7 @@ async fn write_loop<I: Inbox>(
                 let mut next = Some(second);
                 while let Some(message) = next.take() {
                     bytes += message.len();
+                    messages += 1;
                     batch.extend_from_slice(message.as_bytes());
                     if batch.len() < MAX_WRITE {
                         next = inbox.try_recv();
@@ -438,6 +453,7 @@ async fn write_loop<I: Inbox>(
             }
         };
         inbox.written(bytes);
+        socket.metrics.delivered(messages, bytes as u64);
     }
     drop(batch);
     match result {
@@ -445,6 +461,7 @@ async fn write_loop<I: Inbox>(
             if let Some(words) = client.last_words() {
                 let _ = socket.write_all(words.as_bytes()).await;
             }
+            let _ = socket.flush().await;
         }
         Err(WriteEnd::Abandoned) => {
             // The socket is probably full: one try, no waiting, on a line of
@@ -456,6 +473,7 @@ async fn write_loop<I: Inbox>(
                 }
                 last.extend_from_slice(words.as_bytes());
                 let _ = socket.half.try_write(&last);
+                let _ = socket.half.try_flush();
             }
             client.kick(Kick::WriteFailed, None);
         }
@@ -464,23 +482,26 @@ async fn write_loop<I: Inbox>(
             client.kick(Kick::WriteFailed, None);
         }
     }
+    socket.half.close();
+    server.metrics.unregister(&client);
     // Dropping the write half sends FIN; the socket closes once the reader
     // task has dropped its half too.
 }
 
 /// The write half plus what decides how long a write may wait.
-struct SocketWriter<'a> {
-    half: OwnedWriteHalf,
+struct SocketWriter<'a, W> {
+    half: W,
     client: &'a Client,
     write_timeout: Duration,
     force: &'a CancellationToken,
+    metrics: &'a Metrics,
     /// The server is shutting down: keep flushing until forced to stop.
     shutting_down: bool,
     /// The last byte written did not end a line.
     mid_line: bool,
 }
 
-impl SocketWriter<'_> {
+impl<W: SessionWrite> SocketWriter<'_, W> {
     async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), WriteEnd> {
         while !bytes.is_empty() {
             match self.half.try_write(bytes) {
@@ -504,11 +525,28 @@ impl SocketWriter<'_> {
         Ok(())
     }
 
+    /// Waits until the transport has sent what it buffered (TLS records;
+    /// plain TCP buffers nothing).
+    async fn flush(&mut self) -> Result<(), WriteEnd> {
+        loop {
+            match self.half.try_flush() {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    Box::pin(self.wait_writable()).await?;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(WriteEnd::Failed(err)),
+            }
+        }
+    }
+
     /// Waits until the socket takes bytes again. This is the only place a
     /// writer waits with data pending, so it is where a stuck client is
     /// detected: `--write-timeout` without progress.
     async fn wait_writable(&mut self) -> Result<(), WriteEnd> {
         loop {
+            let half = &mut self.half;
+            let writable = std::future::poll_fn(|cx| half.poll_write_ready(cx));
             tokio::select! {
                 biased;
                 () = self.force.cancelled() => return Err(WriteEnd::Abandoned),
@@ -518,10 +556,12 @@ impl SocketWriter<'_> {
                     }
                     self.shutting_down = true;
                 }
-                ready = timeout(self.write_timeout, self.half.writable()) => match ready {
+                ready = timeout(self.write_timeout, writable) => match ready {
                     Ok(Ok(())) => return Ok(()),
                     Ok(Err(err)) => return Err(WriteEnd::Failed(err)),
-                    Err(_elapsed) => match self.client.policy {
+                    Err(_elapsed) => {
+                        self.metrics.write_timeouts.add(1);
+                        match self.client.policy {
                         SlowClientPolicy::Disconnect => {
                             self.client.kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));
                             return Err(WriteEnd::Abandoned);
@@ -529,7 +569,8 @@ impl SocketWriter<'_> {
                         SlowClientPolicy::Drop => self.client.set_stuck(true),
                         // The seed's behaviour: wait as long as it takes.
                         SlowClientPolicy::Block => {}
-                    },
+                        }
+                    }
                 },
             }
         }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_server::{
-    default_max_client_memory, server, Choice, ClusterConfig, Config, Model, QueueKind,
-    SlowClientPolicy, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES,
+    default_max_client_memory, server, Choice, ClusterConfig, Config, Model, Password, QueueKind,
+    SlowClientPolicy, TlsFiles, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES,
     DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -167,6 +167,41 @@ struct Args {
     /// generator shares the machine, give each its own cores (see README).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+
+    /// Log line format on stderr: `text` for people, `json` (one object per
+    /// line, with the same fields and the client's `peer` span) for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics and a health check
+    /// at /healthz (off by default; keep it on loopback or a private network).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+
+    /// Speak TLS with this certificate chain (PEM, leaf first); needs --tls-key.
+    /// SIGHUP rereads both files: new connections get the new certificate.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
+    /// Seconds a TLS handshake may take before the connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    tls_handshake_timeout: f64,
+
+    /// Room password: the first line of FILE. A client's first line must be
+    /// it; a wrong one gets `error: wrong password` and a close, and guesses
+    /// from one address are slowed down. Use with TLS off loopback.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// The flag values of one of the library's [`Choice`]s, with their help
@@ -220,6 +255,23 @@ impl Args {
             max_client_memory: self
                 .max_client_memory
                 .unwrap_or_else(default_max_client_memory),
+            metrics_addr: self.metrics_addr.clone(),
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            tls_handshake_timeout: seconds("tls-handshake-timeout", self.tls_handshake_timeout)?,
+            password: self
+                .password_file
+                .as_ref()
+                .map(|path| {
+                    Password::from_file(path)
+                        .with_context(|| format!("--password-file {}", path.display()))
+                })
+                .transpose()?,
         };
         config.validate()?;
         Ok(config)
@@ -251,16 +303,7 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(|| LossyStderr)
-        // Its fallback for a failed write is `eprintln!`, which panics.
-        .log_internal_errors(false)
-        // Colour codes belong on a terminal, not in a redirected log file.
-        .with_ansi(io::stderr().is_terminal())
-        .init();
+    init_logging(args.log_format);
     match serve(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -348,6 +391,27 @@ fn fit_open_files(max_clients: usize) {
 #[cfg(not(unix))]
 fn fit_open_files(_max_clients: usize) {}
 
+fn init_logging(format: LogFormat) {
+    let logger = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(|| LossyStderr)
+        // Its fallback for a failed write is `eprintln!`, which panics.
+        .log_internal_errors(false);
+    match format {
+        // Colour codes belong on a terminal, not in a redirected log file.
+        LogFormat::Text => logger.with_ansi(io::stderr().is_terminal()).init(),
+        // `span` is the innermost span's fields (`conn` with its `peer`),
+        // `spans` the whole stack, as the text format prints it.
+        LogFormat::Json => logger
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
 fn serve(args: &Args) -> anyhow::Result<()> {
     let config = args.config()?;
     fit_open_files(config.max_clients);
@@ -367,6 +431,14 @@ async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.addr))?;
     let addr = listener.local_addr()?;
+    // Before the banner, so that whoever reads the banner has been warned.
+    if config.password.is_some() && config.tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the room password crosses the network in clear text: anyone on the path can read it; \
+             serve TLS (--tls-cert, --tls-key) or listen on loopback"
+        );
+    }
     // On stdout, alone on its line, so scripts can learn the port.
     say(
         io::stdout(),
@@ -375,10 +447,11 @@ async fn listen_and_serve(args: &Args, config: Config) -> anyhow::Result<()> {
             chat_wire::banner::format(&addr.to_string(), config.model.name())
         ),
     );
+    let tls = config.tls.is_some();
     if config.model.has_client_queues() {
-        tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");
+        tracing::info!(%addr, tls, model = %config.model, slow_client = %config.slow_client, queue = %config.queue, "listening");
     } else {
-        tracing::info!(%addr, model = %config.model, slow_client = %config.slow_client, "listening");
+        tracing::info!(%addr, tls, model = %config.model, slow_client = %config.slow_client, "listening");
     }
     // Spawned rather than run in place so that the accept loop is a runtime
     // task, as the task counts in ARCHITECTURE.md assume.

@@ -15,6 +15,8 @@
 //!   cluster tests (`--cluster`);
 //! - [`redis`]: a real `redis-server` per test, for chat-load's Redis
 //!   pub/sub client.
+//! - [`tls`] (feature `tls`): certificates made at run time and a TLS line
+//!   client.
 
 pub mod client;
 pub mod lines;
@@ -23,6 +25,8 @@ pub mod payload;
 pub mod proc;
 pub mod process;
 pub mod redis;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use client::{TestClient, LINE_TIMEOUT};
 pub use lines::LineReader;
@@ -34,4 +38,9 @@ pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> std::io::Res
     } else {
         Err(std::io::Error::other(message()))
     }
+}
+
+#[cfg(feature = "tls")]
+fn chat_wire_greeting(who: &str) -> String {
+    chat_wire::greeting(who)
 }

@@ -201,7 +201,15 @@ impl ServerProcess {
     pub fn start(args: &[&str]) -> io::Result<ServerProcess> {
         let mut command = Command::new(binary("chat-server")?);
         command.args(["--addr", "127.0.0.1:0"]).args(args);
-        ServerProcess::start_command(command, Stdio::inherit())
+        ServerProcess::start_command(command, Stdio::inherit(), "warn")
+    }
+
+    /// The server with its log at `RUST_LOG=info` written to `log`, for tests
+    /// that read what it logged.
+    pub fn start_with_log(args: &[&str], log: &std::path::Path) -> io::Result<ServerProcess> {
+        let mut command = Command::new(binary("chat-server")?);
+        command.args(["--addr", "127.0.0.1:0"]).args(args);
+        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?), "info")
     }
 
     /// The server with at most `files` open file descriptors, its log in `log`.
@@ -218,11 +226,15 @@ impl ServerProcess {
             ))
             .arg(binary("chat-server")?)
             .args(args);
-        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?))
+        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?), "warn")
     }
 
-    fn start_command(mut command: Command, stderr: Stdio) -> io::Result<ServerProcess> {
-        command.env("RUST_LOG", "warn");
+    fn start_command(
+        mut command: Command,
+        stderr: Stdio,
+        log_level: &str,
+    ) -> io::Result<ServerProcess> {
+        command.env("RUST_LOG", log_level);
         let mut process = LineChild::spawn_with_stderr("chat-server", command, stderr)?;
         let banner = process.line()?;
         let addr = chat_wire::banner::parse(&banner)

@@ -47,6 +47,10 @@ pub const FLOODING: &str = "error: flooding";
 /// together held more than `--max-client-memory`.
 pub const TOO_MUCH_MEMORY: &str = "error: disconnected: holding too much server memory";
 
+/// The only line a client that sent a wrong password (`--password-file`)
+/// receives before the server closes the connection.
+pub const WRONG_PASSWORD: &str = "error: wrong password";
+
 /// The last line of every client when the server stops.
 pub const SHUTTING_DOWN: &str = "server shutting down";
 

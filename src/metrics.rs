@@ -1,0 +1,539 @@
+//! What the server counts about itself, and (feature `metrics`) the
+//! Prometheus endpoint that shows it.
+//!
+//! Counting stays off the per-delivery path. Counters are bumped where
+//! work is already batched: once per read (lines received), once per socket
+//! write (messages and bytes delivered), once per connection or per rare
+//! event (accepts, refusals, timeouts, kicks). The per-read and per-write
+//! ones are kept per worker thread ([`Shard`]): each thread adds to its own
+//! cache line with a plain load and store, no locked instruction, and a
+//! scrape sums the threads: with several workers, writers on different
+//! cores never contend for one counter's cache line. The rare counters are
+//! plain relaxed atomics. The gauges are not counted at all: clients
+//! connected, bytes queued and messages dropped are summed over the live
+//! clients when Prometheus scrapes ([`Metrics::register`] keeps a weak handle to each, once per
+//! connection). The `prometheus-client` registry is touched only then, by
+//! a collector that reads these atomics.
+//!
+//! Without the `metrics` feature every method here is empty and the
+//! compiler removes the calls: embedders that leave the feature out pay
+//! nothing, and neither `prometheus-client` nor `hyper` is built.
+
+#[cfg(feature = "metrics")]
+use std::cell::RefCell;
+#[cfg(feature = "metrics")]
+use std::collections::HashMap;
+#[cfg(feature = "metrics")]
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+#[cfg(feature = "metrics")]
+use std::sync::Weak;
+#[cfg(feature = "metrics")]
+use std::thread::ThreadId;
+
+#[cfg(feature = "metrics")]
+use parking_lot::Mutex;
+
+use crate::client::Client;
+#[cfg(feature = "metrics")]
+use crate::client::{ClientId, Kick};
+
+/// A monotonic count; nothing at all without the `metrics` feature.
+#[derive(Debug, Default)]
+pub(crate) struct Counter {
+    #[cfg(feature = "metrics")]
+    value: AtomicU64,
+}
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        #[cfg(feature = "metrics")]
+        self.value.fetch_add(n, Ordering::Relaxed);
+        #[cfg(not(feature = "metrics"))]
+        let _ = n;
+    }
+
+    #[cfg(feature = "metrics")]
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// One thread's per-read and per-write counts for one server, on a cache
+/// line of its own. Only its thread writes it, so an add is a relaxed load
+/// and store; a scrape reads it from another thread.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    lines_received: AtomicU64,
+    messages_delivered: AtomicU64,
+    bytes_delivered: AtomicU64,
+}
+
+#[cfg(feature = "metrics")]
+impl Shard {
+    #[inline]
+    fn bump(count: &AtomicU64, n: u64) {
+        count.store(
+            count.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+#[cfg(feature = "metrics")]
+thread_local! {
+    /// This thread's shard of the server it last counted for, by the
+    /// server's [`Metrics::id`]. A thread that serves several servers in
+    /// turn (an embedder's shared runtime) finds its shard of each in that
+    /// server's map, so switching never creates a new one.
+    static SHARD: RefCell<Option<(u64, Arc<Shard>)>> = const { RefCell::new(None) };
+}
+
+/// Tells servers in one process apart for the per-thread shards.
+#[cfg(feature = "metrics")]
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Why a connection was turned away before it joined the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Over `--max-clients`.
+    ServerFull,
+    /// Over `--max-clients-per-ip`.
+    TooManyFromAddress,
+    /// The TLS handshake failed (a plaintext client, a garbage ClientHello,
+    /// a certificate the client rejected).
+    TlsHandshake,
+    /// The TLS handshake did not finish within `--tls-handshake-timeout`.
+    TlsTimeout,
+}
+
+impl Refusal {
+    #[cfg(feature = "metrics")]
+    const ALL: [Refusal; 4] = [
+        Refusal::ServerFull,
+        Refusal::TooManyFromAddress,
+        Refusal::TlsHandshake,
+        Refusal::TlsTimeout,
+    ];
+
+    #[cfg(feature = "metrics")]
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server_full",
+            Refusal::TooManyFromAddress => "too_many_from_address",
+            Refusal::TlsHandshake => "tls_handshake_failed",
+            Refusal::TlsTimeout => "tls_handshake_timeout",
+        }
+    }
+}
+
+/// See the module documentation. One per server, shared by every task.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    #[cfg(feature = "metrics")]
+    id: u64,
+    /// Each thread's shard, by thread.
+    #[cfg(feature = "metrics")]
+    shards: Mutex<HashMap<ThreadId, Arc<Shard>>>,
+    /// Where a thread that can no longer reach its thread-locals (it is
+    /// being torn down) counts instead.
+    #[cfg(feature = "metrics")]
+    unsharded: Mutex<Shard>,
+    pub accepted: Counter,
+    refused: [Counter; 3],
+    pub accept_errors: Counter,
+    pub write_timeouts: Counter,
+    /// The clients in the room, for the gauges.
+    #[cfg(feature = "metrics")]
+    clients: Mutex<Clients>,
+}
+
+/// The live clients, and what the departed ones counted.
+#[cfg(feature = "metrics")]
+#[derive(Debug, Default)]
+struct Clients {
+    live: HashMap<ClientId, Weak<Client>>,
+    /// Messages the departed skipped under `--slow-client drop`.
+    departed_skipped: u64,
+    /// Clients disconnected for being too slow.
+    slow_disconnects: u64,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            #[cfg(feature = "metrics")]
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            #[cfg(feature = "metrics")]
+            shards: Mutex::default(),
+            #[cfg(feature = "metrics")]
+            unsharded: Mutex::default(),
+            accepted: Counter::default(),
+            refused: Default::default(),
+            accept_errors: Counter::default(),
+            write_timeouts: Counter::default(),
+            #[cfg(feature = "metrics")]
+            clients: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Runs `count` on this thread's shard.
+    #[cfg(feature = "metrics")]
+    #[inline]
+    fn count(&self, count: impl Fn(&Shard)) {
+        let counted = SHARD.try_with(|cell| {
+            let mut cached = cell.borrow_mut();
+            match &*cached {
+                Some((id, shard)) if *id == self.id => count(shard),
+                _ => {
+                    let shard = Arc::clone(
+                        self.shards
+                            .lock()
+                            .entry(std::thread::current().id())
+                            .or_default(),
+                    );
+                    count(&shard);
+                    *cached = Some((self.id, shard));
+                }
+            }
+        });
+        if counted.is_err() {
+            // Several such threads may count at once: one at a time.
+            count(&self.unsharded.lock());
+        }
+    }
+
+    /// One read's complete lines.
+    #[inline]
+    pub fn lines_received(&self, lines: u64) {
+        #[cfg(feature = "metrics")]
+        self.count(|shard| Shard::bump(&shard.lines_received, lines));
+        #[cfg(not(feature = "metrics"))]
+        let _ = lines;
+    }
+
+    /// One socket write's messages and bytes.
+    #[inline]
+    pub fn delivered(&self, messages: u64, bytes: u64) {
+        #[cfg(feature = "metrics")]
+        self.count(|shard| {
+            Shard::bump(&shard.messages_delivered, messages);
+            Shard::bump(&shard.bytes_delivered, bytes);
+        });
+        #[cfg(not(feature = "metrics"))]
+        let _ = (messages, bytes);
+    }
+
+    /// The shards' sums: lines received, messages and bytes delivered.
+    #[cfg(feature = "metrics")]
+    fn sharded_totals(&self) -> (u64, u64, u64) {
+        let unsharded = self.unsharded.lock();
+        let shards = self.shards.lock();
+        std::iter::once(&*unsharded)
+            .chain(shards.values().map(|shard| &**shard))
+            .fold((0, 0, 0), |(lines, messages, bytes), shard| {
+                (
+                    lines + shard.lines_received.load(Ordering::Relaxed),
+                    messages + shard.messages_delivered.load(Ordering::Relaxed),
+                    bytes + shard.bytes_delivered.load(Ordering::Relaxed),
+                )
+            })
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].add(1);
+    }
+
+    /// Counts `client` as in the room until [`Metrics::unregister`].
+    pub fn register(&self, client: &Arc<Client>) {
+        #[cfg(feature = "metrics")]
+        self.clients
+            .lock()
+            .live
+            .insert(client.id, Arc::downgrade(client));
+        #[cfg(not(feature = "metrics"))]
+        let _ = client;
+    }
+
+    /// The client's writer is done: nothing more will be queued or written.
+    pub fn unregister(&self, client: &Client) {
+        #[cfg(feature = "metrics")]
+        {
+            // Under the lock, so that a scrape sees the client either live
+            // or departed, never both or neither, and the counters never dip.
+            let mut clients = self.clients.lock();
+            if clients.live.remove(&client.id).is_some() {
+                clients.departed_skipped += client.skipped();
+                if client.kicked() == Some(Kick::TooSlow) {
+                    clients.slow_disconnects += 1;
+                }
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = client;
+    }
+}
+
+#[cfg(feature = "metrics")]
+pub(crate) use exporter::serve;
+
+/// The `/metrics` and `/healthz` endpoint.
+#[cfg(feature = "metrics")]
+mod exporter {
+    use std::convert::Infallible;
+    use std::fmt;
+    use std::sync::Arc;
+
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::header::CONTENT_TYPE;
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    use hyper::{Method, Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+    use prometheus_client::metrics::counter::ConstCounter;
+    use prometheus_client::metrics::gauge::ConstGauge;
+    use prometheus_client::registry::Registry;
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+    use tracing::{debug, info, warn};
+
+    use super::{Metrics, Refusal};
+    use crate::config::Model;
+
+    /// How long one scrape may take, so an idle or stalled HTTP client cannot
+    /// hold a connection (and its task) forever.
+    const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Serves `listener` until `stop` fires: Prometheus text at `/metrics`,
+    /// `200 OK` at `/healthz`.
+    pub(crate) async fn serve(
+        listener: TcpListener,
+        metrics: Arc<Metrics>,
+        model: Model,
+        stop: CancellationToken,
+    ) {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Snapshot { metrics, model }));
+        let registry = Arc::new(registry);
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving metrics at /metrics");
+        }
+        loop {
+            let stream = tokio::select! {
+                () = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        warn!(cause = %err, "metrics: accept failed");
+                        // An accept error (out of descriptors) repeats at once.
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let registry = Arc::clone(&registry);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request| respond(request, Arc::clone(&registry)));
+                let connection = http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    served = tokio::time::timeout(SCRAPE_TIMEOUT, connection) => {
+                        if let Ok(Err(err)) = served {
+                            debug!(cause = %err, "metrics: connection failed");
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    async fn respond(
+        request: Request<Incoming>,
+        registry: Arc<Registry>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let reply = |status: StatusCode, content_type: &'static str, body: String| {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(content_type),
+            );
+            Ok(response)
+        };
+        if request.method() != Method::GET {
+            return reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "GET only\n".into(),
+            );
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => reply(
+                        StatusCode::OK,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    ),
+                    Err(fmt::Error) => reply(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "cannot encode metrics\n".into(),
+                    ),
+                }
+            }
+            "/healthz" => reply(StatusCode::OK, "text/plain", "OK\n".into()),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found; try /metrics or /healthz\n".into(),
+            ),
+        }
+    }
+
+    /// Reads the server's atomics when Prometheus scrapes.
+    #[derive(Debug)]
+    struct Snapshot {
+        metrics: Arc<Metrics>,
+        model: Model,
+    }
+
+    fn counter(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        value: u64,
+    ) -> fmt::Result {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+    }
+
+    fn gauge(
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+        value: i64,
+    ) -> fmt::Result {
+        let gauge = ConstGauge::new(value);
+        gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    }
+
+    impl Collector for Snapshot {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+            let m = &*self.metrics;
+            let (lines_received, messages_delivered, bytes_delivered) = m.sharded_totals();
+            let (connected, queued, skipped, slow_disconnects) = {
+                let clients = m.clients.lock();
+                let mut connected = 0i64;
+                let mut queued = 0u64;
+                let mut skipped = clients.departed_skipped;
+                for client in clients.live.values().filter_map(std::sync::Weak::upgrade) {
+                    connected += 1;
+                    queued += client.budget.queued() as u64;
+                    skipped += client.skipped();
+                }
+                (connected, queued, skipped, clients.slow_disconnects)
+            };
+
+            let info = ConstGauge::new(1i64);
+            info.encode(
+                encoder
+                    .encode_descriptor(
+                        "chat_server_info",
+                        "The server's version and concurrency model (always 1)",
+                        None,
+                        info.metric_type(),
+                    )?
+                    .encode_family(&[
+                        ("model", self.model.name()),
+                        ("version", env!("CARGO_PKG_VERSION")),
+                    ])?,
+            )?;
+            gauge(
+                &mut encoder,
+                "chat_clients_connected",
+                "Clients in the room",
+                connected,
+            )?;
+            gauge(
+                &mut encoder,
+                "chat_bytes_queued",
+                "Bytes waiting in the clients' outbound queues (the broadcast model has none)",
+                i64::try_from(queued).unwrap_or(i64::MAX),
+            )?;
+            counter(
+                &mut encoder,
+                "chat_connections_accepted",
+                "Connections admitted (TLS ones before their handshake)",
+                m.accepted.get(),
+            )?;
+            {
+                let mut refused = encoder.encode_descriptor(
+                    "chat_connections_refused",
+                    "Connections turned away before joining, by reason",
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for why in Refusal::ALL {
+                    let count = ConstCounter::new(m.refused[why as usize].get());
+                    count.encode(refused.encode_family(&[("reason", why.label())])?)?;
+                }
+            }
+            counter(
+                &mut encoder,
+                "chat_accept_errors",
+                "Failed accept calls (out of file descriptors, aborted connections)",
+                m.accept_errors.get(),
+            )?;
+            counter(
+                &mut encoder,
+                "chat_lines_received",
+                "Chat lines received from clients",
+                lines_received,
+            )?;
+            counter(
+                &mut encoder,
+                "chat_messages_delivered",
+                "Queued messages written to clients (one message holds the lines of one read)",
+                messages_delivered,
+            )?;
+            counter(
+                &mut encoder,
+                "chat_bytes_delivered",
+                "Bytes written to clients (plaintext, before TLS)",
+                bytes_delivered,
+            )?;
+            counter(
+                &mut encoder,
+                "chat_slow_client_disconnects",
+                "Clients disconnected for not keeping up (--slow-client disconnect)",
+                slow_disconnects,
+            )?;
+            counter(
+                &mut encoder,
+                "chat_messages_dropped",
+                "Messages skipped for clients that could not keep up (--slow-client drop)",
+                skipped,
+            )?;
+            counter(
+                &mut encoder,
+                "chat_write_timeouts",
+                "Times a client accepted no byte for --write-timeout",
+                m.write_timeouts.get(),
+            )?;
+            Ok(())
+        }
+    }
+}
