@@ -111,8 +111,11 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
+    /// How many reasons there are: the length of the per-reason counters.
+    const COUNT: usize = 4;
+
     #[cfg(feature = "metrics")]
-    const ALL: [Refusal; 4] = [
+    const ALL: [Refusal; Refusal::COUNT] = [
         Refusal::ServerFull,
         Refusal::TooManyFromAddress,
         Refusal::TlsHandshake,
@@ -143,7 +146,7 @@ pub(crate) struct Metrics {
     #[cfg(feature = "metrics")]
     unsharded: Mutex<Shard>,
     pub accepted: Counter,
-    refused: [Counter; 3],
+    refused: [Counter; Refusal::COUNT],
     pub accept_errors: Counter,
     pub write_timeouts: Counter,
     /// The clients in the room, for the gauges.
