@@ -22,31 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// so loudly and pass, unless `CI` or `CHAT_REQUIRE_NATS` is set: then it
 /// is an error.
 pub fn nats_server_binary() -> io::Result<Option<&'static str>> {
-    for candidate in CANDIDATES {
-        let runs = Command::new(candidate)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if runs {
-            return Ok(Some(candidate));
-        }
-    }
-    if std::env::var_os("CI").is_some() || std::env::var_os("CHAT_REQUIRE_NATS").is_some() {
-        return Err(io::Error::other(
-            "nats-server is not installed, and CI (or CHAT_REQUIRE_NATS) is set: \
-             the cluster tests must run (apt-get install nats-server)",
-        ));
-    }
-    eprintln!(
-        "\n\
-         ************************************************************\n\
-         * nats-server is not installed: this cluster test did NOT  *\n\
-         * run. Install it (apt-get install nats-server) to run it. *\n\
-         ************************************************************\n"
-    );
-    Ok(None)
+    crate::process::installed_or_skip(&CANDIDATES, "CHAT_REQUIRE_NATS", "nats-server", "cluster")
 }
 
 /// A free port on 127.0.0.1 right now (bound, then released).

@@ -43,6 +43,41 @@ pub fn binary(name: &str) -> io::Result<PathBuf> {
     }
 }
 
+/// The first of `candidates` that runs (`--version` succeeds). When none
+/// does, the `what` tests say so loudly and pass, unless `CI` or `require`
+/// is set: then a missing `package` is an error, so that CI cannot pass
+/// without running them.
+pub fn installed_or_skip(
+    candidates: &[&'static str],
+    require: &str,
+    package: &str,
+    what: &str,
+) -> io::Result<Option<&'static str>> {
+    for &candidate in candidates {
+        let runs = Command::new(candidate)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if runs {
+            return Ok(Some(candidate));
+        }
+    }
+    if std::env::var_os("CI").is_some() || std::env::var_os(require).is_some() {
+        return Err(io::Error::other(format!(
+            "{package} is not installed, and CI (or {require}) is set: \
+             the {what} tests must run (apt-get install {package})"
+        )));
+    }
+    let stars = "*".repeat(64);
+    eprintln!(
+        "\n{stars}\n* {package} is not installed: this {what} test did NOT run.\n\
+         * Install it (apt-get install {package}) to run it.\n{stars}\n"
+    );
+    Ok(None)
+}
+
 /// How long a test waits for one line or one exit before failing.
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -24,31 +24,7 @@ const PORT_ATTEMPTS: usize = 5;
 /// so loudly and pass, unless `CI` or `CHAT_REQUIRE_REDIS` is set: then it
 /// is an error.
 pub fn redis_server_binary() -> io::Result<Option<&'static str>> {
-    for candidate in CANDIDATES {
-        let runs = Command::new(candidate)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|status| status.success());
-        if runs {
-            return Ok(Some(candidate));
-        }
-    }
-    if std::env::var_os("CI").is_some() || std::env::var_os("CHAT_REQUIRE_REDIS").is_some() {
-        return Err(io::Error::other(
-            "redis-server is not installed, and CI (or CHAT_REQUIRE_REDIS) is set: \
-             the Redis tests must run (apt-get install redis-server)",
-        ));
-    }
-    eprintln!(
-        "\n\
-         ************************************************************\n\
-         * redis-server is not installed: this Redis test did NOT   *\n\
-         * run. Install it (apt-get install redis-server) to run it.*\n\
-         ************************************************************\n"
-    );
-    Ok(None)
+    crate::process::installed_or_skip(&CANDIDATES, "CHAT_REQUIRE_REDIS", "redis-server", "Redis")
 }
 
 /// One `redis-server` process.
