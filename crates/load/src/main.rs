@@ -87,8 +87,10 @@ struct LoadArgs {
     hold: f64,
 
     /// The server's pid, for its CPU time (/proc/PID/task/*/schedstat) and RSS (/proc/PID/status).
+    /// Repeat it for a server of several processes (a cluster's broker and
+    /// nodes): their CPU and memory are summed.
     #[arg(long, value_name = "PID")]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
 
     /// What the clients speak: the chat's line protocol, NATS core (PUB/SUB)
     /// or Redis pub/sub (PUBLISH/SUBSCRIBE) on one subject (fanout and rate).
@@ -280,7 +282,7 @@ fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Optio
     }
     o.drain = seconds("drain", args.drain)?;
     o.hold = seconds("hold", args.hold)?;
-    o.server_pid = args.server_pid;
+    o.server_pids = args.server_pid.clone();
     o.protocol = args.protocol;
     o.subject = args.subject.clone();
     o.threads = args.common.threads();
@@ -426,7 +428,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Flood(args) => (Scenario::Flood, args),
     };
     let options = scenario_options(scenario, &args)?;
-    if scenario == Scenario::Idle && options.server_pid.is_none() {
+    if scenario == Scenario::Idle && options.server_pids.is_empty() {
         chat_load::note!(
             "chat-load: note: without --server-pid the idle scenario cannot report server memory"
         );

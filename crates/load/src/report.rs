@@ -206,7 +206,11 @@ pub struct Idle {
 /// The server's resources over the measured interval.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ServerUsage {
+    /// The (first) process measured.
     pub pid: u32,
+    /// How many processes the figures sum (a cluster: its broker and nodes).
+    #[serde(default = "one_process")]
+    pub processes: usize,
     pub cpu_s: f64,
     /// `cpu / deliveries` (or per churn cycle in `churn`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -221,12 +225,18 @@ pub struct ServerUsage {
     pub hwm_kib: u64,
 }
 
+fn one_process() -> usize {
+    1
+}
+
 impl ServerUsage {
-    /// Usage from CPU-time samples at both ends of the interval and memory at the end.
-    pub fn new(pid: u32, cpu_ns: u64, memory: Memory, deliveries: Option<u64>) -> ServerUsage {
+    /// Usage from CPU-time samples at both ends of the interval and memory
+    /// at the end, summed over the server's processes `pids`.
+    pub fn new(pids: &[u32], cpu_ns: u64, memory: Memory, deliveries: Option<u64>) -> ServerUsage {
         let per = |count: u64| (count > 0 && cpu_ns > 0).then(|| cpu_ns as f64 / count as f64);
         ServerUsage {
-            pid,
+            pid: pids.first().copied().unwrap_or_default(),
+            processes: pids.len(),
             cpu_s: cpu_ns as f64 / 1e9,
             cpu_ns_per_delivery: deliveries.and_then(per),
             deliveries_per_cpu_s: deliveries.and_then(per).map(|ns_per| 1e9 / ns_per),
@@ -459,7 +469,11 @@ impl Report {
             }
         }
         if let Some(s) = &self.server {
-            row("server CPU", format!("{:.3} s (pid {})", s.cpu_s, s.pid));
+            let whose = match s.processes {
+                1 => format!("pid {}", s.pid),
+                k => format!("{k} processes, summed"),
+            };
+            row("server CPU", format!("{:.3} s ({whose})", s.cpu_s));
             if let Some(ns) = s.cpu_ns_per_delivery {
                 row("server CPU/delivery", format!("{ns:.0} ns"));
             }
@@ -522,7 +536,7 @@ mod tests {
         });
         report.latency_us = Latency::of(&histogram);
         report.server = Some(ServerUsage::new(
-            42,
+            &[42],
             1_000_000,
             Memory {
                 rss_kib: 100,
@@ -549,7 +563,7 @@ mod tests {
         assert_eq!(server.cpu_ns_per_delivery, Some(100.0));
         assert_eq!(server.deliveries_per_cpu_s, Some(1e7));
         let idle = ServerUsage::new(
-            1,
+            &[1],
             0,
             Memory {
                 rss_kib: 1,

@@ -117,7 +117,7 @@ fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// Resident set size, KiB.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Memory {
     /// `VmRSS`: resident now.
     pub rss_kib: u64,

@@ -30,9 +30,6 @@ pub(super) struct Group {
     pub(super) name: String,
     /// Where clients connect, round-robin.
     pub(super) nodes: Vec<SocketAddr>,
-    /// The process whose CPU and memory the report gives; none for a
-    /// group of several, whose cost is spread over them.
-    pub(super) pid: Option<u32>,
     pub(super) log: PathBuf,
     pub(super) protocol: Protocol,
     members: Vec<Running>,
@@ -47,13 +44,18 @@ impl Group {
         Group {
             name: running.name.clone(),
             nodes: vec![running.addr],
-            pid: Some(running.pid),
             log: running.log.clone(),
             protocol: Protocol::Line,
             members: vec![running],
             store: None,
             broker: None,
         }
+    }
+
+    /// The processes whose CPU and memory the report gives, summed: the
+    /// whole cost of a cluster, its broker included.
+    pub(super) fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(|m| m.pid).collect()
     }
 
     /// Whether every member is still running.
@@ -80,7 +82,6 @@ impl Group {
         let mut group = Group {
             name: name.clone(),
             nodes: Vec::new(),
-            pid: None,
             log: opts.out.join(format!("{name}.1.log")),
             protocol: Protocol::Nats,
             members: Vec::new(),
@@ -113,9 +114,6 @@ impl Group {
             group.nodes.push(running.addr);
             group.members.push(running);
         }
-        if k == 1 {
-            group.pid = group.members.first().map(|m| m.pid);
-        }
         wait_for_routes(&group.nodes)?;
         Ok(group)
     }
@@ -145,7 +143,6 @@ impl Group {
         let mut group = Group {
             name: name.clone(),
             nodes: Vec::new(),
-            pid: None,
             log: broker.log.clone(),
             protocol: Protocol::Line,
             members: vec![broker],

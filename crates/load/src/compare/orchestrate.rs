@@ -53,7 +53,7 @@ fn options_for(opts: &CompareOptions, server: &Group, scenario: Scenario, n: usi
     let mut o = Options::new(scenario, server.nodes[0]).with_nodes(server.nodes.clone());
     o.target = server.name.clone();
     o.clients = n;
-    o.server_pid = server.pid;
+    o.server_pids = server.pids();
     o.protocol = server.protocol;
     o.threads = opts.threads;
     o.progress = opts.progress;
@@ -117,8 +117,11 @@ impl Spec {
                     .collect::<Vec<_>>()
                     .join(","),
                 server
-                    .pid
-                    .map_or_else(|| "several".to_owned(), |pid| pid.to_string())
+                    .pids()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
         }
         Ok(server)

@@ -305,7 +305,8 @@ fn markdown(comparison: &Comparison) -> String {
         "# chat-load compare\n\n{} CPUs, Linux {}, chat-load on {} worker thread(s), \
          our servers on {} each (peers as their commands say); \
          del/s = deliveries per second (one message received by one client), \
-         CPU/del = server CPU time per delivery, lost/viol = lost deliveries / order violations, \
+         CPU/del = server CPU time per delivery (for a cluster, summed over its broker and \
+         nodes; memory likewise), lost/viol = lost deliveries / order violations, \
          KiB/conn = server RSS per idle connection, settled = as the last arrival announcement \
          was delivered, held = after holding the connections open for --hold more, \
          {INCOMPLETE} = the run did not complete (cut short, or deliveries or announcements \

@@ -35,7 +35,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     settle_arrivals(&mut report, n, || shared.lines.load(Relaxed)).await;
     let baseline = shared.lines.load(Relaxed);
 
-    let meter = Meter::start(opts.server_pid)?;
+    let meter = Meter::start(&opts.server_pids)?;
     let t0 = Instant::now();
     let deadline = t0 + opts.duration;
     let budget = Arc::new(AtomicU64::new(if opts.messages > 0 {

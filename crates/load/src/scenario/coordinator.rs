@@ -75,28 +75,29 @@ impl Progress {
 /// Server and tool CPU at the start of a measured interval.
 pub(super) struct Meter {
     start: Instant,
-    server: Option<(u32, u64)>,
+    /// Each server process and its CPU nanoseconds at the start.
+    server: Vec<(u32, u64)>,
     tool_ns: u64,
 }
 
 /// Server and tool resources over a measured interval.
 pub(super) struct Measured {
-    /// Pid, CPU nanoseconds used, memory at the end.
-    pub(super) server: Option<(u32, u64, proc::Memory)>,
+    /// Pids, CPU nanoseconds used and memory at the end, summed over them.
+    pub(super) server: Option<(Vec<u32>, u64, proc::Memory)>,
     pub(super) tool_cpu_s: f64,
 }
 
 impl Meter {
-    pub(super) fn start(pid: Option<u32>) -> anyhow::Result<Meter> {
-        let server = match pid {
-            Some(pid) => Some((
-                pid,
-                Proc::Pid(pid)
+    pub(super) fn start(pids: &[u32]) -> anyhow::Result<Meter> {
+        let server = pids
+            .iter()
+            .map(|&pid| {
+                let cpu = Proc::Pid(pid)
                     .cpu_ns()
-                    .with_context(|| format!("--server-pid {pid}"))?,
-            )),
-            None => None,
-        };
+                    .with_context(|| format!("--server-pid {pid}"))?;
+                Ok((pid, cpu))
+            })
+            .collect::<anyhow::Result<_>>()?;
         Ok(Meter {
             start: Instant::now(),
             server,
@@ -115,16 +116,11 @@ impl Meter {
             .cpu_ns()
             .unwrap_or(0)
             .saturating_sub(self.tool_ns);
-        let server = self.server.and_then(|(pid, before)| {
-            let p = Proc::Pid(pid);
-            match (p.cpu_ns(), p.memory()) {
-                (Ok(after), Ok(memory)) => Some((pid, after.saturating_sub(before), memory)),
-                (Err(err), _) | (_, Err(err)) => {
-                    notes.push(format!("server pid {pid} could not be measured: {err:#}"));
-                    None
-                }
-            }
-        });
+        let server = self
+            .server_usage()
+            .map_err(|err| notes.push(err))
+            .ok()
+            .flatten();
         Measured {
             server,
             tool_cpu_s: tool_ns as f64 / 1e9,
@@ -132,11 +128,40 @@ impl Meter {
     }
 }
 
+impl Meter {
+    /// CPU used since the start and memory now, summed over the server's
+    /// processes; an error names the one that could not be read (it exited:
+    /// a group's figures are then not given at all rather than partly).
+    fn server_usage(&self) -> Result<Option<(Vec<u32>, u64, proc::Memory)>, String> {
+        if self.server.is_empty() {
+            return Ok(None);
+        }
+        let mut cpu_ns = 0;
+        let mut memory = proc::Memory::default();
+        for &(pid, before) in &self.server {
+            let p = Proc::Pid(pid);
+            match (p.cpu_ns(), p.memory()) {
+                (Ok(after), Ok(used)) => {
+                    cpu_ns += after.saturating_sub(before);
+                    memory.rss_kib += used.rss_kib;
+                    memory.hwm_kib += used.hwm_kib;
+                }
+                (Err(err), _) | (_, Err(err)) => {
+                    return Err(format!("server pid {pid} could not be measured: {err:#}"))
+                }
+            }
+        }
+        let pids = self.server.iter().map(|&(pid, _)| pid).collect();
+        Ok(Some((pids, cpu_ns, memory)))
+    }
+}
+
 impl Measured {
     /// The server's usage, with per-delivery figures for `deliveries`.
     pub(super) fn usage(&self, deliveries: Option<u64>) -> Option<ServerUsage> {
         self.server
-            .map(|(pid, cpu_ns, memory)| ServerUsage::new(pid, cpu_ns, memory, deliveries))
+            .as_ref()
+            .map(|(pids, cpu_ns, memory)| ServerUsage::new(pids, *cpu_ns, *memory, deliveries))
     }
 }
 

@@ -93,7 +93,7 @@ pub(super) async fn exchange(opts: &Options, slow_who: Option<&str>) -> anyhow::
     }
     settle_for_protocol(opts, &mut report, || shared.arrivals.load(Relaxed)).await;
 
-    let meter = Meter::start(opts.server_pid)?;
+    let meter = Meter::start(&opts.server_pids)?;
     let t0 = Instant::now();
     let t0_ns = ns_since_origin(t0);
     shared.start.cancel();

@@ -18,12 +18,18 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     let n = opts.clients;
     let mut report = Report::new("idle", opts.target.clone(), params(opts));
     proc::ensure_open_files(n as u64 + 64)?;
-    let server = opts.server_pid.map(Proc::Pid);
-    let rss = |p: Option<Proc>| -> anyhow::Result<Option<u64>> {
-        p.map(|p| p.memory().map(|m| m.rss_kib)).transpose()
+    let rss = || -> anyhow::Result<Option<u64>> {
+        if opts.server_pids.is_empty() {
+            return Ok(None);
+        }
+        let mut sum = 0;
+        for &pid in &opts.server_pids {
+            sum += Proc::Pid(pid).memory()?.rss_kib;
+        }
+        Ok(Some(sum))
     };
-    let rss_before = rss(server).context("--server-pid")?;
-    let meter = Meter::start(opts.server_pid)?;
+    let rss_before = rss().context("--server-pid")?;
+    let meter = Meter::start(&opts.server_pids)?;
 
     let shared = Arc::new(CounterShared::default());
     let _stop_on_exit = shared.stop.clone().drop_guard();
@@ -41,14 +47,11 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
             "announcements settled at {got} of {expected}: some clients never heard of some arrivals"
         ));
     }
-    let settled = server
-        .map(|p| p.memory())
-        .transpose()
-        .context("--server-pid")?;
+    let rss_settled = rss().context("--server-pid")?;
     let elapsed = meter.elapsed().as_secs_f64();
     let measured = meter.finish(&mut report.notes);
     tokio::time::sleep(opts.hold).await;
-    let rss_held = rss(server).context("--server-pid")?;
+    let rss_held = rss().context("--server-pid")?;
     let announcements = shared.lines.load(Relaxed);
     let dropped_while_idle = shared.lost.load(Relaxed);
 
@@ -58,13 +61,12 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     // Closed; give the server a moment to process n departures.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_closed = rss(server).ok().flatten();
+    let rss_closed = rss().ok().flatten();
 
     let per = |after: Option<u64>| match (rss_before, after) {
         (Some(before), Some(after)) => Some((after as f64 - before as f64) / n as f64),
         _ => None,
     };
-    let rss_settled = settled.map(|m| m.rss_kib);
     report.elapsed_s = elapsed;
     report.idle = Some(Idle {
         connections: n,

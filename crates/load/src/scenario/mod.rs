@@ -155,7 +155,9 @@ pub struct Options {
     pub drain: Duration,
     /// How long idle connections stay open after settling.
     pub hold: Duration,
-    pub server_pid: Option<u32>,
+    /// The server's processes, for CPU and memory: one, or every process of
+    /// a cluster (its broker and nodes), whose figures are summed.
+    pub server_pids: Vec<u32>,
     /// Worker threads of the tool's runtime (for the report).
     pub threads: usize,
     /// Print progress lines on stderr.
@@ -209,7 +211,7 @@ impl Options {
             duration_flag: "--duration",
             drain: Duration::from_secs(2),
             hold: Duration::from_secs(1),
-            server_pid: None,
+            server_pids: Vec::new(),
             threads: 2,
             progress: true,
             protocol: Protocol::Line,

@@ -94,7 +94,7 @@ pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::
     }
     settle_for_protocol(opts, &mut report, || shared.arrivals.load(Relaxed)).await;
 
-    let meter = Meter::start(opts.server_pid)?;
+    let meter = Meter::start(&opts.server_pids)?;
     // Start a little ahead so that the first ticks are not already late.
     let t0 = Instant::now() + Duration::from_millis(5);
     let t0_ns = ns_since_origin(t0);
