@@ -99,7 +99,7 @@ async fn accept_errors_back_off_and_recover() -> io::Result<()> {
     const FILES: u32 = 48;
     const CLIENTS: usize = 60;
     let log = std::env::temp_dir().join(format!("chat-server-emfile-{}.log", std::process::id()));
-    let server = ServerProcess::start_with_fd_limit(FILES, &[], &log)?;
+    let server = ServerProcess::start_with_ulimit(&format!("-n {FILES}"), &[], &log, "warn")?;
     let addr = server.addr.parse().map_err(io::Error::other)?;
 
     // More connections than the server has descriptors for. The kernel

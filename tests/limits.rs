@@ -313,34 +313,6 @@ async fn sigint_with_stderr_gone_exits_cleanly(model: Model) -> io::Result<()> {
     })
 }
 
-/// The server's stderr for a run under `sh -c "ulimit ...; exec chat-server"`.
-fn start_under_ulimit(
-    ulimit: &str,
-    args: &[&str],
-    log: &std::path::Path,
-) -> io::Result<ServerProcess> {
-    let mut command = Command::new("sh");
-    command
-        .arg("-c")
-        .arg(format!(
-            "ulimit {ulimit} && exec \"$0\" --addr 127.0.0.1:0 \"$@\""
-        ))
-        .arg(binary("chat-server")?)
-        .args(args)
-        .env("RUST_LOG", "info");
-    let mut process = LineChild::spawn_with_stderr(
-        "chat-server",
-        command,
-        Stdio::from(std::fs::File::create(log)?),
-    )?;
-    let banner = process.line()?;
-    let addr = chat_wire::banner::parse(&banner)
-        .ok_or_else(|| io::Error::other(format!("unexpected banner {banner:?}")))?
-        .0
-        .to_string();
-    Ok(ServerProcess { process, addr })
-}
-
 /// The soft and hard open-file limits of `pid`, from /proc.
 fn open_file_limits(pid: u32) -> io::Result<(String, String)> {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
@@ -359,7 +331,7 @@ fn open_file_limits(pid: u32) -> io::Result<(String, String)> {
 #[test]
 fn open_file_limit_too_low_is_warned_about() -> io::Result<()> {
     let log = std::env::temp_dir().join(format!("chat-server-nofile-{}.log", std::process::id()));
-    let server = start_under_ulimit("-n 256", &["--max-clients", "1000"], &log)?;
+    let server = ServerProcess::start_with_ulimit("-n 256", &["--max-clients", "1000"], &log, "info")?;
     drop(server);
     let text = std::fs::read_to_string(&log)?;
     let _ = std::fs::remove_file(&log);
@@ -380,10 +352,11 @@ fn soft_open_file_limit_is_raised_to_the_hard_one() -> io::Result<()> {
         "chat-server-nofile-soft-{}.log",
         std::process::id()
     ));
-    let server = start_under_ulimit(
+    let server = ServerProcess::start_with_ulimit(
         "-Sn 256 && ulimit -Hn 4096",
         &["--max-clients", "1000"],
         &log,
+        "info",
     )?;
     let limits = open_file_limits(server.pid());
     drop(server);

@@ -247,21 +247,24 @@ impl ServerProcess {
         ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?), "info")
     }
 
-    /// The server with at most `files` open file descriptors, its log in `log`.
-    pub fn start_with_fd_limit(
-        files: u32,
+    /// The server started by `sh` after `ulimit ULIMIT` (the shell's
+    /// arguments, e.g. `-n 256`, or `-Sn 256 && ulimit -Hn 4096`), logging
+    /// at `log_level` into `log`.
+    pub fn start_with_ulimit(
+        ulimit: &str,
         args: &[&str],
         log: &std::path::Path,
+        log_level: &str,
     ) -> io::Result<ServerProcess> {
         let mut command = Command::new("sh");
         command
             .arg("-c")
             .arg(format!(
-                "ulimit -n {files} && exec \"$0\" --addr 127.0.0.1:0 \"$@\""
+                "ulimit {ulimit} && exec \"$0\" --addr 127.0.0.1:0 \"$@\""
             ))
             .arg(binary("chat-server")?)
             .args(args);
-        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?), "warn")
+        ServerProcess::start_command(command, Stdio::from(std::fs::File::create(log)?), log_level)
     }
 
     fn start_command(
