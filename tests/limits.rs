@@ -331,7 +331,8 @@ fn open_file_limits(pid: u32) -> io::Result<(String, String)> {
 #[test]
 fn open_file_limit_too_low_is_warned_about() -> io::Result<()> {
     let log = std::env::temp_dir().join(format!("chat-server-nofile-{}.log", std::process::id()));
-    let server = ServerProcess::start_with_ulimit("-n 256", &["--max-clients", "1000"], &log, "info")?;
+    let server =
+        ServerProcess::start_with_ulimit("-n 256", &["--max-clients", "1000"], &log, "info")?;
     drop(server);
     let text = std::fs::read_to_string(&log)?;
     let _ = std::fs::remove_file(&log);

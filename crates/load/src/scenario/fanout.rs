@@ -165,7 +165,7 @@ mod tests {
     use chat_server::harness::TestServer;
     use chat_server::Config;
 
-    use super::super::test_support::{small, small_broker};
+    use super::super::test_support::{assert_complete, small, small_broker};
     use super::super::{run, Scenario};
     use crate::protocol::Protocol;
 
@@ -175,12 +175,7 @@ mod tests {
         let mut opts = small(Scenario::Fanout, &server);
         opts.messages = 50;
         let report = run(Scenario::Fanout, &opts).await.unwrap();
-        let d = report.deliveries.as_ref().unwrap();
-        assert!(report.complete, "{}", report.to_table());
-        assert_eq!(
-            (d.sent, d.delivered, d.lost, d.order_violations),
-            (150, 450, 0, 0)
-        );
+        assert_complete(&report, (150, 450, 0, 0));
         assert_eq!(report.latency_us.as_ref().unwrap().samples, 450);
         assert!(report.notes.is_empty(), "{:?}", report.notes);
     }
@@ -193,12 +188,7 @@ mod tests {
         };
         opts.messages = 50;
         let report = run(Scenario::Fanout, &opts).await.unwrap();
-        let d = report.deliveries.as_ref().unwrap();
-        assert!(report.complete, "{}", report.to_table());
-        assert_eq!(
-            (d.sent, d.delivered, d.lost, d.order_violations),
-            (150, 450, 0, 0)
-        );
+        assert_complete(&report, (150, 450, 0, 0));
         assert_eq!(report.latency_us.as_ref().unwrap().samples, 450);
         assert!(report.notes.is_empty(), "{:?}", report.notes);
     }

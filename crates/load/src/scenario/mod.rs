@@ -331,6 +331,14 @@ mod test_support {
         opts.protocol = protocol;
         Some((opts, process))
     }
+
+    /// A complete run whose (sent, delivered, lost, order violations) are
+    /// `expected`.
+    pub(super) fn assert_complete(report: &crate::report::Report, expected: (u64, u64, u64, u64)) {
+        let d = report.deliveries.as_ref().unwrap();
+        assert!(report.complete, "{}", report.to_table());
+        assert_eq!((d.sent, d.delivered, d.lost, d.order_violations), expected);
+    }
 }
 
 #[cfg(test)]
