@@ -47,6 +47,21 @@ fn number(report: &Value, path: &[&str]) -> io::Result<f64> {
         .ok_or_else(|| io::Error::other(format!("no number at {path:?} in {report}")))
 }
 
+/// Each `deliveries` field of a report has its expected value, and no
+/// message arrived out of order.
+fn ensure_deliveries(report: &Value, want: &[(&str, f64)]) -> io::Result<()> {
+    for &(field, want) in want {
+        let got = number(report, &["deliveries", field])?;
+        ensure(got == want, || {
+            format!("{field}: {got}, want {want}: {report}")
+        })?;
+    }
+    ensure(
+        number(report, &["deliveries", "order_violations"])? == 0.0,
+        || format!("order violations: {report}"),
+    )
+}
+
 /// A fresh, empty directory under cargo's scratch space for tests.
 fn scratch_dir(name: &str) -> io::Result<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
@@ -72,31 +87,32 @@ fn fanout_across_the_nodes_of_a_cluster() -> io::Result<()> {
         .collect::<io::Result<Vec<_>>>()?;
     let addrs: Vec<String> = nodes.iter().map(|node| node.addr.clone()).collect();
     chat_testkit::nats::wait_for_room(&addrs)?;
-    let output = chat_load(&[
-        "fanout",
-        "--addr",
-        &addrs.join(","),
-        "-n",
-        "6",
-        "-m",
-        "25",
-        "--window",
-        "4",
-        "--json",
-        "-q",
-    ])?;
-    let report = json_report(&output)?;
-    // 6 senders, two on each node, × 25 lines × 6 readers.
-    for (field, want) in [("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)] {
-        let got = number(&report, &["deliveries", field])?;
-        ensure(got == want, || {
-            format!("{field}: {got}, want {want}: {report}")
-        })?;
+    let joined = addrs.join(",");
+    let mut args = vec![
+        "fanout", "--addr", &joined, "-n", "6", "-m", "25", "--window", "4", "--json", "-q",
+    ];
+    // The whole cluster's CPU: the broker's and every node's.
+    let pids: Vec<String> = broker
+        .pid()
+        .into_iter()
+        .chain(nodes.iter().map(ServerProcess::pid))
+        .map(|pid| pid.to_string())
+        .collect();
+    for pid in &pids {
+        args.extend(["--server-pid", pid]);
     }
-    ensure(
-        number(&report, &["deliveries", "order_violations"])? == 0.0,
-        || format!("order violations: {report}"),
-    )
+    let report = json_report(&chat_load(&args)?)?;
+    // 6 senders, two on each node, × 25 lines × 6 readers.
+    ensure_deliveries(
+        &report,
+        &[("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)],
+    )?;
+    ensure(number(&report, &["server", "processes"])? == 4.0, || {
+        format!("CPU not summed over the broker and 3 nodes: {report}")
+    })?;
+    ensure(number(&report, &["server", "cpu_s"])? > 0.0, || {
+        format!("no CPU for the cluster: {report}")
+    })
 }
 
 #[test]
@@ -120,15 +136,9 @@ fn fanout_counts_every_delivery_and_the_servers_cpu() -> io::Result<()> {
     ])?;
     let report = json_report(&output)?;
     // Everyone hears everyone, its own echo included: 6 senders × 25 × 6.
-    for (field, want) in [("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)] {
-        let got = number(&report, &["deliveries", field])?;
-        ensure(got == want, || {
-            format!("{field}: {got}, want {want}: {report}")
-        })?;
-    }
-    ensure(
-        number(&report, &["deliveries", "order_violations"])? == 0.0,
-        || format!("order violations: {report}"),
+    ensure_deliveries(
+        &report,
+        &[("expected", 900.0), ("delivered", 900.0), ("lost", 0.0)],
     )?;
     ensure(report["complete"] == Value::Bool(true), || {
         format!("incomplete: {report}")
@@ -159,12 +169,7 @@ fn scenarios_run_against_a_server_with_names_and_presence() -> io::Result<()> {
         "-q",
     ])?;
     let report = json_report(&fanout)?;
-    for (field, want) in [("delivered", 160.0), ("lost", 0.0)] {
-        let got = number(&report, &["deliveries", field])?;
-        ensure(got == want, || {
-            format!("{field}: {got}, want {want}: {report}")
-        })?;
-    }
+    ensure_deliveries(&report, &[("delivered", 160.0), ("lost", 0.0)])?;
     let churn = chat_load(&[
         "churn",
         "--addr",

@@ -91,6 +91,11 @@ impl Broker {
         Ok(self.port)
     }
 
+    /// The running process's pid (`None` while stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
