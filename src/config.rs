@@ -505,6 +505,26 @@ pub struct ClusterCounters {
     /// Times this node started reading the room's stream (1 once it has
     /// joined the room; one more after each broker restart it recovered from).
     pub streams_opened: AtomicU64,
+
+    // Gauges: the latest value, set where it changes (never per delivery).
+    /// 1 while the NATS client is connected to the broker, else 0: the
+    /// state the publisher and the consumer wait on before each try.
+    pub connected: AtomicU64,
+    /// Bytes of events not yet stored by the broker: those queued in the
+    /// `--cluster-buffer` and the batch the publisher has in flight.
+    pub buffered_bytes: AtomicU64,
+    /// How many events those bytes are.
+    pub buffered_events: AtomicU64,
+    /// Stream messages the broker still holds for this node's consumer, as
+    /// the last message read said (its metadata; no extra broker call).
+    pub consumer_pending: AtomicU64,
+    /// How long the last message read had been in the stream when this
+    /// node read it, in nanoseconds (our clock against the broker's;
+    /// 0 if the broker's is ahead).
+    pub lag_nanos: AtomicU64,
+    /// When the broker stored the last message this node read, in
+    /// nanoseconds since the Unix epoch (0: none read yet).
+    pub last_stored_nanos: AtomicU64,
 }
 
 impl ClusterCounters {
@@ -515,6 +535,11 @@ impl ClusterCounters {
     #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
     }
 }
 

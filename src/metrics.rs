@@ -15,6 +15,12 @@
 //! connection). The `prometheus-client` registry is touched only then, by
 //! a collector that reads these atomics.
 //!
+//! With `--cluster` the scrape also shows the backplane's counts and
+//! gauges (`chat_cluster_*`), read from the
+//! [`ClusterCounters`](crate::config::ClusterCounters) the backplane keeps
+//! itself, once per broker message or batch and never per delivery;
+//! without it those families are absent.
+//!
 //! Without the `metrics` feature every method here is empty and the
 //! compiler removes the calls: embedders that leave the feature out pay
 //! nothing, and neither `prometheus-client` nor `hyper` is built.
@@ -149,6 +155,18 @@ pub(crate) struct Metrics {
     refused: [Counter; Refusal::COUNT],
     pub accept_errors: Counter,
     pub write_timeouts: Counter,
+    /// Clients told `error: flooding` and disconnected (`--flood-grace`).
+    pub flood_disconnects: Counter,
+    /// Times a reader stopped reading a client that was over its input
+    /// budget. A counter of holds rather than a gauge of clients held: a
+    /// hold lasts one read's debt (milliseconds), so a gauge would mostly
+    /// read 0 between scrapes and would cost an increment and a decrement
+    /// around every hold; the counter's rate shows how often the budget bites.
+    pub flood_holds: Counter,
+    /// Clients disconnected by `--max-client-memory`...
+    pub memory_evictions: Counter,
+    /// ... and the bytes they held when evicted.
+    pub memory_evicted_bytes: Counter,
     /// The clients in the room, for the gauges.
     #[cfg(feature = "metrics")]
     clients: Mutex<Clients>,
@@ -178,6 +196,10 @@ impl Default for Metrics {
             refused: Default::default(),
             accept_errors: Counter::default(),
             write_timeouts: Counter::default(),
+            flood_disconnects: Counter::default(),
+            flood_holds: Counter::default(),
+            memory_evictions: Counter::default(),
+            memory_evicted_bytes: Counter::default(),
             #[cfg(feature = "metrics")]
             clients: Mutex::default(),
         }
@@ -309,7 +331,7 @@ mod exporter {
     use tracing::{debug, info, warn};
 
     use super::{Metrics, Refusal};
-    use crate::config::Model;
+    use crate::config::{ClusterCounters, Model};
 
     /// How long one scrape may take, so an idle or stalled HTTP client cannot
     /// hold a connection (and its task) forever.
@@ -321,10 +343,15 @@ mod exporter {
         listener: TcpListener,
         metrics: Arc<Metrics>,
         model: Model,
+        cluster: Option<Arc<ClusterCounters>>,
         stop: CancellationToken,
     ) {
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Snapshot { metrics, model }));
+        registry.register_collector(Box::new(Snapshot {
+            metrics,
+            model,
+            cluster,
+        }));
         let registry = Arc::new(registry);
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "serving metrics at /metrics");
@@ -411,6 +438,10 @@ mod exporter {
     struct Snapshot {
         metrics: Arc<Metrics>,
         model: Model,
+        /// The backplane's counts; `None` without `--cluster`, and then no
+        /// `chat_cluster_*` family is shown at all (rather than zeros that
+        /// would read as a cluster with nothing to do).
+        cluster: Option<Arc<ClusterCounters>>,
     }
 
     fn counter(
@@ -536,7 +567,126 @@ mod exporter {
                 "Times a client accepted no byte for --write-timeout",
                 m.write_timeouts.get(),
             )?;
+            counter(
+                &mut encoder,
+                "chat_flood_disconnects",
+                "Clients told `error: flooding` and disconnected (over budget for --flood-grace)",
+                m.flood_disconnects.get(),
+            )?;
+            counter(
+                &mut encoder,
+                "chat_flood_holds",
+                "Times a client over its --flood-lines/--flood-bytes budget was not read from until it caught up",
+                m.flood_holds.get(),
+            )?;
+            counter(
+                &mut encoder,
+                "chat_memory_evictions",
+                "Clients disconnected for holding the most when all held more than --max-client-memory",
+                m.memory_evictions.get(),
+            )?;
+            counter(
+                &mut encoder,
+                "chat_memory_evicted_bytes",
+                "Bytes (partial lines and queued messages) the evicted clients held",
+                m.memory_evicted_bytes.get(),
+            )?;
+            if let Some(cluster) = &self.cluster {
+                encode_cluster(&mut encoder, cluster)?;
+            }
             Ok(())
         }
+    }
+
+    /// The `chat_cluster_*` families (`--cluster`).
+    fn encode_cluster(
+        encoder: &mut DescriptorEncoder<'_>,
+        cluster: &ClusterCounters,
+    ) -> fmt::Result {
+        let get = ClusterCounters::get;
+        let as_gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        for (name, help, value) in [
+            (
+                "chat_cluster_messages_published",
+                "Broker messages (batches of events) this node stored in the room's stream",
+                &cluster.published,
+            ),
+            (
+                "chat_cluster_events_published",
+                "Events (arrivals, reads' worth of lines, departures) inside them",
+                &cluster.events_published,
+            ),
+            (
+                "chat_cluster_messages_received",
+                "Broker messages from other nodes delivered to this node's clients",
+                &cluster.received,
+            ),
+            (
+                "chat_cluster_garbage_messages",
+                "Messages on the room's subjects that did not decode or failed validation",
+                &cluster.garbage,
+            ),
+            (
+                "chat_cluster_events_dropped",
+                "Events dropped from a full --cluster-buffer (or too large for the broker)",
+                &cluster.dropped,
+            ),
+            (
+                "chat_cluster_messages_missed",
+                "Stream messages expired (--cluster-retention) before this node could read them",
+                &cluster.missed,
+            ),
+            (
+                "chat_cluster_dead_nodes",
+                "Times other nodes were declared dead for missing their heartbeats",
+                &cluster.dead_nodes,
+            ),
+            (
+                "chat_cluster_streams_opened",
+                "Times this node started reading the room's stream (once, plus once per broker recovery)",
+                &cluster.streams_opened,
+            ),
+        ] {
+            counter(encoder, name, help, get(value))?;
+        }
+        for (name, help, value) in [
+            (
+                "chat_cluster_broker_connected",
+                "1 while this node's connection to the broker is up, else 0",
+                &cluster.connected,
+            ),
+            (
+                "chat_cluster_buffered_bytes",
+                "Bytes of events not yet stored by the broker (--cluster-buffer and the batch in flight)",
+                &cluster.buffered_bytes,
+            ),
+            (
+                "chat_cluster_buffered_events",
+                "Events not yet stored by the broker",
+                &cluster.buffered_events,
+            ),
+            (
+                "chat_cluster_consumer_pending",
+                "Stream messages the broker still held for this node when it read the last one",
+                &cluster.consumer_pending,
+            ),
+        ] {
+            gauge(encoder, name, help, as_gauge(get(value)))?;
+        }
+        let seconds = |nanos: u64| nanos as f64 / 1e9;
+        let lag = ConstGauge::new(seconds(get(&cluster.lag_nanos)));
+        lag.encode(encoder.encode_descriptor(
+            "chat_cluster_delivery_lag_seconds",
+            "How long the last stream message read had been stored when this node read it",
+            None,
+            lag.metric_type(),
+        )?)?;
+        let stored = ConstGauge::new(seconds(get(&cluster.last_stored_nanos)));
+        stored.encode(encoder.encode_descriptor(
+            "chat_cluster_last_delivered_timestamp_seconds",
+            "When the broker stored the last stream message this node read (Unix time; 0: none yet)",
+            None,
+            stored.metric_type(),
+        )?)
     }
 }

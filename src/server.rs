@@ -185,6 +185,11 @@ async fn serve<H: Hub>(
             metrics_listener,
             Arc::clone(&server.metrics),
             server.config.model,
+            server
+                .config
+                .cluster
+                .as_ref()
+                .map(|cluster| Arc::clone(&cluster.counters)),
             stop.clone(),
         ));
     }
@@ -225,6 +230,8 @@ async fn serve<H: Hub>(
                 if let Some(guard) = &memory_guard {
                     let eviction = guard.enforce();
                     if eviction.evicted > 0 {
+                        server.metrics.memory_evictions.add(eviction.evicted as u64);
+                        server.metrics.memory_evicted_bytes.add(eviction.freed as u64);
                         warn!(
                             held_bytes = eviction.held,
                             budget = server.config.max_client_memory,

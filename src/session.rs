@@ -295,11 +295,15 @@ async fn read_loop<H: Hub, R: SessionRead>(
                     match gate.charge(limits, Instant::now(), completed, read) {
                         Verdict::Go => {}
                         Verdict::HoldUntil(until) => {
+                            server.metrics.flood_holds.add(1);
                             if !hold_off(until, client).await {
                                 return End::Ending;
                             }
                         }
-                        Verdict::Flooding => return End::Flooding,
+                        Verdict::Flooding => {
+                            server.metrics.flood_disconnects.add(1);
+                            return End::Flooding;
+                        }
                     }
                 }
             }

@@ -2,7 +2,8 @@
 //! JetStream (one broker per test, on a free port, its store in a fresh
 //! directory): the seed's transcript across nodes, concurrent senders,
 //! broker restart and absence, node death (kill -9) and shutdown
-//! (SIGTERM), garbage on the room's subjects, and task counts.
+//! (SIGTERM), garbage on the room's subjects, task counts, and the
+//! backplane's metrics (`chat_cluster_*`) through a broker outage.
 //!
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead.
@@ -23,7 +24,7 @@ use chat_server::harness::{TestClient, TestServer};
 use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
 use common::nats::Broker;
 use common::process::{ServerProcess, Signal};
-use common::{ensure, TASKS_SETTLE};
+use common::{ensure, scrape, TASKS_SETTLE};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
@@ -35,6 +36,7 @@ for_each_model!(
     broker_absent_at_start,
     garbage_on_the_room_subjects_is_dropped,
     task_counts_with_the_backplane,
+    metrics_follow_the_broker,
 );
 
 /// How long a node may take to join the room or to recover from a broker
@@ -60,13 +62,24 @@ struct Node {
 
 impl Node {
     fn start(model: Model, url: &str) -> io::Result<Node> {
+        Node::start_with(url, Config::with_model(model))
+    }
+
+    /// A node with `config`, joined to the room at `url`.
+    fn start_with(url: &str, config: Config) -> io::Result<Node> {
         let cluster = test_cluster(url);
         let counters = Arc::clone(&cluster.counters);
         let server = TestServer::start(Config {
             cluster: Some(cluster),
-            ..Config::with_model(model)
+            ..config
         })?;
         Ok(Node { server, counters })
+    }
+
+    fn metrics(&self) -> io::Result<std::net::SocketAddr> {
+        self.server
+            .metrics_addr()
+            .ok_or_else(|| io::Error::other("no metrics address"))
     }
 
     async fn client(&self) -> io::Result<TestClient> {
@@ -553,6 +566,121 @@ async fn task_counts_with_the_backplane(model: Model) -> io::Result<()> {
         client.finish().await?;
     }
     expect(0, "after all left").await
+}
+
+/// The backplane's metrics on two scraped nodes: published and received
+/// counts match what crossed; the connection gauge follows the broker down
+/// and up; what is said meanwhile shows in the buffer gauges and drains
+/// when the broker is back.
+async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
+    let Some(mut broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let url = broker.url();
+    let scraped = || Config {
+        metrics_addr: Some("127.0.0.1:0".into()),
+        ..Config::with_model(model)
+    };
+    let nodes = [
+        Node::start_with(&url, scraped())?,
+        Node::start_with(&url, scraped())?,
+    ];
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    let scrapes = [nodes[0].metrics()?, nodes[1].metrics()?];
+    // A arrives on the first node, B on the second, A speaks: the first
+    // node publishes two batches of one event each (each waited for on the
+    // other node before the next), the second one.
+    let mut a = arrive(&nodes, 0).await?;
+    let mut b = arrive(&nodes, 1).await?;
+    a.expect(&format!("{} has arrived", b.who)).await?;
+    a.send("across").await?;
+    let across = format!("{}: across", a.who);
+    a.expect(&across).await?;
+    b.expect(&across).await?;
+    let quiet = [
+        ("chat_cluster_broker_connected", 1.0),
+        ("chat_cluster_buffered_bytes", 0.0),
+        ("chat_cluster_buffered_events", 0.0),
+        ("chat_cluster_garbage_messages_total", 0.0),
+        ("chat_cluster_events_dropped_total", 0.0),
+        ("chat_cluster_messages_missed_total", 0.0),
+        ("chat_cluster_dead_nodes_total", 0.0),
+        ("chat_cluster_streams_opened_total", 1.0),
+    ];
+    let counts = |published: f64, received: f64| {
+        let mut expected = quiet.to_vec();
+        expected.extend([
+            ("chat_cluster_messages_published_total", published),
+            ("chat_cluster_events_published_total", published),
+            ("chat_cluster_messages_received_total", received),
+        ]);
+        expected
+    };
+    scrape::wait_for(scrapes[0], &counts(2.0, 1.0)).await?;
+    let second = scrape::wait_for(scrapes[1], &counts(1.0, 2.0)).await?;
+    // The second node read A's line from the stream: a stored time, a lag
+    // (bounded by the test's own length), nothing more pending.
+    let read_at = scrape::value(&second, "chat_cluster_last_delivered_timestamp_seconds");
+    let lag = scrape::value(&second, "chat_cluster_delivery_lag_seconds");
+    ensure(read_at > 1.7e9 && (0.0..60.0).contains(&lag), || {
+        format!("{model}: last read stored at {read_at}, lag {lag} s")
+    })?;
+    ensure(
+        second.get("chat_cluster_consumer_pending") == Some(&0.0),
+        || {
+            format!(
+                "{model}: pending {:?}",
+                second.get("chat_cluster_consumer_pending")
+            )
+        },
+    )?;
+
+    // The broker goes: both nodes see it, and A's lines meanwhile (each
+    // one read, so one event each) wait in the first node's buffer.
+    tokio::task::block_in_place(|| broker.stop("KILL"))?;
+    for addr in scrapes {
+        scrape::wait_for(addr, &[("chat_cluster_broker_connected", 0.0)]).await?;
+    }
+    let away = 3;
+    for number in 0..away {
+        let text = format!("while away {number}");
+        a.send(&text).await?;
+        a.expect(&format!("{}: {text}", a.who)).await?;
+    }
+    let buffered = scrape::wait_until(scrapes[0], "the lines buffered", "chat_cluster", |s| {
+        scrape::value(s, "chat_cluster_buffered_events") == f64::from(away)
+            && scrape::value(s, "chat_cluster_buffered_bytes") > 0.0
+    })
+    .await?;
+    println!(
+        "{model}: {away} lines buffered as {} bytes",
+        scrape::value(&buffered, "chat_cluster_buffered_bytes")
+    );
+
+    // The broker is back: connected again, the buffer drains, B gets the lines.
+    tokio::task::block_in_place(|| broker.run())?;
+    for number in 0..away {
+        b.expect(&format!("{}: while away {number}", a.who)).await?;
+    }
+    scrape::wait_until(scrapes[0], "reconnected and drained", "chat_cluster", |s| {
+        s.get("chat_cluster_broker_connected") == Some(&1.0)
+            && s.get("chat_cluster_buffered_bytes") == Some(&0.0)
+            && s.get("chat_cluster_buffered_events") == Some(&0.0)
+            && scrape::value(s, "chat_cluster_events_published_total") == f64::from(2 + away)
+    })
+    .await?;
+    scrape::wait_for(
+        scrapes[1],
+        &[
+            ("chat_cluster_broker_connected", 1.0),
+            ("chat_cluster_events_dropped_total", 0.0),
+            ("chat_cluster_dead_nodes_total", 0.0),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// While the broker is away a node holds at most `--cluster-buffer` bytes of

@@ -1,74 +1,31 @@
 //! The Prometheus endpoint, scraped during a real chat: every count is
-//! checked against what the test itself did, in every model.
+//! checked against what the test itself did, in every model. Also the
+//! abuse counters: a flooder cut off, a memory hog evicted. (The cluster's
+//! metrics are scraped in `tests/cluster.rs`, against a real broker.)
 
 mod common;
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
+use common::scrape::{get, value, wait_for, wait_until};
 use common::{connect_settled, ensure};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{timeout, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
-for_each_model!(scraped_counts_match_the_chat);
+for_each_model!(
+    scraped_counts_match_the_chat,
+    a_flood_is_counted,
+    a_memory_eviction_is_counted,
+);
 
-/// One HTTP GET; returns the status line and the body.
-async fn get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
-    let mut conn = TcpStream::connect(addr).await?;
-    conn.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut response = String::new();
-    timeout(Duration::from_secs(10), conn.read_to_string(&mut response))
-        .await
-        .map_err(|_| io::Error::other("no HTTP response"))??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::other(format!("not HTTP: {response:?}")))?;
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
-}
-
-/// The samples of one scrape, by name with labels (`name{label="x"}`).
-async fn scrape(addr: SocketAddr) -> io::Result<HashMap<String, f64>> {
-    let (status, body) = get(addr, "/metrics").await?;
-    ensure(status.contains("200"), || format!("/metrics: {status}"))?;
-    Ok(body
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            Some((name.to_string(), value.parse().ok()?))
-        })
-        .collect())
-}
-
-/// Scrapes until every expected sample has its value: counters are bumped
-/// just after the write a client has already read, so the first scrape may
-/// be a moment early.
-async fn wait_for(addr: SocketAddr, expected: &[(&str, f64)]) -> io::Result<HashMap<String, f64>> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let samples = scrape(addr).await?;
-        let wrong: Vec<_> = expected
-            .iter()
-            .filter(|(name, value)| samples.get(*name) != Some(value))
-            .map(|(name, value)| format!("{name}: expected {value}, got {:?}", samples.get(*name)))
-            .collect();
-        if wrong.is_empty() {
-            return Ok(samples);
-        }
-        if Instant::now() >= deadline {
-            return Err(io::Error::other(format!("{wrong:#?}")));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+fn metrics_addr(server: &TestServer) -> io::Result<SocketAddr> {
+    server
+        .metrics_addr()
+        .ok_or_else(|| io::Error::other("no metrics address"))
 }
 
 async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
@@ -77,9 +34,7 @@ async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
         metrics_addr: Some("127.0.0.1:0".into()),
         ..Config::with_model(model)
     })?;
-    let metrics = server
-        .metrics_addr()
-        .ok_or_else(|| io::Error::other("no metrics address"))?;
+    let metrics = metrics_addr(&server)?;
     let (status, body) = get(metrics, "/healthz").await?;
     ensure(status.contains("200") && body == "OK\n", || {
         format!("/healthz: {status} {body:?}")
@@ -140,6 +95,10 @@ async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
             ("chat_messages_dropped_total", 0.0),
             ("chat_write_timeouts_total", 0.0),
             ("chat_accept_errors_total", 0.0),
+            ("chat_flood_disconnects_total", 0.0),
+            ("chat_flood_holds_total", 0.0),
+            ("chat_memory_evictions_total", 0.0),
+            ("chat_memory_evicted_bytes_total", 0.0),
         ],
     )
     .await?;
@@ -165,4 +124,139 @@ async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
     .await?;
     let (status, _) = get(metrics, "/nothing").await?;
     ensure(status.contains("404"), || format!("/nothing: {status}"))
+}
+
+/// A flooder is held back (not read from) at least once, then cut off with
+/// `error: flooding`: one disconnect, and the holds that came before it.
+async fn a_flood_is_counted(model: Model) -> io::Result<()> {
+    let server = TestServer::start(Config {
+        metrics_addr: Some("127.0.0.1:0".into()),
+        // Bytes only, 64 KiB a second after a burst of a tenth of that. One
+        // read is at most 32 KiB (half a second of debt), under the grace:
+        // so the first read over budget is always a hold, never at once a
+        // disconnect.
+        flood_lines: 0,
+        flood_bytes: 64 * 1024,
+        flood_burst: Duration::from_millis(100),
+        flood_grace: Some(Duration::from_millis(600)),
+        ..Config::with_model(model)
+    })?;
+    let metrics = metrics_addr(&server)?;
+    let flooder = TestClient::connect(server.addr()).await?;
+    let (mut flood_reader, mut flood_writer) = flooder.into_parts();
+    // Writes until the server closes the connection, or for at most 20 s.
+    let flooding = tokio::spawn(async move {
+        let chunk = format!("{}\n", "f".repeat(99)).repeat(640);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if flood_writer.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    // The flooder's last line is the verdict (its echoes come before it).
+    let mut last = String::new();
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), flood_reader.read_line(&mut line))
+            .await
+            .map_err(|_| io::Error::other("the flooder was never cut off"))?;
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => last = line,
+        }
+    }
+    ensure(last.trim_end() == chat_wire::FLOODING, || {
+        format!("{model}: the flooder's last line was {last:?}")
+    })?;
+    flooding.await.map_err(io::Error::other)?;
+    let samples = wait_until(
+        metrics,
+        "one flood disconnect after holds",
+        "chat_flood",
+        |s| {
+            value(s, "chat_flood_disconnects_total") == 1.0
+                && value(s, "chat_flood_holds_total") > 0.0
+        },
+    )
+    .await?;
+    println!(
+        "{model}: flooder held back {} times before it was cut off",
+        value(&samples, "chat_flood_holds_total")
+    );
+    // Nothing else was taken for abuse.
+    wait_for(
+        metrics,
+        &[
+            ("chat_memory_evictions_total", 0.0),
+            ("chat_slow_client_disconnects_total", 0.0),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `--max-client-memory` evicts exactly one client (the largest holder,
+/// as in `tests/limits.rs`): the counters show that one and what it held.
+async fn a_memory_eviction_is_counted(model: Model) -> io::Result<()> {
+    // The smallest budget a 16 KiB --max-line allows is about 49 KiB.
+    let server = TestServer::start(Config {
+        max_line: 16 * 1024,
+        max_client_memory: 50_000,
+        metrics_addr: Some("127.0.0.1:0".into()),
+        ..Config::with_model(model)
+    })?;
+    let metrics = metrics_addr(&server)?;
+    let addr = server.addr();
+    // Two clients each holding a 1 KiB partial line (a 16 KiB read buffer
+    // each): 32 KiB, under the budget.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        let mut client = TestClient::connect(addr).await?;
+        client.send_raw(&[b's'; 1024]).await?;
+        holders.push(client);
+    }
+    let mut hog = TestClient::connect(addr).await?;
+    for holder in &mut holders {
+        hear(holder, &chat_wire::arrived(&hog.who)).await?;
+    }
+    // 15 KiB of one unfinished line: a 32 KiB buffer, the largest holding,
+    // and 64 KiB in all. Evicting the hog alone brings the total under.
+    hog.send_raw(&[b'h'; 15 * 1024]).await?;
+    let lines = hog.lines_until_closed().await?;
+    ensure(
+        lines.last().map(String::as_str) == Some(chat_wire::TOO_MUCH_MEMORY),
+        || format!("{model}: the largest holder got {lines:?}"),
+    )?;
+    let samples = wait_until(metrics, "one eviction", "chat_memory", |s| {
+        value(s, "chat_memory_evictions_total") == 1.0
+    })
+    .await?;
+    let freed = value(&samples, "chat_memory_evicted_bytes_total");
+    ensure((15.0 * 1024.0..=50_000.0).contains(&freed), || {
+        format!("{model}: the evicted client held {freed} bytes; it had 15 KiB of line buffered")
+    })?;
+    // The holders stay: finishing their lines, they are still in the room,
+    // and nobody else was evicted.
+    for holder in &mut holders {
+        holder.send(" done").await?;
+    }
+    let done = format!("{}: {} done", holders[0].who, "s".repeat(1024));
+    hear(&mut holders[0], &done).await?;
+    wait_for(
+        metrics,
+        &[
+            ("chat_memory_evictions_total", 1.0),
+            ("chat_clients_connected", 2.0),
+            ("chat_flood_disconnects_total", 0.0),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reads until `wanted`, failing on anything that ends the wait.
+async fn hear(client: &mut TestClient, wanted: &str) -> io::Result<()> {
+    while client.line().await? != wanted {}
+    Ok(())
 }

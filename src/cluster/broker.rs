@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer, stream};
-use async_nats::{Client as NatsClient, ConnectOptions, ServerAddr};
+use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -98,6 +98,7 @@ pub(super) fn start<H: Hub>(
 /// Credentials from the URL: `user:password@` or `token@`, percent-decoded.
 fn connect_options(shared: &Shared, servers: &[ServerAddr]) -> ConnectOptions {
     let reconnect_max = shared.config.reconnect_max;
+    let counters = Arc::clone(&shared.config.counters);
     let mut options = ConnectOptions::new()
         .name(format!("chat-server {}", shared.node))
         .retry_on_initial_connect()
@@ -109,6 +110,20 @@ fn connect_options(shared: &Shared, servers: &[ServerAddr]) -> ConnectOptions {
         .reconnect_delay_callback(move |attempts| {
             let pause = Duration::from_millis(50) * 2u32.saturating_pow(attempts.min(10) as u32);
             pause.min(reconnect_max)
+        })
+        // The client's event task (it runs anyway) keeps the gauge: the
+        // same transitions as the state the publisher and consumer wait on.
+        .event_callback(move |event| {
+            let counters = Arc::clone(&counters);
+            async move {
+                match event {
+                    Event::Connected => ClusterCounters::set(&counters.connected, 1),
+                    Event::Disconnected | Event::Closed => {
+                        ClusterCounters::set(&counters.connected, 0);
+                    }
+                    _ => {}
+                }
+            }
         });
     if let Some(server) = servers.iter().find(|server| server.username().is_some()) {
         let user = percent_decode(server.username().unwrap_or_default());
@@ -482,7 +497,14 @@ async fn consume<H: Hub>(
         };
         outage.succeeded("reading the room's stream");
         let sequence = match message.info() {
-            Ok(info) => info.stream_sequence,
+            Ok(info) => {
+                show_lag(
+                    shared.counters(),
+                    info.pending,
+                    info.published.unix_timestamp_nanos(),
+                );
+                info.stream_sequence
+            }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
         if sequence <= delivered.unwrap_or(0) {
@@ -491,6 +513,22 @@ async fn consume<H: Hub>(
         *delivered = Some(sequence);
         deliver(shared, hub, ghost, &message.subject, &message.payload).await;
     }
+}
+
+/// Sets the lag gauges from one stream message's metadata: what the broker
+/// still holds for us, and how long this message waited in the stream.
+fn show_lag(counters: &ClusterCounters, pending: u64, stored_nanos: i128) {
+    let now_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let stored = u128::try_from(stored_nanos).unwrap_or(0);
+    let lag = now_nanos.saturating_sub(stored);
+    ClusterCounters::set(&counters.consumer_pending, pending);
+    ClusterCounters::set(&counters.lag_nanos, u64::try_from(lag).unwrap_or(u64::MAX));
+    ClusterCounters::set(
+        &counters.last_stored_nanos,
+        u64::try_from(stored).unwrap_or(u64::MAX),
+    );
 }
 
 /// Checks one stored batch and hands its events to the local hub.

@@ -225,6 +225,7 @@ impl Shared {
             outgoing.dropping += dropped;
             ClusterCounters::add(&self.counters().dropped, dropped);
         }
+        self.show_buffered(&outgoing);
         drop(outgoing);
         self.queued.notify_one();
     }
@@ -246,6 +247,8 @@ impl Shared {
         }
         outgoing.bytes -= bytes;
         outgoing.in_flight = events.len();
+        outgoing.in_flight_bytes = bytes;
+        self.show_buffered(&outgoing);
         if outgoing.queue.is_empty() && outgoing.dropping > 0 {
             warn!(
                 dropped = outgoing.dropping,
@@ -258,8 +261,26 @@ impl Shared {
 
     /// The batch taken last is stored (or given up).
     pub fn batch_done(&self) {
-        self.outgoing.lock().in_flight = 0;
+        let mut outgoing = self.outgoing.lock();
+        outgoing.in_flight = 0;
+        outgoing.in_flight_bytes = 0;
+        self.show_buffered(&outgoing);
+        drop(outgoing);
         self.published.notify_waiters();
+    }
+
+    /// Sets the buffer gauges; called under the lock that changed them, so
+    /// that two changes cannot store their figures in the wrong order.
+    fn show_buffered(&self, outgoing: &Outgoing) {
+        let counters = self.counters();
+        ClusterCounters::set(
+            &counters.buffered_bytes,
+            (outgoing.bytes + outgoing.in_flight_bytes) as u64,
+        );
+        ClusterCounters::set(
+            &counters.buffered_events,
+            (outgoing.queue.len() + outgoing.in_flight) as u64,
+        );
     }
 
     /// Events not yet stored by the broker.
@@ -309,8 +330,10 @@ pub(crate) struct Outgoing {
     queue: VecDeque<Event>,
     /// Weight of `queue`.
     bytes: usize,
-    /// Events taken by the publisher and not yet stored.
+    /// Events taken by the publisher and not yet stored...
     in_flight: usize,
+    /// ... and their weight.
+    in_flight_bytes: usize,
     /// Dropped since the queue was last empty.
     dropping: u64,
     clients: HashMap<ClientId, Arc<str>>,

@@ -12,6 +12,8 @@ use chat_server::{Config, Model};
 use tokio::sync::Barrier;
 use tokio::time::Instant;
 
+pub mod scrape;
+
 /// For each `name`, a module `name` with one `#[tokio::test]` per model that
 /// calls `name(model)`, so a failure names the model it failed in.
 #[macro_export]
