@@ -643,7 +643,7 @@ mod exporter {
             ),
             (
                 "chat_cluster_streams_opened",
-                "Times this node started reading the room's stream (once, plus once per broker recovery)",
+                "Times this node started reading the room's stream (once, then once per new consumer after a stream error)",
                 &cluster.streams_opened,
             ),
         ] {
