@@ -502,8 +502,10 @@ pub struct ClusterCounters {
     pub missed: AtomicU64,
     /// Nodes declared dead for missing their heartbeats.
     pub dead_nodes: AtomicU64,
-    /// Times this node started reading the room's stream (1 once it has
-    /// joined the room; one more after each broker restart it recovered from).
+    /// Consumers this node made to read the room's stream: 1 once it has
+    /// joined the room, one more after each error that cost it its consumer.
+    /// A short broker restart with a file store may need none (the
+    /// consumer survives and the client's pull loop resumes it).
     pub streams_opened: AtomicU64,
 
     // Gauges: the latest value, set where it changes (never per delivery).
