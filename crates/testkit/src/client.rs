@@ -5,7 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -75,21 +75,7 @@ impl TestClient {
 
     /// [`TestClient::line`] with a timeout of `within`.
     pub async fn line_within(&mut self, within: Duration) -> io::Result<String> {
-        let mut line = Vec::new();
-        let read = timeout(within, self.reader.read_until(b'\n', &mut line))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no line from server"))??;
-        if read == 0 || line.last() != Some(&b'\n') {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "connection closed (partial line {:?})",
-                    String::from_utf8_lossy(&line)
-                ),
-            ));
-        }
-        line.pop();
-        String::from_utf8(line).map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+        next_line(&mut self.reader, within).await
     }
 
     /// Reads the next line and checks it is `expected`.
@@ -135,4 +121,28 @@ impl TestClient {
     pub fn into_parts(self) -> (BufReader<OwnedReadHalf>, OwnedWriteHalf) {
         (self.reader, self.writer)
     }
+}
+
+/// The next line from `reader`, without its newline: `UnexpectedEof` at the
+/// end of the stream (or a line the end cut short), `TimedOut` after
+/// `within`, `InvalidData` for invalid UTF-8 (the server never sends any).
+pub(crate) async fn next_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    within: Duration,
+) -> io::Result<String> {
+    let mut line = Vec::new();
+    let read = timeout(within, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no line from server"))??;
+    if read == 0 || line.last() != Some(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "connection closed (partial line {:?})",
+                String::from_utf8_lossy(&line)
+            ),
+        ));
+    }
+    line.pop();
+    String::from_utf8(line).map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
@@ -156,18 +156,7 @@ impl TlsTestClient {
 
     /// The next line, without its newline; `UnexpectedEof` at the end.
     pub async fn line(&mut self) -> io::Result<String> {
-        let mut line = Vec::new();
-        let read = timeout(LINE_TIMEOUT, self.reader.read_until(b'\n', &mut line))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no line from server"))??;
-        if read == 0 || line.last() != Some(&b'\n') {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed",
-            ));
-        }
-        line.pop();
-        String::from_utf8(line).map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
+        crate::client::next_line(&mut self.reader, LINE_TIMEOUT).await
     }
 
     pub async fn expect(&mut self, expected: &str) -> io::Result<()> {
