@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
-use common::ensure;
 use common::process::{binary, LineChild, ServerProcess, Signal};
+use common::{ensure, flood_until_cut_off};
 use tokio::io::BufReader;
 use tokio::net::TcpSocket;
 use tokio::time::Instant;
@@ -112,32 +112,8 @@ async fn a_flooder_is_cut_off_while_the_room_goes_on(model: Model) -> io::Result
     let mut chatter = TestClient::connect(server.addr()).await?;
     flooder.line().await?;
     let flooder_who = flooder.who.clone();
-    let (mut flood_reader, mut flood_writer) = flooder.into_parts();
-    // Writes until the server closes the connection, or for at most 20 s.
-    let flooding = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        let chunk = format!("{}\n", "f".repeat(99)).repeat(640);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if flood_writer.write_all(chunk.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
-    // The flooder's last line is the verdict (its echoes come before it).
-    let mut last = String::new();
     let started = Instant::now();
-    loop {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(20), flood_reader.read_line(&mut line))
-            .await
-            .map_err(|_| io::Error::other("the flooder was never cut off"))?;
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => last = line,
-        }
-    }
+    let last = flood_until_cut_off(flooder).await?;
     let lasted = started.elapsed();
     ensure(last.trim_end() == chat_wire::FLOODING, || {
         format!("{model}: the flooder's last line was {last:?}")
@@ -145,7 +121,6 @@ async fn a_flooder_is_cut_off_while_the_room_goes_on(model: Model) -> io::Result
     println!(
         "{model}: flooder cut off after {lasted:?} (a 64 KiB burst, then held back; grace 0.5 s)"
     );
-    flooding.await.map_err(io::Error::other)?;
     // The room goes on: the chatter hears the flooder leave, then itself.
     let left = chat_wire::left(&flooder_who);
     while chatter.line().await? != left {}

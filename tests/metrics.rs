@@ -12,9 +12,7 @@ use std::time::Duration;
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{Config, Model};
 use common::scrape::{get, value, wait_for, wait_until};
-use common::{connect_settled, ensure};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::time::Instant;
+use common::{connect_settled, ensure, flood_until_cut_off};
 
 for_each_model!(
     scraped_counts_match_the_chat,
@@ -143,33 +141,10 @@ async fn a_flood_is_counted(model: Model) -> io::Result<()> {
     })?;
     let metrics = metrics_addr(&server)?;
     let flooder = TestClient::connect(server.addr()).await?;
-    let (mut flood_reader, mut flood_writer) = flooder.into_parts();
-    // Writes until the server closes the connection, or for at most 20 s.
-    let flooding = tokio::spawn(async move {
-        let chunk = format!("{}\n", "f".repeat(99)).repeat(640);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if flood_writer.write_all(chunk.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
-    // The flooder's last line is the verdict (its echoes come before it).
-    let mut last = String::new();
-    loop {
-        let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(20), flood_reader.read_line(&mut line))
-            .await
-            .map_err(|_| io::Error::other("the flooder was never cut off"))?;
-        match read {
-            Ok(0) | Err(_) => break,
-            Ok(_) => last = line,
-        }
-    }
+    let last = flood_until_cut_off(flooder).await?;
     ensure(last.trim_end() == chat_wire::FLOODING, || {
         format!("{model}: the flooder's last line was {last:?}")
     })?;
-    flooding.await.map_err(io::Error::other)?;
     let samples = wait_until(
         metrics,
         "one flood disconnect after holds",

@@ -255,6 +255,37 @@ pub fn check_sender_order(seen: &Seen, complete: bool, per_sender: usize) -> io:
 
 pub use chat_testkit::ensure;
 
+/// Floods the server from `flooder` (100-byte lines, 64 KiB a write) until
+/// it closes the connection, or for at most 20 s; returns the last line the
+/// flooder read, which should be the verdict (its echoes come before it).
+#[allow(dead_code)] // only the flood tests flood
+pub async fn flood_until_cut_off(flooder: TestClient) -> io::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (mut reader, mut writer) = flooder.into_parts();
+    let flooding = tokio::spawn(async move {
+        let chunk = format!("{}\n", "f".repeat(99)).repeat(640);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if writer.write_all(chunk.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut last = String::new();
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), reader.read_line(&mut line))
+            .await
+            .map_err(|_| io::Error::other("the flooder was never cut off"))?;
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(_) => last = line,
+        }
+    }
+    flooding.await.map_err(io::Error::other)?;
+    Ok(last)
+}
+
 /// Departures are processed asynchronously; this bounds how long a task
 /// count may take to settle, it is not a sleep.
 pub const TASKS_SETTLE: Duration = Duration::from_secs(10);
