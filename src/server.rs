@@ -10,9 +10,9 @@
 //!   `error: server full` or `error: too many connections from your address`
 //!   and closed at once, without a task, so a flood of connections cannot
 //!   grow the server. Every accepted socket gets TCP keepalive and a user
-//!   timeout ([`limits::tune_socket`]).
+//!   timeout (`limits::tune_socket`).
 //! - **Memory.** The accept loop's housekeeping tick (every 250 ms) also
-//!   enforces `--max-client-memory` ([`limits::MemoryGuard`]).
+//!   enforces `--max-client-memory` (`limits::MemoryGuard`).
 //! - **Accept errors** (out of file descriptors, aborted handshakes) are
 //!   logged once per burst and retried after a growing pause: never a hot
 //!   loop, never an exit.

@@ -15,7 +15,7 @@
 //!   cluster tests (`--cluster`);
 //! - [`redis`]: a real `redis-server` per test, for chat-load's Redis
 //!   pub/sub client.
-//! - [`tls`] (feature `tls`): certificates made at run time and a TLS line
+//! - `tls` (feature `tls`): certificates made at run time and a TLS line
 //!   client.
 
 pub mod client;

@@ -27,12 +27,12 @@
 //! so that one run's grown heap, leftover queues or stall cannot colour the
 //! next run's figures. Results go to the terminal as one table (a row per
 //!
-//! The modules, in the order a comparison uses them: [`spec`] (what to
-//! compare: our models, peers given on the command line), [`supervise`]
-//! (starting and stopping the servers), [`groups`] (targets of several
-//! processes: a routed NATS cluster, our nodes and their broker), [`orchestrate`] (the runs against
-//! each server), [`output`] (the table, `compare.md`, `compare.json`) and
-//! [`plot`] (`compare.svg`).
+//! The modules, in the order a comparison uses them: `spec` (what to
+//! compare: our models, peers given on the command line), `supervise`
+//! (starting and stopping the servers), `groups` (targets of several
+//! processes: a routed NATS cluster, our nodes and their broker), `orchestrate` (the runs against
+//! each server), `output` (the table, `compare.md`, `compare.json`) and
+//! `plot` (`compare.svg`).
 
 mod groups;
 mod orchestrate;

@@ -1,11 +1,11 @@
 //! The six scenarios: what each one is ([`Scenario`]), its defaults, the
 //! [`Options`] a run takes, and [`run`], which hands a run to the scenario's
-//! own module: [`fanout`], [`rate`], [`churn`], [`slow`], [`idle`] and
-//! [`flood`], one scenario per file. What they share, connecting the clients, letting the
+//! own module: `fanout`, `rate`, `churn`, `slow`, `idle` and
+//! `flood`, one scenario per file. What they share, connecting the clients, letting the
 //! arrival announcements settle, starting everyone at once, watching
 //! progress, stopping within the time bounds and turning what the clients
-//! counted into a [`Report`], is the [`coordinator`]; the open-loop sender
-//! of `rate` is the [`pacer`].
+//! counted into a [`Report`], is the `coordinator`; the open-loop sender
+//! of `rate` is the `pacer`.
 //!
 //! Every loop here is bounded twice: in count (messages, cycles, clients)
 //! and in time. `--duration` bounds the whole measured interval of `fanout`
