@@ -126,9 +126,7 @@ impl Meter {
             tool_cpu_s: tool_ns as f64 / 1e9,
         }
     }
-}
 
-impl Meter {
     /// CPU used since the start and memory now, summed over the server's
     /// processes; an error names the one that could not be read (it exited:
     /// a group's figures are then not given at all rather than partly).
