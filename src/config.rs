@@ -646,19 +646,8 @@ impl Config {
             crate::tls::load(files).map_err(ConfigError::Tls)?;
         }
         if let Some(cluster) = &self.cluster {
-            // Names are unique per node only, and a node knows nothing of
-            // who was present elsewhere before it joined: not yet across nodes.
-            for (set, flag) in [
-                (self.names, "names"),
-                (self.announce_present, "announce-present"),
-            ] {
-                if set {
-                    return Err(ConfigError::Invalid {
-                        flag,
-                        why: "works within one server only; not with --cluster yet".into(),
-                    });
-                }
-            }
+            // --names and --announce-present work across nodes
+            // (src/cluster/names.rs, `Clustered::join`).
             cluster.validate(self.max_line)?;
         }
         // A bucket must hold at least one millisecond of budget, or no read

@@ -33,10 +33,11 @@ use tracing::{info, warn};
 
 use crate::client::Client;
 use crate::config::MAX_PASSWORD;
-use crate::hub::{Hub, NameTaken};
+use crate::hub::{Hub, Refused};
 use crate::password::Gate;
 use crate::protocol::{
-    check_name, LineTooLong, Message, BAD_NAME, MAX_NAME, NAME_PROMPT, NAME_TAKEN,
+    check_name, LineTooLong, Message, BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT,
+    NAME_TAKEN,
 };
 use crate::session::{linger, ServerContext, SHUTTING_DOWN};
 use crate::transport::{self, SessionRead, SessionWrite};
@@ -97,8 +98,11 @@ pub(crate) fn enter<'a, H: Hub, R: SessionRead, W: SessionWrite>(
                         hello,
                     });
                 }
-                Err(NameTaken) if names => say(writer, NAME_TAKEN, server).await.ok()?,
-                Err(NameTaken) => {
+                Err(Refused::NameTaken) if names => say(writer, NAME_TAKEN, server).await.ok()?,
+                Err(Refused::NamesUnavailable) if names => {
+                    say(writer, NAMES_UNAVAILABLE, server).await.ok()?;
+                }
+                Err(_) => {
                     // Hubs check names only under `--names`.
                     client.span().in_scope(|| warn!("join refused"));
                     return None;

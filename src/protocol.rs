@@ -225,7 +225,7 @@ fn push_visible(ch: char, out: &mut String) {
     }
 }
 
-pub use chat_wire::{BAD_NAME, MAX_NAME, NAME_PROMPT, NAME_TAKEN};
+pub use chat_wire::{BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
 
 /// The name in a client's first line (one trailing `\r` dropped), if it is
 /// one: 1 to [`MAX_NAME`] printable ASCII characters other than space, `:`

@@ -741,25 +741,17 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     listener.expect(&format!("{}: after", talker.who)).await
 }
 
-/// Names are unique per node only, and presence is per node: both are
-/// refused with a clear error rather than half working across nodes.
+/// Names and presence have a meaning across nodes (tests/cluster_names.rs):
+/// both are accepted with a cluster.
 #[test]
-fn names_and_presence_are_refused_with_a_cluster() {
-    for (names, announce_present) in [(true, false), (false, true)] {
-        let config = Config {
-            names,
-            announce_present,
-            cluster: Some(ClusterConfig::new("nats://127.0.0.1:4222")),
-            ..Config::default()
-        };
-        let refused = config.validate().map_err(|err| err.to_string());
-        assert!(
-            refused
-                .as_ref()
-                .is_err_and(|why| why.contains("not with --cluster")),
-            "{refused:?}"
-        );
-    }
+fn names_and_presence_are_accepted_with_a_cluster() {
+    let config = Config {
+        names: true,
+        announce_present: true,
+        cluster: Some(ClusterConfig::new("nats://127.0.0.1:4222")),
+        ..Config::default()
+    };
+    assert_eq!(config.validate(), Ok(()));
 }
 
 /// Credentials in the URL, as NATS users write them: `user:password@` and

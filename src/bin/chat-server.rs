@@ -71,12 +71,14 @@ struct Args {
     shutdown_grace: f64,
 
     /// Ask each client for a name first (its first line: 1-32 printable ASCII
-    /// characters, no spaces, unique in the room); the name replaces IP:PORT.
+    /// characters, no spaces, unique in the room, across every node with
+    /// --cluster); the name replaces IP:PORT.
     #[arg(long)]
     names: bool,
 
     /// Tell each newcomer who is already present, right after `You are ...`,
-    /// as one line `present (N): A, B, C`.
+    /// as one line `present (N): A, B, C` (with --cluster: every node's
+    /// clients, the other nodes' as far as their news has arrived).
     #[arg(long)]
     announce_present: bool,
 

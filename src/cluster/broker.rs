@@ -43,9 +43,9 @@ use crate::protocol::Message;
 
 /// A connected (or reconnecting) client and its JetStream context.
 #[derive(Clone)]
-struct Connection {
-    client: NatsClient,
-    jetstream: jetstream::Context,
+pub(crate) struct Connection {
+    pub client: NatsClient,
+    pub jetstream: jetstream::Context,
 }
 
 /// The room's names on the broker.
@@ -270,6 +270,7 @@ async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Option<Connecti
     let Some(connection) = connect(&shared).await else {
         return;
     };
+    let _ = shared.connection.set(connection.clone());
     let _ = connected.send(Some(connection.clone()));
     let names = Names::new(&shared.config.room);
     let mut batch_number = 0;
@@ -604,9 +605,11 @@ async fn heartbeats<H: Hub>(
                 let now = Instant::now();
                 if connected && !was_connected {
                     shared.roster.lock().reset_clocks(now);
+                    *shared.hearing_since.lock() = Some(now);
                 }
                 was_connected = connected;
                 if !connected {
+                    *shared.hearing_since.lock() = None;
                     continue;
                 }
                 if last_beat.is_none_or(|at| now.duration_since(at) >= shared.config.heartbeat.mul_f64(0.9)) {
@@ -614,10 +617,13 @@ async fn heartbeats<H: Hub>(
                     let (seq, clients) = shared.snapshot();
                     beat(&connection, &shared, &names, seq, Some(clients)).await;
                 }
-                let gone = shared.roster.lock().reap(now, shared.config.node_timeout);
+                let (dead, gone) = shared.roster.lock().reap(now, shared.config.node_timeout);
                 if !gone.is_empty() {
                     ClusterCounters::add(&shared.counters().dead_nodes, 1);
                     announce(&*hub, &ghost, &gone, Message::left).await;
+                    if shared.names_on {
+                        super::names::free_dead(&shared, dead, gone);
+                    }
                 }
             }
             next = beats.next() => {

@@ -16,17 +16,29 @@
 //! against each other's. ARCHITECTURE.md ("Many servers") gives the
 //! reasons and the measured cost of the alternative.
 //!
+//! **Names and presence.** Under `--names` a join first claims the name
+//! room-wide in the broker's key-value bucket ([`names`]), then joins the
+//! local hub; a leave frees it before the departure is published. Under
+//! `--announce-present` a newcomer's list is the model's list of this
+//! node's clients (with the model's guarantee) followed by the other live
+//! nodes' clients from [`Roster`], sorted. That remote part is eventually
+//! consistent: an arrival or departure on another node not yet delivered
+//! here may be missing or still listed (and is announced when it is
+//! delivered); once the stream has delivered it, the list is right.
+//!
 //! **Ownership.** [`Shared`] holds this node's outgoing queue (bounded in
 //! bytes, oldest dropped first), its own roster (for heartbeats) and the
-//! roster of remote nodes (for announcing a dead node's clients); each
-//! behind its own short `parking_lot` mutex, never held across an `.await`.
+//! roster of remote nodes (for announcing a dead node's clients and for
+//! presence lists) and the book of this node's names; each behind its own
+//! short `parking_lot` mutex, never held across an `.await`.
 //! The broker side (connection, publisher, consumer, heartbeats) is in
 //! [`broker`]; the wire format and its checks in [`wire`].
 //!
 //! **Tasks.** Three of ours (publisher, consumer, heartbeats) plus the
 //! NATS client's four (connection, event log, JetStream acker, the pull
 //! consumer's request loop): a clustered node runs the model's tasks plus
-//! [`ClusterConfig::EXTRA_TASKS`].
+//! [`ClusterConfig::EXTRA_TASKS`]; under `--names`, plus one short-lived
+//! task per name whose delete is being retried or dead node being tidied.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -41,10 +53,11 @@ use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientId};
 use crate::config::{ClusterConfig, ClusterCounters, Config};
-use crate::hub::{Hub, Joined, NameTaken};
+use crate::hub::{Hub, Joined, Refused};
 use crate::protocol::Message;
 
 mod broker;
+mod names;
 pub mod wire;
 
 use wire::Event;
@@ -68,7 +81,7 @@ impl<H: Hub> Hub for Clustered<H> {
                 tasks: Mutex::default(),
             };
         };
-        let shared = Arc::new(Shared::new(cluster.clone()));
+        let shared = Arc::new(Shared::new(cluster.clone(), config));
         let tasks = broker::start(Arc::clone(&shared), Arc::clone(&inner), config);
         Clustered {
             inner,
@@ -81,11 +94,30 @@ impl<H: Hub> Hub for Clustered<H> {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> Result<Joined<Self::Inbox>, NameTaken> {
-        let joined = self.inner.join(client, arrival).await?;
-        if let Some(shared) = &self.shared {
-            shared.joined(client);
+    ) -> Result<Joined<Self::Inbox>, Refused> {
+        let Some(shared) = &self.shared else {
+            return self.inner.join(client, arrival).await;
+        };
+        // The room-wide claim comes first: an arrival, once announced,
+        // cannot be taken back; a claim can (names.rs).
+        if shared.names_on {
+            names::claim(shared, &client.who).await?;
         }
+        let mut joined = match self.inner.join(client, arrival).await {
+            Ok(joined) => joined,
+            Err(refused) => {
+                if shared.names_on {
+                    names::release(shared, &client.who).await;
+                }
+                return Err(refused);
+            }
+        };
+        if shared.present_on {
+            // The local part is the model's exact list; the other nodes'
+            // clients are as the stream and heartbeats have told us so far.
+            joined.present.extend(shared.roster.lock().clients());
+        }
+        shared.joined(client);
         Ok(joined)
     }
 
@@ -101,6 +133,11 @@ impl<H: Hub> Hub for Clustered<H> {
         // Announced to the other nodes even on shutdown (when the local
         // hub is told no departure): their clients are not shutting down.
         if let Some(shared) = &self.shared {
+            // Freed before the departure is published, so that a node
+            // that hears of it finds the name free.
+            if shared.names_on {
+                names::release(shared, &client.who).await;
+            }
             shared.left(client);
         }
     }
@@ -150,12 +187,28 @@ pub(crate) struct Shared {
     pub roster: Mutex<Roster>,
     pub garbage: Mutex<GarbageLog>,
     pub stop: CancellationToken,
+    /// `--names`: names are claimed room-wide, in [`names`].
+    pub names_on: bool,
+    /// `--announce-present`: a newcomer's list includes the other nodes'.
+    pub present_on: bool,
+    pub names: names::NameBook,
+    /// The broker connection, once the publisher has made it.
+    pub connection: std::sync::OnceLock<broker::Connection>,
+    /// Since when this node has been connected and hearing heartbeats
+    /// (`None` while it is not): a node never heard of for longer than
+    /// `node_timeout` of that is dead.
+    pub hearing_since: Mutex<Option<Instant>>,
 }
 
 impl Shared {
-    fn new(config: ClusterConfig) -> Shared {
+    fn new(config: ClusterConfig, server: &Config) -> Shared {
         Shared {
             node: wire::new_node_id(),
+            names_on: server.names,
+            present_on: server.announce_present,
+            names: names::NameBook::default(),
+            connection: std::sync::OnceLock::new(),
+            hearing_since: Mutex::new(None),
             config,
             outgoing: Mutex::default(),
             queued: Notify::new(),
@@ -443,9 +496,30 @@ impl Roster {
         }
     }
 
-    /// Nodes silent for longer than `timeout` are dead: returns their
-    /// clients, to be announced as having left.
-    pub fn reap(&mut self, now: Instant, timeout: Duration) -> Vec<Arc<str>> {
+    /// Whether `node` is alive as far as this node knows.
+    pub fn is_live(&self, node: &str) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    /// Whether `node` was declared dead or said it was leaving.
+    pub fn is_gone(&self, node: &str) -> bool {
+        self.gone.contains(node)
+    }
+
+    /// Every live remote node's clients, sorted.
+    pub fn clients(&self) -> Vec<Arc<str>> {
+        let mut clients: Vec<Arc<str>> = self
+            .nodes
+            .values()
+            .flat_map(|remote| remote.clients.iter().cloned())
+            .collect();
+        clients.sort();
+        clients
+    }
+
+    /// Nodes silent for longer than `timeout` are dead: returns them and
+    /// their clients, to be announced as having left.
+    pub fn reap(&mut self, now: Instant, timeout: Duration) -> (Vec<String>, Vec<Arc<str>>) {
         let dead: Vec<String> = self
             .nodes
             .iter()
@@ -453,15 +527,15 @@ impl Roster {
             .map(|(node, _)| node.clone())
             .collect();
         let mut gone = Vec::new();
-        for node in dead {
-            if let Some(remote) = self.nodes.remove(&node) {
+        for node in &dead {
+            if let Some(remote) = self.nodes.remove(node) {
                 warn!(%node, clients = remote.clients.len(), "node silent: announcing its clients as gone");
                 gone.extend(remote.clients);
             }
-            self.gone.insert(node);
+            self.gone.insert(node.clone());
         }
         gone.sort();
-        gone
+        (dead, gone)
     }
 
     /// After our own connection was down nobody could be heard: restart

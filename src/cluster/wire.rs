@@ -10,7 +10,8 @@
 //! Nothing from the broker is trusted: another version, a hand-published
 //! message or a buggy node could send anything. [`decode_batch`] turns a
 //! stored batch into [`Message`]s by the same rules the session applies
-//! to a client's input: names must be `IP:PORT`, every line must carry its
+//! to a client's input: names must be `IP:PORT` (or names the lobby would
+//! accept), every line must carry its
 //! sender's prefix, and the text is sanitised again (a no-op on text that
 //! was sanitised at its origin, so lines read exactly as they were sent).
 
@@ -19,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{ChatBatch, Message};
+use crate::protocol::{check_name, ChatBatch, Message};
 
 /// Bumped on any change a node of the previous version would misread;
 /// messages of another version count as garbage.
@@ -136,9 +137,10 @@ fn valid_node(node: &str) -> bool {
     node.len() == 16 && node.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// A client name must be what a node names its clients: `IP:PORT`.
+/// A client name must be what a node names its clients: `IP:PORT`, or
+/// under `--names` a name the lobby accepts.
 fn valid_who(who: &str) -> bool {
-    who.len() <= 64 && who.parse::<SocketAddr>().is_ok()
+    who.len() <= 64 && (who.parse::<SocketAddr>().is_ok() || check_name(who.as_bytes()).is_some())
 }
 
 /// Decodes and checks a stored batch. All or nothing: one bad event makes
@@ -292,6 +294,33 @@ mod tests {
         assert!(
             decode_batch(br#"{"v":2,"node":"0123456789abcdef","batch":1,"events":[]}"#).is_err()
         );
+    }
+
+    #[test]
+    fn chosen_names_pass_but_not_anything() {
+        let payload = batch(vec![
+            Event::Arrived {
+                seq: 1,
+                who: "ann".into(),
+            },
+            Event::Lines {
+                seq: 2,
+                who: "ann".into(),
+                text: "ann: hi\n".into(),
+            },
+        ]);
+        let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(decoded.events[1].message.as_str(), "ann: hi\n");
+        for bad in ["two words", "caf\u{e9}", "a,b", ""] {
+            let payload = batch(vec![Event::Left {
+                seq: 1,
+                who: bad.into(),
+            }]);
+            assert!(
+                matches!(decode_batch(&payload), Err(Garbage::Who)),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

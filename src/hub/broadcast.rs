@@ -55,7 +55,7 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::{Config, SlowClientPolicy};
-use crate::hub::{Hub, Inbox, Joined, NameTaken};
+use crate::hub::{Hub, Inbox, Joined, Refused};
 use crate::outbox::TOO_SLOW;
 use crate::protocol::Message;
 
@@ -108,12 +108,12 @@ impl Hub for BroadcastHub {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> Result<Joined<RingInbox>, NameTaken> {
+    ) -> Result<Joined<RingInbox>, Refused> {
         let mut roster = self.roster.as_ref().map(|roster| roster.lock());
         let mut present = Vec::new();
         if let Some(roster) = &mut roster {
             if roster.contains_key(&*client.who) {
-                return Err(NameTaken);
+                return Err(Refused::NameTaken);
             }
             if self.presence {
                 present = roster.keys().cloned().collect();

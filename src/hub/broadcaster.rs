@@ -58,7 +58,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind};
-use crate::hub::{Hub, Joined, NameTaken};
+use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
@@ -75,7 +75,7 @@ const MESSAGES_BATCH: usize = 64;
 type Ack = oneshot::Sender<()>;
 
 /// The owner's answer to `entering`: the clients present, or a refusal.
-type Admission = oneshot::Sender<Result<Vec<Arc<str>>, NameTaken>>;
+type Admission = oneshot::Sender<Result<Vec<Arc<str>>, Refused>>;
 
 /// A newcomer's outbox, its arrival announcement, and who waits for the answer.
 type Entering = (Outbox, Message, Admission);
@@ -125,7 +125,7 @@ impl Hub for BroadcasterHub {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> Result<Joined<QueueInbox>, NameTaken> {
+    ) -> Result<Joined<QueueInbox>, Refused> {
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
         // The arrival travels with the outbox, so that the owner can refuse
         // a taken name before anyone hears of it, and announce it in the
@@ -187,7 +187,7 @@ async fn broadcaster(
                     // Dropped before answering, so the session holds the
                     // only handle to its client again when it hears.
                     drop(outbox);
-                    let _ = admission.send(Err(NameTaken));
+                    let _ = admission.send(Err(Refused::NameTaken));
                     continue;
                 }
                 let present = if options.presence {

@@ -39,7 +39,7 @@ use parking_lot::RwLock;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::hub::{Hub, Joined, NameTaken};
+use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
@@ -78,12 +78,12 @@ impl Hub for LockedHub {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> Result<Joined<QueueInbox>, NameTaken> {
+    ) -> Result<Joined<QueueInbox>, Refused> {
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
         let present = {
             let mut room = self.room.write();
             if self.names && !room.names.insert(Arc::clone(&client.who)) {
-                return Err(NameTaken);
+                return Err(Refused::NameTaken);
             }
             let present = if self.presence {
                 room.clients

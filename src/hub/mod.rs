@@ -43,9 +43,15 @@ pub use broadcaster::BroadcasterHub;
 pub use locked::LockedHub;
 pub use sharded::ShardedHub;
 
-/// A join refused under `--names`: someone in the room has that name.
+/// Why a join under `--names` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NameTaken;
+pub enum Refused {
+    /// Someone in the room has that name.
+    NameTaken,
+    /// Under `--cluster`: the room's broker, which keeps the names of every
+    /// node, could not be asked in time, so no name can be given out.
+    NamesUnavailable,
+}
 
 /// What a successful [`Hub::join`] gives the session.
 #[derive(Debug)]
@@ -70,10 +76,12 @@ pub struct Joined<I> {
 /// - `departure` reaches everyone who remains, never the leaver.
 ///
 /// Under `--names` (`Config::names`) `client.who` is the client's chosen
-/// name, and `join` refuses it ([`NameTaken`]) if someone in the room has
+/// name, and `join` refuses it ([`Refused::NameTaken`]) if someone in the room has
 /// it: of any number of concurrent joins with one name, exactly one wins.
 /// The name is free again once `leave` has announced the departure, and
 /// before the leaver's connection can close.
+/// (With `--cluster` the wrapper may also refuse a join with
+/// [`Refused::NamesUnavailable`]; the models never do.)
 ///
 /// Under `--announce-present` (`Config::announce_present`) `join` returns
 /// who is present, and the model makes the list, the arrival announcement
@@ -96,7 +104,7 @@ pub trait Hub: Send + Sync + Sized + 'static {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> impl Future<Output = Result<Joined<Self::Inbox>, NameTaken>> + Send;
+    ) -> impl Future<Output = Result<Joined<Self::Inbox>, Refused>> + Send;
 
     /// Delivers `message` to every client, `from` included.
     fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;

@@ -57,7 +57,7 @@ use parking_lot::Mutex;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::hub::{Hub, Joined, NameTaken};
+use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
 
@@ -90,10 +90,10 @@ impl Hub for ShardedHub {
         &self,
         client: &Arc<Client>,
         arrival: Message,
-    ) -> Result<Joined<QueueInbox>, NameTaken> {
+    ) -> Result<Joined<QueueInbox>, Refused> {
         if let Some(names) = &self.names {
             match names.entry(Arc::clone(&client.who)) {
-                Entry::Occupied(_) => return Err(NameTaken),
+                Entry::Occupied(_) => return Err(Refused::NameTaken),
                 Entry::Vacant(vacant) => {
                     vacant.insert(client.id);
                 }

@@ -105,6 +105,12 @@ pub const BAD_NAME: &str =
 /// `--names`: the answer to a name someone in the room already has.
 pub const NAME_TAKEN: &str = "error: that name is taken; try another";
 
+/// `--names` with `--cluster`: the answer to any name while the room's
+/// broker, which keeps every node's names, cannot be asked; the client
+/// may try again.
+pub const NAMES_UNAVAILABLE: &str =
+    "error: names are unavailable while the room's broker is unreachable; try again";
+
 /// `--announce-present`: the line after the greeting,
 /// `present (N): A, B, C`, or `present (0): nobody` for an empty room.
 pub fn present<S: AsRef<str>>(names: &[S]) -> String {

@@ -1,0 +1,415 @@
+//! `--names` across the room's nodes: which node holds which name, kept
+//! in a JetStream key-value bucket on the room's broker (`chat_names_ROOM`,
+//! key = the name in hex, value = the holder node's id).
+//!
+//! **Claim.** A join first takes the name in this node's [`NameBook`] (so
+//! two clients of one node never both reach the broker with one name),
+//! then in the bucket with an atomic create-if-absent. If the key exists,
+//! its holder decides: a live node (heard from within `node_timeout`) has
+//! it, and the name is taken; a node declared dead holds it no more, nor
+//! does one never heard of once the key has stood unchanged for longer
+//! than `node_timeout` while this node heard heartbeats (a node that just
+//! started may claim before its first heartbeat arrives); then the name is
+//! taken over with a compare-and-swap on the revision read. So names held by a killed node
+//! or a whole cluster that died are freed when someone asks for them,
+//! never by a sweeper racing a claim; a node that hears of a death also
+//! deletes the dead node's names (again by revision) at once.
+//!
+//! **Order with the local hub.** Bucket first, then the local join: an
+//! arrival, once announced, cannot be taken back, while a claim can. A
+//! local join refused after the claim releases it (by revision). A leave
+//! deletes the key after the local departure and before the departure is
+//! published, so a node that hears `X has left` finds `X` free.
+//!
+//! **Failure.** Every broker call is bounded by `--cluster-ack-timeout`.
+//! While the broker cannot be reached, no name can be checked across the
+//! room: a new name is refused with [`Refused::NamesUnavailable`], and
+//! clients already in the room chat on. A delete that fails (broker away,
+//! or an unknown outcome of a timed-out claim) is retried in the
+//! background until it is done or is no longer ours to do.
+//!
+//! **Ownership.** [`NameBook`] holds this node's names under a short
+//! `parking_lot` mutex (never held across an `.await`) and the bucket's
+//! handle; it is part of [`Shared`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::stream;
+use parking_lot::Mutex;
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::hub::Refused;
+
+/// This node's names and the bucket they are kept in.
+#[derive(Default)]
+pub(crate) struct NameBook {
+    held: Mutex<HashMap<Arc<str>, Hold>>,
+    store: Mutex<Option<kv::Store>>,
+    /// Names with a background delete running (one each).
+    tidying: Mutex<HashSet<Arc<str>>>,
+    /// Keys naming a node never heard of: the revision, and when this node
+    /// first saw it.
+    suspects: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+/// Bounds [`NameBook::suspects`]: forgetting them only delays takeovers.
+const MAX_SUSPECTS: usize = 10_000;
+
+enum Hold {
+    /// A join is asking the broker for it.
+    Claiming,
+    /// A client of this node has it, at this revision of its key.
+    Held(u64),
+    /// Its holder left and the key is being deleted; cancelled when done.
+    Releasing(CancellationToken),
+}
+
+/// The key of `name`: hex, as a name may hold characters no key can.
+fn key_of(name: &str) -> String {
+    let mut key = String::with_capacity(2 * name.len());
+    for byte in name.bytes() {
+        let _ = write!(key, "{byte:02x}");
+    }
+    key
+}
+
+fn bucket_of(room: &str) -> String {
+    format!("chat_names_{room}")
+}
+
+/// Takes `name` for a client of this node, across the room. On success the
+/// caller must [`release`] it when the client leaves (or its join fails).
+pub(crate) async fn claim(shared: &Arc<Shared>, name: &Arc<str>) -> Result<(), Refused> {
+    let book = &shared.names;
+    // A sibling's departure is being published: wait for its delete (itself
+    // bounded), so that whoever saw the departure can take the name.
+    for _ in 0..3 {
+        let releasing = {
+            let mut held = book.held.lock();
+            match held.get(name) {
+                None => {
+                    held.insert(Arc::clone(name), Hold::Claiming);
+                    None
+                }
+                Some(Hold::Releasing(done)) => Some(done.clone()),
+                Some(_) => return Err(Refused::NameTaken),
+            }
+        };
+        let Some(done) = releasing else {
+            let claimed = claim_in_bucket(shared, name).await;
+            let mut held = book.held.lock();
+            match claimed {
+                Ok(revision) => {
+                    held.insert(Arc::clone(name), Hold::Held(revision));
+                    return Ok(());
+                }
+                Err(refused) => {
+                    held.remove(name);
+                    return Err(refused);
+                }
+            }
+        };
+        let _ = timeout(2 * shared.config.ack_timeout, done.cancelled()).await;
+    }
+    Err(Refused::NameTaken)
+}
+
+async fn claim_in_bucket(shared: &Arc<Shared>, name: &Arc<str>) -> Result<u64, Refused> {
+    let unavailable = Refused::NamesUnavailable;
+    let Some(store) = store(shared).await else {
+        return Err(unavailable);
+    };
+    let bound = shared.config.ack_timeout;
+    let key = key_of(name);
+    let mine = bytes::Bytes::from(shared.node.clone());
+    // Each pass ends in a claim, a refusal, or a race lost to another
+    // claim or delete of this key; a few passes settle any race.
+    for _ in 0..4 {
+        match timeout(bound, store.create(&key, mine.clone())).await {
+            Ok(Ok(revision)) => return Ok(revision),
+            Ok(Err(err)) if err.kind() == CreateErrorKind::AlreadyExists => {}
+            Ok(Err(err)) => {
+                debug!(cause = %err, "claiming a name failed");
+                return Err(uncertain(shared, name));
+            }
+            Err(_) => return Err(uncertain(shared, name)),
+        }
+        let entry = match timeout(bound, store.entry(&key)).await {
+            Ok(Ok(entry)) => entry,
+            Ok(Err(err)) => {
+                debug!(cause = %err, "reading a name's holder failed");
+                shared.names.store.lock().take();
+                return Err(unavailable);
+            }
+            Err(_) => return Err(unavailable),
+        };
+        let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
+            // Deleted in between: create again.
+            continue;
+        };
+        let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
+        if shared.may_hold(holder, &key, entry.revision) {
+            return Err(Refused::NameTaken);
+        }
+        match timeout(bound, store.update(&key, mine.clone(), entry.revision)).await {
+            Ok(Ok(revision)) => {
+                info!(%holder, "took over a name from a node that is gone");
+                return Ok(revision);
+            }
+            Ok(Err(err)) if err.kind() == UpdateErrorKind::WrongLastRevision => {}
+            Ok(Err(_)) | Err(_) => return Err(uncertain(shared, name)),
+        }
+    }
+    Err(Refused::NameTaken)
+}
+
+/// A write whose outcome is unknown may have left the key ours: have it
+/// deleted if so, once the broker answers.
+fn uncertain(shared: &Arc<Shared>, name: &Arc<str>) -> Refused {
+    shared.names.store.lock().take();
+    tidy(shared, name);
+    Refused::NamesUnavailable
+}
+
+/// Frees `name` after its client left this node (or its join was refused
+/// locally). Bounded; a delete that does not get through is retried in the
+/// background.
+pub(crate) async fn release(shared: &Arc<Shared>, name: &Arc<str>) {
+    let book = &shared.names;
+    let done = CancellationToken::new();
+    let revision = {
+        let mut held = book.held.lock();
+        match held.insert(Arc::clone(name), Hold::Releasing(done.clone())) {
+            Some(Hold::Held(revision)) => Some(revision),
+            _ => None,
+        }
+    };
+    let deleted = match revision {
+        Some(revision) => delete_if(shared, name, revision).await,
+        None => true,
+    };
+    book.held.lock().remove(name);
+    done.cancel();
+    if !deleted {
+        tidy(shared, name);
+    }
+}
+
+/// Deletes `name`'s key if it is still at `revision`: true if it is gone
+/// or someone else's now, false if the broker did not answer.
+async fn delete_if(shared: &Arc<Shared>, name: &str, revision: u64) -> bool {
+    let Some(store) = store(shared).await else {
+        return false;
+    };
+    let key = key_of(name);
+    match timeout(
+        shared.config.ack_timeout,
+        store.delete_expect_revision(&key, Some(revision)),
+    )
+    .await
+    {
+        Ok(Ok(())) => true,
+        Ok(Err(err)) => {
+            // A wrong revision comes back as an error too, and means the
+            // key moved on without us: look at it rather than guess.
+            debug!(cause = %err, "deleting a name");
+            match timeout(shared.config.ack_timeout, store.entry(&key)).await {
+                Ok(Ok(entry)) => entry.is_none_or(|entry| entry.revision != revision),
+                _ => false,
+            }
+        }
+        Err(_) => false,
+    }
+}
+
+/// In the background: deletes `name`'s key while it says this node holds
+/// it and no client of this node has it, retrying until the broker answers.
+fn tidy(shared: &Arc<Shared>, name: &Arc<str>) {
+    if !shared.names.tidying.lock().insert(Arc::clone(name)) {
+        return;
+    }
+    let shared = Arc::clone(shared);
+    let name = Arc::clone(name);
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if tidy_once(&shared, &name).await {
+                break;
+            }
+            tokio::select! {
+                () = shared.stop.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(shared.config.reconnect_max);
+        }
+        shared.names.tidying.lock().remove(&name);
+    });
+}
+
+/// One try of [`tidy`]: true when there is nothing more to do.
+async fn tidy_once(shared: &Arc<Shared>, name: &str) -> bool {
+    let Some(store) = store(shared).await else {
+        return false;
+    };
+    let entry = match timeout(shared.config.ack_timeout, store.entry(key_of(name))).await {
+        Ok(Ok(entry)) => entry,
+        _ => return false,
+    };
+    let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
+        return true;
+    };
+    // Read the key first, then our book: a claim of ours that ends after
+    // this check changed the revision, so the delete below cannot hit it.
+    if entry.value != shared.node.as_bytes() || shared.names.held.lock().contains_key(name) {
+        return true;
+    }
+    delete_if(shared, name, entry.revision).await
+}
+
+/// After `dead` nodes were declared dead: deletes the keys of `names` that
+/// one of them still holds, each by revision, in the background. Every
+/// node that noticed does it; the revision lets one delete through.
+pub(crate) fn free_dead(shared: &Arc<Shared>, dead: Vec<String>, names: Vec<Arc<str>>) {
+    if dead.is_empty() || names.is_empty() {
+        return;
+    }
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let Some(store) = store(&shared).await else {
+            return;
+        };
+        let bound = shared.config.ack_timeout;
+        for name in names {
+            let key = key_of(&name);
+            let Ok(Ok(Some(entry))) = timeout(bound, store.entry(&key)).await else {
+                continue;
+            };
+            let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
+            if entry.operation == Operation::Put && dead.iter().any(|node| node == holder) {
+                let deleted = timeout(
+                    bound,
+                    store.delete_expect_revision(&key, Some(entry.revision)),
+                )
+                .await;
+                if matches!(deleted, Ok(Ok(()))) {
+                    debug!(%holder, "freed a dead node's name");
+                }
+            }
+        }
+    });
+}
+
+/// The bucket, found or made; `None` while the broker cannot be asked.
+async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
+    let connection = shared.connection.get()?;
+    if connection.client.connection_state() != State::Connected {
+        return None;
+    }
+    if let Some(store) = shared.names.store.lock().clone() {
+        return Some(store);
+    }
+    let bound = shared.config.ack_timeout;
+    let bucket = bucket_of(&shared.config.room);
+    let jetstream = &connection.jetstream;
+    // The bucket's stream is made here, as a KV bucket's stream, rather
+    // than with `create_key_value`: that asks for the account's info first,
+    // and async-nats 0.46 cannot parse a 2.9 server's answer.
+    let made = timeout(
+        bound,
+        jetstream.get_or_create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some("chat-server --names: which node holds each name".into()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            // Only the holder matters, not who held it before.
+            max_messages_per_subject: 1,
+            max_bytes: 64 << 20,
+            max_message_size: 1024,
+            storage: stream::StorageType::File,
+            num_replicas: 1,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        }),
+    )
+    .await;
+    if let Ok(Err(err)) = &made {
+        warn!(cause = %err, "cannot make the names bucket");
+    }
+    let store = match made {
+        Ok(Ok(_)) => match timeout(bound, jetstream.get_key_value(bucket)).await {
+            Ok(Ok(store)) => store,
+            Ok(Err(err)) => {
+                warn!(cause = %err, "cannot open the names bucket");
+                return None;
+            }
+            Err(_) => return None,
+        },
+        _ => return None,
+    };
+    *shared.names.store.lock() = Some(store.clone());
+    Some(store)
+}
+
+impl Shared {
+    /// Whether `holder`, the node that `key` at `revision` names, may still
+    /// have a client with that name.
+    fn may_hold(&self, holder: &str, key: &str, revision: u64) -> bool {
+        if holder == self.node {
+            // Our clients' names are in our book, checked before the
+            // bucket: a key of ours that is not is left over.
+            return false;
+        }
+        let roster = self.roster.lock();
+        if roster.is_live(holder) {
+            return true;
+        }
+        if roster.is_gone(holder) {
+            return false;
+        }
+        drop(roster);
+        // Never heard of: a node that has just started may claim a name
+        // before its first heartbeat reaches us, so it is dead only once
+        // this very revision has been there, unchanged, for longer than a
+        // live node can be silent, while we heard heartbeats throughout.
+        let now = Instant::now();
+        let hearing_since = *self.hearing_since.lock();
+        let mut suspects = self.names.suspects.lock();
+        if suspects.len() >= MAX_SUSPECTS {
+            suspects.clear();
+        }
+        let first_seen = match suspects.get(key) {
+            Some(&(seen, at)) if seen == revision => at,
+            _ => {
+                suspects.insert(key.to_string(), (revision, now));
+                now
+            }
+        };
+        let dead = hearing_since.is_some_and(|since| since <= first_seen)
+            && now.duration_since(first_seen) > self.config.node_timeout;
+        if dead {
+            suspects.remove(key);
+        }
+        !dead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_for_any_name() {
+        assert_eq!(key_of("ann"), "616e6e");
+        assert_eq!(key_of("a*>.b"), "612a3e2e62");
+    }
+}
