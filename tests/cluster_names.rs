@@ -334,8 +334,8 @@ async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
         return Ok(());
     };
     let nodes = nodes(model, &broker.url(), 2, false).await?;
-    let mut ann = join(nodes[0].addr(), "ann").await?;
-    let mut dan = join(nodes[0].addr(), "dan").await?;
+    let mut ann = crossed(&nodes[1], join(nodes[0].addr(), "ann")).await?;
+    let mut dan = crossed(&nodes[1], join(nodes[0].addr(), "dan")).await?;
     ann.expect("dan has arrived").await?;
     let mut bob = join(nodes[1].addr(), "bob").await?;
     ann.expect("bob has arrived").await?;

@@ -50,6 +50,7 @@ pub enum Refused {
     NameTaken,
     /// Under `--cluster`: the room's broker, which keeps the names of every
     /// node, could not be asked in time, so no name can be given out.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     NamesUnavailable,
 }
 
