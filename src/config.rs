@@ -305,10 +305,12 @@ pub struct Config {
     /// On shutdown, how long queued messages may take to flush.
     pub shutdown_grace: Duration,
     /// `--names`: a client's first line is its name (gopl exercise 8.14),
-    /// unique in the room; it replaces `IP:PORT` in every message about it.
+    /// unique in the room (across every node under `cluster`); it replaces
+    /// `IP:PORT` in every message about it.
     pub names: bool,
     /// `--announce-present`: a newcomer is told who is already present,
-    /// right after its greeting (gopl exercise 8.12).
+    /// right after its greeting (gopl exercise 8.12); under `cluster`, the
+    /// other nodes' clients as far as their news has arrived.
     pub announce_present: bool,
     /// Join a room shared with other nodes through a NATS JetStream broker
     /// (`--cluster`); `None` is the single-process room.
