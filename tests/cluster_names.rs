@@ -427,3 +427,45 @@ async fn a_killed_nodes_names_are_freed() -> io::Result<()> {
     bob.lines_until_closed().await?;
     Ok(())
 }
+
+/// A whole room that died (its only node killed with SIGKILL) leaves its
+/// names in the bucket, held by a node that a node started afterwards has
+/// never heard of: the first request for one is refused (that node might
+/// have just started), and one made more than `--cluster-node-timeout`
+/// later takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_a_room_that_died_are_taken_over() -> io::Result<()> {
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let url = broker.url();
+    let old = ServerProcess::start(&["--cluster", &url, "--names"])?;
+    let old_addr = old.addr.parse::<SocketAddr>().map_err(io::Error::other)?;
+    let mut zed = join_when_ready(old_addr, "zed").await?;
+    old.process.signal(Signal::SIGKILL)?;
+    zed.lines_until_closed().await?;
+    let new = Node::start(Model::Sharded, &url, true, false)?;
+    wait_until(&new.counters.streams_opened, |opened| opened >= 1).await?;
+    let mut heir = unnamed(new.addr()).await?;
+    let answer = ask(&mut heir, "zed").await?;
+    ensure(answer == NAME_TAKEN, || format!("first ask: {answer:?}"))?;
+    // The node timeout is 1 s here: ask until it is free, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    loop {
+        let answer = ask(&mut heir, "zed").await?;
+        if answer == "You are zed" {
+            break;
+        }
+        ensure(answer == NAME_TAKEN && Instant::now() < deadline, || {
+            format!("got {answer:?}")
+        })?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started.elapsed();
+    ensure(waited >= Duration::from_secs(1), || {
+        format!("taken over after {waited:?}, before the node timeout")
+    })?;
+    drop(old);
+    Ok(())
+}

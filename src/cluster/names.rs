@@ -387,15 +387,17 @@ impl Shared {
         if suspects.len() >= MAX_SUSPECTS {
             suspects.clear();
         }
-        let first_seen = match suspects.get(key) {
-            Some(&(seen, at)) if seen == revision => at,
-            _ => {
-                suspects.insert(key.to_string(), (revision, now));
-                now
-            }
+        // The watch counts only from when we saw this revision while
+        // hearing heartbeats; before that, or while not hearing them, it
+        // starts again.
+        let watched_since = suspects.get(key).and_then(|&(seen, at)| {
+            (seen == revision && hearing_since.is_some_and(|since| since <= at)).then_some(at)
+        });
+        let Some(watched_since) = watched_since else {
+            suspects.insert(key.to_string(), (revision, now));
+            return true;
         };
-        let dead = hearing_since.is_some_and(|since| since <= first_seen)
-            && now.duration_since(first_seen) > self.config.node_timeout;
+        let dead = now.duration_since(watched_since) > self.config.node_timeout;
         if dead {
             suspects.remove(key);
         }
