@@ -8,7 +8,7 @@
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead.
 //! Broker time is real time: nothing here pauses tokio's clock. The
-//! nodes run with short heartbeats (see [`test_cluster`]) so that the
+//! nodes run with short heartbeats (see `common::cluster::test_cluster`) so that the
 //! failure tests take seconds; the kill -9 test uses the defaults, as the
 //! bound it checks is the default one.
 
@@ -16,12 +16,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 use std::time::Duration;
 
-use chat_server::harness::{TestClient, TestServer};
+use chat_server::harness::TestClient;
 use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
 use common::nats::Broker;
 use common::process::{ServerProcess, Signal};
 use common::{ensure, scrape, TASKS_SETTLE};
@@ -38,75 +37,6 @@ for_each_model!(
     task_counts_with_the_backplane,
     metrics_follow_the_broker,
 );
-
-/// How long a node may take to join the room or to recover from a broker
-/// restart; a bound, not a sleep.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The backplane with short timers, so failures are noticed in a second.
-fn test_cluster(url: &str) -> ClusterConfig {
-    ClusterConfig {
-        heartbeat: Duration::from_millis(200),
-        node_timeout: Duration::from_secs(1),
-        reconnect_max: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(1),
-        ..ClusterConfig::new(url)
-    }
-}
-
-/// A node in its own runtime, and its backplane counters.
-struct Node {
-    server: TestServer,
-    counters: Arc<ClusterCounters>,
-}
-
-impl Node {
-    fn start(model: Model, url: &str) -> io::Result<Node> {
-        Node::start_with(url, Config::with_model(model))
-    }
-
-    /// A node with `config`, joined to the room at `url`.
-    fn start_with(url: &str, config: Config) -> io::Result<Node> {
-        let cluster = test_cluster(url);
-        let counters = Arc::clone(&cluster.counters);
-        let server = TestServer::start(Config {
-            cluster: Some(cluster),
-            ..config
-        })?;
-        Ok(Node { server, counters })
-    }
-
-    fn metrics(&self) -> io::Result<std::net::SocketAddr> {
-        self.server
-            .metrics_addr()
-            .ok_or_else(|| io::Error::other("no metrics address"))
-    }
-
-    async fn client(&self) -> io::Result<TestClient> {
-        TestClient::connect(self.server.addr()).await
-    }
-
-    /// Waits until the node has opened the room's stream `times` times.
-    async fn joined(&self, times: u64) -> io::Result<()> {
-        wait_for(&self.counters.streams_opened, times, "streams opened").await
-    }
-}
-
-async fn wait_for(counter: &AtomicU64, at_least: u64, what: &str) -> io::Result<()> {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    loop {
-        let now = ClusterCounters::get(counter);
-        if now >= at_least {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(io::Error::other(format!(
-                "{what}: {now}, expected at least {at_least}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// Connects a client to `nodes[at]` and waits until every other node has
 /// received its arrival. Without the wait, a client connecting to another
@@ -582,8 +512,8 @@ async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
         ..Config::with_model(model)
     };
     let nodes = [
-        Node::start_with(&url, scraped())?,
-        Node::start_with(&url, scraped())?,
+        Node::start_with(test_cluster(&url), scraped())?,
+        Node::start_with(test_cluster(&url), scraped())?,
     ];
     for node in &nodes {
         node.joined(1).await?;
@@ -694,18 +624,17 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     broker.reserve_port()?;
     let url = broker.url();
     let small = |url: &str| -> io::Result<Node> {
-        let cluster = ClusterConfig {
-            // The smallest buffer --max-line 100 allows: about 20 reads.
-            buffer_bytes: 2 * 100 + 1024,
-            ..test_cluster(url)
-        };
-        let counters = Arc::clone(&cluster.counters);
-        let server = TestServer::start(Config {
-            max_line: 100,
-            cluster: Some(cluster),
-            ..Config::with_model(Model::Sharded)
-        })?;
-        Ok(Node { server, counters })
+        Node::start_with(
+            ClusterConfig {
+                // The smallest buffer --max-line 100 allows: about 20 reads.
+                buffer_bytes: 2 * 100 + 1024,
+                ..test_cluster(url)
+            },
+            Config {
+                max_line: 100,
+                ..Config::with_model(Model::Sharded)
+            },
+        )
     };
     let node = small(&url)?;
     let mut talker = node.client().await?;

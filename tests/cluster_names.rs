@@ -12,13 +12,13 @@ mod common;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chat_server::harness::{TestClient, TestServer};
+use chat_server::harness::TestClient;
 use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
 use chat_wire::{present_of, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
+use common::cluster::{test_cluster, wait_until, Node, JOIN_TIMEOUT};
 use common::ensure;
 use common::nats::Broker;
 use common::process::{ServerProcess, Signal};
@@ -32,63 +32,40 @@ for_each_model!(
     broker_away_refuses_new_names_only,
 );
 
-/// A bound on how long a node may take to join the room; not a sleep.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The backplane with short timers, as in tests/cluster.rs.
-fn test_cluster(url: &str) -> ClusterConfig {
-    ClusterConfig {
-        heartbeat: Duration::from_millis(200),
-        node_timeout: Duration::from_secs(1),
-        reconnect_max: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(1),
-        ..ClusterConfig::new(url)
-    }
-}
-
-struct Node {
-    server: TestServer,
-    counters: Arc<ClusterCounters>,
-}
-
-impl Node {
-    fn start(model: Model, url: &str, names: bool, present: bool) -> io::Result<Node> {
-        let cluster = test_cluster(url);
-        let counters = Arc::clone(&cluster.counters);
-        let server = TestServer::start(Config {
-            names,
-            announce_present: present,
-            cluster: Some(cluster),
-            ..Config::with_model(model)
-        })?;
-        Ok(Node { server, counters })
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-}
-
-/// `n` nodes, each in the room (its consumer open) before it returns.
+/// `n` nodes under `--names`, each in the room (its consumer open) before
+/// it returns.
 async fn nodes(model: Model, url: &str, n: usize, present: bool) -> io::Result<Vec<Node>> {
     let nodes = (0..n)
-        .map(|_| Node::start(model, url, true, present))
+        .map(|_| named_node(model, url, present))
         .collect::<io::Result<Vec<_>>>()?;
     for node in &nodes {
-        wait_until(&node.counters.streams_opened, |opened| opened >= 1).await?;
+        node.joined(1).await?;
     }
     Ok(nodes)
 }
 
-async fn wait_until(counter: &AtomicU64, done: impl Fn(u64) -> bool) -> io::Result<()> {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    while !done(ClusterCounters::get(counter)) {
-        ensure(Instant::now() < deadline, || {
-            format!("counter stuck at {}", ClusterCounters::get(counter))
-        })?;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// The short timers of the other cluster tests, but a longer bound on each
+/// broker call: the room's first named joins make the names bucket, and a
+/// file store just after other tests' brokers stopped can take more than a
+/// second to create it (a bound, not a sleep: calls that succeed return at
+/// once, and while the broker is away the refusal is immediate).
+fn names_cluster(url: &str) -> ClusterConfig {
+    ClusterConfig {
+        ack_timeout: Duration::from_secs(3),
+        ..test_cluster(url)
     }
-    Ok(())
+}
+
+/// A node under `--names` (and `--announce-present` if `present`).
+fn named_node(model: Model, url: &str, present: bool) -> io::Result<Node> {
+    Node::start_with(
+        names_cluster(url),
+        Config {
+            names: true,
+            announce_present: present,
+            ..Config::with_model(model)
+        },
+    )
 }
 
 async fn unnamed(addr: SocketAddr) -> io::Result<TestClient> {
@@ -158,7 +135,10 @@ async fn crossed<T>(
 ) -> io::Result<T> {
     let before = ClusterCounters::get(&other.counters.received);
     let arrived = arrive.await?;
-    wait_until(&other.counters.received, |received| received > before).await?;
+    wait_until(&other.counters.received, "batches received", |received| {
+        received > before
+    })
+    .await?;
     Ok(arrived)
 }
 
@@ -294,21 +274,20 @@ async fn present_lists_every_node(model: Model) -> io::Result<()> {
     // Addresses, on fresh nodes of the same broker (another room's worth
     // of clients would be listed otherwise: use a room of their own).
     let room = |url: &str| -> io::Result<Node> {
-        let cluster = ClusterConfig {
-            room: "addresses".into(),
-            ..test_cluster(url)
-        };
-        let counters = Arc::clone(&cluster.counters);
-        let server = TestServer::start(Config {
-            announce_present: true,
-            cluster: Some(cluster),
-            ..Config::with_model(model)
-        })?;
-        Ok(Node { server, counters })
+        Node::start_with(
+            ClusterConfig {
+                room: "addresses".into(),
+                ..names_cluster(url)
+            },
+            Config {
+                announce_present: true,
+                ..Config::with_model(model)
+            },
+        )
     };
     let nodes = [room(&broker.url())?, room(&broker.url())?];
     for node in &nodes {
-        wait_until(&node.counters.streams_opened, |opened| opened >= 1).await?;
+        node.joined(1).await?;
     }
     let mut b = crossed(&nodes[0], TestClient::connect(nodes[1].addr())).await?;
     b.expect("present (0): nobody").await?;
@@ -341,7 +320,12 @@ async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
     ann.expect("bob has arrived").await?;
     dan.expect("bob has arrived").await?;
     tokio::task::block_in_place(|| broker.stop("KILL"))?;
-    wait_until(&nodes[0].counters.connected, |connected| connected == 0).await?;
+    wait_until(
+        &nodes[0].counters.connected,
+        "disconnected from the broker",
+        |connected| connected == 0,
+    )
+    .await?;
     let mut newcomer = unnamed(nodes[0].addr()).await?;
     let answer = ask(&mut newcomer, "cat").await?;
     ensure(answer == NAMES_UNAVAILABLE, || format!("got {answer:?}"))?;
@@ -351,7 +335,12 @@ async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
     bob.send("me too").await?;
     bob.expect("bob: me too").await?;
     tokio::task::block_in_place(|| broker.run())?;
-    wait_until(&nodes[0].counters.connected, |connected| connected == 1).await?;
+    wait_until(
+        &nodes[0].counters.connected,
+        "connected to the broker",
+        |connected| connected == 1,
+    )
+    .await?;
     // Connected is not yet answered: the client may be told to try again
     // while the broker's JetStream settles, as any client would be.
     let deadline = Instant::now() + JOIN_TIMEOUT;
@@ -444,8 +433,8 @@ async fn names_of_a_room_that_died_are_taken_over() -> io::Result<()> {
     let mut zed = join_when_ready(old_addr, "zed").await?;
     old.process.signal(Signal::SIGKILL)?;
     zed.lines_until_closed().await?;
-    let new = Node::start(Model::Sharded, &url, true, false)?;
-    wait_until(&new.counters.streams_opened, |opened| opened >= 1).await?;
+    let new = named_node(Model::Sharded, &url, false)?;
+    new.joined(1).await?;
     let mut heir = unnamed(new.addr()).await?;
     let answer = ask(&mut heir, "zed").await?;
     ensure(answer == NAME_TAKEN, || format!("first ask: {answer:?}"))?;

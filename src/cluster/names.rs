@@ -342,19 +342,21 @@ async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
         }),
     )
     .await;
-    if let Ok(Err(err)) = &made {
-        warn!(cause = %err, "cannot make the names bucket");
+    match made {
+        Ok(Ok(_)) => {}
+        // Several nodes making the bucket at once (the room's first named
+        // joins): one creates it and the others may be told its name is in
+        // use. Opening it below settles whether it is there.
+        Ok(Err(err)) => debug!(cause = %err, "making the names bucket failed; opening it"),
+        Err(_) => return None,
     }
-    let store = match made {
-        Ok(Ok(_)) => match timeout(bound, jetstream.get_key_value(bucket)).await {
-            Ok(Ok(store)) => store,
-            Ok(Err(err)) => {
-                warn!(cause = %err, "cannot open the names bucket");
-                return None;
-            }
-            Err(_) => return None,
-        },
-        _ => return None,
+    let store = match timeout(bound, jetstream.get_key_value(bucket)).await {
+        Ok(Ok(store)) => store,
+        Ok(Err(err)) => {
+            warn!(cause = %err, "cannot open the names bucket");
+            return None;
+        }
+        Err(_) => return None,
     };
     *shared.names.store.lock() = Some(store.clone());
     Some(store)

@@ -12,6 +12,8 @@ use chat_server::{Config, Model};
 use tokio::sync::Barrier;
 use tokio::time::Instant;
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod scrape;
 
 /// For each `name`, a module `name` with one `#[tokio::test]` per model that

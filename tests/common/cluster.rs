@@ -1,0 +1,96 @@
+//! What the cluster tests share: nodes in their own runtimes, joined to a
+//! room on a real broker, with timers short enough that failures show in a
+//! second, and waits on their backplane counters (bounded, never sleeps as
+//! synchronisation).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_server::harness::{TestClient, TestServer};
+use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use tokio::time::Instant;
+
+/// How long a node may take to join the room or to recover from a broker
+/// restart; a bound, not a sleep.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The backplane with short timers, so failures are noticed in a second.
+pub fn test_cluster(url: &str) -> ClusterConfig {
+    ClusterConfig {
+        heartbeat: Duration::from_millis(200),
+        node_timeout: Duration::from_secs(1),
+        reconnect_max: Duration::from_millis(200),
+        ack_timeout: Duration::from_secs(1),
+        ..ClusterConfig::new(url)
+    }
+}
+
+/// A node in its own runtime, and its backplane counters.
+pub struct Node {
+    pub server: TestServer,
+    pub counters: Arc<ClusterCounters>,
+}
+
+impl Node {
+    /// A node of `model` with default settings, joined to the room at `url`.
+    pub fn start(model: Model, url: &str) -> io::Result<Node> {
+        Node::start_with(test_cluster(url), Config::with_model(model))
+    }
+
+    /// A node with `config`, joined to the room `cluster` names.
+    pub fn start_with(cluster: ClusterConfig, config: Config) -> io::Result<Node> {
+        let counters = Arc::clone(&cluster.counters);
+        let server = TestServer::start(Config {
+            cluster: Some(cluster),
+            ..config
+        })?;
+        Ok(Node { server, counters })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    pub fn metrics(&self) -> io::Result<SocketAddr> {
+        self.server
+            .metrics_addr()
+            .ok_or_else(|| io::Error::other("no metrics address"))
+    }
+
+    pub async fn client(&self) -> io::Result<TestClient> {
+        TestClient::connect(self.server.addr()).await
+    }
+
+    /// Waits until the node has opened the room's stream `times` times.
+    pub async fn joined(&self, times: u64) -> io::Result<()> {
+        wait_for(&self.counters.streams_opened, times, "streams opened").await
+    }
+}
+
+/// Waits (within [`JOIN_TIMEOUT`]) until `counter` is at least `at_least`.
+pub async fn wait_for(counter: &AtomicU64, at_least: u64, what: &str) -> io::Result<()> {
+    let what = format!("{what}, expected at least {at_least}");
+    wait_until(counter, &what, |now| now >= at_least).await
+}
+
+/// Waits (within [`JOIN_TIMEOUT`]) until `done` holds for `counter`.
+pub async fn wait_until(
+    counter: &AtomicU64,
+    what: &str,
+    done: impl Fn(u64) -> bool,
+) -> io::Result<()> {
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let now = ClusterCounters::get(counter);
+        if done(now) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!("{what}: stuck at {now}")));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
