@@ -4,11 +4,10 @@
 
 use std::io::{self, Read};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use chat_testkit::ensure;
 use chat_testkit::process::{
-    nc_installed, our_netcat, system_nc, LineChild, ServerProcess, Signal, PROCESS_TIMEOUT,
+    nc_installed, our_netcat, system_nc, wait_or_kill, LineChild, ServerProcess, Signal,
 };
 
 /// Reads `You are IP:PORT` and returns `IP:PORT`.
@@ -237,18 +236,7 @@ fn a_closed_stdout_ends_netcat_cleanly() -> io::Result<()> {
     for _ in 0..50 {
         talker.type_line("anyone there?")?;
     }
-    let deadline = Instant::now() + PROCESS_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            return Err(io::Error::other("netcat kept running with stdout closed"));
-        }
-        // Exit has no notification we can wait on with a timeout in std.
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_or_kill(&mut child, "netcat with its stdout closed")?;
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         pipe.read_to_string(&mut stderr)?;
@@ -273,17 +261,7 @@ fn closed_stdout_and_stderr_end_netcat_without_a_panic() -> io::Result<()> {
         .spawn()?;
     drop(child.stdout.take());
     drop(child.stderr.take());
-    let deadline = Instant::now() + PROCESS_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return Err(io::Error::other("netcat kept running with stdout gone"));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
+    let status = wait_or_kill(&mut child, "netcat with its stdout and stderr gone")?;
     ensure(status.code() != Some(101), || {
         format!("exit status {status}: a panic")
     })

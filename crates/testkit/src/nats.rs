@@ -8,7 +8,6 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -123,21 +122,17 @@ impl Broker {
             .take()
             .ok_or_else(|| io::Error::other("no stderr"))?;
         self.child = Some(child);
-        let (lines, log) = mpsc::channel();
-        // Drains the log for the broker's whole life, so it never blocks on it.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let _ = lines.send(line);
-            }
-        });
+        // Drained for the broker's whole life, so it never blocks on its log.
+        let log = crate::process::lines_of(stderr);
         let deadline = Instant::now() + START_TIMEOUT;
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = log.recv_timeout(left).map_err(|_| {
-                io::Error::other(format!("nats-server did not start; its log: {seen:#?}"))
-            })?;
+            let Ok(Ok(line)) = log.recv_timeout(left) else {
+                return Err(io::Error::other(format!(
+                    "nats-server did not start; its log: {seen:#?}"
+                )));
+            };
             if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
                 let found = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
                 self.port =

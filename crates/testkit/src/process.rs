@@ -81,6 +81,23 @@ pub fn installed_or_skip(
 /// How long a test waits for one line or one exit before failing.
 pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The lines of a child's `output`, read by a thread of their own for as
+/// long as anyone receives them, so the child never blocks on a full pipe
+/// and a reader can wait for a line with a timeout.
+pub fn lines_of<R: std::io::Read + Send + 'static>(
+    output: R,
+) -> mpsc::Receiver<io::Result<String>> {
+    let (send, lines) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            if send.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
+}
+
 /// A child process with line-by-line access to its stdout.
 pub struct LineChild {
     pub child: Child,
@@ -112,18 +129,10 @@ impl LineChild {
             .stdout
             .take()
             .ok_or_else(|| io::Error::other("no stdout"))?;
-        let (send, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
         Ok(LineChild {
             stdin: child.stdin.take(),
+            lines: lines_of(stdout),
             child,
-            lines,
             name: name.to_string(),
         })
     }
@@ -193,27 +202,33 @@ impl LineChild {
 
     /// Waits for the process to exit, killing it after [`PROCESS_TIMEOUT`].
     pub fn wait(&mut self) -> io::Result<ExitStatus> {
-        let deadline = Instant::now() + PROCESS_TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{} did not exit", self.name),
-                ));
-            }
-            // Exit has no notification we can wait on with a timeout in std.
-            thread::sleep(Duration::from_millis(10));
-        }
+        wait_or_kill(&mut self.child, &self.name)
     }
 
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) -> io::Result<()> {
         let pid = i32::try_from(self.child.id()).map_err(io::Error::other)?;
         kill(Pid::from_raw(pid), signal).map_err(io::Error::from)
+    }
+}
+
+/// Waits for `child` (called `name` in the error) to exit, killing it
+/// after [`PROCESS_TIMEOUT`].
+pub fn wait_or_kill(child: &mut Child, name: &str) -> io::Result<ExitStatus> {
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{name} did not exit"),
+            ));
+        }
+        // Exit has no notification we can wait on with a timeout in std.
+        thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -2,10 +2,8 @@
 //! on a free loopback port, without persistence (`--save ''`,
 //! `--appendonly no`), killed when dropped.
 
-use std::io::{self, BufRead, BufReader};
+use std::io;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::nats::free_port;
@@ -73,23 +71,18 @@ impl RedisServer {
             .as_mut()
             .and_then(|child| child.stdout.take())
             .ok_or_else(|| io::Error::other("no stdout"))?;
-        let (lines, log) = mpsc::channel();
-        // Drains the log for the server's whole life, so it never blocks on it.
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = lines.send(line);
-            }
-        });
+        // Drained for the server's whole life, so it never blocks on its log.
+        let log = crate::process::lines_of(stdout);
         let deadline = Instant::now() + START_TIMEOUT;
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match log.recv_timeout(left) {
-                Ok(line) if line.contains("Ready to accept connections") => return Ok(None),
-                Ok(line) => seen.push(line),
-                // Exited (its port was taken) or too slow: the caller retries.
-                Err(_) => return Ok(Some(seen)),
+                Ok(Ok(line)) if line.contains("Ready to accept connections") => return Ok(None),
+                Ok(Ok(line)) => seen.push(line),
+                // Exited (its port was taken), unreadable or too slow: the
+                // caller retries.
+                Ok(Err(_)) | Err(_) => return Ok(Some(seen)),
             }
         }
     }
