@@ -142,6 +142,23 @@ impl Outbox {
         self.push(message);
     }
 
+    /// [`Outbox::announce`]s `arrival` to each of `outboxes` and returns
+    /// their names: a newcomer's `present` list, made in the one step in
+    /// which its arrival reaches them (the step each model holds its lock
+    /// or membership for).
+    pub fn announce_to_each<O: std::ops::Deref<Target = Outbox>>(
+        outboxes: impl IntoIterator<Item = O>,
+        arrival: &Message,
+    ) -> Vec<Arc<str>> {
+        outboxes
+            .into_iter()
+            .map(|outbox| {
+                outbox.announce(arrival);
+                Arc::clone(outbox.who())
+            })
+            .collect()
+    }
+
     /// Appends a message whose bytes the budget has already granted.
     fn push(&self, message: &Message) {
         if self.tx.send(message.clone()).is_err() {

@@ -191,13 +191,7 @@ async fn broadcaster(
                     continue;
                 }
                 let present = if options.presence {
-                    clients
-                        .values()
-                        .map(|outbox| {
-                            outbox.announce(&arrival);
-                            Arc::clone(outbox.who())
-                        })
-                        .collect()
+                    Outbox::announce_to_each(clients.values(), &arrival)
                 } else {
                     deliver(&arrival, &clients).await;
                     Vec::new()

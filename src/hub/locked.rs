@@ -86,13 +86,7 @@ impl Hub for LockedHub {
                 return Err(Refused::NameTaken);
             }
             let present = if self.presence {
-                room.clients
-                    .values()
-                    .map(|outbox| {
-                        outbox.announce(&arrival);
-                        Arc::clone(outbox.who())
-                    })
-                    .collect()
+                Outbox::announce_to_each(room.clients.values(), &arrival)
             } else {
                 Vec::new()
             };

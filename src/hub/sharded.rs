@@ -111,14 +111,7 @@ impl Hub for ShardedHub {
             });
         };
         let _changing = membership.lock();
-        let present = self
-            .clients
-            .iter()
-            .map(|entry| {
-                entry.value().announce(&arrival);
-                Arc::clone(entry.value().who())
-            })
-            .collect();
+        let present = Outbox::announce_to_each(self.clients.iter(), &arrival);
         // Only after the walk: inserting takes a shard's write lock, which
         // the walk's read guard on that shard would deadlock against.
         self.clients.insert(client.id, outbox);
