@@ -16,7 +16,6 @@
 mod common;
 
 use std::io;
-use std::net::SocketAddr;
 
 use chat_server::harness::TestClient;
 use chat_server::Model;
@@ -54,7 +53,7 @@ async fn a_partitioned_node_is_declared_dead_and_heard_again_after_heal(
     let Some(broker) = Broker::start()? else {
         return Ok(());
     };
-    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], broker.port)))?;
+    let relay = Relay::start(broker.addr())?;
     let cut = Node::start(model, &relay.nats_url())?;
     let other = Node::start(model, &broker.url())?;
     cut.joined(1).await?;
