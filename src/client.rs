@@ -184,12 +184,13 @@ impl Client {
 /// Senders take from the budget before queueing a message and the writer
 /// gives back once the bytes are on the socket. Only the block policy ever
 /// waits for room, so only it pays for the wake-up machinery: for the other
-/// policies taking and giving back are one atomic add each.
+/// policies taking and giving back are one atomic add each, and the
+/// `Notify` is boxed so that they do not carry its 40 bytes either.
 #[derive(Debug)]
 pub struct Budget {
     queued: AtomicUsize,
     limit: usize,
-    room: Option<Notify>,
+    room: Option<Box<Notify>>,
 }
 
 impl Budget {
@@ -197,7 +198,7 @@ impl Budget {
         Budget {
             queued: AtomicUsize::new(0),
             limit,
-            room: senders_wait.then(Notify::new),
+            room: senders_wait.then(|| Box::new(Notify::new())),
         }
     }
 

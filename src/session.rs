@@ -334,11 +334,13 @@ async fn read_loop<H: Hub, R: SessionRead>(
 /// Reads nothing until `until`, so that TCP pushes back on this client
 /// alone. Boxed: only a client over its budget waits here. Returns false if
 /// the connection must end first.
-async fn hold_off(until: Instant, client: &Client) -> bool {
-    tokio::select! {
-        () = Box::pin(tokio::time::sleep_until(until)) => true,
-        () = client.ending() => false,
-    }
+fn hold_off(until: Instant, client: &Client) -> Pin<Box<impl Future<Output = bool> + Send + '_>> {
+    Box::pin(async move {
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => true,
+            () = client.ending() => false,
+        }
+    })
 }
 
 /// Sleeps until `deadline`, or forever. The timer is boxed so that it costs
