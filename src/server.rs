@@ -175,7 +175,10 @@ async fn serve<H: Hub>(
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
         flood: FloodLimits::from_config(&config),
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(match metrics_listener {
+            Some(_) => Metrics::default(),
+            None => Metrics::without_gauges(),
+        }),
         gate,
         config,
     });

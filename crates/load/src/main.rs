@@ -86,6 +86,12 @@ struct LoadArgs {
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     hold: f64,
 
+    /// Idle: fail (exit status 1, after the report) when the server's RSS per
+    /// connection after holding them is over this many KiB. The idle figure's
+    /// guard against creeping back: 3 KiB for our server at -n 5000.
+    #[arg(long, value_name = "KIB")]
+    max_kib_per_connection: Option<f64>,
+
     /// The server's pid, for its CPU time (/proc/PID/task/*/schedstat) and RSS (/proc/PID/status).
     /// Repeat it for a server of several processes (a cluster's broker and
     /// nodes): their CPU and memory are summed.
@@ -435,10 +441,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
     let report = load::run(scenario, &options).await?;
     if args.common.json {
-        results(&format!("{}\n", report.to_json()))
+        results(&format!("{}\n", report.to_json()))?;
     } else {
-        results(&report.to_table())
+        results(&report.to_table())?;
     }
+    match args.max_kib_per_connection {
+        Some(max) => over_memory_budget(&report, max),
+        None => Ok(()),
+    }
+}
+
+/// `--max-kib-per-connection`: the held figure, or an error saying why it
+/// cannot be checked.
+fn over_memory_budget(report: &load::report::Report, max: f64) -> anyhow::Result<()> {
+    let held = report
+        .idle
+        .as_ref()
+        .and_then(|idle| idle.per_connection_held_kib)
+        .context("--max-kib-per-connection needs the idle scenario and --server-pid")?;
+    if held > max {
+        anyhow::bail!("{held:.2} KiB per idle connection, over --max-kib-per-connection {max}");
+    }
+    Ok(())
 }
 
 /// Writes the results to stdout. Unlike `print!`, a closed stdout is an
