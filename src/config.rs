@@ -2,13 +2,14 @@
 //! one client from hurting the others.
 //!
 //! Everything here is plain data with defaults; `bin/chat-server.rs` maps
-//! command-line flags onto it and tests build it directly. The enums are
-//! [`Choice`]s: named, described and parsed here, so that the binary can
-//! offer them as flag values without the library depending on `clap`.
+//! command-line flags onto it, taking every flag's default from
+//! [`Config::default`] and [`ClusterConfig::new`], and tests build it
+//! directly. The enums derive `clap::ValueEnum` under the `cli` feature
+//! (their variants' doc comments are the flag values' help), so the
+//! library without `cli` does not depend on `clap`.
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +20,15 @@ use crate::protocol::DEFAULT_MAX_LINE;
 ///
 /// Each is one file under `src/hub/`; see ARCHITECTURE.md for the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Model {
+    /// Senders in a DashMap; each reader fans its lines out directly (no broadcaster task)
     Sharded,
+    /// The seed's design: one task owns the client map; entering/leaving/messages channels
     Broadcaster,
+    /// Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock
     Locked,
+    /// One tokio::sync::broadcast channel; every writer holds a receiver
     Broadcast,
 }
 
@@ -42,22 +48,6 @@ impl Model {
             Model::Broadcaster => "broadcaster",
             Model::Locked => "locked",
             Model::Broadcast => "broadcast",
-        }
-    }
-
-    /// What the model is, in one line (the flag's help).
-    pub fn help(self) -> &'static str {
-        match self {
-            Model::Sharded => {
-                "Senders in a DashMap; each reader fans its lines out directly (no broadcaster task)"
-            }
-            Model::Broadcaster => {
-                "The seed's design: one task owns the client map; entering/leaving/messages channels"
-            }
-            Model::Locked => {
-                "Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock"
-            }
-            Model::Broadcast => "One tokio::sync::broadcast channel; every writer holds a receiver",
         }
     }
 
@@ -86,9 +76,13 @@ impl fmt::Display for Model {
 /// What happens to a client whose outbound queue is over `max_pending`
 /// bytes, or which accepted no byte for `write_timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum SlowClientPolicy {
+    /// Drop that client (it gets `error: disconnected: too slow`); nobody waits for it
     Disconnect,
+    /// Skip the message for that client only; the count is logged when it leaves
     Drop,
+    /// Make the sender wait for room, as the seed does (one stuck reader stalls everyone)
     Block,
 }
 
@@ -99,21 +93,6 @@ impl SlowClientPolicy {
         SlowClientPolicy::Drop,
         SlowClientPolicy::Block,
     ];
-
-    /// What the policy does, in one line (the flag's help).
-    pub fn help(self) -> &'static str {
-        match self {
-            SlowClientPolicy::Disconnect => {
-                "Drop that client (it gets `error: disconnected: too slow`); nobody waits for it"
-            }
-            SlowClientPolicy::Drop => {
-                "Skip the message for that client only; the count is logged when it leaves"
-            }
-            SlowClientPolicy::Block => {
-                "Make the sender wait for room, as the seed does (one stuck reader stalls everyone)"
-            }
-        }
-    }
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -134,24 +113,17 @@ impl fmt::Display for SlowClientPolicy {
 /// The per-client queue of the models that have one (`sharded`,
 /// `broadcaster`, `locked`; `broadcast` has a shared ring instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum QueueKind {
+    /// A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained
     Swap,
+    /// tokio's unbounded mpsc channel; keeps the blocks a burst grew
     Mpsc,
 }
 
 impl QueueKind {
     /// Every queue.
     pub const ALL: [QueueKind; 2] = [QueueKind::Swap, QueueKind::Mpsc];
-
-    /// What the queue is, in one line (the flag's help).
-    pub fn help(self) -> &'static str {
-        match self {
-            QueueKind::Swap => {
-                "A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained"
-            }
-            QueueKind::Mpsc => "tokio's unbounded mpsc channel; keeps the blocks a burst grew",
-        }
-    }
 
     /// The name used on the command line.
     pub fn name(self) -> &'static str {
@@ -168,69 +140,9 @@ impl fmt::Display for QueueKind {
     }
 }
 
-/// A setting chosen by name: every value, its name and its description.
-pub trait Choice: Copy + Sized + 'static {
-    /// Every value, in the order help texts list them.
-    const ALL: &'static [Self];
-    /// The name used on the command line.
-    fn name(self) -> &'static str;
-    /// One line saying what the value does.
-    fn help(self) -> &'static str;
-}
-
-/// A name that is none of a [`Choice`]'s values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} `{name}`; expected one of: {expected}")]
-pub struct UnknownName {
-    pub what: &'static str,
-    pub name: String,
-    pub expected: String,
-}
-
-fn parse_choice<T: Choice>(what: &'static str, name: &str) -> Result<T, UnknownName> {
-    T::ALL
-        .iter()
-        .copied()
-        .find(|value| value.name() == name)
-        .ok_or_else(|| UnknownName {
-            what,
-            name: name.to_owned(),
-            expected: T::ALL
-                .iter()
-                .map(|value| value.name())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
-}
-
-macro_rules! choice {
-    ($type:ty, $what:literal) => {
-        impl Choice for $type {
-            const ALL: &'static [Self] = &<$type>::ALL;
-            fn name(self) -> &'static str {
-                <$type>::name(self)
-            }
-            fn help(self) -> &'static str {
-                <$type>::help(self)
-            }
-        }
-
-        impl FromStr for $type {
-            type Err = UnknownName;
-            fn from_str(name: &str) -> Result<Self, UnknownName> {
-                parse_choice($what, name)
-            }
-        }
-    };
-}
-
-choice!(Model, "model");
-choice!(SlowClientPolicy, "slow-client policy");
-choice!(QueueKind, "queue");
-
 /// Default cap on the bytes queued for one client: Redis's pub/sub hard
 /// limit. ARCHITECTURE.md explains the choice and the memory it implies.
-pub const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
+const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
 
 /// The most bytes one line of `max_line` input bytes can take once formatted
 /// for the others: the sender's name, `: `, the text after sanitising and the
@@ -242,16 +154,16 @@ pub fn longest_message(max_line: usize) -> usize {
 }
 
 /// Default input budget per client, lines per second (see [`Config::flood_lines`]).
-pub const DEFAULT_FLOOD_LINES: u32 = 500;
+const DEFAULT_FLOOD_LINES: u32 = 500;
 
 /// Default input budget per client, bytes per second (see [`Config::flood_bytes`]).
-pub const DEFAULT_FLOOD_BYTES: u32 = 64 * 1024;
+const DEFAULT_FLOOD_BYTES: u32 = 64 * 1024;
 
 /// Default connections from one address (IPv4) or one /64 (IPv6).
-pub const DEFAULT_MAX_CLIENTS_PER_IP: usize = 100;
+const DEFAULT_MAX_CLIENTS_PER_IP: usize = 100;
 
 /// Default time to notice a peer that vanished without FIN or RST.
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// The default `--max-client-memory`: a quarter of the machine's physical
 /// memory, or 1 GiB where that cannot be read. ARCHITECTURE.md explains
@@ -428,7 +340,7 @@ impl Default for Config {
 /// at the ~100 bytes of a typical batch, about 160,000 reads, minutes of a
 /// busy room, and still a small fraction of one slow client's
 /// `--max-pending` (32 MiB).
-pub const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
+const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
 
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
 #[derive(Debug, Clone)]
@@ -796,21 +708,32 @@ mod tests {
         assert!(config.validate().is_err());
     }
 
-    /// The names the library parses are the ones the load tool and the
-    /// banner use, and a wrong one lists them.
+    /// The models' names are the ones the load tool and the banner use.
     #[test]
-    fn model_names_match_the_banner_and_parse() {
+    fn model_names_match_the_banner() {
         let names: Vec<&str> = Model::ALL.iter().map(|model| model.name()).collect();
         assert_eq!(names, chat_wire::banner::MODELS);
-        for model in Model::ALL {
-            assert_eq!(model.name().parse::<Model>(), Ok(model));
+    }
+
+    /// The flag values clap derives are the names the library prints.
+    #[cfg(feature = "cli")]
+    #[test]
+    fn flag_values_are_the_names() {
+        use clap::ValueEnum;
+        fn flag(value: impl ValueEnum) -> Option<String> {
+            value
+                .to_possible_value()
+                .map(|possible| possible.get_name().to_owned())
         }
-        let err = "actors".parse::<Model>().unwrap_err().to_string();
-        assert!(
-            err.contains("sharded, broadcaster, locked, broadcast"),
-            "{err}"
-        );
-        assert_eq!("drop".parse(), Ok(SlowClientPolicy::Drop));
-        assert_eq!("mpsc".parse(), Ok(QueueKind::Mpsc));
+        for model in Model::ALL {
+            assert_eq!(flag(model).as_deref(), Some(model.name()));
+        }
+        for policy in SlowClientPolicy::ALL {
+            assert_eq!(flag(policy).as_deref(), Some(policy.name()));
+        }
+        for queue in QueueKind::ALL {
+            assert_eq!(flag(queue).as_deref(), Some(queue.name()));
+        }
+        assert_eq!(Model::from_str("locked", false), Ok(Model::Locked));
     }
 }

@@ -50,8 +50,10 @@
 //! - `metrics`: the server's counters and the Prometheus endpoint;
 //! - `tls`: loading the certificate (and reloading it on SIGHUP) and the
 //!   bounded handshake;
-//! - `transport`: plain TCP and TLS behind the interface a session uses.
+//! - `transport`: plain TCP and TLS behind the interface a session uses;
+//! - `backoff`: the doubling pause every retry takes.
 
+mod backoff;
 mod client;
 #[cfg(feature = "cluster")]
 mod cluster;
@@ -74,9 +76,6 @@ mod tls;
 mod transport;
 
 pub use config::{
-    default_max_client_memory, Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
-    Password, QueueKind, SlowClientPolicy, TlsFiles, UnknownName, DEFAULT_CLUSTER_BUFFER,
-    DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES, DEFAULT_KEEPALIVE, DEFAULT_MAX_CLIENTS_PER_IP,
-    DEFAULT_MAX_PENDING,
+    default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
+    Password, QueueKind, SlowClientPolicy, TlsFiles,
 };
-pub use protocol::DEFAULT_MAX_LINE;

@@ -56,8 +56,7 @@ impl Gate {
         };
         match self.failures.lock().get(&ip) {
             Some(failures) if failures.last.elapsed() < FORGET_AFTER => {
-                let doublings = failures.count.saturating_sub(1).min(16);
-                (FIRST_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
+                crate::backoff::doubling(FIRST_DELAY, MAX_DELAY, failures.count)
             }
             _ => Duration::ZERO,
         }

@@ -518,9 +518,11 @@ impl AcceptBackoff {
         if self.failures == 0 {
             warn!(cause = %err, "accept failed; retrying with backoff");
         }
-        let pause = Duration::from_millis(5) * 2u32.saturating_pow(self.failures.min(8) as u32);
         self.failures += 1;
-        tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
+        let failures = u32::try_from(self.failures).unwrap_or(u32::MAX);
+        let pause =
+            crate::backoff::doubling(Duration::from_millis(5), Duration::from_secs(1), failures);
+        tokio::time::sleep(pause).await;
     }
 
     fn succeeded(&mut self) {

@@ -20,8 +20,7 @@
 //!   become full-size (16 KiB) records.
 
 use std::io;
-use std::sync::{Arc, LazyLock};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -299,17 +298,8 @@ impl SessionWrite for TlsWriter {
     }
 }
 
-/// A waker that does nothing, for a poll that only tries: the wait that
-/// follows a `WouldBlock` registers the task's real waker.
-struct Noop;
-
-impl Wake for Noop {
-    fn wake(self: Arc<Noop>) {}
-    fn wake_by_ref(self: &Arc<Noop>) {}
-}
-
-static NOOP: LazyLock<Waker> = LazyLock::new(|| Waker::from(Arc::new(Noop)));
-
+/// A context whose waker does nothing, for a poll that only tries: the
+/// wait that follows a `WouldBlock` registers the task's real waker.
 fn noop_context() -> Context<'static> {
-    Context::from_waker(&NOOP)
+    Context::from_waker(Waker::noop())
 }

@@ -11,15 +11,14 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_server::{
-    default_max_client_memory, server, Choice, ClusterConfig, Config, Model, Password, QueueKind,
-    SlowClientPolicy, TlsFiles, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES,
-    DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
+    default_max_client_memory, server, ClusterConfig, Config, Model, Password, QueueKind,
+    SlowClientPolicy, TlsFiles,
 };
-use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -35,31 +34,31 @@ struct Args {
     addr: String,
 
     /// Concurrency model that owns the set of clients.
-    #[arg(long, value_parser = choice::<Model>(), default_value = Model::Sharded.name())]
+    #[arg(long, value_enum, default_value_t = DEFAULTS.model)]
     model: Model,
 
     /// What to do with a client that cannot keep up.
-    #[arg(long, value_parser = choice::<SlowClientPolicy>(), default_value = SlowClientPolicy::Disconnect.name())]
+    #[arg(long, value_enum, default_value_t = DEFAULTS.slow_client)]
     slow_client: SlowClientPolicy,
 
     /// Per-client queue of the sharded, broadcaster and locked models [default: swap].
-    #[arg(long, value_parser = choice::<QueueKind>())]
+    #[arg(long, value_enum)]
     queue: Option<QueueKind>,
 
     /// Bytes that may wait in one client's outbound queue before it counts as slow.
-    #[arg(long, default_value_t = DEFAULT_MAX_PENDING)]
+    #[arg(long, default_value_t = DEFAULTS.max_pending)]
     max_pending: usize,
 
     /// Seconds a client with data pending may accept no byte before it counts as stuck.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = secs(DEFAULTS.write_timeout))]
     write_timeout: f64,
 
     /// Longest line a client may send, in bytes; longer gets an error and a disconnect.
-    #[arg(long, default_value_t = DEFAULT_MAX_LINE)]
+    #[arg(long, default_value_t = DEFAULTS.max_line)]
     max_line: usize,
 
     /// Connections served at once; one more is told `error: server full`.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = DEFAULTS.max_clients)]
     max_clients: usize,
 
     /// Disconnect clients that send nothing for this many seconds (off by default).
@@ -67,7 +66,7 @@ struct Args {
     idle_timeout: Option<f64>,
 
     /// Seconds queued messages may take to flush on shutdown.
-    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+    #[arg(long, value_name = "SECS", default_value_t = secs(DEFAULTS.shutdown_grace))]
     shutdown_grace: f64,
 
     /// Ask each client for a name first (its first line: 1-32 printable ASCII
@@ -93,7 +92,7 @@ struct Args {
     #[arg(
         long,
         value_name = "NAME",
-        default_value = "chat",
+        default_value_t = CLUSTER_DEFAULTS.room.clone(),
         requires = "cluster"
     )]
     room: String,
@@ -104,7 +103,7 @@ struct Args {
 
     /// Bytes of events held for the broker while it is unreachable; past
     /// it the oldest are dropped (counted and logged).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CLUSTER_BUFFER, requires = "cluster")]
+    #[arg(long, value_name = "BYTES", default_value_t = CLUSTER_DEFAULTS.buffer_bytes, requires = "cluster")]
     cluster_buffer: usize,
 
     /// Seconds the broker keeps the room's events (how long a node may be
@@ -112,61 +111,61 @@ struct Args {
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 3600.0,
+        default_value_t = secs(CLUSTER_DEFAULTS.retention_age),
         requires = "cluster"
     )]
     cluster_retention: f64,
 
     /// Bytes the broker keeps of the room's events; created with the stream.
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30, requires = "cluster")]
+    #[arg(long, value_name = "BYTES", default_value_t = CLUSTER_DEFAULTS.retention_bytes, requires = "cluster")]
     cluster_retention_bytes: u64,
 
     /// Seconds between a node's heartbeats.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0, requires = "cluster")]
+    #[arg(long, value_name = "SECS", default_value_t = secs(CLUSTER_DEFAULTS.heartbeat), requires = "cluster")]
     cluster_heartbeat: f64,
 
     /// Seconds without a heartbeat after which a node counts as dead and its
     /// clients as gone (announced within this plus a quarter heartbeat).
-    #[arg(long, value_name = "SECS", default_value_t = 3.0, requires = "cluster")]
+    #[arg(long, value_name = "SECS", default_value_t = secs(CLUSTER_DEFAULTS.node_timeout), requires = "cluster")]
     cluster_node_timeout: f64,
 
     /// The longest pause, in seconds, between tries to reach the broker
     /// (pauses double from 20-50 ms up to it).
-    #[arg(long, value_name = "SECS", default_value_t = 2.0, requires = "cluster")]
+    #[arg(long, value_name = "SECS", default_value_t = secs(CLUSTER_DEFAULTS.reconnect_max), requires = "cluster")]
     cluster_reconnect_max: f64,
 
     /// Seconds a broker call (a publish's acknowledgement, a name's claim)
     /// may take before it counts as failed and is retried.
-    #[arg(long, value_name = "SECS", default_value_t = 2.0, requires = "cluster")]
+    #[arg(long, value_name = "SECS", default_value_t = secs(CLUSTER_DEFAULTS.ack_timeout), requires = "cluster")]
     cluster_ack_timeout: f64,
 
     /// Input budget per client, lines per second (0: no line budget). Over
     /// budget, the server stops reading that client until it is back within.
-    #[arg(long, value_name = "LINES", default_value_t = DEFAULT_FLOOD_LINES)]
+    #[arg(long, value_name = "LINES", default_value_t = DEFAULTS.flood_lines)]
     flood_lines: u32,
 
     /// Input budget per client, bytes per second (0: no byte budget; both 0
     /// turns flood control off).
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_FLOOD_BYTES)]
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULTS.flood_bytes)]
     flood_bytes: u32,
 
     /// Seconds of budget a quiet client saves up: the burst it may send at once.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECS", default_value_t = secs(DEFAULTS.flood_burst))]
     flood_burst: f64,
 
     /// A client held back by its budget this long without a break gets
     /// `error: flooding` and is disconnected (0: only ever held back).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULTS.flood_grace.map_or(0.0, secs))]
     flood_grace: f64,
 
     /// Connections from one IPv4 address or one IPv6 /64 (0: no limit);
     /// one more is told `error: too many connections from your address`.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CLIENTS_PER_IP)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_clients_per_ip)]
     max_clients_per_ip: usize,
 
     /// TCP keepalive: about how many seconds until a peer that vanished
     /// without a FIN or RST is freed in a quiet room (0: off).
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULTS.keepalive.map_or(0, |keepalive| keepalive.as_secs()))]
     keepalive: u64,
 
     /// Bytes all clients together may hold in partial lines and queued
@@ -200,7 +199,7 @@ struct Args {
     tls_key: Option<std::path::PathBuf>,
 
     /// Seconds a TLS handshake may take before the connection is closed.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    #[arg(long, value_name = "SECS", default_value_t = secs(DEFAULTS.tls_handshake_timeout))]
     tls_handshake_timeout: f64,
 
     /// Room password: the first line of FILE. A client's first line must be
@@ -216,16 +215,14 @@ enum LogFormat {
     Json,
 }
 
-/// The flag values of one of the library's [`Choice`]s, with their help
-/// texts: the library names and parses them, so it needs no `clap`.
-fn choice<T: Choice + std::str::FromStr + Clone + Send + Sync>() -> impl TypedValueParser<Value = T>
-where
-    T::Err: std::error::Error + Send + Sync + 'static,
-{
-    let values = T::ALL
-        .iter()
-        .map(|value| PossibleValue::new(value.name()).help(value.help()));
-    PossibleValuesParser::new(values).try_map(|name| name.parse::<T>())
+/// The library's defaults, which every flag's default is read from: a
+/// default is written once, in `Config::default` or `ClusterConfig::new`.
+static DEFAULTS: LazyLock<Config> = LazyLock::new(Config::default);
+static CLUSTER_DEFAULTS: LazyLock<ClusterConfig> = LazyLock::new(|| ClusterConfig::new(""));
+
+/// A default duration as the seconds a flag takes.
+fn secs(duration: Duration) -> f64 {
+    duration.as_secs_f64()
 }
 
 fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {

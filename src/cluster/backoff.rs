@@ -29,9 +29,7 @@ impl Backoff {
     /// The pause before try `attempt + 1` (0 after no failure yet): what
     /// the NATS client's own reconnect callback uses too.
     pub(crate) fn delay(first: Duration, max: Duration, attempt: u32) -> Duration {
-        first
-            .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-            .min(max)
+        crate::backoff::doubling(first, max, attempt.saturating_add(1))
     }
 
     /// Records a failure of `what`; logs it if it starts an outage.

@@ -21,6 +21,24 @@ fn chat_load(args: &[&str]) -> io::Result<Output> {
         .output()
 }
 
+/// `chat-load compare` of `server_bin` into `out`, quiet, with one thread
+/// for the tool and one for each server: what every comparison test
+/// shares; `args` are the run's own.
+fn compare_small(server_bin: &str, out: &str, args: &[&str]) -> io::Result<Output> {
+    let mut all = vec!["compare", "--server-bin", server_bin];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[
+        "--threads",
+        "1",
+        "--server-threads",
+        "1",
+        "--out",
+        out,
+        "-q",
+    ]);
+    chat_load(&all)
+}
+
 fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -312,36 +330,30 @@ fn compare_runs_models_and_a_peer_and_writes_table_json_and_plot() -> io::Result
     // Our own binary stands in for a foreign server: the peer path only
     // needs something that takes its address on the command line.
     let peer = format!("mirror={server_bin} --addr {{addr}} --model locked");
-    let output = chat_load(&[
-        "compare",
-        "--server-bin",
+    let output = compare_small(
         &server_bin,
-        "--models",
-        "sharded,broadcaster",
-        "--peer",
-        &peer,
-        "--scenarios",
-        "fanout,rate,idle",
-        "--clients",
-        "2,5",
-        "-m",
-        "10",
-        "--rate-clients",
-        "5",
-        "--rate",
-        "10",
-        "--duration",
-        "0.5",
-        "--idle-clients",
-        "20",
-        "--threads",
-        "1",
-        "--server-threads",
-        "1",
-        "--out",
         &out_arg,
-        "-q",
-    ])?;
+        &[
+            "--models",
+            "sharded,broadcaster",
+            "--peer",
+            &peer,
+            "--scenarios",
+            "fanout,rate,idle",
+            "--clients",
+            "2,5",
+            "-m",
+            "10",
+            "--rate-clients",
+            "5",
+            "--rate",
+            "10",
+            "--duration",
+            "0.5",
+            "--idle-clients",
+            "20",
+        ],
+    )?;
     ensure(output.status.success(), || {
         format!("compare failed: {}", stderr_of(&output))
     })?;
@@ -432,39 +444,33 @@ fn compare_runs_a_nats_cluster_and_clusters_of_ours() -> io::Result<()> {
     let out = scratch_dir("compare-clusters")?;
     let out_arg = out.to_string_lossy().into_owned();
     let server_bin = chat_testkit::process::binary("chat-server")?;
-    let output = chat_load(&[
-        "compare",
-        "--server-bin",
+    let output = compare_small(
         &server_bin.to_string_lossy(),
-        "--peers-only",
-        "--nats-cluster",
-        "3",
-        "--cluster-nodes",
-        "1,3",
-        "--broker-restart",
-        "0.5",
-        "--scenarios",
-        "fanout,rate",
-        "--clients",
-        "6",
-        "-m",
-        "10",
-        "--rate-clients",
-        "6",
-        "--rate",
-        "20",
-        "--duration",
-        "2",
-        "--drain",
-        "5",
-        "--threads",
-        "1",
-        "--server-threads",
-        "1",
-        "--out",
         &out_arg,
-        "-q",
-    ])?;
+        &[
+            "--peers-only",
+            "--nats-cluster",
+            "3",
+            "--cluster-nodes",
+            "1,3",
+            "--broker-restart",
+            "0.5",
+            "--scenarios",
+            "fanout,rate",
+            "--clients",
+            "6",
+            "-m",
+            "10",
+            "--rate-clients",
+            "6",
+            "--rate",
+            "20",
+            "--duration",
+            "2",
+            "--drain",
+            "5",
+        ],
+    )?;
     ensure(output.status.success(), || {
         format!("compare failed: {}", stderr_of(&output))
     })?;

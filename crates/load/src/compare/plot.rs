@@ -221,6 +221,31 @@ fn client_marks(series: &[Vec<Point>]) -> Vec<f64> {
 }
 
 /// A point's marker: filled for a complete run, hollow for an incomplete one.
+/// Each server's points as a line with its markers, one colour a server:
+/// the same on every panel, whatever its axes.
+fn draw_series<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    series: &[Vec<Point>],
+) -> anyhow::Result<()>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (i, points) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.x, p.y)),
+                colour.stroke_width(2),
+            ))
+            .map_err(plot_error)?;
+        chart
+            .draw_series(points.iter().map(|p| marker(p, colour)))
+            .map_err(plot_error)?;
+    }
+    Ok(())
+}
+
 fn marker(point: &Point, colour: RGBColor) -> Circle<(f64, f64), i32> {
     let Point { x, y, complete } = *point;
     let style = if complete {
@@ -303,19 +328,7 @@ fn clients_panel(
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(plot_error)?;
-    for (i, points) in series.iter().enumerate() {
-        let colour = PALETTE[i % PALETTE.len()];
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().map(|p| (p.x, p.y)),
-                colour.stroke_width(2),
-            ))
-            .map_err(plot_error)?;
-        chart
-            .draw_series(points.iter().map(|p| marker(p, colour)))
-            .map_err(plot_error)?;
-    }
-    Ok(())
+    draw_series(&mut chart, &series)
 }
 
 fn category_panel(
@@ -363,18 +376,7 @@ fn category_panel(
                 .light_line_style(WHITE.mix(0.0))
                 .draw()
                 .map_err(plot_error)?;
-            for (i, points) in series.iter().enumerate() {
-                let colour = PALETTE[i % PALETTE.len()];
-                chart
-                    .draw_series(LineSeries::new(
-                        points.iter().map(|p| (p.x, p.y)),
-                        colour.stroke_width(2),
-                    ))
-                    .map_err(plot_error)?;
-                chart
-                    .draw_series(points.iter().map(|p| marker(p, colour)))
-                    .map_err(plot_error)?;
-            }
+            draw_series(&mut chart, &series)?;
         }};
     }
     if panel.log_y {
