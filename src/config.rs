@@ -26,7 +26,13 @@ pub enum Model {
     Sharded,
     /// The seed's design: one task owns the client map; entering/leaving/messages channels
     Broadcaster,
-    /// Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock
+    /// Senders in one parking_lot `RwLock<HashMap>`; each reader fans out under the read lock
+    #[cfg_attr(
+        feature = "cli",
+        value(
+            help = "Senders in one parking_lot RwLock<HashMap>; each reader fans out under the read lock"
+        )
+    )]
     Locked,
     /// One tokio::sync::broadcast channel; every writer holds a receiver
     Broadcast,
