@@ -3,16 +3,21 @@
 //!
 //! It reads from the sequence after the last one it delivered, through an
 //! ephemeral pull consumer; on any error (broker restart, consumer lost,
-//! missed heartbeats) it makes a new consumer from that same sequence. A
-//! stored duplicate (a retry that outlived the de-duplication window) is
-//! skipped by batch number.
+//! missed heartbeats) it makes a new consumer from that same sequence.
+//!
+//! It is the one place where membership is announced: each batch and each
+//! verdict of the liveness judge (received between two stream messages) goes
+//! through [`super::roster::Roster`], which decides what local clients are
+//! told, in stream order; a stored duplicate (a retry that outlived the
+//! de-duplication window) is skipped by batch number whatever the node's
+//! state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -20,17 +25,28 @@ use super::backoff::Backoff;
 use super::connection::{
     ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
 };
+use super::heartbeats::Verdict;
+use super::roster::{Delivery, FORGET_AFTER};
 use super::wire;
 use super::Shared;
 use crate::client::Client;
 use crate::config::ClusterCounters;
 use crate::hub::Hub;
 
+/// The consumer's side of the liveness judge.
+pub(super) struct Liveness {
+    /// The judge's verdicts.
+    pub verdicts: mpsc::UnboundedReceiver<Verdict>,
+    /// Nodes that came into view through the stream, for the judge to watch.
+    pub appeared: mpsc::UnboundedSender<String>,
+}
+
 pub(super) async fn consumer<H: Hub>(
     shared: Arc<Shared>,
     hub: Arc<H>,
     ghost: Arc<Client>,
     mut connection: watch::Receiver<Option<Connection>>,
+    mut liveness: Liveness,
 ) {
     let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
         return;
@@ -50,6 +66,7 @@ pub(super) async fn consumer<H: Hub>(
             &ghost,
             &mut delivered,
             &mut outage,
+            &mut liveness,
         )
         .await
         {
@@ -67,12 +84,13 @@ pub(super) async fn consumer<H: Hub>(
 /// Delivers the stream from after `delivered` until an error or stop.
 async fn consume<H: Hub>(
     connection: &Connection,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     names: &Subjects,
     hub: &H,
     ghost: &Arc<Client>,
     delivered: &mut Option<u64>,
     outage: &mut Backoff,
+    liveness: &mut Liveness,
 ) -> anyhow::Result<()> {
     let mut stream = ensure_stream(connection, shared, names).await?;
     let state = stream.info().await?.state.clone();
@@ -126,9 +144,19 @@ async fn consume<H: Hub>(
         .messages()
         .await?;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
+    let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             () = shared.stop.cancelled() => return Ok(()),
+            Some(Verdict::Dead(node)) = liveness.verdicts.recv() => {
+                judged_dead(shared, hub, ghost, &node).await;
+                continue;
+            }
+            _ = tidy.tick() => {
+                shared.roster.lock().expire(Instant::now(), FORGET_AFTER);
+                continue;
+            }
             next = messages.next() => next,
         };
         let message = match next {
@@ -152,7 +180,15 @@ async fn consume<H: Hub>(
             continue;
         }
         *delivered = Some(sequence);
-        deliver(shared, hub, ghost, &message.subject, &message.payload).await;
+        deliver(
+            shared,
+            hub,
+            ghost,
+            liveness,
+            &message.subject,
+            &message.payload,
+        )
+        .await;
     }
 }
 
@@ -172,11 +208,12 @@ fn show_lag(counters: &ClusterCounters, pending: u64, stored_nanos: i128) {
     );
 }
 
-/// Checks one stored batch and hands its events to the local hub.
+/// Checks one stored batch and hands what it means to local clients.
 async fn deliver<H: Hub>(
     shared: &Shared,
     hub: &H,
     ghost: &Arc<Client>,
+    liveness: &Liveness,
     subject: &str,
     payload: &[u8],
 ) {
@@ -196,17 +233,51 @@ async fn deliver<H: Hub>(
         // Our own clients had these at once (local-first).
         return;
     }
-    if !shared
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared
         .roster
         .lock()
-        .fresh_batch(&node, batch, Instant::now())
-    {
+        .batch(&node, batch, events, Instant::now());
+    if delivery.duplicate {
         debug!(%node, batch, "skipped a batch stored twice");
         return;
     }
     ClusterCounters::add(&shared.counters().received, 1);
-    for event in events {
-        shared.roster.lock().apply(&node, &event);
-        hub.broadcast(ghost, &event.message).await;
+    if delivery.appeared {
+        let _ = liveness.appeared.send(node);
+    }
+    if delivery.missed > 0 {
+        warn!(
+            missed = delivery.missed,
+            "events of another node could not be shown in order (a gap before its roster)"
+        );
+        ClusterCounters::add(&shared.counters().missed, delivery.missed);
+    }
+    hand_over(hub, ghost, &delivery).await;
+}
+
+/// The judge found `node` silent: its clients in view are gone.
+async fn judged_dead<H: Hub>(shared: &Arc<Shared>, hub: &H, ghost: &Arc<Client>, node: &str) {
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared.roster.lock().dead(node, Instant::now());
+    if delivery.messages.is_empty() {
+        return;
+    }
+    ClusterCounters::add(&shared.counters().dead_nodes, 1);
+    hand_over(hub, ghost, &delivery).await;
+    if shared.names_on {
+        super::names::free_dead(shared, vec![node.to_string()], delivery.departed);
+    }
+}
+
+async fn hand_over<H: Hub>(hub: &H, ghost: &Arc<Client>, delivery: &Delivery) {
+    for message in &delivery.messages {
+        hub.broadcast(ghost, message).await;
     }
 }

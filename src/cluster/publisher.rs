@@ -60,6 +60,8 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                         "an event too large for the broker was dropped"
                     );
                     ClusterCounters::add(&shared.counters().dropped, batch.events.len() as u64);
+                    // The others miss these events: our roster follows.
+                    shared.roster_due();
                     shared.batch_done();
                     continue;
                 }
