@@ -245,7 +245,7 @@ async fn deliver<H: Hub>(
         debug!(%node, batch, "skipped a batch stored twice");
         return;
     }
-    ClusterCounters::add(&shared.counters().received, 1);
+    ClusterCounters::add(&shared.counters().received, delivery.batches);
     if delivery.appeared {
         let _ = liveness.appeared.send(node);
     }

@@ -13,9 +13,12 @@
 //! [`super::roster::Roster`] announces the dead node's clients as gone in
 //! stream order. It asks a node whose clients the consumer does not know
 //! (new, heard again after its death, or with a gap in its events) for
-//! its roster (`chat.<room>.sync.<node>`, at most once a second per node),
-//! and answers such requests by queueing this node's roster as a stream
-//! event, at most once a heartbeat, through [`Shared`]'s short locks.
+//! its roster (`chat.<room>.sync.<node>`, at once, then with a pause that
+//! doubles from a second to 30 s while it does not come), and answers such
+//! requests by queueing this node's roster as a stream event, at most once
+//! a heartbeat, through [`Shared`]'s short locks. Once this node reads the
+//! stream it asks every node at once (`chat.<room>.sync.all`), so that it
+//! knows the room within a round trip rather than a heartbeat.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -199,15 +202,17 @@ async fn judge(
     let room = &shared.config.room;
     // Subscribing only queues the request in the client; it is sent (and
     // sent again after every reconnect) by the client itself.
-    let subscribed = futures_util::future::try_join(
+    let sync_all = format!("chat.{room}.sync.all");
+    let subscribed = futures_util::future::try_join3(
         connection.client.subscribe(names.heartbeats.clone()),
         connection
             .client
             .subscribe(format!("chat.{room}.sync.{}", shared.node)),
+        connection.client.subscribe(sync_all.clone()),
     )
     .await;
     let (mut beats, mut syncs) = match subscribed {
-        Ok(both) => both,
+        Ok((beats, ours, all)) => (beats, futures_util::stream::select(ours, all)),
         Err(err) => {
             warn!(cause = %err, "cannot subscribe to heartbeats; dead nodes will not be noticed");
             shared.stop.cancelled().await;
@@ -222,6 +227,7 @@ async fn judge(
     let mut last_beat: Option<Instant> = None;
     let mut last_roster: Option<Instant> = None;
     let mut was_connected = false;
+    let mut asked_all = false;
     loop {
         tokio::select! {
             () = shared.stop.cancelled() => break,
@@ -247,6 +253,12 @@ async fn judge(
                     && shared.push_roster_if_due()
                 {
                     last_roster = Some(now);
+                }
+                if !asked_all
+                    && crate::config::ClusterCounters::get(&shared.counters().streams_opened) > 0
+                {
+                    asked_all = true;
+                    publish(&connection, &shared, sync_all.clone(), Vec::new()).await;
                 }
                 let ask = {
                     let roster = shared.roster.lock();

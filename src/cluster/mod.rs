@@ -370,12 +370,13 @@ impl Shared {
         while outgoing.bytes > self.config.buffer_bytes && outgoing.queue.len() > 1 {
             if let Some(oldest) = outgoing.queue.pop_front() {
                 outgoing.bytes -= oldest.weight();
-                dropped += 1;
+                // Membership bookkeeping is made again (roster_due below);
+                // only what was said or done is lost.
+                dropped += u64::from(oldest.is_chat());
+                outgoing.roster_due = true;
             }
         }
         if dropped > 0 {
-            // The others' copy of our roster misses changes now.
-            outgoing.roster_due = true;
             if outgoing.dropping == 0 {
                 warn!(
                     buffer_bytes = self.config.buffer_bytes,
@@ -407,6 +408,7 @@ impl Shared {
         }
         outgoing.bytes -= bytes;
         outgoing.in_flight = events.len();
+        outgoing.in_flight_chat = events.iter().filter(|event| event.is_chat()).count() as u64;
         outgoing.in_flight_bytes = bytes;
         self.show_buffered(&outgoing);
         if outgoing.queue.is_empty() && outgoing.dropping > 0 {
@@ -417,6 +419,16 @@ impl Shared {
             outgoing.dropping = 0;
         }
         events
+    }
+
+    /// The batch taken last is stored: counted if it carried anything said
+    /// or done (a batch of membership bookkeeping alone is not).
+    pub fn count_published(&self) {
+        let events = self.outgoing.lock().in_flight_chat;
+        if events > 0 {
+            ClusterCounters::add(&self.counters().published, 1);
+            ClusterCounters::add(&self.counters().events_published, events);
+        }
     }
 
     /// The batch taken last is stored (or given up).
@@ -512,6 +524,8 @@ pub(crate) struct Outgoing {
     in_flight: usize,
     /// ... and their weight.
     in_flight_bytes: usize,
+    /// ... and how many of them are chat events ([`Event::is_chat`]).
+    in_flight_chat: u64,
     /// Dropped since the queue was last empty.
     dropping: u64,
     clients: HashMap<ClientId, Arc<str>>,

@@ -59,6 +59,9 @@ pub(crate) struct Delivery {
     pub missed: u64,
     /// The batch had been delivered already.
     pub duplicate: bool,
+    /// Batches with something said or done in them now delivered: this
+    /// one, and those held until now.
+    pub batches: u64,
     /// The node came into view from nothing or from the dead: the judge
     /// should watch it (again).
     pub appeared: bool,
@@ -83,6 +86,8 @@ struct RemoteNode {
     /// The newest batch number delivered.
     last_batch: u64,
     held: VecDeque<Checked>,
+    /// Batches with chat events among those held.
+    held_batches: u64,
     last_heard: Instant,
 }
 
@@ -112,6 +117,7 @@ impl Roster {
                 applied: 0,
                 last_batch: 0,
                 held: VecDeque::new(),
+                held_batches: 0,
                 last_heard: now,
             }
         });
@@ -138,8 +144,21 @@ impl Roster {
             }
             State::Syncing | State::Visible => {}
         }
+        let mut chat = false;
+        let mut held_chat = false;
         for event in events {
+            let chat_event = matches!(
+                event.change,
+                Change::Arrived(_) | Change::Left(_) | Change::Lines(..)
+            );
+            chat |= chat_event;
+            held_chat |= chat_event && remote.state == State::Syncing;
             remote.event(event, &mut out);
+        }
+        if remote.state == State::Syncing {
+            remote.held_batches += u64::from(held_chat);
+        } else if chat {
+            out.batches += 1;
         }
         out
     }
@@ -303,6 +322,7 @@ impl RemoteNode {
             keep_from = index;
         }
         out.missed += keep_from as u64;
+        out.batches += std::mem::take(&mut self.held_batches);
         let kept: Vec<Checked> = self.held.drain(..).skip(keep_from).collect();
         // The roster as of just before the first kept event.
         let mut before: BTreeSet<Arc<str>> = clients.iter().cloned().collect();
@@ -340,6 +360,7 @@ impl RemoteNode {
         }
         self.tracked.clear();
         self.held.clear();
+        self.held_batches = 0;
         self.state = State::Left;
     }
 }

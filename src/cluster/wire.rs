@@ -66,6 +66,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event is something said or done in the room (an
+    /// arrival, lines, a departure), which the counters count, rather than
+    /// the bookkeeping of membership (a roster, a leaving).
+    pub fn is_chat(&self) -> bool {
+        matches!(
+            self,
+            Event::Arrived { .. } | Event::Lines { .. } | Event::Left { .. }
+        )
+    }
+
     /// Bytes the event takes in a buffer, roughly as it goes on the wire.
     pub fn weight(&self) -> usize {
         match self {
