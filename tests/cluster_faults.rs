@@ -110,7 +110,15 @@ impl View {
         while !done(self) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.client.line_within(left).await.map_err(|err| {
-                io::Error::other(format!("{}: waiting for {what}: {err}", self.client.who))
+                let counts: Vec<(&String, usize)> = self
+                    .numbered
+                    .iter()
+                    .map(|(who, seen)| (who, seen.len()))
+                    .collect();
+                io::Error::other(format!(
+                    "{}: waiting for {what}: {err}; numbered lines {counts:?}, view {:?}",
+                    self.client.who, self.view
+                ))
             })?;
             self.take(line)?;
         }
@@ -206,9 +214,10 @@ async fn partition_then_heal_keeps_membership_in_stream_order(model: Model) -> i
             "a node missed events".into()
         })?;
     }
-    ensure(ClusterCounters::get(&nodes[2].counters.dropped) == 0, || {
-        "the cut-off node dropped events".into()
-    })
+    ensure(
+        ClusterCounters::get(&nodes[2].counters.dropped) == 0,
+        || "the cut-off node dropped events".into(),
+    )
 }
 
 /// Finding 3: many clients connect to one node at once (every arrival
@@ -291,9 +300,7 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         .iter()
         .filter(|line| line.ends_with(" has left"))
         .count();
-    ensure(departures == 0, || {
-        format!("{departures} false departures")
-    })?;
+    ensure(departures == 0, || format!("{departures} false departures"))?;
     for node in &nodes {
         ensure(ClusterCounters::get(&node.counters.dead_nodes) == 0, || {
             "a node was declared dead during the storm".into()
@@ -343,11 +350,15 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     let mut watcher = View::join(nodes[1].addr(), false).await?;
     let stuck = TestClient::connect(nodes[0].addr()).await?;
     watcher
-        .until("the stuck client's arrival", |v| v.view.contains(&stuck.who))
+        .until("the stuck client's arrival", |v| {
+            v.view.contains(&stuck.who)
+        })
         .await?;
     let mut doomed = View::join(nodes[2].addr(), false).await?;
     watcher
-        .until("the doomed client's arrival", |v| v.view.contains(doomed.who()))
+        .until("the doomed client's arrival", |v| {
+            v.view.contains(doomed.who())
+        })
         .await?;
     // Fill the stuck client's socket and queue from the second node: the
     // blocking node's consumer is then held by it.
@@ -361,13 +372,19 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
         talker.send(&format!("{number} {chunk}")).await?;
     }
     let talked = format!("{}: {} {chunk}", talker.who, lines - 1);
-    watcher.until("the talker's lines", |v| v.transcript.last() == Some(&talked)).await?;
+    watcher
+        .until("the talker's lines", |v| {
+            v.transcript.last() == Some(&talked)
+        })
+        .await?;
     // Now a node dies (cut off for good): the blocking node has its
     // client's departure to announce while its consumer is stuck.
     relay.partition();
     let doomed_who = doomed.who().to_string();
     watcher
-        .until("the cut-off client's departure", |v| !v.view.contains(&doomed_who))
+        .until("the cut-off client's departure", |v| {
+            !v.view.contains(&doomed_who)
+        })
         .await?;
     // The stuck client is dropped after its write timeout; the blocking
     // node then delivers the rest, the departure included, and a line
@@ -378,7 +395,9 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     on_blocking.client.send("hello").await?;
     let hello = format!("{}: hello", on_blocking.who());
     watcher
-        .until("a line from the blocking node", |v| v.transcript.contains(&hello))
+        .until("a line from the blocking node", |v| {
+            v.transcript.contains(&hello)
+        })
         .await?;
     wait_for(
         &nodes[0].counters.dead_nodes,

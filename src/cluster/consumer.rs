@@ -144,6 +144,9 @@ async fn consume<H: Hub>(
         .messages()
         .await?;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
+    // A new consumer's first message may be past `delivered` (retention
+    // passed the rest: counted above); after it, a gap is a loss.
+    let mut fresh = true;
     let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
     tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -179,6 +182,16 @@ async fn consume<H: Hub>(
         if sequence <= delivered.unwrap_or(0) {
             continue;
         }
+        let expected = delivered.map_or(sequence, |last| last + 1);
+        if sequence > expected && !fresh {
+            // With no acks the broker counts what it sent as delivered,
+            // even into a connection that was silently cut (a partition):
+            // those messages never came. Read again from the first missing.
+            anyhow::bail!(
+                "stream messages {expected}..{sequence} were sent into a broken connection"
+            );
+        }
+        fresh = false;
         *delivered = Some(sequence);
         deliver(
             shared,
