@@ -18,7 +18,6 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use chat_server::harness::TestClient;
 use chat_server::{ClusterCounters, Config, Model, SlowClientPolicy};
@@ -229,7 +228,16 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         return Ok(());
     };
     let url = broker.url();
-    let nodes = [Node::start(model, &url)?, Node::start(model, &url)?];
+    let storm = storm_size();
+    let roomy = || Config {
+        max_clients: storm + 100,
+        max_clients_per_ip: storm + 100,
+        ..Config::with_model(model)
+    };
+    let nodes = [
+        Node::start_with(test_cluster(&url), roomy())?,
+        Node::start_with(test_cluster(&url), roomy())?,
+    ];
     for node in &nodes {
         node.joined(1).await?;
     }
@@ -243,7 +251,6 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         .subscribe("chat.chat.heartbeat")
         .await
         .map_err(io::Error::other)?;
-    let storm = storm_size();
     let addr = nodes[0].addr();
     let started = Instant::now();
     let mut connecting = Vec::new();
@@ -319,11 +326,12 @@ fn storm_size() -> usize {
 }
 
 /// Finding 6: under `--slow-client block`, one stuck local client holds
-/// whatever delivers to it for the write timeout. When the heartbeat task
-/// announced a dead node's clients, that was the heartbeat task, and its
-/// node went silent (declared dead by everyone) though it was alive. Now
-/// liveness never waits on the hub: the only death is the node really cut
-/// off.
+/// whatever delivers to it for as long as it stays stuck. When the
+/// heartbeat task announced a dead node's clients, that was the heartbeat
+/// task, and its node went silent (declared dead by everyone) though it was
+/// alive. Now liveness never waits on the hub: the blocking node keeps
+/// beating while its consumer waits, and the only death is the node really
+/// cut off.
 async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io::Result<()> {
     let Some(broker) = Broker::start()? else {
         return Ok(());
@@ -332,19 +340,30 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     let url = broker.url();
     let blocking = Config {
         slow_client: SlowClientPolicy::Block,
-        // Longer than the node timeout (1 s) several times over.
-        write_timeout: Duration::from_secs(4),
-        max_pending: 64 * 1024,
+        max_pending: 256 * 1024,
+        ..Config::with_model(model)
+    };
+    // The talker fills the stuck client's socket quickly: no flood control.
+    let unlimited = Config {
+        flood_lines: 0,
+        flood_bytes: 0,
         ..Config::with_model(model)
     };
     let nodes = [
         Node::start_with(test_cluster(&url), blocking)?,
-        Node::start(model, &url)?,
+        Node::start_with(test_cluster(&url), unlimited)?,
         Node::start(model, &relay.nats_url())?,
     ];
     for node in &nodes {
         node.joined(1).await?;
     }
+    let nats = async_nats::connect(url.as_str())
+        .await
+        .map_err(io::Error::other)?;
+    let mut beats = nats
+        .subscribe("chat.chat.heartbeat")
+        .await
+        .map_err(io::Error::other)?;
     // A client on the blocking node that reads nothing, and a watcher on
     // the second node that sees it arrive.
     let mut watcher = View::join(nodes[1].addr(), false).await?;
@@ -354,7 +373,7 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
             v.view.contains(&stuck.who)
         })
         .await?;
-    let mut doomed = View::join(nodes[2].addr(), false).await?;
+    let doomed = View::join(nodes[2].addr(), false).await?;
     watcher
         .until("the doomed client's arrival", |v| {
             v.view.contains(doomed.who())
@@ -386,47 +405,55 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
             !v.view.contains(&doomed_who)
         })
         .await?;
-    // The stuck client is dropped after its write timeout; the blocking
-    // node then delivers the rest, the departure included, and a line
-    // said after it.
-    talker.send("after").await?;
-    let after = format!("{}: after", talker.who);
-    let mut on_blocking = View::join(nodes[0].addr(), false).await?;
-    on_blocking.client.send("hello").await?;
-    let hello = format!("{}: hello", on_blocking.who());
-    watcher
-        .until("a line from the blocking node", |v| {
-            v.transcript.contains(&hello)
-        })
-        .await?;
+    // From here, both live nodes go on beating for three node timeouts
+    // worth of heartbeats (the old heartbeat task was stuck in the hub).
+    let mut heard: HashMap<String, usize> = HashMap::new();
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    while heard.values().filter(|&&beats| beats >= 15).count() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let beat = tokio::time::timeout(left, futures_util::StreamExt::next(&mut beats))
+            .await
+            .map_err(|_| io::Error::other(format!("heartbeats stopped: {heard:?}")))?
+            .ok_or_else(|| io::Error::other("heartbeats ended"))?;
+        let beat: serde_json::Value =
+            serde_json::from_slice(&beat.payload).map_err(io::Error::other)?;
+        if let Some(node) = beat["node"].as_str() {
+            *heard.entry(node.to_string()).or_default() += 1;
+        }
+    }
+    let dead = ClusterCounters::get(&nodes[1].counters.dead_nodes);
+    ensure(dead == 1, || {
+        format!("the second node declared {dead} nodes dead, expected 1 (the cut-off one)")
+    })?;
+    // The stuck client reads again: the blocking node delivers the rest,
+    // the departure included, and goes on.
+    let (mut stuck_reader, _stuck_writer) = stuck.into_parts();
+    let draining = tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        tokio::io::copy(&mut stuck_reader, &mut sink).await
+    });
     wait_for(
         &nodes[0].counters.dead_nodes,
         1,
         "the blocking node noticed the cut-off one",
     )
     .await?;
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    while !on_blocking.transcript.contains(&after) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = on_blocking.client.line_within(left).await?;
-        on_blocking.take(line)?;
-    }
-    drop(doomed.client.finish().await);
-    // Only the cut-off node died, as everyone saw it.
-    for (index, node) in nodes[..2].iter().enumerate() {
-        let dead = ClusterCounters::get(&node.counters.dead_nodes);
-        ensure(dead == 1, || {
-            format!("node {index} declared {dead} nodes dead, expected 1 (the cut-off one)")
-        })?;
-    }
+    let mut fresh = View::join(nodes[0].addr(), false).await?;
+    fresh.client.send("hello").await?;
+    let hello = format!("{}: hello", fresh.who());
+    watcher
+        .until("a line from the blocking node", |v| {
+            v.transcript.contains(&hello)
+        })
+        .await?;
     let departures: Vec<&String> = watcher
         .transcript
         .iter()
-        .filter(|line| line.ends_with(" has left") && !line.starts_with(&doomed_who))
+        .filter(|line| line.ends_with(" has left"))
         .collect();
-    ensure(
-        departures.iter().all(|line| line.starts_with(&stuck.who)),
-        || format!("false departures: {departures:?}"),
-    )?;
+    ensure(departures.len() == 1, || {
+        format!("false departures: {departures:?}")
+    })?;
+    draining.abort();
     Ok(())
 }
