@@ -82,6 +82,9 @@ pub(super) async fn consumer<H: Hub>(
 }
 
 /// Delivers the stream from after `delivered` until an error or stop.
+// Each argument is a different owner's (the task's state, the broker's,
+// the hub's, the judge's); bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn consume<H: Hub>(
     connection: &Connection,
     shared: &Arc<Shared>,

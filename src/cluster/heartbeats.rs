@@ -103,7 +103,7 @@ impl Liveness {
 
     /// Live nodes that `unknown` says need a roster (not in view, or
     /// with a gap) and are due to be asked; marks them asked.
-    pub fn to_ask(&mut self, now: Instant, unknown: impl Fn(&str) -> bool) -> Vec<String> {
+    pub fn due_for_sync(&mut self, now: Instant, unknown: impl Fn(&str) -> bool) -> Vec<String> {
         let mut ask = Vec::new();
         for (node, watched) in &mut self.nodes {
             if watched.dead || !unknown(node) {
@@ -262,7 +262,7 @@ async fn judge(
                 }
                 let ask = {
                     let roster = shared.roster.lock();
-                    liveness.to_ask(now, |node| roster.needs_sync(node))
+                    liveness.due_for_sync(now, |node| roster.needs_sync(node))
                 };
                 for node in ask {
                     debug!(%node, "asking a node for its roster");
@@ -357,22 +357,22 @@ mod tests {
         let mut liveness = Liveness::default();
         liveness.heard("a", start);
         liveness.heard("b", start);
-        assert_eq!(liveness.to_ask(start, |node| node == "a"), ["a"]);
-        assert!(liveness.to_ask(start + SYNC_EVERY / 2, |_| true) == ["b"]);
+        assert_eq!(liveness.due_for_sync(start, |node| node == "a"), ["a"]);
+        assert!(liveness.due_for_sync(start + SYNC_EVERY / 2, |_| true) == ["b"]);
         assert_eq!(
-            liveness.to_ask(start + SYNC_EVERY, |node| node == "a"),
+            liveness.due_for_sync(start + SYNC_EVERY, |node| node == "a"),
             ["a"]
         );
         // Still not come: the pause doubles.
         let again = start + SYNC_EVERY * 2;
-        assert!(liveness.to_ask(again, |node| node == "a").is_empty());
+        assert!(liveness.due_for_sync(again, |node| node == "a").is_empty());
         assert_eq!(
-            liveness.to_ask(start + SYNC_EVERY * 3, |node| node == "a"),
+            liveness.due_for_sync(start + SYNC_EVERY * 3, |node| node == "a"),
             ["a"]
         );
         // Come: the next need is asked at once.
-        assert!(liveness.to_ask(again, |_| false).is_empty());
-        assert_eq!(liveness.to_ask(again, |node| node == "a"), ["a"]);
+        assert!(liveness.due_for_sync(again, |_| false).is_empty());
+        assert_eq!(liveness.due_for_sync(again, |node| node == "a"), ["a"]);
     }
 
     #[test]
