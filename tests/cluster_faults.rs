@@ -18,6 +18,7 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use chat_server::harness::TestClient;
 use chat_server::{ClusterCounters, Config, Model, SlowClientPolicy};
@@ -105,7 +106,16 @@ impl View {
 
     /// Reads (and checks) lines until `done` holds, within [`JOIN_TIMEOUT`].
     async fn until(&mut self, what: &str, done: impl Fn(&View) -> bool) -> io::Result<()> {
-        let deadline = Instant::now() + JOIN_TIMEOUT;
+        self.until_within(JOIN_TIMEOUT, what, done).await
+    }
+
+    async fn until_within(
+        &mut self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + within;
         while !done(self) {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = self.client.line_within(left).await.map_err(|err| {
@@ -115,8 +125,9 @@ impl View {
                     .map(|(who, seen)| (who, seen.len()))
                     .collect();
                 io::Error::other(format!(
-                    "{}: waiting for {what}: {err}; numbered lines {counts:?}, view {:?}",
-                    self.client.who, self.view
+                    "{}: waiting for {what}: {err}; numbered lines {counts:?}, {} in view",
+                    self.client.who,
+                    self.view.len()
                 ))
             })?;
             self.take(line)?;
@@ -252,6 +263,18 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         .await
         .map_err(io::Error::other)?;
     let addr = nodes[0].addr();
+    // The watcher reads while the storm comes (a reader that stops reading
+    // would be disconnected as too slow).
+    let watching = tokio::spawn(async move {
+        // O(n²) deliveries on the storm's node: a bound that grows with it.
+        let within = JOIN_TIMEOUT * (1 + u32::try_from(storm / 1_000).unwrap_or(u32::MAX));
+        watcher
+            .until_within(within, "every arrival of the storm", |v| {
+                v.view.len() >= storm
+            })
+            .await
+            .map(|()| watcher)
+    });
     let started = Instant::now();
     let mut connecting = Vec::new();
     // Several hundred connects in flight at once, within the listen backlog.
@@ -270,12 +293,31 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         held.extend(wave.await.map_err(io::Error::other)??);
     }
     let connected = started.elapsed();
-    let names: HashSet<String> = held.iter().map(|client| client.who.clone()).collect();
-    watcher
-        .until("every arrival of the storm", |v| {
-            names.iter().all(|who| v.view.contains(who))
-        })
-        .await?;
+    let counters = |node: &Node| {
+        let c = &node.counters;
+        [
+            ("received", ClusterCounters::get(&c.received)),
+            ("missed", ClusterCounters::get(&c.missed)),
+            ("dead_nodes", ClusterCounters::get(&c.dead_nodes)),
+            ("garbage", ClusterCounters::get(&c.garbage)),
+            (
+                "events_published",
+                ClusterCounters::get(&c.events_published),
+            ),
+            ("dropped", ClusterCounters::get(&c.dropped)),
+        ]
+    };
+    let watcher = watching.await.map_err(io::Error::other)?.map_err(|err| {
+        io::Error::other(format!(
+            "{err}; storm node {:?}, other node {:?}",
+            counters(&nodes[0]),
+            counters(&nodes[1])
+        ))
+    })?;
+    ensure(
+        held.iter().all(|client| watcher.view.contains(&client.who)),
+        || "the watcher's view is not the storm".into(),
+    )?;
     eprintln!(
         "{model}: {storm} clients connected in {connected:?}; the other node heard every arrival after {:?}",
         started.elapsed()
