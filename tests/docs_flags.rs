@@ -79,7 +79,8 @@ fn defined_flags(help: &str) -> BTreeSet<String> {
                 Some(rest) if !rest.starts_with('-') => rest.split_once(", ")?.1,
                 _ => line,
             };
-            line.starts_with("--").then(|| flags_in(line).into_iter().next())?
+            line.starts_with("--")
+                .then(|| flags_in(line).into_iter().next())?
         })
         .collect()
 }
@@ -212,7 +213,10 @@ fn doc_comments(source: &str) -> String {
     let mut doc = String::new();
     for line in source.lines() {
         let line = line.trim_start();
-        match line.strip_prefix("///").or_else(|| line.strip_prefix("//!")) {
+        match line
+            .strip_prefix("///")
+            .or_else(|| line.strip_prefix("//!"))
+        {
             Some(text) => doc.push_str(text),
             None if !doc.ends_with("\n\n") => doc.push('\n'),
             None => continue,
@@ -267,12 +271,20 @@ fn every_flag_the_documents_name_exists() -> io::Result<()> {
             for flag in flags_in(&paragraph) {
                 seen += 1;
                 if !owners.allows(&flag, &paragraph) {
-                    unknown.push(format!("{} (paragraph at line {line}): {flag}", path.display()));
+                    let shown = path
+                        .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+                        .unwrap_or(&path);
+                    unknown.push(format!(
+                        "{} (paragraph at line {line}): {flag}",
+                        shown.display()
+                    ));
                 }
             }
         }
     }
-    ensure(seen > 100, || format!("only {seen} flags found: is the scan broken?"))?;
+    ensure(seen > 100, || {
+        format!("only {seen} flags found: is the scan broken?")
+    })?;
     ensure(unknown.is_empty(), || {
         format!(
             "these flags exist in no --help that their paragraph names (chat-server's \
@@ -304,10 +316,13 @@ fn the_readme_tours_every_server_flag() -> io::Result<()> {
 #[test]
 fn the_scanner_reads_flags_as_a_reader_would() -> io::Result<()> {
     let found = flags_in("cargo test -- --nocapture; a--b, `--max-line`, --x- (--flood-lines).");
-    ensure(found == ["--nocapture", "--max-line", "--x", "--flood-lines"], || {
-        format!("{found:?}")
-    })?;
+    ensure(
+        found == ["--nocapture", "--max-line", "--x", "--flood-lines"],
+        || format!("{found:?}"),
+    )?;
     let help = "Options:\n  -n, --clients <N>  how many\n      --json  as JSON (see --other)\n  -h, --help  help\n";
     let defined: Vec<String> = defined_flags(help).into_iter().collect();
-    ensure(defined == ["--clients", "--help", "--json"], || format!("{defined:?}"))
+    ensure(defined == ["--clients", "--help", "--json"], || {
+        format!("{defined:?}")
+    })
 }
