@@ -291,7 +291,8 @@ fn every_flag_the_documents_name_exists() -> io::Result<()> {
              need no context; chat-load's need `chat-load` or `compare` in the paragraph \
              or its heading, netcat's `netcat`; other programs: OTHER_PROGRAMS in this \
              file). Fix the text, or the flag:\n  {}\n(line numbers of doc comments \
-             count doc lines only)",
+             count doc lines only; run alone, this test reads chat-load's and netcat's \
+             --help from target/: `cargo build --bins` first if they may be stale)",
             unknown.join("\n  ")
         )
     })
