@@ -1,5 +1,5 @@
-//! No document names a `--flag` that does not exist, and README.md tours
-//! every flag the server has.
+//! No document names a `--flag` that does not exist, and README.md's flag
+//! tables give every flag of the server exactly one row.
 //!
 //! The flags that exist are read from the binaries' own `--help` (the
 //! option lines only): `chat-server`, `chat-load` and each of its
@@ -298,19 +298,37 @@ fn every_flag_the_documents_name_exists() -> io::Result<()> {
     })
 }
 
+/// The flag each row of README.md's flag tables is about: the first flag of
+/// the row's first cell.
+fn table_rows(readme: &str) -> Vec<String> {
+    readme
+        .lines()
+        .filter_map(|line| line.strip_prefix('|')?.split('|').next())
+        .filter_map(|cell| flags_in(cell).into_iter().next())
+        .collect()
+}
+
 #[test]
-fn the_readme_tours_every_server_flag() -> io::Result<()> {
+fn the_readme_tours_every_server_flag_once() -> io::Result<()> {
     let owners = Owners::read()?;
     let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))?;
-    let named: BTreeSet<String> = flags_in(&readme).into_iter().collect();
-    let missing: Vec<&String> = owners
-        .server
-        .iter()
-        .filter(|flag| !["--help", "--version"].contains(&flag.as_str()))
-        .filter(|flag| !named.contains(*flag))
-        .collect();
-    ensure(missing.is_empty(), || {
-        format!("README.md's flag tables do not name {missing:?}")
+    let rows = table_rows(&readme);
+    let mut problems = Vec::new();
+    for flag in &owners.server {
+        if ["--help", "--version"].contains(&flag.as_str()) {
+            continue;
+        }
+        match rows.iter().filter(|row| *row == flag).count() {
+            1 => {}
+            0 => problems.push(format!("{flag} has no row")),
+            n => problems.push(format!("{flag} has {n} rows")),
+        }
+    }
+    ensure(problems.is_empty(), || {
+        format!(
+            "README.md's flag tables should give every chat-server flag exactly one row \
+             (its first cell naming the flag): {problems:?}"
+        )
     })
 }
 
