@@ -331,6 +331,17 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         "{model}: {storm} clients connected in {connected:?}; the other node heard every arrival after {:?}",
         started.elapsed()
     );
+    let departures = watcher
+        .transcript
+        .iter()
+        .filter(|line| line.ends_with(" has left"))
+        .count();
+    ensure(departures == 0, || format!("{departures} false departures"))?;
+    for node in &nodes {
+        ensure(ClusterCounters::get(&node.counters.dead_nodes) == 0, || {
+            "a node was declared dead during the storm".into()
+        })?;
+    }
     // A heartbeat of the storm's node saying it has them all.
     let deadline = Instant::now() + JOIN_TIMEOUT;
     let mut largest = 0;
@@ -353,17 +364,6 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
         }
     }
     ensure(largest <= 96, || format!("a heartbeat of {largest} bytes"))?;
-    let departures = watcher
-        .transcript
-        .iter()
-        .filter(|line| line.ends_with(" has left"))
-        .count();
-    ensure(departures == 0, || format!("{departures} false departures"))?;
-    for node in &nodes {
-        ensure(ClusterCounters::get(&node.counters.dead_nodes) == 0, || {
-            "a node was declared dead during the storm".into()
-        })?;
-    }
     Ok(())
 }
 
