@@ -88,7 +88,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
     }
 
     async fn send(&mut self, text: &str) -> io::Result<()> {
-        self.socket.send(Message::text(text.to_string())).await.map_err(other)
+        self.socket
+            .send(Message::text(text.to_string()))
+            .await
+            .map_err(other)
     }
 
     /// The next text message; an error on a close, the end, or a timeout.
@@ -169,7 +172,9 @@ async fn greeting_and_echo(model: Model) -> io::Result<()> {
     browser.send("").await?;
     browser.expect(&chat_wire::chat(&browser.who, "")).await?;
     browser.send("second").await?;
-    browser.expect(&chat_wire::chat(&browser.who, "second")).await
+    browser
+        .expect(&chat_wire::chat(&browser.who, "second"))
+        .await
 }
 
 async fn both_doors_share_one_room(model: Model) -> io::Result<()> {
@@ -221,7 +226,9 @@ async fn names_and_presence(model: Model) -> io::Result<()> {
     terminal.expect(&chat_wire::arrived("alice")).await?;
 
     browser.send("hello bob").await?;
-    terminal.expect(&chat_wire::chat("alice", "hello bob")).await?;
+    terminal
+        .expect(&chat_wire::chat("alice", "hello bob"))
+        .await?;
     drop(browser);
     terminal.expect(&chat_wire::left("alice")).await
 }
@@ -290,7 +297,9 @@ async fn a_slow_browser_is_treated_like_a_slow_terminal(model: Model) -> io::Res
             echoes += 1;
         }
     }
-    Err(io::Error::other(format!("{model}: the browser that never reads was never dropped")))
+    Err(io::Error::other(format!(
+        "{model}: the browser that never reads was never dropped"
+    )))
 }
 
 /// Flood control counts a browser's messages as lines.
@@ -316,10 +325,12 @@ async fn a_flooding_browser_is_cut_off(model: Model) -> io::Result<()> {
     })
     .await;
     let (lines, _) = browser.lines_until_closed().await?;
-    ensure(
-        lines.iter().any(|line| line == chat_wire::FLOODING),
-        || format!("{model}: no flooding notice (send failed early: {cut_off}); last lines {:?}", lines.iter().rev().take(3).collect::<Vec<_>>()),
-    )
+    ensure(lines.iter().any(|line| line == chat_wire::FLOODING), || {
+        format!(
+            "{model}: no flooding notice (send failed early: {cut_off}); last lines {:?}",
+            lines.iter().rev().take(3).collect::<Vec<_>>()
+        )
+    })
 }
 
 /// `--max-clients-per-ip` is one budget for both doors.
@@ -335,7 +346,9 @@ async fn one_address_budget_for_both_doors() -> io::Result<()> {
     timeout(LINE_TIMEOUT, tcp.read_to_string(&mut answer)).await??;
     ensure(
         answer.starts_with("HTTP/1.1 503")
-            && answer.trim_end().ends_with(chat_wire::TOO_MANY_FROM_ADDRESS),
+            && answer
+                .trim_end()
+                .ends_with(chat_wire::TOO_MANY_FROM_ADDRESS),
         || format!("expected a 503 with the line, got {answer:?}"),
     )
 }
@@ -353,20 +366,24 @@ async fn the_page_and_its_assets() -> io::Result<()> {
     ] {
         let (status, headers, body) = http_get(addr, path, &[]).await?;
         ensure(status == 200, || format!("{path}: status {status}"))?;
-        ensure(headers.contains(&format!("content-type: {content_type}")), || {
-            format!("{path}: headers {headers}")
-        })?;
+        ensure(
+            headers.contains(&format!("content-type: {content_type}")),
+            || format!("{path}: headers {headers}"),
+        )?;
         ensure(
             headers.contains("content-security-policy: default-src 'none'; script-src 'self';"),
             || format!("{path}: no strict CSP in {headers}"),
         )?;
-        ensure(body.contains(needle), || format!("{path}: body lacks {needle:?}"))?;
+        ensure(body.contains(needle), || {
+            format!("{path}: body lacks {needle:?}")
+        })?;
     }
     // No inline script anywhere in the page.
     let (_, _, page) = http_get(addr, "/", &[]).await?;
-    ensure(!page.contains("<script>") && !page.contains("onclick"), || {
-        "the page has inline script".to_string()
-    })?;
+    ensure(
+        !page.contains("<script>") && !page.contains("onclick"),
+        || "the page has inline script".to_string(),
+    )?;
     let (status, _, _) = http_get(addr, "/nope", &[]).await?;
     ensure(status == 404, || format!("/nope: {status}"))?;
     let (status, _, _) = http_get(addr, "/ws", &[]).await?;
@@ -418,7 +435,9 @@ async fn hostile_frames_are_refused() -> io::Result<()> {
         .to_string();
     witness.expect(&chat_wire::arrived(&who)).await?;
     let longest = "y".repeat(100);
-    socket.write_all(&client_frame(0x1, true, longest.as_bytes())).await?;
+    socket
+        .write_all(&client_frame(0x1, true, longest.as_bytes()))
+        .await?;
     witness.expect(&chat_wire::chat(&who, &longest)).await?;
 
     // One byte over, announced in a header whose payload never comes:
@@ -436,21 +455,31 @@ async fn hostile_frames_are_refused() -> io::Result<()> {
     // Fragments that add up to more than --max-line.
     let (mut socket, _) = raw_handshake(addr, None).await?;
     read_frame(&mut socket).await?;
-    socket.write_all(&client_frame(0x1, false, &[b'a'; 60])).await?;
-    socket.write_all(&client_frame(0x0, true, &[b'b'; 60])).await?;
+    socket
+        .write_all(&client_frame(0x1, false, &[b'a'; 60]))
+        .await?;
+    socket
+        .write_all(&client_frame(0x0, true, &[b'b'; 60]))
+        .await?;
     expect_close(&mut socket, 1009).await?;
 
     // Binary.
     let (mut socket, _) = raw_handshake(addr, None).await?;
     read_frame(&mut socket).await?;
-    socket.write_all(&client_frame(0x2, true, b"\x00\x01")).await?;
+    socket
+        .write_all(&client_frame(0x2, true, b"\x00\x01"))
+        .await?;
     expect_close(&mut socket, 1003).await?;
 
     // Invalid UTF-8, split over two fragments.
     let (mut socket, _) = raw_handshake(addr, None).await?;
     read_frame(&mut socket).await?;
-    socket.write_all(&client_frame(0x1, false, b"ok \xe2")).await?;
-    socket.write_all(&client_frame(0x0, true, b"\x28\xa1")).await?;
+    socket
+        .write_all(&client_frame(0x1, false, b"ok \xe2"))
+        .await?;
+    socket
+        .write_all(&client_frame(0x0, true, b"\x28\xa1"))
+        .await?;
     expect_close(&mut socket, 1007).await?;
 
     // An unmasked frame.
@@ -469,15 +498,25 @@ async fn hostile_frames_are_refused() -> io::Result<()> {
     // Its arrival, after the departures of the ones before.
     let arrived = chat_wire::arrived(&who);
     while witness.line().await? != arrived {}
-    socket.write_all(&client_frame(0x9, true, b"are you there")).await?;
+    socket
+        .write_all(&client_frame(0x9, true, b"are you there"))
+        .await?;
     let pong = read_frame(&mut socket).await?;
-    ensure(pong == (0xA, b"are you there".to_vec()), || format!("pong {pong:?}"))?;
-    socket.write_all(&client_frame(0x1, false, "caf".as_bytes())).await?;
-    socket.write_all(&client_frame(0x0, true, "é\nnext".as_bytes())).await?;
+    ensure(pong == (0xA, b"are you there".to_vec()), || {
+        format!("pong {pong:?}")
+    })?;
+    socket
+        .write_all(&client_frame(0x1, false, "caf".as_bytes()))
+        .await?;
+    socket
+        .write_all(&client_frame(0x0, true, "é\nnext".as_bytes()))
+        .await?;
     witness.expect(&chat_wire::chat(&who, "café")).await?;
     witness.expect(&chat_wire::chat(&who, "next")).await?;
     // A close is answered with a close, and the room hears it left.
-    socket.write_all(&client_frame(0x8, true, &1000u16.to_be_bytes())).await?;
+    socket
+        .write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
+        .await?;
     expect_close(&mut socket, 1000).await?;
     witness.expect(&chat_wire::left(&who)).await
 }
@@ -536,9 +575,10 @@ async fn unfinished_handshakes_and_silent_clients_time_out() -> io::Result<()> {
     let mut rest = Vec::new();
     timeout(Duration::from_secs(60), half.read_to_end(&mut rest)).await??;
     let waited = started.elapsed();
-    ensure(waited >= Duration::from_secs(9) && waited < Duration::from_secs(20), || {
-        format!("closed after {waited:?}")
-    })?;
+    ensure(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        || format!("closed after {waited:?}"),
+    )?;
 
     // A client that answers nothing: pinged, then dropped.
     let (mut socket, _) = raw_handshake(web_port, None).await?;
@@ -644,7 +684,12 @@ fn client_header(opcode: u8, fin: bool, len: u64) -> Vec<u8> {
 
 fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
     let mut frame = client_header(opcode, fin, payload.len() as u64);
-    frame.extend(payload.iter().enumerate().map(|(i, byte)| byte ^ MASK[i % 4]));
+    frame.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, byte)| byte ^ MASK[i % 4]),
+    );
     frame
 }
 
@@ -690,7 +735,9 @@ async fn expect_close(socket: &mut TcpStream, code: u16) -> io::Result<()> {
             let mut rest = Vec::new();
             timeout(LINE_TIMEOUT, socket.read_to_end(&mut rest))
                 .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "not closed after the close frame"))?
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "not closed after the close frame")
+                })?
                 .or_else(|err| {
                     if err.kind() == io::ErrorKind::ConnectionReset {
                         Ok(0)

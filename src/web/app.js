@@ -141,6 +141,28 @@
     show(line, mine ? "mine" : system ? "system" : "");
   }
 
+  // The server may have restarted with other settings (a password now,
+  // names off): read them again before each connection.
+  async function loadSettings() {
+    try {
+      const response = await fetch("/settings.json", { cache: "no-store" });
+      if (response.ok) settings = await response.json();
+    } catch (_) {
+      // Unreachable: keep what we had; the connection will fail and retry.
+    }
+    renderPresent();
+  }
+
+  async function reconnect() {
+    await loadSettings();
+    if (settings.password && password === null) {
+      setStatus("not connected");
+      setMode("password");
+      return;
+    }
+    connect();
+  }
+
   function connect() {
     clearTimeout(retryTimer);
     me = null;
@@ -174,7 +196,7 @@
       }
       setStatus("disconnected");
       say(`Disconnected from the server${why}; reconnecting in ${Math.ceil(delay / 1000)} s…`);
-      retryTimer = setTimeout(connect, delay);
+      retryTimer = setTimeout(reconnect, delay);
     };
   }
 
@@ -199,20 +221,8 @@
     input.value = "";
   });
 
-  async function start() {
-    try {
-      const response = await fetch("/settings.json", { cache: "no-store" });
-      if (response.ok) settings = await response.json();
-    } catch (_) {
-      // The defaults: no password, no names.
-    }
-    renderPresent();
-    if (settings.password) {
-      setStatus("not connected");
-      setMode("password");
-    } else {
-      connect();
-    }
+  function start() {
+    reconnect();
   }
 
   start();

@@ -57,7 +57,6 @@ use crate::hub::Hub;
 use crate::session::{self, ServerContext};
 use crate::transport::Transport;
 
-
 /// How long a connection may take from accept to the end of its HTTP
 /// exchange (the TLS handshake, the request, our answer).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -211,11 +210,11 @@ fn respond(
         ),
         "/ws" => {
             let headers = request.headers();
-            let host = headers.get(header::HOST).and_then(|host| host.to_str().ok());
+            let host = headers
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok());
             if let Some(origin) = headers.get(header::ORIGIN) {
-                let allowed = origin
-                    .to_str()
-                    .is_ok_and(|origin| web.allows(origin, host));
+                let allowed = origin.to_str().is_ok_and(|origin| web.allows(origin, host));
                 if !allowed {
                     debug!(?origin, "web: WebSocket from a foreign origin refused");
                     return plain(StatusCode::FORBIDDEN, "this origin may not open the chat\n");
@@ -226,9 +225,10 @@ fn respond(
                     StatusCode::UPGRADE_REQUIRED,
                     "a WebSocket (version 13) handshake is expected here\n",
                 );
-                response
-                    .headers_mut()
-                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
                 return response;
             };
             let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
@@ -302,7 +302,10 @@ fn with_headers(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
@@ -328,8 +331,14 @@ mod tests {
     fn accept_key_of_rfc_6455_example() {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         headers.insert(
             header::SEC_WEBSOCKET_KEY,
             HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),

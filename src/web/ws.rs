@@ -403,7 +403,12 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
 
     /// One unit of decoding from `raw[*pos..]`: a frame header, a run of
     /// payload, or a whole control frame.
-    fn step(&mut self, pos: &mut usize, into: &mut Vec<u8>, room: usize) -> io::Result<(Step, usize)> {
+    fn step(
+        &mut self,
+        pos: &mut usize,
+        into: &mut Vec<u8>,
+        room: usize,
+    ) -> io::Result<(Step, usize)> {
         if let Some(mut frame) = self.frame {
             let mut produced = 0;
             if frame.remaining > 0 {
@@ -422,7 +427,9 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
                 }
                 if !self.utf8.check(&into[start..]) {
                     into.truncate(start);
-                    return Err(self.fail(close::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+                    return Err(
+                        self.fail(close::INVALID_PAYLOAD, "invalid UTF-8 in a text message")
+                    );
                 }
                 *pos += n;
                 produced = n;
@@ -436,7 +443,9 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
             self.frame = None;
             if frame.fin {
                 if self.utf8.len > 0 {
-                    return Err(self.fail(close::INVALID_PAYLOAD, "invalid UTF-8 in a text message"));
+                    return Err(
+                        self.fail(close::INVALID_PAYLOAD, "invalid UTF-8 in a text message")
+                    );
                 }
                 self.message = None;
                 into.push(b'\n');
@@ -464,7 +473,10 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
                     (OP_TEXT, None) => 0,
                     (OP_CONTINUATION, Some(so_far)) => so_far,
                     (OP_TEXT, Some(_)) => {
-                        return Err(self.fail(close::PROTOCOL_ERROR, "a new message inside a fragmented one"));
+                        return Err(self.fail(
+                            close::PROTOCOL_ERROR,
+                            "a new message inside a fragmented one",
+                        ));
                     }
                     _ => return Err(self.fail(close::PROTOCOL_ERROR, "a continuation of nothing")),
                 };
@@ -481,10 +493,16 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
                 });
                 Ok((Step::Went, 0))
             }
-            OP_BINARY => Err(self.fail(close::UNSUPPORTED_DATA, "binary messages are not accepted; send text")),
+            OP_BINARY => Err(self.fail(
+                close::UNSUPPORTED_DATA,
+                "binary messages are not accepted; send text",
+            )),
             OP_CLOSE | OP_PING | OP_PONG => {
                 if !header.fin || header.len > 125 {
-                    return Err(self.fail(close::PROTOCOL_ERROR, "a control frame over 125 bytes or fragmented"));
+                    return Err(self.fail(
+                        close::PROTOCOL_ERROR,
+                        "a control frame over 125 bytes or fragmented",
+                    ));
                 }
                 let len = header.len as usize;
                 if self.raw.len() - *pos < header_len + len {
@@ -662,7 +680,10 @@ fn parse_header(bytes: &[u8]) -> Option<(Header, usize)> {
     };
     let masked = second & 0x80 != 0;
     let (len, mut at) = match second & 0x7F {
-        126 => (u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)), 4),
+        126 => (
+            u64::from(u16::from_be_bytes(bytes.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
         127 => (u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?), 10),
         len => (u64::from(len), 2),
     };
@@ -715,7 +736,10 @@ mod tests {
             out.clear();
             encode_header(&mut out, OP_TEXT, len);
             let (header, at) = parse_header(&out).unwrap_or_else(|| panic!("{len}"));
-            assert_eq!((header.len, at, header.opcode, header.fin), (len as u64, out.len(), OP_TEXT, true));
+            assert_eq!(
+                (header.len, at, header.opcode, header.fin),
+                (len as u64, out.len(), OP_TEXT, true)
+            );
             assert!(parse_header(&out[..out.len() - 1]).is_none());
         }
     }
