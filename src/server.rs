@@ -383,7 +383,8 @@ async fn serve<H: Hub>(
 }
 
 /// A connection of the web port, plain or after its TLS handshake; see
-/// [`crate::web`].
+/// [`crate::web`]. Boxed as its own kind: one future type for both would
+/// reserve the TLS stream's room in every plain connection's task.
 #[cfg(feature = "web")]
 fn web_session<H: Hub>(
     hub: &Arc<H>,
@@ -393,28 +394,27 @@ fn web_session<H: Hub>(
     client: &Arc<Client>,
     server: &Arc<ServerContext>,
     web: &Arc<crate::web::Web>,
-) -> impl Future<Output = ()> + Send + 'static {
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
     let (hub, client, server, web) = (
         Arc::clone(hub),
         Arc::clone(client),
         Arc::clone(server),
         Arc::clone(web),
     );
-    let (handshake, plain) = match tls {
-        Some(tls) => (
-            Some(tls.handshake(stream, peer, Arc::clone(&server.metrics))),
-            None,
-        ),
-        None => (None, Some(stream)),
-    };
-    async move {
-        match (handshake, plain) {
-            (Some(handshake), _) => crate::web::serve(hub, handshake, client, server, web).await,
-            (None, Some(stream)) => {
-                crate::web::serve(hub, std::future::ready(Some(stream)), client, server, web).await;
-            }
-            (None, None) => {}
+    match tls {
+        Some(tls) => {
+            // Boxed: the handshake's state is large and must not stay
+            // reserved in the connection's task after it is over.
+            let handshake = Box::pin(tls.handshake(stream, peer, Arc::clone(&server.metrics)));
+            Box::pin(crate::web::serve(hub, handshake, client, server, web))
         }
+        None => Box::pin(crate::web::serve(
+            hub,
+            std::future::ready(Some(stream)),
+            client,
+            server,
+            web,
+        )),
     }
 }
 

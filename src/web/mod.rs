@@ -134,7 +134,7 @@ impl Web {
 /// accepted socket, or the TLS handshake that yields it.
 pub(crate) async fn serve<H, S>(
     hub: Arc<H>,
-    stream: impl std::future::Future<Output = Option<S>> + Send,
+    stream: impl std::future::Future<Output = Option<S>> + Send + Unpin,
     client: Arc<Client>,
     server: Arc<ServerContext>,
     web: Arc<Web>,
@@ -142,20 +142,26 @@ pub(crate) async fn serve<H, S>(
     H: Hub,
     S: Transport + AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let exchange = async {
-        let stream = stream.await?;
-        http_exchange(stream, &web).await
-    };
-    let upgraded = tokio::select! {
-        upgraded = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange) => match upgraded {
-            Ok(upgraded) => upgraded,
-            Err(_elapsed) => {
-                client.span().in_scope(|| debug!("web: request not finished in time; closed"));
-                None
-            }
-        },
-        () = client.ending() => None,
-    };
+    // Boxed, and gone once the exchange is over: hyper's connection state
+    // is several KiB, which the task would otherwise keep for the whole
+    // chat session (a task's future is allocated at its largest).
+    let upgraded = Box::pin(async {
+        let exchange = async {
+            let stream = stream.await?;
+            http_exchange(stream, &web).await
+        };
+        tokio::select! {
+            upgraded = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange) => match upgraded {
+                Ok(upgraded) => upgraded,
+                Err(_elapsed) => {
+                    client.span().in_scope(|| debug!("web: request not finished in time; closed"));
+                    None
+                }
+            },
+            () = client.ending() => None,
+        }
+    })
+    .await;
     if let Some((stream, preread)) = upgraded {
         let socket = ws::WebSocket::new(stream, preread, web.limits);
         session::serve(hub, socket, client, server).await;

@@ -140,7 +140,9 @@ impl<W: SessionWrite> Out<W> {
                 Err(err) => return Err(err),
             }
         }
-        // Idle connections hold no buffer.
+        // Idle connections hold no buffer; a large one freed counts towards
+        // the housekeeper's trim after a burst (src/memory.rs).
+        crate::memory::note_released(self.pending.capacity());
         self.pending = Vec::new();
         self.sent = 0;
         Ok(true)
@@ -211,6 +213,9 @@ impl<W: SessionWrite> SessionWrite for WsWriter<W> {
             // The reader closed the connection; the writer is on its way out.
             return Ok(bytes.len());
         }
+        // A frame's header is 2 to 4 bytes; chat lines are rarely shorter
+        // than 16: one allocation for the batch, as a rule.
+        out.pending.reserve(bytes.len() + bytes.len() / 4 + 16);
         let mut rest = bytes;
         while let Some(newline) = memchr::memchr(b'\n', rest) {
             let line = &rest[..newline];
@@ -395,6 +400,7 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
         if self.failed.is_none() {
             self.raw.drain(..pos);
             if self.raw.is_empty() && self.raw.capacity() > 0 {
+                crate::memory::note_released(self.raw.capacity());
                 self.raw = Vec::new();
             }
         }
@@ -561,6 +567,7 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
                     if err.kind() == io::ErrorKind::WouldBlock {
                         self.starved = true;
                         if self.raw.is_empty() {
+                            crate::memory::note_released(self.raw.capacity());
                             self.raw = Vec::new();
                         }
                     }
