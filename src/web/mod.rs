@@ -125,7 +125,7 @@ impl Web {
                 return true;
             }
         }
-        self.origins.iter().any(|allowed| *allowed == origin)
+        self.origins.contains(&origin)
     }
 }
 
