@@ -749,3 +749,36 @@ async fn expect_close(socket: &mut TcpStream, code: u16) -> io::Result<()> {
         }
     }
 }
+
+/// `--max-client-memory` counts a browser's unfinished message as it
+/// counts a terminal's unfinished line: the largest holder is evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unfinished_message_counts_towards_the_memory_budget() -> io::Result<()> {
+    // As in tests/limits.rs: two terminals hold 1 KiB partial lines (16 KiB
+    // buffers), under the ~49 KiB budget a 16 KiB --max-line allows.
+    let server = TestServer::start(Config {
+        max_line: 16 * 1024,
+        max_client_memory: 50_000,
+        ..web(Model::Sharded)
+    })?;
+    let mut terminals = Vec::new();
+    for _ in 0..2 {
+        let mut terminal = TestClient::connect(server.addr()).await?;
+        terminal.send_raw(&[b's'; 1024]).await?;
+        terminals.push(terminal);
+    }
+    let (mut hog, _) = raw_handshake(web_addr(&server)?, None).await?;
+    read_frame(&mut hog).await?; // greeting
+                                 // 15 KiB of a message whose last fragment never comes.
+    hog.write_all(&client_frame(0x1, false, &[b'h'; 15 * 1024]))
+        .await?;
+    loop {
+        let (opcode, payload) = read_frame(&mut hog).await?;
+        if opcode == 0x1 && payload == chat_wire::TOO_MUCH_MEMORY.as_bytes() {
+            return Ok(());
+        }
+        ensure(opcode == 0x1, || {
+            format!("closed without the memory notice: {opcode} {payload:?}")
+        })?;
+    }
+}
