@@ -72,8 +72,8 @@ pub struct Clustered<H: Hub> {
 impl<H: Hub> Hub for Clustered<H> {
     type Inbox = H::Inbox;
 
-    fn new(config: &Config) -> Self {
-        let inner = Arc::new(H::new(config));
+    fn new(config: &Config, history: Option<Arc<crate::history::History>>) -> Self {
+        let inner = Arc::new(H::new(config, history));
         let Some(cluster) = &config.cluster else {
             return Clustered {
                 inner,

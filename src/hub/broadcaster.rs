@@ -39,6 +39,13 @@
 //! owner, which every line of the room already goes through, also builds
 //! each newcomer's list.
 //!
+//! **History.** The owner appends each chat line to the history in the
+//! step that delivers it, and takes a newcomer's snapshot in the step that
+//! adds it (after delivering what was queued before): the hand-off is
+//! atomic by construction, and every client, newcomers included, sees one
+//! total order. The history's mutex is only ever taken by the owner (and a
+//! metrics scrape reads its counts without it), so it is never contended.
+//!
 //! **Locks.** None. The `select!` is biased towards membership changes (the
 //! seed's is random), which is what makes the acknowledgements above enough.
 //! Under `--slow-client block` the broadcaster waits for room in a full
@@ -58,6 +65,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind};
+use crate::history::{History, Snapshot};
 use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -74,8 +82,9 @@ const MESSAGES_BATCH: usize = 64;
 
 type Ack = oneshot::Sender<()>;
 
-/// The owner's answer to `entering`: the clients present, or a refusal.
-type Admission = oneshot::Sender<Result<Vec<Arc<str>>, Refused>>;
+/// The owner's answer to `entering`: the clients present and the history,
+/// or a refusal.
+type Admission = oneshot::Sender<Result<(Vec<Arc<str>>, Option<Snapshot>), Refused>>;
 
 /// A newcomer's outbox, its arrival announcement, and who waits for the answer.
 type Entering = (Outbox, Message, Admission);
@@ -84,10 +93,11 @@ type Entering = (Outbox, Message, Admission);
 type Leaving = (ClientId, Option<Message>, Ack);
 
 /// What the owner task does besides relaying.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Options {
     names: bool,
     presence: bool,
+    history: Option<Arc<History>>,
 }
 
 /// See the module documentation.
@@ -102,7 +112,7 @@ pub struct BroadcasterHub {
 impl Hub for BroadcasterHub {
     type Inbox = QueueInbox;
 
-    fn new(config: &Config) -> BroadcasterHub {
+    fn new(config: &Config, history: Option<Arc<History>>) -> BroadcasterHub {
         // Membership channels need no bound: each client sends at most one
         // `entering` and one `leaving`, and `--max-clients` bounds clients.
         let (entering, entering_rx) = mpsc::unbounded_channel();
@@ -111,6 +121,7 @@ impl Hub for BroadcasterHub {
         let options = Options {
             names: config.names,
             presence: config.announce_present,
+            history,
         };
         tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx, options));
         BroadcasterHub {
@@ -133,13 +144,18 @@ impl Hub for BroadcasterHub {
         // enter, so the newcomer does not see its own arrival).
         let (admission, admitted) = oneshot::channel();
         let mut present = Vec::new();
+        let mut history = None;
         if self.entering.send((outbox, arrival, admission)).is_ok() {
             // The owner is gone only when the server is: join as nobody.
             if let Ok(answer) = admitted.await {
-                present = answer?;
+                (present, history) = answer?;
             }
         }
-        Ok(Joined { inbox, present })
+        Ok(Joined {
+            inbox,
+            present,
+            history,
+        })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
@@ -182,7 +198,7 @@ async fn broadcaster(
         tokio::select! {
             biased;
             Some((outbox, arrival, admission)) = entering.recv() => {
-                deliver_queued(&mut messages, &clients).await;
+                deliver_queued(&mut messages, &clients, &options).await;
                 if options.names && !names.insert(Arc::clone(outbox.who())) {
                     // Dropped before answering, so the session holds the
                     // only handle to its client again when it hears.
@@ -197,10 +213,11 @@ async fn broadcaster(
                     Vec::new()
                 };
                 clients.insert(outbox.id(), outbox);
-                let _ = admission.send(Ok(present));
+                let history = options.history.as_ref().map(|history| history.snapshot());
+                let _ = admission.send(Ok((present, history)));
             }
             Some((id, departure, ack)) = leaving.recv() => {
-                deliver_queued(&mut messages, &clients).await;
+                deliver_queued(&mut messages, &clients, &options).await;
                 if let Some(outbox) = clients.remove(&id) {
                     if options.names {
                         names.remove(&**outbox.who());
@@ -220,7 +237,7 @@ async fn broadcaster(
                     return;
                 }
                 for message in batch.drain(..) {
-                    deliver(&message, &clients).await;
+                    say(&message, &clients, &options).await;
                 }
             }
         }
@@ -231,13 +248,22 @@ async fn broadcaster(
 async fn deliver_queued(
     messages: &mut mpsc::Receiver<Message>,
     clients: &HashMap<ClientId, Outbox>,
+    options: &Options,
 ) {
     for _ in 0..messages.len() {
         match messages.try_recv() {
-            Ok(message) => deliver(&message, clients).await,
+            Ok(message) => say(&message, clients, options).await,
             Err(_) => break,
         }
     }
+}
+
+/// A chat line: into the history, then to everyone, in one step.
+async fn say(message: &Message, clients: &HashMap<ClientId, Outbox>, options: &Options) {
+    if let Some(history) = &options.history {
+        history.append(message);
+    }
+    deliver(message, clients).await;
 }
 
 async fn deliver(message: &Message, clients: &HashMap<ClientId, Outbox>) {
