@@ -187,7 +187,7 @@ pub fn tune_socket(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
 /// bounds), but it is never evicted; its own bound, `--history-bytes`,
 /// which the configuration checks fits in the budget with room for a
 /// client's longest line, caps it. A newcomer's history block counts as
-/// queued for it until written, like any queued message.
+/// held by it until written, in full, like a queued message.
 #[derive(Debug)]
 pub struct MemoryGuard {
     budget: usize,

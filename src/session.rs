@@ -130,10 +130,9 @@ pub(crate) async fn serve<H: Hub, T: Transport>(
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
     let history = entered.history.map(|history| {
-        // Counted as queued for the client until written, as live lines
-        // are: a newcomer that does not read its history holds it
-        // (`--max-pending`, `--max-client-memory`).
-        client.budget.charge(history.bytes);
+        // Held by the client until written: a newcomer that does not read
+        // its history holds it (`--max-client-memory`).
+        client.set_held_history(history.bytes);
         Box::new(history)
     });
     spawn_writer(
@@ -514,7 +513,7 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
 }
 
 /// Writes the greeting and the `--history` block in writes of up to
-/// [`MAX_WRITE`] bytes, then gives back the budget the block was charged.
+/// [`MAX_WRITE`] bytes; then the client no longer holds the block.
 async fn write_history<W: SessionWrite>(
     socket: &mut SocketWriter<'_, W>,
     hello: &Message,
@@ -542,7 +541,7 @@ async fn write_history<W: SessionWrite>(
     if result.is_ok() {
         result = socket.write_all(&batch).await;
     }
-    socket.client.budget.give_back(history.bytes);
+    socket.client.set_held_history(0);
     result
 }
 
