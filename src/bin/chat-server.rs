@@ -137,9 +137,19 @@ struct Args {
     cluster_heartbeat: f64,
 
     /// Seconds without a heartbeat after which a node counts as dead and its
-    /// clients as gone (announced within this plus one heartbeat).
+    /// clients as gone (announced within this plus a quarter heartbeat).
     #[arg(long, value_name = "SECS", default_value_t = 3.0, requires = "cluster")]
     cluster_node_timeout: f64,
+
+    /// The longest pause, in seconds, between tries to reach the broker
+    /// (pauses double from 20-50 ms up to it).
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, requires = "cluster")]
+    cluster_reconnect_max: f64,
+
+    /// Seconds a broker call (a publish's acknowledgement, a name's claim)
+    /// may take before it counts as failed and is retried.
+    #[arg(long, value_name = "SECS", default_value_t = 2.0, requires = "cluster")]
+    cluster_ack_timeout: f64,
 
     /// Input budget per client, lines per second (0: no line budget). Over
     /// budget, the server stops reading that client until it is back within.
@@ -311,6 +321,8 @@ impl Args {
             retention_bytes: self.cluster_retention_bytes,
             heartbeat: seconds("cluster-heartbeat", self.cluster_heartbeat)?,
             node_timeout: seconds("cluster-node-timeout", self.cluster_node_timeout)?,
+            reconnect_max: seconds("cluster-reconnect-max", self.cluster_reconnect_max)?,
+            ack_timeout: seconds("cluster-ack-timeout", self.cluster_ack_timeout)?,
             ..ClusterConfig::new(url)
         }))
     }

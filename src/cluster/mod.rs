@@ -31,8 +31,12 @@
 //! roster of remote nodes (for announcing a dead node's clients and for
 //! presence lists) and the book of this node's names; each behind its own
 //! short `parking_lot` mutex, never held across an `.await`.
-//! The broker side (connection, publisher, consumer, heartbeats) is in
-//! [`broker`]; the wire format and its checks in [`wire`].
+//! The broker side is one file per concern: [`connection`] (the NATS
+//! client, the room's subjects and stream), [`publisher`] (this node's
+//! events to the stream), [`consumer`] (the stream to the local hub),
+//! [`heartbeats`] (liveness), [`roster`] (who is on the other nodes) and
+//! [`backoff`] (the one retry policy); the wire format and its checks are
+//! in [`wire`].
 //!
 //! **Tasks.** Three of ours (publisher, consumer, heartbeats) plus the
 //! NATS client's four (connection, event log, JetStream acker, the pull
@@ -40,7 +44,7 @@
 //! [`ClusterConfig::EXTRA_TASKS`]; under `--names`, plus one short-lived
 //! task per name whose delete is being retried or dead node being tidied.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,11 +59,18 @@ use crate::client::{Client, ClientId};
 use crate::config::{ClusterConfig, ClusterCounters, Config};
 use crate::hub::{Hub, Joined, Refused};
 use crate::protocol::Message;
+use tokio::sync::watch;
 
-mod broker;
+mod backoff;
+mod connection;
+mod consumer;
+mod heartbeats;
 mod names;
+mod publisher;
+mod roster;
 pub mod wire;
 
+use roster::Roster;
 use wire::Event;
 
 /// Any model, joined to the room on the broker. See the module documentation.
@@ -82,7 +93,7 @@ impl<H: Hub> Hub for Clustered<H> {
             };
         };
         let shared = Arc::new(Shared::new(cluster.clone(), config));
-        let tasks = broker::start(Arc::clone(&shared), Arc::clone(&inner), config);
+        let tasks = start(Arc::clone(&shared), Arc::clone(&inner), config);
         Clustered {
             inner,
             shared: Some(shared),
@@ -175,6 +186,32 @@ impl<H: Hub> Clustered<H> {
     }
 }
 
+/// Starts the publisher, the consumer and the heartbeat task.
+fn start<H: Hub>(shared: Arc<Shared>, hub: Arc<H>, config: &Config) -> Vec<JoinHandle<()>> {
+    // Remote lines enter the local hub as if said by one more participant.
+    // It never joins, so no model sends it anything; it only stands for
+    // "the rest of the room" where the hub wants a sender.
+    let ghost = Arc::new(Client::new(
+        ClientId(u64::MAX),
+        "cluster".into(),
+        config,
+        &CancellationToken::new(),
+        None,
+    ));
+    let (connected, connection) = watch::channel(None);
+    info!(node = %shared.node, room = %shared.config.room, "joining the room through the broker");
+    vec![
+        tokio::spawn(publisher::publisher(Arc::clone(&shared), connected)),
+        tokio::spawn(consumer::consumer(
+            Arc::clone(&shared),
+            Arc::clone(&hub),
+            Arc::clone(&ghost),
+            connection.clone(),
+        )),
+        tokio::spawn(heartbeats::heartbeats(shared, hub, ghost, connection)),
+    ]
+}
+
 /// What the hub wrapper and the broker tasks share.
 pub(crate) struct Shared {
     pub node: String,
@@ -193,7 +230,7 @@ pub(crate) struct Shared {
     pub present_on: bool,
     pub names: names::NameBook,
     /// The broker connection, once the publisher has made it.
-    pub connection: std::sync::OnceLock<broker::Connection>,
+    pub connection: std::sync::OnceLock<connection::Connection>,
     /// Since when this node has been connected and hearing heartbeats
     /// (`None` while it is not): a node never heard of for longer than
     /// `node_timeout` of that is dead.
@@ -395,154 +432,4 @@ pub(crate) struct Outgoing {
 #[derive(Default)]
 pub(crate) struct GarbageLog {
     in_burst: u64,
-}
-
-/// Who is on the other nodes, so that a node that dies can be mourned:
-/// from their arrivals and departures on the stream and from their
-/// heartbeats, whichever is newer (both carry the node's event number).
-#[derive(Default)]
-pub(crate) struct Roster {
-    nodes: HashMap<String, RemoteNode>,
-    /// Nodes declared dead or gone: late stream events do not bring them
-    /// back; only a heartbeat does.
-    gone: HashSet<String>,
-}
-
-struct RemoteNode {
-    clients: HashSet<Arc<str>>,
-    /// The newest event number reflected in `clients`.
-    applied: u64,
-    /// The newest batch number delivered (a stored duplicate is skipped).
-    last_batch: u64,
-    last_seen: Instant,
-}
-
-impl RemoteNode {
-    fn new(now: Instant) -> RemoteNode {
-        RemoteNode {
-            clients: HashSet::new(),
-            applied: 0,
-            last_batch: 0,
-            last_seen: now,
-        }
-    }
-}
-
-impl Roster {
-    /// Whether batch `batch` of `node` is new (batches are published one at
-    /// a time, so a node's batch numbers only grow along the stream).
-    pub fn fresh_batch(&mut self, node: &str, batch: u64, now: Instant) -> bool {
-        if self.gone.contains(node) {
-            return true;
-        }
-        let remote = self
-            .nodes
-            .entry(node.to_string())
-            .or_insert_with(|| RemoteNode::new(now));
-        if batch <= remote.last_batch {
-            return false;
-        }
-        remote.last_batch = batch;
-        true
-    }
-
-    pub fn apply(&mut self, node: &str, event: &wire::Checked) {
-        if self.gone.contains(node) {
-            return;
-        }
-        let Some(remote) = self.nodes.get_mut(node) else {
-            return;
-        };
-        if event.seq <= remote.applied {
-            return;
-        }
-        remote.applied = event.seq;
-        match event.change {
-            wire::Change::Arrived => {
-                remote.clients.insert(Arc::clone(&event.who));
-            }
-            wire::Change::Left => {
-                remote.clients.remove(&event.who);
-            }
-            wire::Change::None => {}
-        }
-    }
-
-    /// Applies a heartbeat; returns the clients to announce as arrived
-    /// again if the node had been declared dead (it was cut off, not dead).
-    pub fn heartbeat(&mut self, beat: wire::Heartbeat, now: Instant) -> Vec<Arc<str>> {
-        let Some(clients) = beat.clients else {
-            // Leaving: its departures are on the stream.
-            self.nodes.remove(&beat.node);
-            self.gone.insert(beat.node);
-            return Vec::new();
-        };
-        let revived = self.gone.remove(&beat.node);
-        let remote = self
-            .nodes
-            .entry(beat.node)
-            .or_insert_with(|| RemoteNode::new(now));
-        remote.last_seen = now;
-        if beat.seq >= remote.applied {
-            remote.applied = beat.seq;
-            remote.clients = clients.into_iter().collect();
-        }
-        if revived {
-            let mut back: Vec<_> = remote.clients.iter().cloned().collect();
-            back.sort();
-            back
-        } else {
-            Vec::new()
-        }
-    }
-
-    /// Whether `node` is alive as far as this node knows.
-    pub fn is_live(&self, node: &str) -> bool {
-        self.nodes.contains_key(node)
-    }
-
-    /// Whether `node` was declared dead or said it was leaving.
-    pub fn is_gone(&self, node: &str) -> bool {
-        self.gone.contains(node)
-    }
-
-    /// Every live remote node's clients, sorted.
-    pub fn clients(&self) -> Vec<Arc<str>> {
-        let mut clients: Vec<Arc<str>> = self
-            .nodes
-            .values()
-            .flat_map(|remote| remote.clients.iter().cloned())
-            .collect();
-        clients.sort();
-        clients
-    }
-
-    /// Nodes silent for longer than `timeout` are dead: returns them and
-    /// their clients, to be announced as having left.
-    pub fn reap(&mut self, now: Instant, timeout: Duration) -> (Vec<String>, Vec<Arc<str>>) {
-        let dead: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(_, remote)| now.duration_since(remote.last_seen) > timeout)
-            .map(|(node, _)| node.clone())
-            .collect();
-        let mut gone = Vec::new();
-        for node in &dead {
-            if let Some(remote) = self.nodes.remove(node) {
-                warn!(%node, clients = remote.clients.len(), "node silent: announcing its clients as gone");
-                gone.extend(remote.clients);
-            }
-            self.gone.insert(node.clone());
-        }
-        gone.sort();
-        (dead, gone)
-    }
-
-    /// After our own connection was down nobody could be heard: restart
-    /// every node's clock rather than declare them all dead.
-    pub fn reset_clocks(&mut self, now: Instant) {
-        for remote in self.nodes.values_mut() {
-            remote.last_seen = now;
-        }
-    }
 }

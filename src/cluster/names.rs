@@ -45,6 +45,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::backoff::Backoff;
 use super::Shared;
 use crate::hub::Refused;
 
@@ -239,16 +240,12 @@ fn tidy(shared: &Arc<Shared>, name: &Arc<str>) {
     let shared = Arc::clone(shared);
     let name = Arc::clone(name);
     tokio::spawn(async move {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            if tidy_once(&shared, &name).await {
+        let mut backoff = Backoff::new(Duration::from_millis(50), shared.config.reconnect_max);
+        while !tidy_once(&shared, &name).await {
+            backoff.failed_quietly();
+            if backoff.pause(&shared.stop).await {
                 break;
             }
-            tokio::select! {
-                () = shared.stop.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
-            }
-            pause = (pause * 2).min(shared.config.reconnect_max);
         }
         shared.names.tidying.lock().remove(&name);
     });

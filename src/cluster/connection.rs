@@ -1,0 +1,181 @@
+//! The broker connection: the NATS client (credentials from the URL or a
+//! creds file, reconnecting forever), the room's subjects and stream, and
+//! the waits the tasks make for a connection.
+//!
+//! Every call here is one a NATS 2.9 server understands (the client is
+//! built without its `server_2_10`+ features); tests/cluster.rs runs them
+//! against the real server.
+
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::backoff::Backoff;
+use super::Shared;
+use crate::config::ClusterCounters;
+
+/// A connected (or reconnecting) client and its JetStream context.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    pub client: NatsClient,
+    pub jetstream: jetstream::Context,
+}
+
+/// The room's names on the broker.
+pub(super) struct Subjects {
+    pub(super) stream: String,
+    pub(super) events: String,
+    pub(super) heartbeats: String,
+}
+
+impl Subjects {
+    pub(super) fn new(room: &str) -> Subjects {
+        Subjects {
+            stream: format!("CHAT_{room}"),
+            events: format!("chat.{room}.events"),
+            heartbeats: format!("chat.{room}.heartbeat"),
+        }
+    }
+}
+
+/// Credentials from the URL: `user:password@` or `token@`, percent-decoded.
+fn connect_options(shared: &Shared, servers: &[ServerAddr]) -> ConnectOptions {
+    let reconnect_max = shared.config.reconnect_max;
+    let counters = Arc::clone(&shared.config.counters);
+    let mut options = ConnectOptions::new()
+        .name(format!("chat-server {}", shared.node))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        // A silent broker (network cut, not a closed socket) is noticed
+        // after two missed pings.
+        .ping_interval(Duration::from_secs(5))
+        .reconnect_delay_callback(move |attempts| {
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            Backoff::delay(Duration::from_millis(50), reconnect_max, attempts)
+        })
+        // The client's event task (it runs anyway) keeps the gauge: the
+        // same transitions as the state the publisher and consumer wait on.
+        .event_callback(move |event| {
+            let counters = Arc::clone(&counters);
+            async move {
+                match event {
+                    Event::Connected => ClusterCounters::set(&counters.connected, 1),
+                    Event::Disconnected | Event::Closed => {
+                        ClusterCounters::set(&counters.connected, 0);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    if let Some(server) = servers.iter().find(|server| server.username().is_some()) {
+        let user = percent_decode(server.username().unwrap_or_default());
+        options = match server.password() {
+            Some(password) => options.user_and_password(user, percent_decode(password)),
+            None => options.token(user),
+        };
+    }
+    options
+}
+
+/// The URL's user and password as NATS users write them, `%40` for `@`.
+fn percent_decode(text: &str) -> String {
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Makes the client. With `retry_on_initial_connect` this returns at once
+/// and the client keeps trying in the background; only a bad URL or an
+/// unreadable creds file fails, and those are retried here (the operator
+/// may fix the file).
+pub(super) async fn connect(shared: &Shared) -> Option<Connection> {
+    let mut logged = false;
+    loop {
+        match try_connect(shared).await {
+            Ok(client) => {
+                let jetstream = jetstream::ContextBuilder::new()
+                    .timeout(shared.config.ack_timeout)
+                    .build(client.clone());
+                return Some(Connection { client, jetstream });
+            }
+            Err(err) => {
+                if !logged {
+                    warn!(cause = %err, url = %shared.config.url, "cannot set up the broker connection; retrying");
+                    logged = true;
+                }
+                tokio::select! {
+                    () = shared.stop.cancelled() => return None,
+                    () = tokio::time::sleep(shared.config.reconnect_max) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn try_connect(shared: &Shared) -> anyhow::Result<NatsClient> {
+    let servers = shared
+        .config
+        .url
+        .split(',')
+        .map(|url| url.trim().parse::<ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut options = connect_options(shared, &servers);
+    if let Some(creds) = &shared.config.creds {
+        options = options.credentials_file(creds).await?;
+    }
+    Ok(async_nats::connect_with_options(servers, options).await?)
+}
+
+/// Creates the room's stream if it does not exist (the first node to reach
+/// the broker does; the others find it).
+pub(super) async fn ensure_stream(
+    connection: &Connection,
+    shared: &Shared,
+    names: &Subjects,
+) -> anyhow::Result<stream::Stream> {
+    let config = &shared.config;
+    Ok(connection
+        .jetstream
+        .get_or_create_stream(stream::Config {
+            name: names.stream.clone(),
+            subjects: vec![names.events.clone()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            discard: stream::DiscardPolicy::Old,
+            max_age: config.retention_age,
+            max_bytes: i64::try_from(config.retention_bytes).unwrap_or(i64::MAX),
+            duplicate_window: config.retention_age.min(Duration::from_secs(120)),
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// Waits while the client is not connected, so that nothing is queued in
+/// it during an outage (it would hold every retry until the broker is back).
+pub(super) async fn until_connected(client: &NatsClient, stop: &CancellationToken) -> bool {
+    while client.connection_state() != State::Connected {
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    true
+}
+
+pub(super) async fn wait_for_connection(
+    connection: &mut watch::Receiver<Option<Connection>>,
+    stop: &CancellationToken,
+) -> Option<Connection> {
+    tokio::select! {
+        () = stop.cancelled() => None,
+        found = connection.wait_for(Option::is_some) => found.ok().and_then(|found| found.clone()),
+    }
+}

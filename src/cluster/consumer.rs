@@ -1,0 +1,212 @@
+//! The consumer: reads the room's stream and hands other nodes' events to
+//! the local hub, in stream order.
+//!
+//! It reads from the sequence after the last one it delivered, through an
+//! ephemeral pull consumer; on any error (broker restart, consumer lost,
+//! missed heartbeats) it makes a new consumer from that same sequence. A
+//! stored duplicate (a retry that outlived the de-duplication window) is
+//! skipped by batch number.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::backoff::Backoff;
+use super::connection::{
+    ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
+};
+use super::wire;
+use super::Shared;
+use crate::client::Client;
+use crate::config::ClusterCounters;
+use crate::hub::Hub;
+
+pub(super) async fn consumer<H: Hub>(
+    shared: Arc<Shared>,
+    hub: Arc<H>,
+    ghost: Arc<Client>,
+    mut connection: watch::Receiver<Option<Connection>>,
+) {
+    let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
+        return;
+    };
+    let names = Subjects::new(&shared.config.room);
+    let mut delivered: Option<u64> = None;
+    let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
+    loop {
+        if !until_connected(&connection.client, &shared.stop).await {
+            return;
+        }
+        match consume(
+            &connection,
+            &shared,
+            &names,
+            &*hub,
+            &ghost,
+            &mut delivered,
+            &mut outage,
+        )
+        .await
+        {
+            Ok(()) => return,
+            Err(err) => {
+                outage.failed("reading the room's stream", &err);
+                if outage.pause(&shared.stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Delivers the stream from after `delivered` until an error or stop.
+async fn consume<H: Hub>(
+    connection: &Connection,
+    shared: &Shared,
+    names: &Subjects,
+    hub: &H,
+    ghost: &Arc<Client>,
+    delivered: &mut Option<u64>,
+    outage: &mut Backoff,
+) -> anyhow::Result<()> {
+    let mut stream = ensure_stream(connection, shared, names).await?;
+    let state = stream.info().await?.state.clone();
+    let start = match *delivered {
+        // A new node joins the room as it is now: no history.
+        None => state.last_sequence + 1,
+        Some(last) if state.last_sequence < last => {
+            // The stream is younger than what we delivered: it was lost
+            // (memory storage, or deleted) and made again.
+            warn!(
+                delivered = last,
+                stream_last = state.last_sequence,
+                "the room's stream was recreated; reading it from its start"
+            );
+            state.first_sequence.max(1)
+        }
+        Some(last) => {
+            if state.first_sequence > last + 1 {
+                let missed = state.first_sequence - (last + 1);
+                warn!(
+                    missed,
+                    "events expired from the stream (--cluster-retention) before this node read them"
+                );
+                ClusterCounters::add(&shared.counters().missed, missed);
+            }
+            (last + 1).max(state.first_sequence)
+        }
+    };
+    if delivered.is_none() || start <= delivered.unwrap_or(0) {
+        *delivered = Some(start - 1);
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            // An abandoned consumer (we crashed, or made a new one) goes
+            // away by itself.
+            inactive_threshold: Duration::from_secs(30),
+            filter_subject: names.events.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let heartbeat = shared.config.heartbeat.max(Duration::from_millis(500));
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .heartbeat(heartbeat)
+        .expires(heartbeat * 10)
+        .messages()
+        .await?;
+    ClusterCounters::add(&shared.counters().streams_opened, 1);
+    loop {
+        let next = tokio::select! {
+            () = shared.stop.cancelled() => return Ok(()),
+            next = messages.next() => next,
+        };
+        let message = match next {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return Err(err.into()),
+            None => anyhow::bail!("the consumer ended"),
+        };
+        outage.succeeded("reading the room's stream");
+        let sequence = match message.info() {
+            Ok(info) => {
+                show_lag(
+                    shared.counters(),
+                    info.pending,
+                    info.published.unix_timestamp_nanos(),
+                );
+                info.stream_sequence
+            }
+            Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
+        };
+        if sequence <= delivered.unwrap_or(0) {
+            continue;
+        }
+        *delivered = Some(sequence);
+        deliver(shared, hub, ghost, &message.subject, &message.payload).await;
+    }
+}
+
+/// Sets the lag gauges from one stream message's metadata: what the broker
+/// still holds for us, and how long this message waited in the stream.
+fn show_lag(counters: &ClusterCounters, pending: u64, stored_nanos: i128) {
+    let now_nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let stored = u128::try_from(stored_nanos).unwrap_or(0);
+    let lag = now_nanos.saturating_sub(stored);
+    ClusterCounters::set(&counters.consumer_pending, pending);
+    ClusterCounters::set(&counters.lag_nanos, u64::try_from(lag).unwrap_or(u64::MAX));
+    ClusterCounters::set(
+        &counters.last_stored_nanos,
+        u64::try_from(stored).unwrap_or(u64::MAX),
+    );
+}
+
+/// Checks one stored batch and hands its events to the local hub.
+async fn deliver<H: Hub>(
+    shared: &Shared,
+    hub: &H,
+    ghost: &Arc<Client>,
+    subject: &str,
+    payload: &[u8],
+) {
+    let wire::Decoded {
+        node,
+        batch,
+        events,
+    } = match wire::decode_batch(payload) {
+        Ok(decoded) => decoded,
+        Err(why) => {
+            shared.garbage(subject, &why);
+            return;
+        }
+    };
+    shared.good_message();
+    if node == shared.node {
+        // Our own clients had these at once (local-first).
+        return;
+    }
+    if !shared
+        .roster
+        .lock()
+        .fresh_batch(&node, batch, Instant::now())
+    {
+        debug!(%node, batch, "skipped a batch stored twice");
+        return;
+    }
+    ClusterCounters::add(&shared.counters().received, 1);
+    for event in events {
+        shared.roster.lock().apply(&node, &event);
+        hub.broadcast(ghost, &event.message).await;
+    }
+}
