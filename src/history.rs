@@ -113,6 +113,12 @@ impl History {
         (snapshot, result)
     }
 
+    /// The most lines and bytes it holds (`--history`, `--history-bytes`).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub fn bounds(&self) -> (usize, usize) {
+        (self.max_lines, self.max_bytes)
+    }
+
     /// Lines held.
     pub fn lines(&self) -> usize {
         self.lines.load(Ordering::Relaxed)

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::backfill;
 use super::backoff::Backoff;
 use super::connection::{
     ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
@@ -32,11 +33,14 @@ pub(super) async fn consumer<H: Hub>(
     ghost: Arc<Client>,
     mut connection: watch::Receiver<Option<Connection>>,
 ) {
+    // `--history`: what was said before this node started, read back
+    // before anyone is greeted; the stream is then read from after it.
+    let mut delivered: Option<u64> =
+        backfill::fill(&shared, shared.history.as_ref(), connection.clone()).await;
     let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
         return;
     };
     let names = Subjects::new(&shared.config.room);
-    let mut delivered: Option<u64> = None;
     let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
     loop {
         if !until_connected(&connection.client, &shared.stop).await {
@@ -207,6 +211,10 @@ async fn deliver<H: Hub>(
     ClusterCounters::add(&shared.counters().received, 1);
     for event in events {
         shared.roster.lock().apply(&node, &event);
-        hub.broadcast(ghost, &event.message).await;
+        // Lines are history; arrivals and departures are not.
+        match event.change {
+            wire::Change::None => hub.broadcast(ghost, &event.message).await,
+            _ => hub.relay(ghost, &event.message).await,
+        }
     }
 }

@@ -132,6 +132,6 @@ async fn announce<H: Hub>(
     line: fn(&str) -> Message,
 ) {
     for who in who {
-        hub.broadcast(ghost, &line(who)).await;
+        hub.relay(ghost, &line(who)).await;
     }
 }

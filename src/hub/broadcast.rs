@@ -163,6 +163,10 @@ impl Hub for BroadcastHub {
         }
     }
 
+    async fn relay(&self, from: &Arc<Client>, message: &Message) {
+        self.publish(from.id, Audience::Everyone, Some(message.clone()));
+    }
+
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         let mut roster = self.roster.as_ref().map(|roster| roster.lock());
         // Off the roster before the departure ends the leaver's stream, so

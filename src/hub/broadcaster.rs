@@ -105,9 +105,13 @@ struct Options {
 pub struct BroadcasterHub {
     entering: mpsc::UnboundedSender<Entering>,
     leaving: mpsc::UnboundedSender<Leaving>,
-    messages: mpsc::Sender<Message>,
+    messages: mpsc::Sender<Said>,
     queue: QueueKind,
 }
+
+/// A message for everyone, and whether it is a chat line (history) or a
+/// relayed announcement (not history).
+type Said = (Message, bool);
 
 impl Hub for BroadcasterHub {
     type Inbox = QueueInbox;
@@ -159,7 +163,11 @@ impl Hub for BroadcasterHub {
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
-        self.send_message(message.clone()).await;
+        self.send_message((message.clone(), true)).await;
+    }
+
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
+        self.send_message((message.clone(), false)).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
@@ -173,7 +181,7 @@ impl Hub for BroadcasterHub {
 impl BroadcasterHub {
     /// Queues a line for the broadcaster, waiting only if its queue is full
     /// (the seed's sender always waits, for the broadcaster to take it).
-    async fn send_message(&self, message: Message) {
+    async fn send_message(&self, message: Said) {
         if let Err(mpsc::error::TrySendError::Full(message)) = self.messages.try_send(message) {
             // Boxed: a full queue is rare, and the wait's state would
             // otherwise be part of every reader task.
@@ -187,7 +195,7 @@ impl BroadcasterHub {
 async fn broadcaster(
     mut entering: mpsc::UnboundedReceiver<Entering>,
     mut leaving: mpsc::UnboundedReceiver<Leaving>,
-    mut messages: mpsc::Receiver<Message>,
+    mut messages: mpsc::Receiver<Said>,
     options: Options,
 ) {
     let mut clients: HashMap<ClientId, Outbox> = HashMap::new();
@@ -236,8 +244,8 @@ async fn broadcaster(
                 if received == 0 {
                     return;
                 }
-                for message in batch.drain(..) {
-                    say(&message, &clients, &options).await;
+                for said in batch.drain(..) {
+                    say(said, &clients, &options).await;
                 }
             }
         }
@@ -246,24 +254,25 @@ async fn broadcaster(
 
 /// Delivers the messages sent before the membership change being handled.
 async fn deliver_queued(
-    messages: &mut mpsc::Receiver<Message>,
+    messages: &mut mpsc::Receiver<Said>,
     clients: &HashMap<ClientId, Outbox>,
     options: &Options,
 ) {
     for _ in 0..messages.len() {
         match messages.try_recv() {
-            Ok(message) => say(&message, clients, options).await,
+            Ok(said) => say(said, clients, options).await,
             Err(_) => break,
         }
     }
 }
 
-/// A chat line: into the history, then to everyone, in one step.
-async fn say(message: &Message, clients: &HashMap<ClientId, Outbox>, options: &Options) {
-    if let Some(history) = &options.history {
-        history.append(message);
+/// A chat line: into the history, then to everyone, in one step (a
+/// relayed announcement: to everyone only).
+async fn say((message, chat): Said, clients: &HashMap<ClientId, Outbox>, options: &Options) {
+    if let (true, Some(history)) = (chat, &options.history) {
+        history.append(&message);
     }
-    deliver(message, clients).await;
+    deliver(&message, clients).await;
 }
 
 async fn deliver(message: &Message, clients: &HashMap<ClientId, Outbox>) {

@@ -124,6 +124,10 @@ impl Hub for LockedHub {
         self.fan_out(message, None, true).await;
     }
 
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
+        self.fan_out(message, None, false).await;
+    }
+
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         // Announce first, as in `sharded`: the removal lets the leaver's
         // connection close (see `Hub::leave`).

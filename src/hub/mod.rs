@@ -133,6 +133,11 @@ pub trait Hub: Send + Sync + Sized + 'static {
     /// Delivers `message` to every client, `from` included.
     fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
 
+    /// Delivers an announcement made elsewhere (under `--cluster`, another
+    /// node's arrival or departure) to every client as `broadcast` does,
+    /// but never into the history: arrivals and departures are not history.
+    fn relay(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
+
     /// Unregisters `client`; announces `departure` (if any) to everyone who
     /// remains. The announcement is queued for them before the leaver's
     /// connection can close (its writer stops once it is unregistered), as the

@@ -149,6 +149,10 @@ impl Hub for ShardedHub {
         self.fan_out(message, None).await;
     }
 
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
+        self.fan_out(message, None).await;
+    }
+
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
         // Announce first: removing our outbox lets the client's writer finish
         // and close the connection, and the departure must already be queued
