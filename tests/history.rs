@@ -331,12 +331,10 @@ fn check_senders(
         })?;
         next.insert(sender, seq + 1);
     }
-    for sender in 0..SENDERS {
+    for (sender, last) in lasts.iter().enumerate() {
         // A newcomer may have come after a sender's last line left its
         // history: then it shows none of that sender's.
-        let ended = next
-            .get(&sender)
-            .is_none_or(|next| *next == lasts[sender] + 1);
+        let ended = next.get(&sender).is_none_or(|next| *next == last + 1);
         ensure(ended && (!from_start || next.contains_key(&sender)), || {
             format!("{who}: sender {sender} ended at {:?}", next.get(&sender))
         })?;
