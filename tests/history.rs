@@ -160,9 +160,13 @@ async fn hand_off(model: Model, present: bool) -> io::Result<()> {
     })?;
     let the_end = chat_wire::chat(&observer.who, THE_END);
     let observing = tokio::spawn(async move {
-        let seen = read_until(&mut observer, Vec::new(), deadline, |_, finished| {
-            finished.iter().all(|done| *done)
-        })
+        let seen = read_until(
+            &mut observer,
+            Vec::new(),
+            [false; SENDERS],
+            deadline,
+            |_, _, finished| finished.iter().all(|done| *done),
+        )
         .await?;
         observer.send(THE_END).await?;
         io::Result::Ok((observer, seen))
@@ -196,19 +200,36 @@ async fn hand_off(model: Model, present: bool) -> io::Result<()> {
             let who = client.who.clone();
             let shown = block.len();
             let mut seen = Vec::new();
+            let mut finished = [false; SENDERS];
             let mut ended = false;
             for line in &block {
                 if *line == the_end {
                     ended = true;
                     continue;
                 }
-                let (entry, _) = numbered(line)
+                let (entry, last) = numbered(line)
                     .ok_or_else(|| io::Error::other(format!("{who}: history line {line:?}")))?;
+                finished[entry.0] |= last;
                 seen.push(entry);
             }
-            if !ended {
-                seen = read_until(&mut client, seen, deadline, |line, _| line == the_end).await?;
-            }
+            // In `sharded` and `locked` the end may overtake a sender's
+            // last lines (no total order): read on until every sender this
+            // newcomer has seen has finished.
+            let mut ended = ended;
+            seen = read_until(
+                &mut client,
+                seen,
+                finished,
+                deadline,
+                |line, seen, finished| {
+                    ended |= line == the_end;
+                    ended
+                        && seen
+                            .iter()
+                            .all(|(sender, _): &(usize, usize)| finished[*sender])
+                },
+            )
+            .await?;
             io::Result::Ok((who, shown, seen))
         }));
     }
@@ -271,16 +292,20 @@ async fn hand_off(model: Model, present: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads numbered lines after those `seen` already (a history block) until
-/// `done` says so, given the line and which senders' last lines were seen;
+/// Reads numbered lines after those `seen` already (a history block, in
+/// which the senders `finished` said their last) until `done` says so,
+/// given the line, what was seen and which senders' last lines were seen;
 /// ignores everything else (arrivals, departures).
 async fn read_until(
     client: &mut TestClient,
     mut seen: Vec<(usize, usize)>,
+    mut finished: [bool; SENDERS],
     deadline: Instant,
-    done: impl Fn(&str, &[bool; SENDERS]) -> bool,
+    mut done: impl FnMut(&str, &[(usize, usize)], &[bool; SENDERS]) -> bool,
 ) -> io::Result<Vec<(usize, usize)>> {
-    let mut finished = [false; SENDERS];
+    if done("", &seen, &finished) {
+        return Ok(seen);
+    }
     loop {
         let line = tokio::time::timeout_at(deadline, client.line())
             .await
@@ -302,7 +327,7 @@ async fn read_until(
             finished[sender] |= last;
             seen.push((sender, seq));
         }
-        if done(&line, &finished) {
+        if done(&line, &seen, &finished) {
             return Ok(seen);
         }
     }
