@@ -120,6 +120,7 @@ impl History {
     }
 
     /// Lines held.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub fn lines(&self) -> usize {
         self.lines.load(Ordering::Relaxed)
     }

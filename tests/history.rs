@@ -215,7 +215,6 @@ async fn hand_off(model: Model, present: bool) -> io::Result<()> {
             // In `sharded` and `locked` the end may overtake a sender's
             // last lines (no total order): read on until every sender this
             // newcomer has seen has finished.
-            let mut ended = ended;
             seen = read_until(
                 &mut client,
                 seen,

@@ -136,6 +136,7 @@ pub trait Hub: Send + Sync + Sized + 'static {
     /// Delivers an announcement made elsewhere (under `--cluster`, another
     /// node's arrival or departure) to every client as `broadcast` does,
     /// but never into the history: arrivals and departures are not history.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     fn relay(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
 
     /// Unregisters `client`; announces `departure` (if any) to everyone who
