@@ -241,6 +241,12 @@ pub fn longest_message(max_line: usize) -> usize {
     max_line.saturating_mul(3).saturating_add(128)
 }
 
+/// Default bound of the room's history in bytes (`--history-bytes`): 1 MiB,
+/// about 10,000 lines of 100 bytes, so that with the default `--max-line`
+/// it is the lines bound that binds for ordinary chat, while a room of
+/// 64 KiB lines keeps at least five of them.
+pub const DEFAULT_HISTORY_BYTES: usize = 1024 * 1024;
+
 /// Default input budget per client, lines per second (see [`Config::flood_lines`]).
 pub const DEFAULT_FLOOD_LINES: u32 = 500;
 
@@ -312,6 +318,13 @@ pub struct Config {
     /// right after its greeting (gopl exercise 8.12); under `cluster`, the
     /// other nodes' clients as far as their news has arrived.
     pub announce_present: bool,
+    /// `--history`: a newcomer is shown the room's last this many chat
+    /// lines, in a block right after its greeting (0, the default: no
+    /// history, and the protocol is the seed's).
+    pub history: usize,
+    /// `--history-bytes`: the history holds at most this many bytes of
+    /// formatted lines, oldest out first (see [`DEFAULT_HISTORY_BYTES`]).
+    pub history_bytes: usize,
     /// Join a room shared with other nodes through a NATS JetStream broker
     /// (`--cluster`); `None` is the single-process room.
     pub cluster: Option<ClusterConfig>,
@@ -415,6 +428,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(2),
             names: false,
             announce_present: false,
+            history: 0,
+            history_bytes: DEFAULT_HISTORY_BYTES,
             cluster: None,
             flood_lines: DEFAULT_FLOOD_LINES,
             flood_bytes: DEFAULT_FLOOD_BYTES,
@@ -699,12 +714,27 @@ impl Config {
                 min: "1",
             });
         }
+        // The history must hold the longest line, or a long line would
+        // silently empty it.
+        if self.history > 0 && (self.history_bytes as u64) < min_pending {
+            return Err(ConfigError::TooSmall {
+                flag: "history-bytes",
+                min: min_pending,
+            });
+        }
         // The budget must fit one client's longest line, or a client would
-        // be evicted for an ordinary long line while alone.
-        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_pending {
+        // be evicted for an ordinary long line while alone; the room's
+        // history counts against it too, so it must fit both.
+        let history_bytes = if self.history > 0 {
+            self.history_bytes as u64
+        } else {
+            0
+        };
+        let min_memory = min_pending.saturating_add(history_bytes);
+        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_memory {
             return Err(ConfigError::TooSmall {
                 flag: "max-client-memory",
-                min: min_pending,
+                min: min_memory,
             });
         }
         Ok(())

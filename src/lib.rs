@@ -34,6 +34,7 @@
 //! - `lobby`: naming (`--names`), joining, and the first lines a client gets;
 //! - `session`: one connection's reader and writer tasks, shared by every model;
 //! - `flood`: each connection's input budget (flood control);
+//! - `history`: the room's recent lines a newcomer is shown (`--history`);
 //! - `limits`: per-address limits, keepalive, and the clients' memory budget;
 //! - `protocol`: line framing, sanitising and the seed's message texts (the
 //!   texts themselves live in the `chat-wire` crate, which the load tool and
@@ -61,6 +62,7 @@ mod config;
 mod flood;
 #[cfg(feature = "test-util")]
 pub mod harness;
+mod history;
 mod hub;
 mod limits;
 mod lobby;
@@ -80,7 +82,7 @@ mod web;
 pub use config::{
     default_max_client_memory, Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
     Password, QueueKind, SlowClientPolicy, TlsFiles, UnknownName, DEFAULT_CLUSTER_BUFFER,
-    DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES, DEFAULT_KEEPALIVE, DEFAULT_MAX_CLIENTS_PER_IP,
-    DEFAULT_MAX_PENDING,
+    DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES, DEFAULT_HISTORY_BYTES, DEFAULT_KEEPALIVE,
+    DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_PENDING,
 };
 pub use protocol::DEFAULT_MAX_LINE;

@@ -15,6 +15,10 @@
 //! connection). The `prometheus-client` registry is touched only then, by
 //! a collector that reads these atomics.
 //!
+//! With `--history` the scrape shows what the room's history holds
+//! (`chat_history_lines`, `chat_history_bytes`), read from the history's
+//! own counts; without it those families are absent.
+//!
 //! With `--cluster` the scrape also shows the backplane's counts and
 //! gauges (`chat_cluster_*`), read from the
 //! [`ClusterCounters`](crate::config::ClusterCounters) the backplane keeps
@@ -43,6 +47,7 @@ use parking_lot::Mutex;
 use crate::client::Client;
 #[cfg(feature = "metrics")]
 use crate::client::{ClientId, Kick};
+use crate::history::History;
 
 /// A monotonic count; nothing at all without the `metrics` feature.
 #[derive(Debug, Default)]
@@ -170,6 +175,9 @@ pub(crate) struct Metrics {
     /// The clients in the room, for the gauges.
     #[cfg(feature = "metrics")]
     clients: Mutex<Clients>,
+    /// The room's history (`--history`), for its gauges.
+    #[cfg(feature = "metrics")]
+    history: Option<Arc<History>>,
 }
 
 /// The live clients, and what the departed ones counted.
@@ -202,11 +210,27 @@ impl Default for Metrics {
             memory_evicted_bytes: Counter::default(),
             #[cfg(feature = "metrics")]
             clients: Mutex::default(),
+            #[cfg(feature = "metrics")]
+            history: None,
         }
     }
 }
 
 impl Metrics {
+    /// The metrics of a server whose room keeps `history`.
+    pub fn with_history(history: Option<Arc<History>>) -> Metrics {
+        #[cfg(feature = "metrics")]
+        return Metrics {
+            history,
+            ..Metrics::default()
+        };
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = history;
+            Metrics::default()
+        }
+    }
+
     /// Runs `count` on this thread's shard.
     #[cfg(feature = "metrics")]
     #[inline]
@@ -591,6 +615,21 @@ mod exporter {
                 "Bytes (partial lines and queued messages) the evicted clients held",
                 m.memory_evicted_bytes.get(),
             )?;
+            if let Some(history) = &m.history {
+                let as_gauge = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+                gauge(
+                    &mut encoder,
+                    "chat_history_lines",
+                    "Chat lines the room's history holds for newcomers (--history)",
+                    as_gauge(history.lines()),
+                )?;
+                gauge(
+                    &mut encoder,
+                    "chat_history_bytes",
+                    "Bytes of text the room's history holds (--history-bytes; counted against --max-client-memory)",
+                    as_gauge(history.bytes()),
+                )?;
+            }
             if let Some(cluster) = &self.cluster {
                 encode_cluster(&mut encoder, cluster)?;
             }

@@ -194,7 +194,8 @@ async fn serve<H: Hub>(
         web: web_listener,
         mut tls,
     } = listeners;
-    let hub = Arc::new(H::new(&config));
+    let history = crate::history::History::new(&config).map(Arc::new);
+    let hub = Arc::new(H::new(&config, history.clone()));
     let stop = CancellationToken::new();
     let gate = config.password.clone().map(crate::password::Gate::new);
     let server = Arc::new(ServerContext {
@@ -202,7 +203,7 @@ async fn serve<H: Hub>(
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
         flood: FloodLimits::from_config(&config),
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::with_history(history.clone())),
         gate,
         config,
     });
@@ -236,7 +237,7 @@ async fn serve<H: Hub>(
     };
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
     let addresses = AddressLimits::new(&server.config);
-    let memory_guard = MemoryGuard::new(&server.config);
+    let memory_guard = MemoryGuard::new(&server.config, history);
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
     let mut refusals = Refusals::default();

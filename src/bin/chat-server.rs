@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use chat_server::{
     default_max_client_memory, server, Choice, ClusterConfig, Config, Model, Password, QueueKind,
     SlowClientPolicy, TlsFiles, DEFAULT_CLUSTER_BUFFER, DEFAULT_FLOOD_BYTES, DEFAULT_FLOOD_LINES,
-    DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
+    DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CLIENTS_PER_IP, DEFAULT_MAX_LINE, DEFAULT_MAX_PENDING,
 };
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Parser;
@@ -81,6 +81,17 @@ struct Args {
     /// clients, the other nodes' as far as their news has arrived).
     #[arg(long)]
     announce_present: bool,
+
+    /// Show each newcomer the room's last N chat lines (not arrivals or
+    /// departures), in a block `--- history (N) ---` ... `--- end of history ---`
+    /// right after its greeting. 0 (the default) is off: the seed's protocol.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    history: usize,
+
+    /// The most bytes of formatted lines the history holds, oldest out first;
+    /// counted against --max-client-memory.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_HISTORY_BYTES)]
+    history_bytes: usize,
 
     /// Join one room with other chat-servers through a NATS JetStream broker:
     /// `nats://[USER:PASSWORD@|TOKEN@]HOST:PORT` (several, comma-separated).
@@ -268,6 +279,8 @@ impl Args {
             shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
             names: self.names,
             announce_present: self.announce_present,
+            history: self.history,
+            history_bytes: self.history_bytes,
             cluster: self.cluster_config()?,
             flood_lines: self.flood_lines,
             flood_bytes: self.flood_bytes,

@@ -21,12 +21,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::backfill;
 use super::backoff::Backoff;
 use super::connection::{
     ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
 };
 use super::heartbeats::Verdict;
-use super::roster::{Delivery, FORGET_AFTER};
+use super::roster::{Delivery, Shown, FORGET_AFTER};
 use super::wire;
 use super::Shared;
 use crate::client::Client;
@@ -48,11 +49,14 @@ pub(super) async fn consumer<H: Hub>(
     mut connection: watch::Receiver<Option<Connection>>,
     mut liveness: Liveness,
 ) {
+    // `--history`: what was said before this node started, read back
+    // before anyone is greeted; the stream is then read from after it.
+    let mut delivered: Option<u64> =
+        backfill::fill(&shared, shared.history.as_ref(), connection.clone()).await;
     let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
         return;
     };
     let names = Subjects::new(&shared.config.room);
-    let mut delivered: Option<u64> = None;
     let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
     loop {
         if !until_connected(&connection.client, &shared.stop).await {
@@ -293,7 +297,11 @@ async fn judged_dead<H: Hub>(shared: &Arc<Shared>, hub: &H, ghost: &Arc<Client>,
 }
 
 async fn hand_over<H: Hub>(hub: &H, ghost: &Arc<Client>, delivery: &Delivery) {
-    for message in &delivery.messages {
-        hub.broadcast(ghost, message).await;
+    // Lines are history; arrivals and departures are not.
+    for shown in &delivery.messages {
+        match shown {
+            Shown::Line(message) => hub.broadcast(ghost, message).await,
+            Shown::Membership(message) => hub.relay(ghost, message).await,
+        }
     }
 }

@@ -74,6 +74,7 @@ use crate::hub::{Hub, Joined, Refused};
 use crate::protocol::Message;
 use tokio::sync::watch;
 
+mod backfill;
 mod backoff;
 mod connection;
 mod consumer;
@@ -107,8 +108,8 @@ impl<H: Hub> Drop for Clustered<H> {
 impl<H: Hub> Hub for Clustered<H> {
     type Inbox = H::Inbox;
 
-    fn new(config: &Config) -> Self {
-        let inner = Arc::new(H::new(config));
+    fn new(config: &Config, history: Option<Arc<crate::history::History>>) -> Self {
+        let inner = Arc::new(H::new(config, history.clone()));
         let Some(cluster) = &config.cluster else {
             return Clustered {
                 inner,
@@ -117,7 +118,7 @@ impl<H: Hub> Hub for Clustered<H> {
                 judge: Mutex::default(),
             };
         };
-        let shared = Arc::new(Shared::new(cluster.clone(), config));
+        let shared = Arc::new(Shared::new(cluster.clone(), config, history));
         let (tasks, judge) = start(Arc::clone(&shared), Arc::clone(&inner), config);
         Clustered {
             inner,
@@ -135,6 +136,9 @@ impl<H: Hub> Hub for Clustered<H> {
         let Some(shared) = &self.shared else {
             return self.inner.join(client, arrival).await;
         };
+        // Under `--history`, nobody is greeted before the node's history
+        // is filled from the stream (bounded: see `backfill`).
+        shared.history_filled.wait().await;
         // The room-wide claim comes first: an arrival, once announced,
         // cannot be taken back; a claim can (names.rs).
         if shared.names_on {
@@ -162,6 +166,10 @@ impl<H: Hub> Hub for Clustered<H> {
         }
         shared.joined(client);
         Ok(joined)
+    }
+
+    async fn relay(&self, from: &Arc<Client>, message: &Message) {
+        self.inner.relay(from, message).await;
     }
 
     async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
@@ -291,6 +299,10 @@ pub(crate) struct Shared {
     pub names: names::NameBook,
     /// The broker connection, once the publisher has made it.
     pub connection: std::sync::OnceLock<connection::Connection>,
+    /// `--history`: the room's last lines, which the consumer fills from
+    /// the stream before the first join ([`backfill`]).
+    pub history: Option<Arc<crate::history::History>>,
+    pub history_filled: backfill::Filled,
     /// Since when this node has been connected and hearing heartbeats
     /// (`None` while it is not): a node never heard of for longer than
     /// `node_timeout` of that is dead.
@@ -298,8 +310,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(config: ClusterConfig, server: &Config) -> Shared {
+    fn new(
+        config: ClusterConfig,
+        server: &Config,
+        history: Option<Arc<crate::history::History>>,
+    ) -> Shared {
         let shared = Shared {
+            history_filled: backfill::Filled::new(history.is_some()),
+            history,
             node: wire::new_node_id(),
             names_on: server.names,
             present_on: server.announce_present,

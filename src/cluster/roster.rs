@@ -51,7 +51,7 @@ pub(crate) const HELD_MAX: usize = 4096;
 /// the local clients, in order.
 #[derive(Debug, Default)]
 pub(crate) struct Delivery {
-    pub messages: Vec<Message>,
+    pub messages: Vec<Shown>,
     /// Clients announced as gone because their node was declared dead
     /// (their names are freed under `--names`).
     pub departed: Vec<Arc<str>>,
@@ -65,6 +65,23 @@ pub(crate) struct Delivery {
     /// The node came into view from nothing or from the dead: the judge
     /// should watch it (again).
     pub appeared: bool,
+}
+
+/// One message for the local clients, and whether it is a chat line (room
+/// history keeps those) or an arrival or departure (history does not).
+#[derive(Debug)]
+pub(crate) enum Shown {
+    Line(Message),
+    Membership(Message),
+}
+
+impl Shown {
+    #[cfg(test)]
+    pub(crate) fn message(&self) -> &Message {
+        match self {
+            Shown::Line(message) | Shown::Membership(message) => message,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,7 +151,7 @@ impl Roster {
                 if remote.known {
                     // Back from the dead before anything it says.
                     for who in &remote.tracked {
-                        out.messages.push(Message::arrived(who));
+                        out.messages.push(Shown::Membership(Message::arrived(who)));
                     }
                     remote.announced = remote.tracked.clone();
                     remote.state = State::Visible;
@@ -172,7 +189,7 @@ impl Roster {
         if matches!(remote.state, State::Visible | State::Syncing) {
             warn!(%node, clients = remote.announced.len(), "node silent: announcing its clients as gone");
             for who in std::mem::take(&mut remote.announced) {
-                out.messages.push(Message::left(&who));
+                out.messages.push(Shown::Membership(Message::left(&who)));
                 out.departed.push(who);
             }
             remote.state = State::Dead;
@@ -266,16 +283,16 @@ impl RemoteNode {
             Change::Arrived(who) => {
                 if self.tracked.insert(Arc::clone(&who)) && self.announced.insert(Arc::clone(&who))
                 {
-                    out.messages.push(Message::arrived(&who));
+                    out.messages.push(Shown::Membership(Message::arrived(&who)));
                 }
             }
             Change::Left(who) => {
                 self.tracked.remove(&who);
                 if self.announced.remove(&who) {
-                    out.messages.push(Message::left(&who));
+                    out.messages.push(Shown::Membership(Message::left(&who)));
                 }
             }
-            Change::Lines(_, message) => out.messages.push(message),
+            Change::Lines(_, message) => out.messages.push(Shown::Line(message)),
             Change::Roster(clients) => {
                 let clients: BTreeSet<Arc<str>> = clients.into_iter().collect();
                 self.show(&clients, out);
@@ -289,10 +306,10 @@ impl RemoteNode {
     /// arrivals of the new, each sorted.
     fn show(&mut self, clients: &BTreeSet<Arc<str>>, out: &mut Delivery) {
         for who in self.announced.difference(clients) {
-            out.messages.push(Message::left(who));
+            out.messages.push(Shown::Membership(Message::left(who)));
         }
         for who in clients.difference(&self.announced) {
-            out.messages.push(Message::arrived(who));
+            out.messages.push(Shown::Membership(Message::arrived(who)));
         }
         self.announced = clients.clone();
     }
@@ -356,7 +373,7 @@ impl RemoteNode {
 
     fn leave(&mut self, out: &mut Delivery) {
         for who in std::mem::take(&mut self.announced) {
-            out.messages.push(Message::left(&who));
+            out.messages.push(Shown::Membership(Message::left(&who)));
         }
         self.tracked.clear();
         self.held.clear();
@@ -403,7 +420,7 @@ mod tests {
         delivery
             .messages
             .iter()
-            .map(|message| message.as_str().trim_end().to_string())
+            .map(|shown| shown.message().as_str().trim_end().to_string())
             .collect()
     }
 

@@ -214,6 +214,10 @@ pub struct RecvCounts {
     pub departures: u64,
     /// Anything else: other users' chat, server notices.
     pub other: u64,
+    /// Lines of the server's `--history` block (its header, its lines and
+    /// its end): what was said before the client came, never counted as
+    /// deliveries of this run.
+    pub history: u64,
 }
 
 impl RecvCounts {
@@ -226,6 +230,50 @@ impl RecvCounts {
         self.arrivals += other.arrivals;
         self.departures += other.departures;
         self.other += other.other;
+        self.history += other.history;
+    }
+}
+
+/// Tells the lines of a server's `--history` block (`--- history (N) ---`,
+/// N lines, `--- end of history ---`) from live ones, so that what was
+/// said before a client came is not counted as delivered to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HistoryBlock {
+    /// Lines of the block still to come, its end line included.
+    remaining: Option<usize>,
+}
+
+impl HistoryBlock {
+    /// Whether the block's header came and its end has not.
+    #[inline]
+    pub fn is_open(&self) -> bool {
+        self.remaining.is_some()
+    }
+
+    /// Whether `line` belongs to a history block.
+    #[inline]
+    pub fn holds(&mut self, line: &[u8]) -> bool {
+        if let Some(remaining) = &mut self.remaining {
+            *remaining -= 1;
+            if *remaining == 0 {
+                self.remaining = None;
+            }
+            return true;
+        }
+        // Cheap reject first: live lines never start with "--- ".
+        if !line.starts_with(b"--- ") {
+            return false;
+        }
+        match std::str::from_utf8(line)
+            .ok()
+            .and_then(chat_wire::history_of)
+        {
+            Some(lines) => {
+                self.remaining = Some(lines + 1);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -249,6 +297,7 @@ pub struct Receiver {
     protocol: Protocol,
     /// NATS `PING`s not answered yet.
     pub pings_due: u32,
+    history: HistoryBlock,
 }
 
 impl Receiver {
@@ -265,6 +314,7 @@ impl Receiver {
             longest_gap_ns: 0,
             protocol: Protocol::Line,
             pings_due: 0,
+            history: HistoryBlock::default(),
         }
     }
 
@@ -282,6 +332,11 @@ impl Receiver {
     /// Accounts for one line that arrived at `now_ns`.
     #[inline]
     pub fn on_line(&mut self, line: &[u8], now_ns: u64) {
+        if self.history.is_open() {
+            self.history.holds(line);
+            self.counts.history += 1;
+            return;
+        }
         match self.codec.decode(line) {
             Some(payload) => self.on_payload(payload, now_ns),
             None => self.on_other(line, now_ns),
@@ -321,6 +376,10 @@ impl Receiver {
 
     #[cold]
     fn on_other(&mut self, line: &[u8], now_ns: u64) {
+        if self.protocol.is_chat() && self.history.holds(line) {
+            self.counts.history += 1;
+            return;
+        }
         if !self.protocol.is_chat() {
             if self.protocol == Protocol::Nats && line == b"PING" {
                 self.pings_due = self.pings_due.saturating_add(1);
@@ -562,7 +621,18 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
     } = conn;
     let stop = shared.stop.clone();
     let mut stop = pin!(stop.cancelled());
-    let already = reader.lines(|_| {});
+    // What was said before we came is not an announcement.
+    let mut history = HistoryBlock::default();
+    let mut live = |reader: &mut LineReader| {
+        let mut live = 0;
+        reader.lines(|line| {
+            if !history.holds(line) {
+                live += 1;
+            }
+        });
+        live
+    };
+    let already = live(&mut reader);
     shared.lines.fetch_add(already, Relaxed);
     let open = loop {
         tokio::select! {
@@ -572,7 +642,7 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
                 Ok(0) | Err(_) => break false,
                 Ok(_) => {
                     answer_ws_pings(&mut ws, &stream);
-                    let lines = reader.lines(|_| {});
+                    let lines = live(&mut reader);
                     shared.lines.fetch_add(lines, Relaxed);
                 }
             }
@@ -656,6 +726,25 @@ mod tests {
         assert_eq!(latency.min(), 2);
         assert!(latency.equivalent(latency.max(), 2000));
         assert!(latency.equivalent(latency.value_at_quantile(0.5), 100));
+    }
+
+    #[test]
+    fn a_history_block_is_not_delivered() {
+        let codec = Codec::new(5, 64).unwrap();
+        let mut receiver = Receiver::new(1, 2, codec.clone());
+        receiver.on_line(chat_wire::history_header(2).as_bytes(), 1);
+        receiver.on_line(&line(&codec, 0, 0, 1_000), 2);
+        receiver.on_line(&line(&codec, 0, 1, 1_000), 3);
+        receiver.on_line(chat_wire::HISTORY_END.as_bytes(), 4);
+        receiver.on_line(&line(&codec, 0, 2, 1_000), 5);
+        let counts = &receiver.counts;
+        assert_eq!((counts.history, counts.delivered, counts.other), (4, 1, 0));
+
+        let mut block = HistoryBlock::default();
+        let empty = chat_wire::history_header(0);
+        assert!(block.holds(empty.as_bytes()));
+        assert!(block.holds(chat_wire::HISTORY_END.as_bytes()));
+        assert!(!block.holds(b"--- has arrived"));
     }
 }
 
