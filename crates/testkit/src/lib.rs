@@ -12,7 +12,14 @@
 //!   system's `nc` as child processes whose output is read line by line with
 //!   a timeout;
 //! - [`nats`]: a real `nats-server` with JetStream per test, for the
-//!   cluster tests (`--cluster`);
+//!   cluster tests (`--cluster`), restartable on its store or an empty one;
+//! - [`nats_cluster`]: [`BrokerCluster`], three `nats-server`s routed into
+//!   one JetStream cluster per test, whose servers a test kills, stops and
+//!   restarts (on their store or an empty one) and whose stream leader it
+//!   can ask for, for the fault-tolerance tests;
+//! - [`relay`]: [`Relay`], a TCP relay a test can partition (bytes stop,
+//!   sockets stay open), heal and reset: a network fault between a node and
+//!   its broker without root;
 //! - [`redis`]: a real `redis-server` per test, for chat-load's Redis
 //!   pub/sub client.
 //! - `tls` (feature `tls`): certificates made at run time and a TLS line
@@ -21,15 +28,19 @@
 pub mod client;
 pub mod lines;
 pub mod nats;
+pub mod nats_cluster;
 pub mod payload;
 pub mod proc;
 pub mod process;
 pub mod redis;
+pub mod relay;
 #[cfg(feature = "tls")]
 pub mod tls;
 
 pub use client::{TestClient, LINE_TIMEOUT};
 pub use lines::LineReader;
+pub use nats_cluster::BrokerCluster;
+pub use relay::Relay;
 
 /// Turns an assertion into a test error with a message, for `?` in tests.
 pub fn ensure(condition: bool, message: impl FnOnce() -> String) -> std::io::Result<()> {

@@ -5,17 +5,19 @@
 
 use std::io::{self, BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::process::LogTail;
+
 /// Where Debian installs it; `PATH` is tried too.
 const CANDIDATES: [&str; 2] = ["/usr/bin/nats-server", "nats-server"];
 
 /// How long a broker may take to accept connections.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `nats-server` binary, if installed. Without it the cluster tests say
 /// so loudly and pass, unless `CI` or `CHAT_REQUIRE_NATS` is set: then it
@@ -35,6 +37,7 @@ pub struct Broker {
     pub port: u16,
     store: PathBuf,
     child: Option<Child>,
+    log: Option<LogTail>,
     /// More `nats-server` arguments (authentication, for example).
     extra: Vec<String>,
 }
@@ -68,6 +71,7 @@ impl Broker {
             port: 0,
             store,
             child: None,
+            log: None,
             extra: Vec::new(),
         }))
     }
@@ -110,39 +114,27 @@ impl Broker {
             self.port.to_string()
         };
         let store = self.store.to_string_lossy().into_owned();
-        let mut child = Command::new(self.binary)
+        let mut command = Command::new(self.binary);
+        command
             .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &store])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| io::Error::other("no stderr"))?;
+            .args(&self.extra);
+        let (child, log) = spawn_logged(command)?;
         self.child = Some(child);
-        // Drained for the broker's whole life, so it never blocks on its log.
-        let log = crate::process::lines_of(stderr);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Ok(line)) = log.recv_timeout(left) else {
-                return Err(io::Error::other(format!(
-                    "nats-server did not start; its log: {seen:#?}"
-                )));
-            };
-            if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-                let found = addr.rsplit(':').next().and_then(|p| p.trim().parse().ok());
-                self.port =
-                    found.ok_or_else(|| io::Error::other(format!("no port in {line:?}")))?;
-            }
-            if line.contains("Server is ready") {
-                return Ok(());
-            }
-            seen.push(line);
-        }
+        let ready = wait_until_ready(&log, Instant::now() + START_TIMEOUT);
+        // Kept for the broker's whole life: see `LogTail`.
+        self.log = Some(log);
+        self.port = ready?.client_port;
+        Ok(())
+    }
+
+    /// Restarts the broker on its port with an empty store, as a broker in
+    /// a container without a volume comes back: every stream and bucket is
+    /// gone. A running broker is killed first (`SIGKILL`: a lost container
+    /// says goodbye to no one).
+    pub fn restart_empty(&mut self) -> io::Result<()> {
+        self.stop("KILL")?;
+        wipe(&self.store)?;
+        self.run()
     }
 
     /// Stops the process with `signal` ("TERM" for a clean stop, "KILL" for
@@ -164,6 +156,73 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// `command` (a `nats-server`) started with its log drained into a
+/// [`LogTail`].
+pub(crate) fn spawn_logged(mut command: Command) -> io::Result<(Child, LogTail)> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let Some(stderr) = child.stderr.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(io::Error::other("nats-server: no stderr"));
+    };
+    Ok((child, LogTail::of(stderr)))
+}
+
+/// The ports a started `nats-server` reported in its log.
+pub(crate) struct Ready {
+    pub client_port: u16,
+    /// 0 when it serves no monitoring endpoint.
+    pub monitor_port: u16,
+}
+
+/// Reads a starting `nats-server`'s log until it says it is ready, and
+/// the ports it chose. The error carries its log, which says why it did
+/// not start (a port taken, a bad option).
+pub(crate) fn wait_until_ready(log: &LogTail, deadline: Instant) -> io::Result<Ready> {
+    let mut position = 0;
+    let mut ready = Ready {
+        client_port: 0,
+        monitor_port: 0,
+    };
+    while let Some(line) = log.next_line(&mut position, deadline) {
+        if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+            ready.client_port = port_of(addr, &line)?;
+        }
+        if let Some(addr) = line.split("Starting http monitor on ").nth(1) {
+            ready.monitor_port = port_of(addr, &line)?;
+        }
+        if line.contains("Server is ready") {
+            return Ok(ready);
+        }
+    }
+    Err(io::Error::other(format!(
+        "nats-server did not start; its log: {:#?}",
+        log.last(40)
+    )))
+}
+
+/// The port at the end of `addr` (`127.0.0.1:4222`), from log `line`.
+fn port_of(addr: &str, line: &str) -> io::Result<u16> {
+    addr.trim()
+        .rsplit(':')
+        .next()
+        .and_then(|port| port.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("no port in {line:?}")))
+}
+
+/// Empties a broker's store directory (it must be stopped).
+pub(crate) fn wipe(store: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(store) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    std::fs::create_dir_all(store)
 }
 
 impl Drop for Broker {

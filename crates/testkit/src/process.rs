@@ -98,6 +98,104 @@ pub fn lines_of<R: std::io::Read + Send + 'static>(
     lines
 }
 
+/// How many of a child's last log lines a [`LogTail`] keeps.
+const TAIL_LINES: usize = 1000;
+
+/// A child's log (stderr, usually), drained by a thread for the child's
+/// whole life and kept as its last [`TAIL_LINES`] lines.
+///
+/// Why not [`lines_of`]: a receiver dropped once the child is ready ends the
+/// draining thread and closes the pipe, and a Go program such as
+/// `nats-server` then dies of `SIGPIPE` at its next log line (a route
+/// reconnecting, a client refused). Keeping the tail bounded instead of
+/// queueing every line keeps a long-lived, chatty child (a cluster whose
+/// peer is down logs every second) at constant memory, and the tail is
+/// what an error message shows when a start fails.
+pub struct LogTail {
+    shared: std::sync::Arc<(std::sync::Mutex<Tail>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct Tail {
+    lines: std::collections::VecDeque<String>,
+    /// Lines read so far, kept or not: a reader's position.
+    total: u64,
+    ended: bool,
+}
+
+impl LogTail {
+    /// Starts draining `output`.
+    pub fn of<R: std::io::Read + Send + 'static>(output: R) -> LogTail {
+        let shared = std::sync::Arc::new((
+            std::sync::Mutex::new(Tail::default()),
+            std::sync::Condvar::new(),
+        ));
+        let writer = std::sync::Arc::clone(&shared);
+        thread::spawn(move || {
+            let (tail, changed) = &*writer;
+            let mut reader = BufReader::new(output);
+            let mut line = Vec::new();
+            // Bytes, not `lines()`: a log line that is not UTF-8 must not
+            // end the draining.
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                line.clear();
+                let Ok(mut tail) = tail.lock() else { return };
+                if tail.lines.len() == TAIL_LINES {
+                    tail.lines.pop_front();
+                }
+                tail.lines.push_back(text);
+                tail.total += 1;
+                changed.notify_all();
+            }
+            if let Ok(mut tail) = tail.lock() {
+                tail.ended = true;
+            }
+            changed.notify_all();
+        });
+        LogTail { shared }
+    }
+
+    /// The line at `*position` (0 for the first), waiting for it until
+    /// `deadline`, and moves `position` past it. `None` at the deadline or
+    /// when the output ended first. A reader that fell more than
+    /// [`TAIL_LINES`] behind continues at the oldest line kept.
+    pub fn next_line(&self, position: &mut u64, deadline: Instant) -> Option<String> {
+        let (tail, changed) = &*self.shared;
+        let mut tail = tail.lock().ok()?;
+        loop {
+            let oldest = tail.total - tail.lines.len() as u64;
+            *position = (*position).max(oldest);
+            if *position < tail.total {
+                let index = usize::try_from(*position - oldest).ok()?;
+                *position += 1;
+                return tail.lines.get(index).cloned();
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if tail.ended || left.is_zero() {
+                return None;
+            }
+            tail = changed.wait_timeout(tail, left).ok()?.0;
+        }
+    }
+
+    /// How many lines were read so far: the position of the next one.
+    pub fn position(&self) -> u64 {
+        self.shared.0.lock().map_or(0, |tail| tail.total)
+    }
+
+    /// The last `count` lines kept, oldest first, for error messages.
+    pub fn last(&self, count: usize) -> Vec<String> {
+        self.shared.0.lock().map_or_else(
+            |_| Vec::new(),
+            |tail| {
+                let skip = tail.lines.len().saturating_sub(count);
+                tail.lines.iter().skip(skip).cloned().collect()
+            },
+        )
+    }
+}
+
 /// A child process with line-by-line access to its stdout.
 pub struct LineChild {
     pub child: Child,
