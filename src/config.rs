@@ -430,6 +430,9 @@ impl Default for Config {
 /// `--max-pending` (32 MiB).
 pub const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
 
+/// The most copies of a stream JetStream keeps (`--cluster-replicas`).
+pub const MAX_REPLICAS: usize = 5;
+
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -459,6 +462,10 @@ pub struct ClusterConfig {
     /// How long a publish may wait for the broker's acknowledgement before
     /// it is sent again (with the same message id, so never stored twice).
     pub ack_timeout: Duration,
+    /// Copies the broker keeps of the room's stream and names bucket
+    /// (`--cluster-replicas`); `None`: min(3, servers in the broker's
+    /// cluster), 1 on a single server.
+    pub replicas: Option<usize>,
     /// What the backplane counts, readable while it runs (tests read it).
     pub counters: Arc<ClusterCounters>,
 }
@@ -482,6 +489,7 @@ impl ClusterConfig {
             node_timeout: Duration::from_secs(3),
             reconnect_max: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(2),
+            replicas: None,
             counters: Arc::default(),
         }
     }
@@ -500,8 +508,14 @@ pub struct ClusterCounters {
     pub garbage: AtomicU64,
     /// Events dropped from a full `--cluster-buffer`.
     pub dropped: AtomicU64,
-    /// Stream messages a resume could not get back (retention passed them).
+    /// Stream messages a resume could not get back: retention passed them,
+    /// or a broker lost its store while this node had not read them yet
+    /// (as far as it knew: what the old stream held for it when it last read).
     pub missed: AtomicU64,
+    /// Times this node found a different room's stream from the one it was
+    /// reading (a broker lost its store and a node made it again) and read
+    /// the new one from its start.
+    pub streams_remade: AtomicU64,
     /// Nodes declared dead for missing their heartbeats.
     pub dead_nodes: AtomicU64,
     /// Consumers this node made to read the room's stream: 1 once it has
@@ -755,6 +769,15 @@ impl ClusterConfig {
         ] {
             if value.is_zero() {
                 return Err(ConfigError::TooSmall { flag, min: 1 });
+            }
+        }
+        // JetStream keeps at most 5 copies of a stream.
+        if let Some(replicas) = self.replicas {
+            if !(1..=MAX_REPLICAS).contains(&replicas) {
+                return Err(ConfigError::Invalid {
+                    flag: "cluster-replicas",
+                    why: format!("{replicas}: use 1 to {MAX_REPLICAS}"),
+                });
             }
         }
         if self.node_timeout < self.heartbeat * 2 {

@@ -2,11 +2,20 @@
 //! the local hub, in stream order.
 //!
 //! It reads from the sequence after the last one it delivered, through an
-//! ephemeral pull consumer; on any error (broker restart, consumer lost,
-//! missed heartbeats) it makes a new consumer from that same sequence. A
-//! stored duplicate (a retry that outlived the de-duplication window) is
-//! skipped by batch number.
-
+//! ephemeral pull consumer; on any error (broker restart, consumer lost
+//! with the server that held it, missed heartbeats) it makes a new consumer
+//! from that same sequence. A stored duplicate (a retry that outlived the
+//! de-duplication window) is skipped by batch number.
+//!
+//! **Stream identity.** A sequence number means something only in the
+//! stream it was read from. The broker stamps each stream with its creation
+//! time (`created`, kept in the stream's own metadata: the same after a
+//! restart on its store and on every server of a JetStream cluster, new
+//! when a broker that lost its store makes the stream again). The consumer
+//! keeps that stamp with its position ([`Position`]); facing a stream with
+//! another stamp it reads the new one from its start, whether it is shorter
+//! or longer than what it had read, and counts in `missed` what it knew the
+//! old one still held for it (the last message's `pending`).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +45,7 @@ pub(super) async fn consumer<H: Hub>(
         return;
     };
     let names = Subjects::new(&shared.config.room);
-    let mut delivered: Option<u64> = None;
+    let mut position = Position::default();
     let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
     loop {
         if !until_connected(&connection.client, &shared.stop).await {
@@ -48,7 +57,7 @@ pub(super) async fn consumer<H: Hub>(
             &names,
             &*hub,
             &ghost,
-            &mut delivered,
+            &mut position,
             &mut outage,
         )
         .await
@@ -64,46 +73,96 @@ pub(super) async fn consumer<H: Hub>(
     }
 }
 
-/// Delivers the stream from after `delivered` until an error or stop.
+/// Where this node is in the room's stream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Position {
+    /// The stream read, by its creation time (Unix nanoseconds).
+    stream: Option<i128>,
+    /// The last sequence delivered to the local hub (`None`: nothing read
+    /// yet, this node joins the room as it is now).
+    delivered: Option<u64>,
+    /// Messages the stream held for us after `delivered`, as last known:
+    /// what a lost stream took with it, at least.
+    pending: u64,
+}
+
+/// Where to start reading a stream created at `created` that holds
+/// `first..=last`, and how many messages before that start are lost to us.
+#[derive(Debug, PartialEq, Eq)]
+struct Resume {
+    start: u64,
+    missed: u64,
+    /// The stream is not the one we were reading.
+    remade: bool,
+}
+
+fn resume(position: &Position, created: i128, first: u64, last: u64) -> Resume {
+    let first = first.max(1);
+    let Some(delivered) = position.delivered else {
+        return Resume {
+            start: last + 1,
+            missed: 0,
+            remade: false,
+        };
+    };
+    // A shorter stream with the same stamp cannot be ours either (a broker
+    // that does not keep `created`): read it from its start too.
+    if position.stream != Some(created) || last < delivered {
+        return Resume {
+            start: first,
+            missed: position.pending,
+            remade: true,
+        };
+    }
+    Resume {
+        start: (delivered + 1).max(first),
+        // Expired (--cluster-retention) before we read them.
+        missed: first.saturating_sub(delivered + 1),
+        remade: false,
+    }
+}
+
+/// Delivers the stream from after `position` until an error or stop.
 async fn consume<H: Hub>(
     connection: &Connection,
     shared: &Shared,
     names: &Subjects,
     hub: &H,
     ghost: &Arc<Client>,
-    delivered: &mut Option<u64>,
+    position: &mut Position,
     outage: &mut Backoff,
 ) -> anyhow::Result<()> {
     let mut stream = ensure_stream(connection, shared, names).await?;
-    let state = stream.info().await?.state.clone();
-    let start = match *delivered {
-        // A new node joins the room as it is now: no history.
-        None => state.last_sequence + 1,
-        Some(last) if state.last_sequence < last => {
-            // The stream is younger than what we delivered: it was lost
-            // (memory storage, or deleted) and made again.
-            warn!(
-                delivered = last,
-                stream_last = state.last_sequence,
-                "the room's stream was recreated; reading it from its start"
-            );
-            state.first_sequence.max(1)
-        }
-        Some(last) => {
-            if state.first_sequence > last + 1 {
-                let missed = state.first_sequence - (last + 1);
-                warn!(
-                    missed,
-                    "events expired from the stream (--cluster-retention) before this node read them"
-                );
-                ClusterCounters::add(&shared.counters().missed, missed);
-            }
-            (last + 1).max(state.first_sequence)
-        }
-    };
-    if delivered.is_none() || start <= delivered.unwrap_or(0) {
-        *delivered = Some(start - 1);
+    let info = stream.info().await?;
+    let created = info.created.unix_timestamp_nanos();
+    let state = info.state.clone();
+    let Resume {
+        start,
+        missed,
+        remade,
+    } = resume(position, created, state.first_sequence, state.last_sequence);
+    if remade {
+        warn!(
+            delivered = position.delivered.unwrap_or(0),
+            stream_last = state.last_sequence,
+            missed,
+            "the room's stream is not the one this node was reading (the broker lost it and \
+             it was made again): reading the new one from its start; `missed` counts what \
+             the old one still held for this node, as far as it knew"
+        );
+        ClusterCounters::add(&shared.counters().streams_remade, 1);
+    } else if missed > 0 {
+        warn!(
+            missed,
+            "events expired from the stream (--cluster-retention) before this node read them"
+        );
     }
+    ClusterCounters::add(&shared.counters().missed, missed);
+    *position = Position {
+        stream: Some(created),
+        delivered: Some(start - 1),
+        pending: state.last_sequence.saturating_sub(start - 1),
+    };
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -144,14 +203,15 @@ async fn consume<H: Hub>(
                     info.pending,
                     info.published.unix_timestamp_nanos(),
                 );
+                position.pending = info.pending;
                 info.stream_sequence
             }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
-        if sequence <= delivered.unwrap_or(0) {
+        if sequence <= position.delivered.unwrap_or(0) {
             continue;
         }
-        *delivered = Some(sequence);
+        position.delivered = Some(sequence);
         deliver(shared, hub, ghost, &message.subject, &message.payload).await;
     }
 }
@@ -208,5 +268,71 @@ async fn deliver<H: Hub>(
     for event in events {
         shared.roster.lock().apply(&node, &event);
         hub.broadcast(ghost, &event.message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: i128 = 1_000;
+    const NEW: i128 = 2_000;
+
+    fn at(delivered: u64, pending: u64) -> Position {
+        Position {
+            stream: Some(OLD),
+            delivered: Some(delivered),
+            pending,
+        }
+    }
+
+    #[test]
+    fn a_new_node_starts_after_the_end() {
+        let resume = resume(&Position::default(), OLD, 1, 40);
+        assert_eq!(
+            resume,
+            Resume {
+                start: 41,
+                missed: 0,
+                remade: false
+            }
+        );
+    }
+
+    #[test]
+    fn the_same_stream_resumes_after_what_was_delivered() {
+        assert_eq!(resume(&at(30, 5), OLD, 1, 40).start, 31);
+        assert_eq!(resume(&at(30, 5), OLD, 1, 30).start, 31);
+    }
+
+    #[test]
+    fn expired_events_are_missed() {
+        let resume = resume(&at(30, 5), OLD, 36, 50);
+        assert_eq!((resume.start, resume.missed, resume.remade), (36, 5, false));
+    }
+
+    /// The broker lost its store and another node made the stream again:
+    /// longer than what we had read (the case that used to skip its start)
+    /// or shorter, it is read from its start.
+    #[test]
+    fn a_remade_stream_is_read_from_its_start() {
+        for last in [3, 30, 31, 500] {
+            let resume = resume(&at(30, 7), NEW, 1, last);
+            assert_eq!(
+                resume,
+                Resume {
+                    start: 1,
+                    missed: 7,
+                    remade: true
+                },
+                "new stream of {last}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shorter_stream_with_the_same_stamp_is_read_from_its_start() {
+        let resume = resume(&at(30, 0), OLD, 1, 10);
+        assert_eq!((resume.start, resume.remade), (1, true));
     }
 }
