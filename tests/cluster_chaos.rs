@@ -85,7 +85,7 @@ const SETTLE: Duration = Duration::from_secs(60);
 /// A client and its sender.
 struct Chatter {
     client: Recorded,
-    sending: Option<JoinHandle<usize>>,
+    sending: Option<JoinHandle<(usize, Option<tokio::net::tcp::OwnedWriteHalf>)>>,
     /// Lines written, once its sender ended.
     sent: usize,
     /// Connected to the process node, which may be killed.
@@ -95,25 +95,26 @@ struct Chatter {
 }
 
 impl Chatter {
-    async fn connect(
-        addr: std::net::SocketAddr,
-        mortal: bool,
-        stop: &CancellationToken,
-    ) -> io::Result<Chatter> {
-        let mut client = Recorded::connect(addr).await?;
-        let sending = Some(client.send_until(TAG, SEND_GAP, stop.clone()));
+    /// Connects; [`Chatter::start`] starts its sender.
+    async fn connect(addr: std::net::SocketAddr, mortal: bool) -> io::Result<Chatter> {
         Ok(Chatter {
-            client,
-            sending,
+            client: Recorded::connect(addr).await?,
+            sending: None,
             sent: 0,
             mortal,
             dead: false,
         })
     }
 
+    fn start(&mut self, stop: &CancellationToken) {
+        self.sending = Some(self.client.send_until(TAG, SEND_GAP, stop.clone()));
+    }
+
     async fn finish(&mut self) -> io::Result<()> {
         if let Some(sending) = self.sending.take() {
-            self.sent = sending.await.map_err(io::Error::other)?;
+            let (sent, writer) = sending.await.map_err(io::Error::other)?;
+            self.sent = sent;
+            self.client.keep(writer);
         }
         Ok(())
     }
@@ -175,13 +176,32 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
     let mut chatters = Vec::new();
     for node in &nodes {
         for _ in 0..2 {
-            chatters.push(Chatter::connect(node.addr(), false, &stop).await?);
+            chatters.push(Chatter::connect(node.addr(), false).await?);
         }
     }
     if let Some(process) = &process {
-        chatters.push(
-            Chatter::connect(process.addr.parse().map_err(io::Error::other)?, true, &stop).await?,
-        );
+        chatters
+            .push(Chatter::connect(process.addr.parse().map_err(io::Error::other)?, true).await?);
+    }
+    // Nobody speaks before everyone has heard everyone who came later
+    // arrive: then every client hears every line from the first.
+    let deadline = Instant::now() + SETTLE;
+    for (index, chatter) in chatters.iter().enumerate() {
+        for later in &chatters[index + 1..] {
+            let arrival = format!("{} has arrived", later.client.who);
+            while !chatter.client.lines().contains(&arrival) {
+                if Instant::now() >= deadline {
+                    return Err(io::Error::other(format!(
+                        "{} never heard {arrival:?}",
+                        chatter.client.who
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    for chatter in &mut chatters {
+        chatter.start(&stop);
     }
 
     let started = Instant::now();
@@ -229,10 +249,10 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
                 }
                 tokio::time::sleep(hold).await;
                 let fresh = process_node(&brokers, process_model)?;
-                chatters.push(
-                    Chatter::connect(fresh.addr.parse().map_err(io::Error::other)?, true, &stop)
-                        .await?,
-                );
+                let mut chatter =
+                    Chatter::connect(fresh.addr.parse().map_err(io::Error::other)?, true).await?;
+                chatter.start(&stop);
+                chatters.push(chatter);
                 process = Some(fresh);
             }
         }

@@ -223,6 +223,14 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
         "{model}: killed n{leader}, the room's stream leader, mid-chat; n{new_leader} leads it \
          now; the longest silence between two lines of one sender: {silence:?}"
     );
+    // The same stream under a new leader: no node takes it for another.
+    let remade: u64 = nodes
+        .iter()
+        .map(|node| ClusterCounters::get(&node.counters.streams_remade))
+        .sum();
+    ensure(remade == 0, || {
+        format!("nodes took the failed-over stream for a new one {remade} times")
+    })?;
     for client in &clients {
         for sender in &senders {
             client.check_complete(sender, "n", count)?;
@@ -237,6 +245,40 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
         })?;
     }
     Ok(())
+}
+
+/// A stream made with one replica (`--cluster-replicas 1`, or an older
+/// version) is updated to three by the next node that opens it with the
+/// default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_fewer_replicas_is_updated() -> io::Result<()> {
+    let Some(brokers) = blocking(BrokerCluster::start)? else {
+        return Ok(());
+    };
+    let single = Node::start_with(
+        ClusterConfig {
+            replicas: Some(1),
+            ..test_cluster(&brokers.urls())
+        },
+        Config::with_model(Model::Sharded),
+    )?;
+    single.joined(1).await?;
+    let before = copies(&brokers, STREAM)?;
+    ensure(before == 1, || format!("made with {before} copies, not 1"))?;
+    let default = Node::start(Model::Sharded, &brokers.urls())?;
+    default.joined(1).await?;
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let now = copies(&brokers, STREAM)?;
+        if now == 3 {
+            return Ok(());
+        }
+        ensure(Instant::now() < deadline, || {
+            format!("the stream still has {now} copies")
+        })?;
+        // The new replicas catch up in the broker: nothing to wait on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The names bucket has three copies on a 3-server cluster, and after

@@ -176,10 +176,32 @@ pub(super) async fn ensure_stream(
             max_bytes: i64::try_from(config.retention_bytes).unwrap_or(i64::MAX),
             duplicate_window: config.retention_age.min(Duration::from_secs(120)),
             num_replicas: wanted,
+            // Only used if this node makes the stream: a stream found keeps
+            // the epoch it was made with (see `epoch_of`).
+            description: Some(format!("{EPOCH_PREFIX}{}", super::wire::new_node_id())),
             ..Default::default()
         },
     )
     .await
+}
+
+/// How the room's stream's description carries its epoch: a random id
+/// chosen by the node that made it.
+const EPOCH_PREFIX: &str = "chat-server room stream; epoch ";
+
+/// Which stream this is: its epoch (in the description, part of the
+/// stream's configuration: the same on every server of a JetStream cluster
+/// and after any restart, and new when a node makes the stream again), or,
+/// for a stream made without one, its creation time.
+pub(super) fn epoch_of(info: &stream::Info) -> String {
+    info.config
+        .description
+        .as_deref()
+        .and_then(|description| description.strip_prefix(EPOCH_PREFIX))
+        .map_or_else(
+            || format!("created {}", info.created.unix_timestamp_nanos()),
+            str::to_string,
+        )
 }
 
 /// How many copies of the room's stream and names bucket to ask for:
@@ -209,6 +231,7 @@ pub(super) async fn create_replicated(
     mut config: stream::Config,
 ) -> anyhow::Result<stream::Stream> {
     let wanted = config.num_replicas.max(1);
+    let mut attempts = 0;
     let stream = loop {
         match connection
             .jetstream
@@ -216,6 +239,9 @@ pub(super) async fn create_replicated(
             .await
         {
             Ok(stream) => break stream,
+            // Another node made it between our look and our create (with
+            // another epoch): look again.
+            Err(err) if made_meanwhile(&err) && attempts < 3 => attempts += 1,
             Err(err) if config.num_replicas > 1 && too_many_replicas(&err) => {
                 warn!(
                     stream = %config.name,
@@ -252,6 +278,15 @@ pub(super) async fn create_replicated(
         }
     }
     Ok(stream)
+}
+
+/// The broker's answer to creating a stream that exists with another
+/// configuration.
+fn made_meanwhile(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(err)
+        if err.error_code() == ErrorCode::STREAM_NAME_EXIST)
 }
 
 /// The broker's answer to more replicas than it can place: a server that

@@ -8,14 +8,19 @@
 //! de-duplication window) is skipped by batch number.
 //!
 //! **Stream identity.** A sequence number means something only in the
-//! stream it was read from. The broker stamps each stream with its creation
-//! time (`created`, kept in the stream's own metadata: the same after a
-//! restart on its store and on every server of a JetStream cluster, new
-//! when a broker that lost its store makes the stream again). The consumer
-//! keeps that stamp with its position ([`Position`]); facing a stream with
-//! another stamp it reads the new one from its start, whether it is shorter
-//! or longer than what it had read, and counts in `missed` what it knew the
-//! old one still held for it (the last message's `pending`).
+//! stream it was read from. The node that makes the room's stream gives it
+//! a random epoch, in its description ([`epoch_of`]): part of the stream's
+//! configuration, so the same on every server of a JetStream cluster and
+//! after any restart, and new when a broker that lost its store gets the
+//! stream made again. (The stream's `created` time is not enough: a 2.9
+//! server that rejoins a cluster on an empty store reports a new one for
+//! the same stream.) The consumer keeps the epoch with its position
+//! ([`Position`]); facing a stream with another epoch it reads the new one
+//! from its start, whether it is shorter or longer than what it had read,
+//! and counts in `missed` what it knew the old one still held for it (the
+//! last message's `pending`). Facing the same epoch it resumes after what
+//! it delivered, even if the server that answered reports fewer messages
+//! (a replica still catching up).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +30,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
 use super::connection::{
-    ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
+    ensure_stream, epoch_of, until_connected, wait_for_connection, Connection, Subjects,
 };
 use super::wire;
 use super::Shared;
@@ -46,7 +51,10 @@ pub(super) async fn consumer<H: Hub>(
     };
     let names = Subjects::new(&shared.config.room);
     let mut position = Position::default();
-    let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
+    let mut outage = Backoff::new(
+        Duration::from_millis(20),
+        shared.config.reconnect_max.min(JETSTREAM_RETRY_MAX),
+    );
     loop {
         if !until_connected(&connection.client, &shared.stop).await {
             return;
@@ -76,17 +84,20 @@ pub(super) async fn consumer<H: Hub>(
 /// Where this node is in the room's stream.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Position {
-    /// The stream read, by its creation time (Unix nanoseconds).
-    stream: Option<i128>,
+    /// The stream read, by its epoch ([`epoch_of`]).
+    stream: Option<String>,
     /// The last sequence delivered to the local hub (`None`: nothing read
     /// yet, this node joins the room as it is now).
     delivered: Option<u64>,
     /// Messages the stream held for us after `delivered`, as last known:
     /// what a lost stream took with it, at least.
     pending: u64,
+    /// The last `delivered` after which a consumer skipped sequences and
+    /// was made again (see [`consume`]): a second skip there is counted.
+    skipped_after: Option<u64>,
 }
 
-/// Where to start reading a stream created at `created` that holds
+/// Where to start reading the stream of epoch `epoch` that holds
 /// `first..=last`, and how many messages before that start are lost to us.
 #[derive(Debug, PartialEq, Eq)]
 struct Resume {
@@ -96,7 +107,7 @@ struct Resume {
     remade: bool,
 }
 
-fn resume(position: &Position, created: i128, first: u64, last: u64) -> Resume {
+fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
     let first = first.max(1);
     let Some(delivered) = position.delivered else {
         return Resume {
@@ -105,9 +116,7 @@ fn resume(position: &Position, created: i128, first: u64, last: u64) -> Resume {
             remade: false,
         };
     };
-    // A shorter stream with the same stamp cannot be ours either (a broker
-    // that does not keep `created`): read it from its start too.
-    if position.stream != Some(created) || last < delivered {
+    if position.stream.as_deref() != Some(epoch) {
         return Resume {
             start: first,
             missed: position.pending,
@@ -134,13 +143,13 @@ async fn consume<H: Hub>(
 ) -> anyhow::Result<()> {
     let mut stream = ensure_stream(connection, shared, names).await?;
     let info = stream.info().await?;
-    let created = info.created.unix_timestamp_nanos();
+    let epoch = epoch_of(info);
     let state = info.state.clone();
     let Resume {
         start,
         missed,
         remade,
-    } = resume(position, created, state.first_sequence, state.last_sequence);
+    } = resume(position, &epoch, state.first_sequence, state.last_sequence);
     if remade {
         warn!(
             delivered = position.delivered.unwrap_or(0),
@@ -159,9 +168,10 @@ async fn consume<H: Hub>(
     }
     ClusterCounters::add(&shared.counters().missed, missed);
     *position = Position {
-        stream: Some(created),
+        stream: Some(epoch),
         delivered: Some(start - 1),
         pending: state.last_sequence.saturating_sub(start - 1),
+        skipped_after: position.skipped_after.filter(|_| !remade),
     };
     let consumer = stream
         .create_consumer(consumer::pull::Config {
@@ -208,8 +218,30 @@ async fn consume<H: Hub>(
             }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
-        if sequence <= position.delivered.unwrap_or(0) {
+        let last = position.delivered.unwrap_or(0);
+        if sequence <= last {
             continue;
+        }
+        // The stream holds only the room's events and loses messages only
+        // from its front (retention), so its sequences are dense: a jump
+        // is a message this consumer did not get (seen after a JetStream
+        // server rejoined on an empty store). A new consumer from the same
+        // place gets it if the stream has it; if it skips it again, it is
+        // gone, counted and logged.
+        if sequence > last + 1 {
+            let skipped = sequence - last - 1;
+            if position.skipped_after != Some(last) {
+                position.skipped_after = Some(last);
+                anyhow::bail!(
+                    "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
+                );
+            }
+            warn!(
+                skipped,
+                after = last,
+                "the room's stream no longer has these messages; counted as missed"
+            );
+            ClusterCounters::add(&shared.counters().missed, skipped);
         }
         position.delivered = Some(sequence);
         deliver(shared, hub, ghost, &message.subject, &message.payload).await;
@@ -275,14 +307,15 @@ async fn deliver<H: Hub>(
 mod tests {
     use super::*;
 
-    const OLD: i128 = 1_000;
-    const NEW: i128 = 2_000;
+    const OLD: &str = "1111";
+    const NEW: &str = "2222";
 
     fn at(delivered: u64, pending: u64) -> Position {
         Position {
-            stream: Some(OLD),
+            stream: Some(OLD.to_string()),
             delivered: Some(delivered),
             pending,
+            skipped_after: None,
         }
     }
 
@@ -299,10 +332,14 @@ mod tests {
         );
     }
 
+    /// Also when the server that answered is a replica still catching up
+    /// and reports fewer messages than were delivered.
     #[test]
     fn the_same_stream_resumes_after_what_was_delivered() {
         assert_eq!(resume(&at(30, 5), OLD, 1, 40).start, 31);
         assert_eq!(resume(&at(30, 5), OLD, 1, 30).start, 31);
+        let behind = resume(&at(30, 5), OLD, 0, 0);
+        assert_eq!((behind.start, behind.missed, behind.remade), (31, 0, false));
     }
 
     #[test]
@@ -316,7 +353,7 @@ mod tests {
     /// or shorter, it is read from its start.
     #[test]
     fn a_remade_stream_is_read_from_its_start() {
-        for last in [3, 30, 31, 500] {
+        for last in [0, 3, 30, 31, 500] {
             let resume = resume(&at(30, 7), NEW, 1, last);
             assert_eq!(
                 resume,
@@ -328,11 +365,5 @@ mod tests {
                 "new stream of {last}"
             );
         }
-    }
-
-    #[test]
-    fn a_shorter_stream_with_the_same_stamp_is_read_from_its_start() {
-        let resume = resume(&at(30, 0), OLD, 1, 10);
-        assert_eq!((resume.start, resume.remade), (1, true));
     }
 }

@@ -81,18 +81,20 @@ impl Recorded {
     }
 
     /// Sends `TAG-0`, `TAG-1`, ... one a write, `gap` apart, until `stop`
-    /// or a failed write (its node died); returns how many were written.
+    /// or a failed write (its node died); returns how many were written,
+    /// and the writer, still open: dropping it would end the client's
+    /// input, and the node would take it as leaving.
     pub fn send_until(
         &mut self,
         tag: &str,
         gap: Duration,
         stop: CancellationToken,
-    ) -> JoinHandle<usize> {
+    ) -> JoinHandle<(usize, Option<OwnedWriteHalf>)> {
         let writer = self.writer.take();
         let tag = tag.to_string();
         tokio::spawn(async move {
             let Some(mut writer) = writer else {
-                return 0;
+                return (0, None);
             };
             let mut sent = 0;
             while !stop.is_cancelled() {
@@ -109,8 +111,13 @@ impl Recorded {
                     () = tokio::time::sleep(gap) => {}
                 }
             }
-            sent
+            (sent, Some(writer))
         })
+    }
+
+    /// Keeps `writer` (from a finished [`Recorded::send_until`]) open.
+    pub fn keep(&mut self, writer: Option<OwnedWriteHalf>) {
+        self.writer = writer;
     }
 
     /// Gives back the writer a finished [`Recorded::send_numbered`] took.
