@@ -836,4 +836,32 @@ mod tests {
         assert_eq!("drop".parse(), Ok(SlowClientPolicy::Drop));
         assert_eq!("mpsc".parse(), Ok(QueueKind::Mpsc));
     }
+
+    /// `--cluster-replicas` takes what JetStream keeps: 1 to 5 copies.
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_replicas_are_one_to_five() {
+        let with = |replicas| Config {
+            cluster: Some(ClusterConfig {
+                replicas,
+                ..ClusterConfig::new("nats://127.0.0.1:4222")
+            }),
+            ..Config::with_model(Model::Sharded)
+        };
+        for ok in [None, Some(1), Some(3), Some(MAX_REPLICAS)] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok:?}");
+        }
+        for bad in [Some(0), Some(MAX_REPLICAS + 1)] {
+            assert!(
+                matches!(
+                    with(bad).validate(),
+                    Err(ConfigError::Invalid {
+                        flag: "cluster-replicas",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+    }
 }
