@@ -1,7 +1,9 @@
 //! A real `nats-server` with JetStream for the cluster tests: one per test,
 //! on a free loopback port, its store in a directory of its own that is
 //! removed when the test ends. Restartable on the same port and store, as an
-//! operator restarts a broker.
+//! operator restarts a broker, or on an empty store, as a broker in a
+//! container without a volume comes back. Three of them in one JetStream
+//! cluster are [`crate::nats_cluster`]'s.
 
 use std::io::{self, BufRead, BufReader};
 use std::net::TcpListener;
@@ -101,6 +103,11 @@ impl Broker {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client address, for a [`crate::relay::Relay`] in front of it.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
     /// Starts (or restarts) the process on the same port and store, and

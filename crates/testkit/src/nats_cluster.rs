@@ -369,6 +369,32 @@ impl BrokerCluster {
             .and_then(|detail| detail.pointer("/state/messages").and_then(Value::as_u64)))
     }
 
+    /// Waits (within [`LEADER_TIMEOUT`]) until server `i`'s replica of
+    /// `stream` holds exactly `messages`: a restarted server has caught up.
+    /// The error says what it holds and shows its log.
+    pub fn wait_for_stream_messages(
+        &self,
+        i: usize,
+        stream: &str,
+        messages: u64,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + LEADER_TIMEOUT;
+        loop {
+            let held = self.stream_messages(i, stream).ok().flatten();
+            if held == Some(messages) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "server {i}'s replica of {stream:?} holds {held:?} of {messages} messages \
+                     after {LEADER_TIMEOUT:?}; its log: {:#?}",
+                    self.log_tail(i, 20)
+                )));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
     /// The server that leads `stream` (takes its writes; the one to kill
     /// to test failover), as it reports about itself; `None` if no running
     /// server does (an election, or the stream does not exist).

@@ -99,7 +99,7 @@ pub fn lines_of<R: std::io::Read + Send + 'static>(
 }
 
 /// How many of a child's last log lines a [`LogTail`] keeps.
-const TAIL_LINES: usize = 1000;
+pub const TAIL_LINES: usize = 1000;
 
 /// A child's log (stderr, usually), drained by a thread for the child's
 /// whole life and kept as its last [`TAIL_LINES`] lines.

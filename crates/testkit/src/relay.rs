@@ -73,33 +73,49 @@ impl Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()?;
         let (control, watcher) = watch::channel(Control::default());
         let counters = Arc::new(Counters::default());
         let served = Arc::clone(&counters);
+        let (started, start) = std::sync::mpsc::sync_channel(1);
+        // The runtime is made, used and dropped on the relay's thread: a
+        // runtime dropped inside a test's async context would panic.
         let thread = std::thread::Builder::new()
             .name(format!("relay-{addr}"))
             .spawn(move || {
-                runtime.block_on(async move {
-                    // Inside the runtime: registering needs its reactor.
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, target, watcher, served).await,
-                        Err(err) => eprintln!("relay {addr}: {err}"),
-                    }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .enable_time()
+                    .build();
+                let listener = runtime.and_then(|runtime| {
+                    // Registering the socket needs the runtime's reactor.
+                    let listener = runtime.block_on(async { TcpListener::from_std(listener) })?;
+                    Ok((runtime, listener))
                 });
+                let (runtime, listener) = match listener {
+                    Ok(ready) => {
+                        let _ = started.send(Ok(()));
+                        ready
+                    }
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                        return;
+                    }
+                };
+                runtime.block_on(serve(listener, target, watcher, served));
                 // Dropping the runtime drops every connection task, which
                 // closes their sockets.
             })?;
-        Ok(Relay {
+        let relay = Relay {
             addr,
             target,
             control,
             counters,
             thread: Some(thread),
-        })
+        };
+        start
+            .recv()
+            .map_err(|_| io::Error::other("the relay's thread ended before it started"))??;
+        Ok(relay)
     }
 
     /// Where clients connect.

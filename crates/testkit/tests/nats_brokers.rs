@@ -47,25 +47,6 @@ async fn publish(js: &jetstream::Context, ids: std::ops::Range<u32>) -> io::Resu
     Ok(())
 }
 
-/// Waits (bounded) until server `i`'s replica of the stream holds
-/// `messages`: a restarted server has caught up.
-fn caught_up(cluster: &BrokerCluster, i: usize, messages: u64) -> io::Result<()> {
-    let deadline = Instant::now() + LEADER_TIMEOUT;
-    loop {
-        let held = cluster.stream_messages(i, STREAM).ok().flatten();
-        if held == Some(messages) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(other(format!(
-                "server {i} holds {held:?} of {messages} messages; its log: {:#?}",
-                cluster.log_tail(i, 20)
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_stream_survives_its_leaders_kill_and_a_servers_store_loss() -> io::Result<()>
 {
@@ -111,17 +92,17 @@ async fn a_replicated_stream_survives_its_leaders_kill_and_a_servers_store_loss(
     // Back on its store, then (another server) on an empty one: each
     // catches up from the others.
     block_in_place(|| cluster.restart(leader))?;
-    block_in_place(|| caught_up(&cluster, leader, 100))?;
+    block_in_place(|| cluster.wait_for_stream_messages(leader, STREAM, 100))?;
     let lost_store = (new_leader + 1) % CLUSTER_SIZE;
     block_in_place(|| cluster.restart_empty(lost_store))?;
-    block_in_place(|| caught_up(&cluster, lost_store, 100))?;
+    block_in_place(|| cluster.wait_for_stream_messages(lost_store, STREAM, 100))?;
     ensure(
         cluster.url(lost_store) == cluster.url_list()[lost_store],
         || "a restart moved the server".into(),
     )?;
     publish(&js, 100..110).await?;
     for i in 0..CLUSTER_SIZE {
-        block_in_place(|| caught_up(&cluster, i, 110))?;
+        block_in_place(|| cluster.wait_for_stream_messages(i, STREAM, 110))?;
     }
     Ok(())
 }
