@@ -70,7 +70,7 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream(
     let Some(mut broker) = Broker::start()? else {
         return Ok(());
     };
-    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], broker.port)))?;
+    let relay = Relay::start(broker.addr())?;
     let cut = Node::start(model, &relay.nats_url())?;
     let b = Node::start(model, &broker.url())?;
     let c = Node::start(model, &broker.url())?;
