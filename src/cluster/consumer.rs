@@ -4,8 +4,7 @@
 //! It reads from the sequence after the last one it delivered, through an
 //! ephemeral pull consumer; on any error (broker restart, consumer lost
 //! with the server that held it, missed heartbeats) it makes a new consumer
-//! from that same sequence. A stored duplicate (a retry that outlived the
-//! de-duplication window) is skipped by batch number.
+//! from that same sequence.
 //!
 //! **Stream identity.** A sequence number means something only in the
 //! stream it was read from. The node that makes the room's stream gives it
@@ -21,12 +20,20 @@
 //! last message's `pending`). Facing the same epoch it resumes after what
 //! it delivered, even if the server that answered reports fewer messages
 //! (a replica still catching up).
+//!
+//! It is the one place where membership is announced: each batch and each
+//! verdict of the liveness judge (received between two stream messages) goes
+//! through [`super::roster::Roster`], which decides what local clients are
+//! told, in stream order; a stored duplicate (a retry that outlived the
+//! de-duplication window) is skipped by batch number whatever the node's
+//! state.
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -34,17 +41,28 @@ use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
 use super::connection::{
     ensure_stream, epoch_of, until_connected, wait_for_connection, Connection, Subjects,
 };
+use super::heartbeats::Verdict;
+use super::roster::{Delivery, FORGET_AFTER};
 use super::wire;
 use super::Shared;
 use crate::client::Client;
 use crate::config::ClusterCounters;
 use crate::hub::Hub;
 
+/// The consumer's side of the liveness judge.
+pub(super) struct Liveness {
+    /// The judge's verdicts.
+    pub verdicts: mpsc::UnboundedReceiver<Verdict>,
+    /// Nodes that came into view through the stream, for the judge to watch.
+    pub appeared: mpsc::UnboundedSender<String>,
+}
+
 pub(super) async fn consumer<H: Hub>(
     shared: Arc<Shared>,
     hub: Arc<H>,
     ghost: Arc<Client>,
     mut connection: watch::Receiver<Option<Connection>>,
+    mut liveness: Liveness,
 ) {
     let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
         return;
@@ -67,6 +85,7 @@ pub(super) async fn consumer<H: Hub>(
             &ghost,
             &mut position,
             &mut outage,
+            &mut liveness,
         )
         .await
         {
@@ -132,14 +151,18 @@ fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
 }
 
 /// Delivers the stream from after `position` until an error or stop.
+// Each argument is a different owner's (the task's state, the broker's,
+// the hub's, the judge's); bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn consume<H: Hub>(
     connection: &Connection,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     names: &Subjects,
     hub: &H,
     ghost: &Arc<Client>,
     position: &mut Position,
     outage: &mut Backoff,
+    liveness: &mut Liveness,
 ) -> anyhow::Result<()> {
     let mut stream = ensure_stream(connection, shared, names).await?;
     let info = stream.info().await?;
@@ -195,9 +218,19 @@ async fn consume<H: Hub>(
         .messages()
         .await?;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
+    let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             () = shared.stop.cancelled() => return Ok(()),
+            Some(Verdict::Dead(node)) = liveness.verdicts.recv() => {
+                judged_dead(shared, hub, ghost, &node).await;
+                continue;
+            }
+            _ = tidy.tick() => {
+                shared.roster.lock().expire(Instant::now(), FORGET_AFTER);
+                continue;
+            }
             next = messages.next() => next,
         };
         let message = match next {
@@ -224,10 +257,12 @@ async fn consume<H: Hub>(
         }
         // The stream holds only the room's events and loses messages only
         // from its front (retention), so its sequences are dense: a jump
-        // is a message this consumer did not get (seen after a JetStream
-        // server rejoined on an empty store). A new consumer from the same
-        // place gets it if the stream has it; if it skips it again, it is
-        // gone, counted and logged.
+        // is a message this consumer did not get. Seen after a JetStream
+        // server rejoined on an empty store, and after a partition (with
+        // no acks the broker counts what it sent into a silently cut
+        // connection as delivered). A new consumer from the same place
+        // gets it if the stream has it; if it skips it again, it is gone
+        // (retention passed it meanwhile), counted and logged.
         if sequence > last + 1 {
             let skipped = sequence - last - 1;
             if position.skipped_after != Some(last) {
@@ -244,7 +279,15 @@ async fn consume<H: Hub>(
             ClusterCounters::add(&shared.counters().missed, skipped);
         }
         position.delivered = Some(sequence);
-        deliver(shared, hub, ghost, &message.subject, &message.payload).await;
+        deliver(
+            shared,
+            hub,
+            ghost,
+            liveness,
+            &message.subject,
+            &message.payload,
+        )
+        .await;
     }
 }
 
@@ -264,11 +307,12 @@ fn show_lag(counters: &ClusterCounters, pending: u64, stored_nanos: i128) {
     );
 }
 
-/// Checks one stored batch and hands its events to the local hub.
+/// Checks one stored batch and hands what it means to local clients.
 async fn deliver<H: Hub>(
     shared: &Shared,
     hub: &H,
     ghost: &Arc<Client>,
+    liveness: &Liveness,
     subject: &str,
     payload: &[u8],
 ) {
@@ -288,18 +332,52 @@ async fn deliver<H: Hub>(
         // Our own clients had these at once (local-first).
         return;
     }
-    if !shared
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared
         .roster
         .lock()
-        .fresh_batch(&node, batch, Instant::now())
-    {
+        .batch(&node, batch, events, Instant::now());
+    if delivery.duplicate {
         debug!(%node, batch, "skipped a batch stored twice");
         return;
     }
-    ClusterCounters::add(&shared.counters().received, 1);
-    for event in events {
-        shared.roster.lock().apply(&node, &event);
-        hub.broadcast(ghost, &event.message).await;
+    ClusterCounters::add(&shared.counters().received, delivery.batches);
+    if delivery.appeared {
+        let _ = liveness.appeared.send(node);
+    }
+    if delivery.missed > 0 {
+        warn!(
+            missed = delivery.missed,
+            "events of another node could not be shown in order (a gap before its roster)"
+        );
+        ClusterCounters::add(&shared.counters().missed, delivery.missed);
+    }
+    hand_over(hub, ghost, &delivery).await;
+}
+
+/// The judge found `node` silent: its clients in view are gone.
+async fn judged_dead<H: Hub>(shared: &Arc<Shared>, hub: &H, ghost: &Arc<Client>, node: &str) {
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared.roster.lock().dead(node, Instant::now());
+    if delivery.messages.is_empty() {
+        return;
+    }
+    ClusterCounters::add(&shared.counters().dead_nodes, 1);
+    hand_over(hub, ghost, &delivery).await;
+    if shared.names_on {
+        super::names::free_dead(shared, vec![node.to_string()], delivery.departed);
+    }
+}
+
+async fn hand_over<H: Hub>(hub: &H, ghost: &Arc<Client>, delivery: &Delivery) {
+    for message in &delivery.messages {
+        hub.broadcast(ghost, message).await;
     }
 }
 

@@ -62,7 +62,10 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                         bytes = payload.len(),
                         "an event too large for the broker was dropped"
                     );
-                    ClusterCounters::add(&shared.counters().dropped, batch.events.len() as u64);
+                    let chat = batch.events.iter().filter(|event| event.is_chat()).count();
+                    ClusterCounters::add(&shared.counters().dropped, chat as u64);
+                    // The others miss these events: our roster follows.
+                    shared.roster_due();
                     shared.batch_done();
                     continue;
                 }
@@ -108,9 +111,7 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                 if ack.duplicate {
                     debug!(%id, "batch was already stored");
                 }
-                let events = shared.outgoing.lock().in_flight as u64;
-                ClusterCounters::add(&shared.counters().published, 1);
-                ClusterCounters::add(&shared.counters().events_published, events);
+                shared.count_published();
                 in_flight = None;
                 shared.batch_done();
             }
