@@ -344,6 +344,13 @@ pub struct Config {
     /// `--password-file`: a client's first line must be this password
     /// before it enters the room (off by default).
     pub password: Option<Password>,
+    /// `--web-addr`: serve the chat page at `/` and a WebSocket door into
+    /// the same room at `/ws` on this address (off by default; with
+    /// [`Config::tls`], HTTPS and WSS). Needs the `web` feature.
+    pub web_addr: Option<String>,
+    /// `--web-origin`: browser origins besides the page's own (for example
+    /// `https://chat.example.org`) whose pages may open `/ws`.
+    pub web_origins: Vec<String>,
 }
 
 /// The room password. Its `Debug` output does not show it.
@@ -420,6 +427,8 @@ impl Default for Config {
             tls: None,
             tls_handshake_timeout: Duration::from_secs(5),
             password: None,
+            web_addr: None,
+            web_origins: Vec::new(),
         }
     }
 }
@@ -589,6 +598,10 @@ pub enum ConfigError {
     MetricsListen { addr: String, cause: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("--web-addr: this server was built without the `web` feature")]
+    WebNotBuilt,
+    #[error("--web-addr {addr}: cannot listen: {cause}")]
+    WebListen { addr: String, cause: String },
     #[error("--password-file: the first line is empty")]
     EmptyPassword,
     #[error("--password-file: the first line is longer than {max} bytes")]
@@ -643,6 +656,21 @@ impl Config {
         }
         if self.metrics_addr.is_some() && !cfg!(feature = "metrics") {
             return Err(ConfigError::MetricsNotBuilt);
+        }
+        if self.web_addr.is_some() && !cfg!(feature = "web") {
+            return Err(ConfigError::WebNotBuilt);
+        }
+        for origin in &self.web_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/').matches('/').count() != 2
+            {
+                return Err(ConfigError::Invalid {
+                    flag: "web-origin",
+                    why: format!(
+                        "`{origin}` is not an origin (scheme://host[:port], as a browser sends it, e.g. https://chat.example.org)"
+                    ),
+                });
+            }
         }
         if let Some(password) = &self.password {
             if password.len() == 0 {

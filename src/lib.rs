@@ -50,7 +50,9 @@
 //! - `metrics`: the server's counters and the Prometheus endpoint;
 //! - `tls`: loading the certificate (and reloading it on SIGHUP) and the
 //!   bounded handshake;
-//! - `transport`: plain TCP and TLS behind the interface a session uses.
+//! - `transport`: plain TCP and TLS behind the interface a session uses;
+//! - `web`: the browsers' door (`--web-addr`, feature `web`): the chat page
+//!   and a WebSocket endpoint, whose framing is one more transport.
 
 mod client;
 #[cfg(feature = "cluster")]
@@ -72,6 +74,8 @@ pub mod server;
 mod session;
 mod tls;
 mod transport;
+#[cfg(feature = "web")]
+mod web;
 
 pub use config::{
     default_max_client_memory, Choice, ClusterConfig, ClusterCounters, Config, ConfigError, Model,

@@ -209,6 +209,18 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     tls_handshake_timeout: f64,
 
+    /// Serve the chat page at http://HOST:PORT/ and a WebSocket door into the
+    /// same room at /ws (off by default). With --tls-cert: HTTPS and WSS, the
+    /// same certificate and SIGHUP reload. Browsers share the room, the rules
+    /// and the per-address budget with line clients.
+    #[arg(long, value_name = "HOST:PORT")]
+    web_addr: Option<String>,
+
+    /// A browser origin besides the page's own (e.g. https://chat.example.org)
+    /// whose pages may open /ws; repeat for more. Other origins get 403.
+    #[arg(long, value_name = "ORIGIN", requires = "web_addr")]
+    web_origin: Vec<String>,
+
     /// Room password: the first line of FILE. A client's first line must be
     /// it; a wrong one gets `error: wrong password` and a close, and guesses
     /// from one address are slowed down. Use with TLS off loopback.
@@ -282,6 +294,8 @@ impl Args {
                 _ => None,
             },
             tls_handshake_timeout: seconds("tls-handshake-timeout", self.tls_handshake_timeout)?,
+            web_addr: self.web_addr.clone(),
+            web_origins: self.web_origin.clone(),
             password: self
                 .password_file
                 .as_ref()

@@ -60,6 +60,44 @@ pub struct Conn {
     /// Where this client publishes when that cannot be `stream` (a
     /// subscribed Redis connection cannot publish).
     pub publisher: Option<TcpStream>,
+    /// `--protocol ws`: the server's frames become lines as they are read.
+    pub ws: Option<crate::ws::WsIn>,
+}
+
+/// Reads what `stream` has into `reader`: through a WebSocket, into its
+/// raw buffer first and from there, as lines, into the reader. `Ok(0)` at
+/// the end of input.
+#[inline]
+pub async fn read_into(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    reader: &mut LineReader,
+    ws: &mut Option<crate::ws::WsIn>,
+) -> io::Result<usize> {
+    match ws {
+        None => {
+            let read = stream.read(reader.spare()).await?;
+            reader.filled(read);
+            Ok(read)
+        }
+        Some(ws) => {
+            let room = reader.spare().len();
+            let read = stream.read(ws.raw(room)).await?;
+            let lines = ws.lines_into(read, reader.spare());
+            reader.filled(lines);
+            Ok(read)
+        }
+    }
+}
+
+/// Answers the pings a WebSocket deframer has seen, best effort.
+fn answer_ws_pings(ws: &mut Option<crate::ws::WsIn>, stream: &TcpStream) {
+    if let Some(crate::ws::WsIn { deframer, .. }) = ws {
+        while deframer.pings > 0
+            && stream.try_write(&crate::ws::PONG).ok() == Some(crate::ws::PONG.len())
+        {
+            deframer.pings -= 1;
+        }
+    }
 }
 
 /// Connects to `addr` and reads the greeting (`You are IP:PORT`, or under
@@ -74,12 +112,19 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
     // window already, and Nagle would add delay to the rate scenario's
     // single lines.
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-    let mut conn = Conn {
+    let conn = Conn {
         stream,
         who: String::new(),
         reader: LineReader::new(buffer),
         publisher: None,
+        ws: None,
     };
+    greet(conn, addr).await
+}
+
+/// Reads the greeting of a connection made (line or WebSocket), naming
+/// itself first under `--names`.
+pub async fn greet(mut conn: Conn, addr: SocketAddr) -> anyhow::Result<Conn> {
     let greeting = timeout(GREETING_TIMEOUT, greeted_line(&mut conn))
         .await
         .map_err(|_| {
@@ -112,9 +157,14 @@ async fn greeted_line(conn: &mut Conn) -> anyhow::Result<String> {
         return Ok(first);
     }
     let n = NEXT_NAME.fetch_add(1, Relaxed);
-    let name = format!("load{}.{n}\n", std::process::id());
+    let mut name = format!("load{}.{n}\n", std::process::id()).into_bytes();
+    if conn.ws.is_some() {
+        let mut framed = Vec::new();
+        crate::ws::encode_text(&mut framed, &name[..name.len() - 1]);
+        name = framed;
+    }
     conn.stream
-        .write_all(name.as_bytes())
+        .write_all(&name)
         .await
         .context("sending a name")?;
     read_first_line(conn).await
@@ -128,16 +178,12 @@ async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {
         if conn.reader.is_full() {
             bail!("greeting longer than the read buffer");
         }
-        let spare = conn.reader.spare();
-        let read = conn
-            .stream
-            .read(spare)
+        let read = read_into(&mut conn.stream, &mut conn.reader, &mut conn.ws)
             .await
             .context("reading the greeting")?;
         if read == 0 {
             bail!("connection closed before the greeting");
         }
-        conn.reader.filled(read);
     }
 }
 
@@ -275,7 +321,7 @@ impl Receiver {
 
     #[cold]
     fn on_other(&mut self, line: &[u8], now_ns: u64) {
-        if self.protocol != Protocol::Line {
+        if !self.protocol.is_chat() {
             if self.protocol == Protocol::Nats && line == b"PING" {
                 self.pings_due = self.pings_due.saturating_add(1);
             } else if !self.protocol.is_frame(line) {
@@ -367,6 +413,7 @@ pub async fn run_client(
         mut stream,
         mut reader,
         publisher,
+        mut ws,
         ..
     } = conn;
     // `read` (not `readable` + `try_read`) because tokio clears the read
@@ -463,10 +510,12 @@ pub async fn run_client(
             biased;
             _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
             _ = &mut start, if !started => started = true,
-            read = rd.read(reader.spare()) => match read {
+            read = read_into(&mut rd, &mut reader, &mut ws) => match read {
                 Ok(0) => break End::Closed,
-                Ok(n) => {
-                    reader.filled(n);
+                Ok(_) => {
+                    if written == out.len() {
+                        answer_ws_pings(&mut ws, wr);
+                    }
                     let now = now_ns();
                     let before = receiver.counts.delivered;
                     reader.lines(|line| receiver.on_line(line, now));
@@ -508,6 +557,7 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
     let Conn {
         mut stream,
         mut reader,
+        mut ws,
         ..
     } = conn;
     let stop = shared.stop.clone();
@@ -518,10 +568,10 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
         tokio::select! {
             biased;
             _ = &mut stop => break true,
-            read = stream.read(reader.spare()) => match read {
+            read = read_into(&mut stream, &mut reader, &mut ws) => match read {
                 Ok(0) | Err(_) => break false,
-                Ok(n) => {
-                    reader.filled(n);
+                Ok(_) => {
+                    answer_ws_pings(&mut ws, &stream);
                     let lines = reader.lines(|_| {});
                     shared.lines.fetch_add(lines, Relaxed);
                 }
