@@ -454,6 +454,9 @@ impl Default for Config {
 /// `--max-pending` (32 MiB).
 pub const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
 
+/// The most copies of a stream JetStream keeps (`--cluster-replicas`).
+pub const MAX_REPLICAS: usize = 5;
+
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -483,6 +486,10 @@ pub struct ClusterConfig {
     /// How long a publish may wait for the broker's acknowledgement before
     /// it is sent again (with the same message id, so never stored twice).
     pub ack_timeout: Duration,
+    /// Copies the broker keeps of the room's stream and names bucket
+    /// (`--cluster-replicas`); `None`: min(3, servers in the broker's
+    /// cluster), 1 on a single server.
+    pub replicas: Option<usize>,
     /// What the backplane counts, readable while it runs (tests read it).
     pub counters: Arc<ClusterCounters>,
 }
@@ -507,6 +514,7 @@ impl ClusterConfig {
             node_timeout: Duration::from_secs(3),
             reconnect_max: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(2),
+            replicas: None,
             counters: Arc::default(),
         }
     }
@@ -525,8 +533,14 @@ pub struct ClusterCounters {
     pub garbage: AtomicU64,
     /// Events dropped from a full `--cluster-buffer`.
     pub dropped: AtomicU64,
-    /// Stream messages a resume could not get back (retention passed them).
+    /// Stream messages a resume could not get back: retention passed them,
+    /// or a broker lost its store while this node had not read them yet
+    /// (as far as it knew: what the old stream held for it when it last read).
     pub missed: AtomicU64,
+    /// Times this node found a different room's stream from the one it was
+    /// reading (a broker lost its store and a node made it again) and read
+    /// the new one from its start.
+    pub streams_remade: AtomicU64,
     /// Nodes declared dead for missing their heartbeats.
     pub dead_nodes: AtomicU64,
     /// Consumers this node made to read the room's stream: 1 once it has
@@ -816,6 +830,15 @@ impl ClusterConfig {
                 return Err(ConfigError::TooSmall { flag, min: 1 });
             }
         }
+        // JetStream keeps at most 5 copies of a stream.
+        if let Some(replicas) = self.replicas {
+            if !(1..=MAX_REPLICAS).contains(&replicas) {
+                return Err(ConfigError::Invalid {
+                    flag: "cluster-replicas",
+                    why: format!("{replicas}: use 1 to {MAX_REPLICAS}"),
+                });
+            }
+        }
         if self.node_timeout < self.heartbeat * 2 {
             return Err(ConfigError::Invalid {
                 flag: "cluster-node-timeout",
@@ -871,5 +894,33 @@ mod tests {
         );
         assert_eq!("drop".parse(), Ok(SlowClientPolicy::Drop));
         assert_eq!("mpsc".parse(), Ok(QueueKind::Mpsc));
+    }
+
+    /// `--cluster-replicas` takes what JetStream keeps: 1 to 5 copies.
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_replicas_are_one_to_five() {
+        let with = |replicas| Config {
+            cluster: Some(ClusterConfig {
+                replicas,
+                ..ClusterConfig::new("nats://127.0.0.1:4222")
+            }),
+            ..Config::with_model(Model::Sharded)
+        };
+        for ok in [None, Some(1), Some(3), Some(MAX_REPLICAS)] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok:?}");
+        }
+        for bad in [Some(0), Some(MAX_REPLICAS + 1)] {
+            assert!(
+                matches!(
+                    with(bad).validate(),
+                    Err(ConfigError::Invalid {
+                        flag: "cluster-replicas",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -672,8 +672,13 @@ mod exporter {
             ),
             (
                 "chat_cluster_messages_missed",
-                "Stream messages expired (--cluster-retention) before this node could read them",
+                "Stream messages this node could not read: expired (--cluster-retention) first, or lost with a broker's store",
                 &cluster.missed,
+            ),
+            (
+                "chat_cluster_streams_remade",
+                "Times this node found the room's stream made again (a broker lost its store) and read the new one from its start",
+                &cluster.streams_remade,
             ),
             (
                 "chat_cluster_dead_nodes",

@@ -151,6 +151,12 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 2.0, requires = "cluster")]
     cluster_ack_timeout: f64,
 
+    /// Copies the broker keeps of the room's stream and names bucket
+    /// (1 to 5). Default: min(3, servers in the broker's NATS cluster), 1
+    /// on a single server; an existing stream with fewer is updated.
+    #[arg(long, value_name = "N", requires = "cluster")]
+    cluster_replicas: Option<usize>,
+
     /// Input budget per client, lines per second (0: no line budget). Over
     /// budget, the server stops reading that client until it is back within.
     #[arg(long, value_name = "LINES", default_value_t = DEFAULT_FLOOD_LINES)]
@@ -337,6 +343,7 @@ impl Args {
             node_timeout: seconds("cluster-node-timeout", self.cluster_node_timeout)?,
             reconnect_max: seconds("cluster-reconnect-max", self.cluster_reconnect_max)?,
             ack_timeout: seconds("cluster-ack-timeout", self.cluster_ack_timeout)?,
+            replicas: self.cluster_replicas,
             ..ClusterConfig::new(url)
         }))
     }

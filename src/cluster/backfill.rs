@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::connection::{ensure_stream, wait_for_connection, Connection, Subjects};
+use super::connection::{ensure_stream, epoch_of, wait_for_connection, Connection, Subjects};
 use super::{wire, Shared};
 use crate::history::History;
 use crate::protocol::Message;
@@ -62,7 +62,7 @@ pub(super) async fn fill(
     shared: &Shared,
     history: Option<&Arc<History>>,
     mut connection: watch::Receiver<Option<Connection>>,
-) -> Option<u64> {
+) -> Option<(String, u64)> {
     let history = history?;
     let names = Subjects::new(&shared.config.room);
     let filling = async {
@@ -72,13 +72,13 @@ pub(super) async fn fill(
     let read = tokio::time::timeout(FILL_WITHIN, filling).await;
     shared.history_filled.done();
     match read {
-        Ok(Some((last, lines))) => {
+        Ok(Some((epoch, last, lines))) => {
             info!(
                 lines,
                 last_sequence = last,
                 "history filled from the room's stream"
             );
-            Some(last)
+            Some((epoch, last))
         }
         Ok(None) => None,
         Err(_) => {
@@ -92,13 +92,14 @@ pub(super) async fn fill(
 }
 
 /// Reads the stream backwards until the history is full; appends what it
-/// read in stream order. Returns the last sequence and the lines appended.
+/// read in stream order. Returns the stream's epoch, its last sequence and
+/// the lines appended.
 async fn read_back(
     connection: &Connection,
     shared: &Shared,
     names: &Subjects,
     history: &History,
-) -> Option<(u64, usize)> {
+) -> Option<(String, u64, usize)> {
     let mut stream = match ensure_stream(connection, shared, names).await {
         Ok(stream) => stream,
         Err(err) => {
@@ -106,8 +107,8 @@ async fn read_back(
             return None;
         }
     };
-    let state = match stream.info().await {
-        Ok(info) => info.state.clone(),
+    let (epoch, state) = match stream.info().await {
+        Ok(info) => (epoch_of(info), info.state.clone()),
         Err(err) => {
             warn!(cause = %err, "history not filled: cannot read the room's stream");
             return None;
@@ -142,5 +143,5 @@ async fn read_back(
     for message in newest_first.iter().rev() {
         history.append(message);
     }
-    Some((state.last_sequence, appended))
+    Some((epoch, state.last_sequence, appended))
 }
