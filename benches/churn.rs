@@ -83,6 +83,7 @@ fn open_lobby(runtime: &Runtime, model: Model, present: bool) -> io::Result<Lobb
     // as in every bench, no input budget).
     let server = TestServer::start(Config {
         announce_present: present,
+        history: common::bench_history(),
         ..Config::with_model(model).without_abuse_limits()
     })?;
     let peers = runtime.block_on(common::connect_peers(server.addr(), IDLE))?;

@@ -41,6 +41,17 @@ pub const PAYLOAD: usize = 64;
 /// but not yet echoed back to it), as the measurements in issue 3 did.
 pub const WINDOW: usize = 16;
 
+/// `--history` for the benches' servers, from `CHAT_BENCH_HISTORY` (lines;
+/// unset or 0: off, the seed's protocol), so that a bench measures the
+/// same room with and without the history:
+/// `CHAT_BENCH_HISTORY=1000 cargo bench --bench fanout`.
+pub fn bench_history() -> usize {
+    std::env::var("CHAT_BENCH_HISTORY")
+        .ok()
+        .and_then(|lines| lines.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Read buffer per client: large reads keep the client's per-line cost low.
 const READ_BUF: usize = 64 * 1024;
 
@@ -314,6 +325,13 @@ pub async fn connect_peer(
         return Err(unexpected(format!(
             "expected greeting {expected:?}, got {greeting:?}"
         )));
+    }
+    if bench_history() > 0 {
+        // What was said before: its lines and its end, not part of a flow.
+        let header = within("history", reader.line()).await?;
+        let lines = chat_wire::history_of(&header)
+            .ok_or_else(|| unexpected(format!("expected a history block, got {header:?}")))?;
+        within("history", reader.skip_lines(lines + 1)).await?;
     }
     Ok(Peer {
         who,

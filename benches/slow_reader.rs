@@ -103,6 +103,7 @@ fn config(model: Model, policy: SlowClientPolicy) -> Config {
         slow_client: policy,
         max_pending: MAX_PENDING,
         write_timeout: WRITE_TIMEOUT,
+        history: common::bench_history(),
         // The fill floods on purpose: no input budget, as in every bench.
         ..Config::with_model(model).without_abuse_limits()
     }

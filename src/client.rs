@@ -58,6 +58,11 @@ pub struct Client {
     /// Bytes the reader holds for a partial line, as of its last wait for
     /// input; counted against `--max-client-memory`.
     held_input: AtomicUsize,
+    /// Bytes of the `--history` block the writer has not written yet;
+    /// counted against `--max-client-memory` (not `--max-pending`: the
+    /// block is the room's own text, shared with the history, and a client
+    /// is not slow for being shown it).
+    held_history: AtomicUsize,
     /// The `--max-clients` slot and the place in the address's count,
     /// returned when the last handle to the client goes (after both its
     /// reader and its writer have finished).
@@ -86,6 +91,7 @@ impl Client {
             stuck: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
             held_input: AtomicUsize::new(0),
+            held_history: AtomicUsize::new(0),
             _admission: admission,
         }
     }
@@ -172,10 +178,18 @@ impl Client {
         }
     }
 
-    /// Bytes this client holds on the server: its partial input line and
-    /// the messages queued for it (see [`MemoryGuard`](crate::limits::MemoryGuard)).
+    /// Records the bytes of the history block still to be written.
+    pub fn set_held_history(&self, bytes: usize) {
+        self.held_history.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes this client holds on the server: its partial input line, the
+    /// messages queued for it and its unwritten history block (see
+    /// [`MemoryGuard`](crate::limits::MemoryGuard)).
     pub fn memory_held(&self) -> usize {
-        self.held_input.load(Ordering::Relaxed) + self.budget.queued()
+        self.held_input.load(Ordering::Relaxed)
+            + self.held_history.load(Ordering::Relaxed)
+            + self.budget.queued()
     }
 }
 

@@ -159,6 +159,12 @@ pub fn longest_message(max_line: usize) -> usize {
     max_line.saturating_mul(3).saturating_add(128)
 }
 
+/// Default bound of the room's history in bytes (`--history-bytes`): 1 MiB,
+/// about 10,000 lines of 100 bytes, so that with the default `--max-line`
+/// it is the lines bound that binds for ordinary chat, while a room of
+/// 64 KiB lines keeps at least five of them.
+pub const DEFAULT_HISTORY_BYTES: usize = 1024 * 1024;
+
 /// Default input budget per client, lines per second (see [`Config::flood_lines`]).
 const DEFAULT_FLOOD_LINES: u32 = 500;
 
@@ -230,6 +236,13 @@ pub struct Config {
     /// right after its greeting (gopl exercise 8.12); under `cluster`, the
     /// other nodes' clients as far as their news has arrived.
     pub announce_present: bool,
+    /// `--history`: a newcomer is shown the room's last this many chat
+    /// lines, in a block right after its greeting (0, the default: no
+    /// history, and the protocol is the seed's).
+    pub history: usize,
+    /// `--history-bytes`: the history holds at most this many bytes of
+    /// formatted lines, oldest out first (see [`DEFAULT_HISTORY_BYTES`]).
+    pub history_bytes: usize,
     /// Join a room shared with other nodes through a NATS JetStream broker
     /// (`--cluster`); `None` is the single-process room.
     pub cluster: Option<ClusterConfig>,
@@ -262,6 +275,13 @@ pub struct Config {
     /// `--password-file`: a client's first line must be this password
     /// before it enters the room (off by default).
     pub password: Option<Password>,
+    /// `--web-addr`: serve the chat page at `/` and a WebSocket door into
+    /// the same room at `/ws` on this address (off by default; with
+    /// [`Config::tls`], HTTPS and WSS). Needs the `web` feature.
+    pub web_addr: Option<String>,
+    /// `--web-origin`: browser origins besides the page's own (for example
+    /// `https://chat.example.org`) whose pages may open `/ws`.
+    pub web_origins: Vec<String>,
 }
 
 /// The room password. Its `Debug` output does not show it.
@@ -326,6 +346,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(2),
             names: false,
             announce_present: false,
+            history: 0,
+            history_bytes: DEFAULT_HISTORY_BYTES,
             cluster: None,
             flood_lines: DEFAULT_FLOOD_LINES,
             flood_bytes: DEFAULT_FLOOD_BYTES,
@@ -338,6 +360,8 @@ impl Default for Config {
             tls: None,
             tls_handshake_timeout: Duration::from_secs(5),
             password: None,
+            web_addr: None,
+            web_origins: Vec::new(),
         }
     }
 }
@@ -347,6 +371,9 @@ impl Default for Config {
 /// busy room, and still a small fraction of one slow client's
 /// `--max-pending` (32 MiB).
 const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
+
+/// The most copies of a stream JetStream keeps (`--cluster-replicas`).
+pub const MAX_REPLICAS: usize = 5;
 
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
 #[derive(Debug, Clone)]
@@ -377,15 +404,20 @@ pub struct ClusterConfig {
     /// How long a publish may wait for the broker's acknowledgement before
     /// it is sent again (with the same message id, so never stored twice).
     pub ack_timeout: Duration,
+    /// Copies the broker keeps of the room's stream and names bucket
+    /// (`--cluster-replicas`); `None`: min(3, servers in the broker's
+    /// cluster), 1 on a single server.
+    pub replicas: Option<usize>,
     /// What the backplane counts, readable while it runs (tests read it).
     pub counters: Arc<ClusterCounters>,
 }
 
 impl ClusterConfig {
-    /// Tasks a clustered node runs on top of its model's (2n+1+k, k = 7):
-    /// the backplane's publisher, consumer and heartbeat tasks, and the NATS
-    /// client's connection, event-log, JetStream-acker and pull-request tasks.
-    pub const EXTRA_TASKS: usize = 7;
+    /// Tasks a clustered node runs on top of its model's (2n+1+k, k = 6):
+    /// the backplane's publisher and consumer tasks, and the NATS client's
+    /// connection, event-log, JetStream-acker and pull-request tasks. The
+    /// liveness judge runs on a thread of its own, with its own runtime.
+    pub const EXTRA_TASKS: usize = 6;
 
     /// The defaults for a broker at `url`, room `chat`.
     pub fn new(url: &str) -> ClusterConfig {
@@ -400,6 +432,7 @@ impl ClusterConfig {
             node_timeout: Duration::from_secs(3),
             reconnect_max: Duration::from_secs(2),
             ack_timeout: Duration::from_secs(2),
+            replicas: None,
             counters: Arc::default(),
         }
     }
@@ -418,8 +451,14 @@ pub struct ClusterCounters {
     pub garbage: AtomicU64,
     /// Events dropped from a full `--cluster-buffer`.
     pub dropped: AtomicU64,
-    /// Stream messages a resume could not get back (retention passed them).
+    /// Stream messages a resume could not get back: retention passed them,
+    /// or a broker lost its store while this node had not read them yet
+    /// (as far as it knew: what the old stream held for it when it last read).
     pub missed: AtomicU64,
+    /// Times this node found a different room's stream from the one it was
+    /// reading (a broker lost its store and a node made it again) and read
+    /// the new one from its start.
+    pub streams_remade: AtomicU64,
     /// Nodes declared dead for missing their heartbeats.
     pub dead_nodes: AtomicU64,
     /// Consumers this node made to read the room's stream: 1 once it has
@@ -492,6 +531,10 @@ pub enum ConfigError {
     MetricsListen { addr: String, cause: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("--web-addr: this server was built without the `web` feature")]
+    WebNotBuilt,
+    #[error("--web-addr {addr}: cannot listen: {cause}")]
+    WebListen { addr: String, cause: String },
     #[error("--password-file: the first line is empty")]
     EmptyPassword,
     #[error("--password-file: the first line is longer than {max} bytes")]
@@ -547,6 +590,21 @@ impl Config {
         if self.metrics_addr.is_some() && !cfg!(feature = "metrics") {
             return Err(ConfigError::MetricsNotBuilt);
         }
+        if self.web_addr.is_some() && !cfg!(feature = "web") {
+            return Err(ConfigError::WebNotBuilt);
+        }
+        for origin in &self.web_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/').matches('/').count() != 2
+            {
+                return Err(ConfigError::Invalid {
+                    flag: "web-origin",
+                    why: format!(
+                        "`{origin}` is not an origin (scheme://host[:port], as a browser sends it, e.g. https://chat.example.org)"
+                    ),
+                });
+            }
+        }
         if let Some(password) = &self.password {
             if password.len() == 0 {
                 return Err(ConfigError::EmptyPassword);
@@ -588,12 +646,27 @@ impl Config {
                 min: "1",
             });
         }
+        // The history must hold the longest line, or a long line would
+        // silently empty it.
+        if self.history > 0 && (self.history_bytes as u64) < min_pending {
+            return Err(ConfigError::TooSmall {
+                flag: "history-bytes",
+                min: min_pending,
+            });
+        }
         // The budget must fit one client's longest line, or a client would
-        // be evicted for an ordinary long line while alone.
-        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_pending {
+        // be evicted for an ordinary long line while alone; the room's
+        // history counts against it too, so it must fit both.
+        let history_bytes = if self.history > 0 {
+            self.history_bytes as u64
+        } else {
+            0
+        };
+        let min_memory = min_pending.saturating_add(history_bytes);
+        if self.max_client_memory != 0 && (self.max_client_memory as u64) < min_memory {
             return Err(ConfigError::TooSmall {
                 flag: "max-client-memory",
-                min: min_pending,
+                min: min_memory,
             });
         }
         Ok(())
@@ -675,6 +748,15 @@ impl ClusterConfig {
                 return Err(ConfigError::TooSmall { flag, min: 1 });
             }
         }
+        // JetStream keeps at most 5 copies of a stream.
+        if let Some(replicas) = self.replicas {
+            if !(1..=MAX_REPLICAS).contains(&replicas) {
+                return Err(ConfigError::Invalid {
+                    flag: "cluster-replicas",
+                    why: format!("{replicas}: use 1 to {MAX_REPLICAS}"),
+                });
+            }
+        }
         if self.node_timeout < self.heartbeat * 2 {
             return Err(ConfigError::Invalid {
                 flag: "cluster-node-timeout",
@@ -741,5 +823,33 @@ mod tests {
             assert_eq!(flag(queue).as_deref(), Some(queue.name()));
         }
         assert_eq!(Model::from_str("locked", false), Ok(Model::Locked));
+    }
+
+    /// `--cluster-replicas` takes what JetStream keeps: 1 to 5 copies.
+    #[cfg(feature = "cluster")]
+    #[test]
+    fn cluster_replicas_are_one_to_five() {
+        let with = |replicas| Config {
+            cluster: Some(ClusterConfig {
+                replicas,
+                ..ClusterConfig::new("nats://127.0.0.1:4222")
+            }),
+            ..Config::with_model(Model::Sharded)
+        };
+        for ok in [None, Some(1), Some(3), Some(MAX_REPLICAS)] {
+            assert_eq!(with(ok).validate(), Ok(()), "{ok:?}");
+        }
+        for bad in [Some(0), Some(MAX_REPLICAS + 1)] {
+            assert!(
+                matches!(
+                    with(bad).validate(),
+                    Err(ConfigError::Invalid {
+                        flag: "cluster-replicas",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -27,6 +27,7 @@ pub use chat_testkit::{TestClient, LINE_TIMEOUT};
 pub struct TestServer {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    web_addr: Option<SocketAddr>,
     runtime: Handle,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
@@ -62,13 +63,23 @@ impl TestServer {
                             .as_ref()
                             .map(|metrics| metrics.local_addr())
                             .transpose()?;
-                        io::Result::Ok(((listener.local_addr()?, metrics_addr), listener, metrics))
+                        let web = match &config.web_addr {
+                            Some(addr) => Some(server::bind(addr).await?),
+                            None => None,
+                        };
+                        let web_addr = web.as_ref().map(|web| web.local_addr()).transpose()?;
+                        io::Result::Ok((
+                            (listener.local_addr()?, metrics_addr, web_addr),
+                            listener,
+                            metrics,
+                            web,
+                        ))
                     }
                     .await;
-                    let (listener, metrics) = match bound {
-                        Ok((addrs, listener, metrics)) => {
+                    let (listener, metrics, web) = match bound {
+                        Ok((addrs, listener, metrics, web)) => {
                             let _ = listening.send(Ok(addrs));
-                            (listener, metrics)
+                            (listener, metrics, web)
                         }
                         Err(err) => {
                             let _ = listening.send(Err(err));
@@ -77,9 +88,10 @@ impl TestServer {
                     };
                     // Spawned, not run in place, so the accept loop is a task
                     // of the runtime like in the binary.
-                    let server = tokio::spawn(server::run_with_metrics(
+                    let server = tokio::spawn(server::run_with_listeners(
                         listener,
                         metrics,
+                        web,
                         config,
                         async move {
                             let _ = stopped.await;
@@ -88,12 +100,13 @@ impl TestServer {
                     let _ = server.await;
                 });
             })?;
-        let (addr, metrics_addr) = started
+        let (addr, metrics_addr, web_addr) = started
             .recv()
             .map_err(|_| io::Error::other("server thread exited early"))??;
         Ok(TestServer {
             addr,
             metrics_addr,
+            web_addr,
             runtime: handle,
             stop: Some(stop),
             thread: Some(thread),
@@ -107,6 +120,13 @@ impl TestServer {
     /// Where `/metrics` is served, if the configuration asked for it.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where the chat page and `/ws` are served, if the configuration asked
+    /// for them (`web_addr`; give it port 0, or an address to take again
+    /// after a restart).
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web_addr
     }
 
     /// Tasks alive in the server's runtime: the accept loop, any model task,

@@ -34,6 +34,7 @@
 //! - `lobby`: naming (`--names`), joining, and the first lines a client gets;
 //! - `session`: one connection's reader and writer tasks, shared by every model;
 //! - `flood`: each connection's input budget (flood control);
+//! - `history`: the room's recent lines a newcomer is shown (`--history`);
 //! - `limits`: per-address limits, keepalive, and the clients' memory budget;
 //! - `protocol`: line framing, sanitising and the seed's message texts (the
 //!   texts themselves live in the `chat-wire` crate, which the load tool and
@@ -51,6 +52,8 @@
 //! - `tls`: loading the certificate (and reloading it on SIGHUP) and the
 //!   bounded handshake;
 //! - `transport`: plain TCP and TLS behind the interface a session uses;
+//! - `web`: the browsers' door (`--web-addr`, feature `web`): the chat page
+//!   and a WebSocket endpoint, whose framing is one more transport;
 //! - `backoff`: the doubling pause every retry takes.
 
 mod backoff;
@@ -61,6 +64,7 @@ mod config;
 mod flood;
 #[cfg(feature = "test-util")]
 pub mod harness;
+mod history;
 mod hub;
 mod limits;
 mod lobby;
@@ -74,6 +78,8 @@ pub mod server;
 mod session;
 mod tls;
 mod transport;
+#[cfg(feature = "web")]
+mod web;
 
 pub use config::{
     default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,

@@ -24,6 +24,7 @@ use crate::client::{Client, ClientId, Kick};
 use crate::config::Config;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 use crate::config::SlowClientPolicy;
+use crate::history::History;
 use crate::protocol::Message;
 
 /// What a connection holds while it is served: its `--max-clients` slot and
@@ -180,10 +181,18 @@ pub fn tune_socket(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
 /// actually hold. The `broadcast` model has no per-client queue (its ring
 /// is shared and bounded by `--max-pending`), so there only partial lines
 /// count.
+///
+/// The room's history (`--history`) is room memory, not any client's: it
+/// counts against the same budget (so the total is what the budget
+/// bounds), but it is never evicted; its own bound, `--history-bytes`,
+/// which the configuration checks fits in the budget with room for a
+/// client's longest line, caps it. A newcomer's history block counts as
+/// held by it until written, in full, like a queued message.
 #[derive(Debug)]
 pub struct MemoryGuard {
     budget: usize,
     clients: Mutex<HashMap<ClientId, Weak<Client>>>,
+    history: Option<Arc<History>>,
 }
 
 /// What one check of the budget found and did.
@@ -198,11 +207,12 @@ pub struct Eviction {
 
 impl MemoryGuard {
     /// `None` when `--max-client-memory` is 0 (no limit).
-    pub fn new(config: &Config) -> Option<Arc<MemoryGuard>> {
+    pub fn new(config: &Config, history: Option<Arc<History>>) -> Option<Arc<MemoryGuard>> {
         (config.max_client_memory > 0).then(|| {
             Arc::new(MemoryGuard {
                 budget: config.max_client_memory,
                 clients: Mutex::new(HashMap::new()),
+                history,
             })
         })
     }
@@ -222,12 +232,14 @@ impl MemoryGuard {
     /// when over.
     pub fn enforce(&self) -> Eviction {
         let clients = self.clients.lock();
-        let held: usize = clients
-            .values()
-            .filter_map(Weak::upgrade)
-            .filter(|client| !client.is_kicked())
-            .map(|client| client.memory_held())
-            .sum();
+        let history = self.history.as_ref().map_or(0, |history| history.bytes());
+        let held: usize = history
+            + clients
+                .values()
+                .filter_map(Weak::upgrade)
+                .filter(|client| !client.is_kicked())
+                .map(|client| client.memory_held())
+                .sum::<usize>();
         let mut eviction = Eviction {
             held,
             ..Eviction::default()

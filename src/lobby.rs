@@ -1,7 +1,8 @@
 //! From accept to the room: the password (`--password-file`, checked in
 //! `password`), the naming handshake (`--names`), the join, and
 //! the first lines the client is sent (`You are WHO`, and with
-//! `--announce-present` the `present` line). Shared by every model; what
+//! `--announce-present` the `present` line, and with `--history` the
+//! room's last lines). Shared by every model; what
 //! makes a name unique and a list exact is each hub's business.
 //!
 //! With a password, the client's first line must be it (no prompt: the
@@ -33,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::client::Client;
 use crate::config::MAX_PASSWORD;
+use crate::history::Snapshot;
 use crate::hub::{Hub, Refused};
 use crate::password::Gate;
 use crate::protocol::{
@@ -49,6 +51,8 @@ pub(crate) struct Entered<I> {
     pub inbox: I,
     /// `You are WHO`, and the `present` line under `--announce-present`.
     pub hello: Message,
+    /// Under `--history`: the room's last lines, sent after `hello`.
+    pub history: Option<Snapshot>,
 }
 
 /// Puts `client` in the room, naming it first under `--names`. `None` means
@@ -96,6 +100,7 @@ pub(crate) fn enter<'a, H: Hub, R: SessionRead, W: SessionWrite>(
                         client,
                         inbox: joined.inbox,
                         hello,
+                        history: joined.history,
                     });
                 }
                 Err(Refused::NameTaken) if names => say(writer, NAME_TAKEN, server).await.ok()?,

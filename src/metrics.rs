@@ -15,6 +15,10 @@
 //! connection). The `prometheus-client` registry is touched only then, by
 //! a collector that reads these atomics.
 //!
+//! With `--history` the scrape shows what the room's history holds
+//! (`chat_history_lines`, `chat_history_bytes`), read from the history's
+//! own counts; without it those families are absent.
+//!
 //! With `--cluster` the scrape also shows the backplane's counts and
 //! gauges (`chat_cluster_*`), read from the
 //! [`ClusterCounters`](crate::config::ClusterCounters) the backplane keeps
@@ -43,6 +47,7 @@ use parking_lot::Mutex;
 use crate::client::Client;
 #[cfg(feature = "metrics")]
 use crate::client::{ClientId, Kick};
+use crate::history::History;
 
 /// A monotonic count; nothing at all without the `metrics` feature.
 #[derive(Debug, Default)]
@@ -175,6 +180,9 @@ pub(crate) struct Metrics {
     /// its entry (about 30 bytes with the table's slack).
     #[cfg(feature = "metrics")]
     gauges: bool,
+    /// The room's history (`--history`), for its gauges.
+    #[cfg(feature = "metrics")]
+    history: Option<Arc<History>>,
 }
 
 /// The live clients, and what the departed ones counted.
@@ -209,18 +217,27 @@ impl Default for Metrics {
             clients: Mutex::default(),
             #[cfg(feature = "metrics")]
             gauges: true,
+            #[cfg(feature = "metrics")]
+            history: None,
         }
     }
 }
 
 impl Metrics {
-    /// Counters for a server whose gauges nobody reads (no `--metrics-addr`):
-    /// the counters still count (tests read them), the clients are not listed.
-    pub fn without_gauges() -> Metrics {
-        Metrics {
-            #[cfg(feature = "metrics")]
-            gauges: false,
+    /// The metrics of a server whose room keeps `history`. `gauges`: whether
+    /// anyone reads the gauges (`--metrics-addr`); without an endpoint the
+    /// counters still count (tests read them) but the clients are not listed.
+    pub fn new(gauges: bool, history: Option<Arc<History>>) -> Metrics {
+        #[cfg(feature = "metrics")]
+        return Metrics {
+            gauges,
+            history,
             ..Metrics::default()
+        };
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = (gauges, history);
+            Metrics::default()
         }
     }
 
@@ -610,6 +627,21 @@ mod exporter {
                 "Bytes (partial lines and queued messages) the evicted clients held",
                 m.memory_evicted_bytes.get(),
             )?;
+            if let Some(history) = &m.history {
+                let as_gauge = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+                gauge(
+                    &mut encoder,
+                    "chat_history_lines",
+                    "Chat lines the room's history holds for newcomers (--history)",
+                    as_gauge(history.lines()),
+                )?;
+                gauge(
+                    &mut encoder,
+                    "chat_history_bytes",
+                    "Bytes of text the room's history holds (--history-bytes; counted against --max-client-memory)",
+                    as_gauge(history.bytes()),
+                )?;
+            }
             if let Some(cluster) = &self.cluster {
                 encode_cluster(&mut encoder, cluster)?;
             }
@@ -652,8 +684,13 @@ mod exporter {
             ),
             (
                 "chat_cluster_messages_missed",
-                "Stream messages expired (--cluster-retention) before this node could read them",
+                "Stream messages this node could not read: expired (--cluster-retention) first, or lost with a broker's store",
                 &cluster.missed,
+            ),
+            (
+                "chat_cluster_streams_remade",
+                "Times this node found the room's stream made again (a broker lost its store) and read the new one from its start",
+                &cluster.streams_remade,
             ),
             (
                 "chat_cluster_dead_nodes",

@@ -45,7 +45,11 @@ pub fn channel(client: Arc<Client>, kind: QueueKind) -> (Outbox, QueueInbox) {
             tx,
             client: Arc::clone(&client),
         },
-        QueueInbox { rx, client },
+        QueueInbox {
+            rx,
+            client,
+            seen_through: 0,
+        },
     )
 }
 
@@ -185,20 +189,55 @@ impl Outbox {
 pub struct QueueInbox {
     rx: Receiving,
     client: Arc<Client>,
+    /// `--history` in the `sharded` model: the newest line the client's
+    /// history block showed. Live lines numbered up to it are dropped: the
+    /// block already held them (0: drop nothing).
+    seen_through: u64,
+}
+
+impl QueueInbox {
+    /// Drops, from now on, every message the history numbered `seq` or
+    /// lower: a newcomer's history block already showed them.
+    pub fn seen_through(&mut self, seq: u64) {
+        self.seen_through = seq;
+    }
+
+    /// Whether `message` was already shown; if so its bytes are given back.
+    fn shown(&self, message: &Message) -> bool {
+        if self.seen_through == 0 {
+            return false;
+        }
+        let seq = message.seq();
+        let shown = seq != 0 && seq <= self.seen_through;
+        if shown {
+            self.client.budget.give_back(message.len());
+        }
+        shown
+    }
 }
 
 impl Inbox for QueueInbox {
     async fn recv(&mut self) -> Option<Message> {
-        match &mut self.rx {
-            Receiving::Swap(rx) => rx.recv().await,
-            Receiving::Mpsc(rx) => rx.recv().await,
+        loop {
+            let message = match &mut self.rx {
+                Receiving::Swap(rx) => rx.recv().await,
+                Receiving::Mpsc(rx) => rx.recv().await,
+            }?;
+            if !self.shown(&message) {
+                return Some(message);
+            }
         }
     }
 
     fn try_recv(&mut self) -> Option<Message> {
-        match &mut self.rx {
-            Receiving::Swap(rx) => rx.try_recv(),
-            Receiving::Mpsc(rx) => rx.try_recv().ok(),
+        loop {
+            let message = match &mut self.rx {
+                Receiving::Swap(rx) => rx.try_recv(),
+                Receiving::Mpsc(rx) => rx.try_recv().ok(),
+            }?;
+            if !self.shown(&message) {
+                return Some(message);
+            }
         }
     }
 

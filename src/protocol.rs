@@ -31,6 +31,7 @@
 //! line.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use triomphe::ThinArc;
 
@@ -50,8 +51,14 @@ pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
 /// allocation). A queue slot holds one handle, and tokio's channels allocate
 /// slots 32 at a time and keep a spare block after a burst, so halving the
 /// handle saves about 500 bytes of every idle connection.
+///
+/// The shared allocation also holds the message's place in the room's
+/// history (`--history`): 0 until [`History`](crate::history::History)
+/// appends it, then its room sequence number, set once before the message
+/// reaches anyone. The `sharded` model needs it to drop a newcomer's live
+/// copies of lines its history block already showed.
 #[derive(Clone)]
-pub struct Message(ThinArc<(), u8>);
+pub struct Message(ThinArc<AtomicU64, u8>);
 
 impl PartialEq for Message {
     fn eq(&self, other: &Message) -> bool {
@@ -102,7 +109,40 @@ impl Message {
     }
 
     fn from_text(text: &str) -> Message {
-        Message(ThinArc::from_header_and_slice((), text.as_bytes()))
+        Message(ThinArc::from_header_and_slice(
+            AtomicU64::new(0),
+            text.as_bytes(),
+        ))
+    }
+
+    /// The message's room sequence number in the history, 0 if it was never
+    /// appended to one.
+    #[inline]
+    pub fn seq(&self) -> u64 {
+        self.0.header.header.load(Ordering::Relaxed)
+    }
+
+    /// Set by the history when it appends the message, before the message
+    /// is handed to anyone (the hand-off to other threads orders it).
+    pub fn set_seq(&self, seq: u64) {
+        self.0.header.header.store(seq, Ordering::Relaxed);
+    }
+
+    /// The message without its first `skip` lines, with the same sequence
+    /// number: what the history keeps of its oldest message when a bound
+    /// cuts into it. A copy of the rest (the one place history copies text).
+    pub fn without_first_lines(&self, skip: usize) -> Message {
+        let bytes = self.as_bytes();
+        let start = match skip.checked_sub(1) {
+            None => 0,
+            Some(last) => memchr::memchr_iter(b'\n', bytes)
+                .nth(last)
+                .map_or(bytes.len(), |newline| newline + 1),
+        };
+        Message(ThinArc::from_header_and_slice(
+            AtomicU64::new(self.seq()),
+            &bytes[start..],
+        ))
     }
 
     /// The bytes to write to the socket, newline included.

@@ -90,14 +90,22 @@ pub async fn run(
         })?),
         None => None,
     };
-    run_with_metrics(listener, metrics_listener, config, shutdown).await
+    let web_listener = match &config.web_addr {
+        Some(addr) => Some(bind(addr).await.map_err(|err| ConfigError::WebListen {
+            addr: addr.clone(),
+            cause: err.to_string(),
+        })?),
+        None => None,
+    };
+    run_with_listeners(listener, metrics_listener, web_listener, config, shutdown).await
 }
 
-/// [`run`] with the metrics listener already bound (the test harness binds
-/// port 0 and needs to know which port it got).
-pub(crate) async fn run_with_metrics(
+/// [`run`] with the metrics and web listeners already bound (the test
+/// harness binds port 0 and needs to know which port it got).
+pub(crate) async fn run_with_listeners(
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    web_listener: Option<TcpListener>,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ConfigError> {
@@ -112,6 +120,7 @@ pub(crate) async fn run_with_metrics(
     let listeners = Listeners {
         chat: listener,
         metrics: metrics_listener,
+        web: web_listener,
         tls,
     };
     #[cfg(feature = "cluster")]
@@ -139,7 +148,24 @@ pub(crate) async fn run_with_metrics(
 struct Listeners {
     chat: TcpListener,
     metrics: Option<TcpListener>,
+    /// `--web-addr`: the browsers' door.
+    web: Option<TcpListener>,
     tls: Option<TlsListener>,
+}
+
+/// Which listener a connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Door {
+    Line,
+    Web,
+}
+
+/// The next connection on the web port; never, without one.
+async fn accept_web(web: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match web {
+        Some(web) => web.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// [`serve`] with the model joined to a room on a broker; after the local
@@ -165,9 +191,11 @@ async fn serve<H: Hub>(
     let Listeners {
         chat: listener,
         metrics: metrics_listener,
+        web: web_listener,
         mut tls,
     } = listeners;
-    let hub = Arc::new(H::new(&config));
+    let history = crate::history::History::new(&config).map(Arc::new);
+    let hub = Arc::new(H::new(&config, history.clone()));
     let stop = CancellationToken::new();
     let gate = config.password.clone().map(crate::password::Gate::new);
     let server = Arc::new(ServerContext {
@@ -175,10 +203,7 @@ async fn serve<H: Hub>(
         force: CancellationToken::new(),
         tracker: TaskTracker::new(),
         flood: FloodLimits::from_config(&config),
-        metrics: Arc::new(match metrics_listener {
-            Some(_) => Metrics::default(),
-            None => Metrics::without_gauges(),
-        }),
+        metrics: Arc::new(Metrics::new(metrics_listener.is_some(), history.clone())),
         gate,
         config,
     });
@@ -198,6 +223,12 @@ async fn serve<H: Hub>(
     }
     #[cfg(not(feature = "metrics"))]
     drop(metrics_listener);
+    #[cfg(feature = "web")]
+    let web = Arc::new(crate::web::Web::new(&server.config));
+    if let Some(addr) = web_listener.as_ref().and_then(|web| web.local_addr().ok()) {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        info!(%addr, "serving the chat page at {scheme}://{addr}/");
+    }
     // SIGHUP rereads the TLS certificate. Watched here, in the accept loop
     // that owns the acceptor, rather than by a task of its own.
     let mut hangups = match &tls {
@@ -206,7 +237,7 @@ async fn serve<H: Hub>(
     };
     let slots = Arc::new(Semaphore::new(server.config.max_clients));
     let addresses = AddressLimits::new(&server.config);
-    let memory_guard = MemoryGuard::new(&server.config);
+    let memory_guard = MemoryGuard::new(&server.config, history);
     let next_id = AtomicU64::new(0);
     let mut backoff = AcceptBackoff::default();
     let mut refusals = Refusals::default();
@@ -220,7 +251,10 @@ async fn serve<H: Hub>(
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept() => accepted.map(|(stream, peer)| (stream, peer, Door::Line)),
+            accepted = accept_web(web_listener.as_ref()) => {
+                accepted.map(|(stream, peer)| (stream, peer, Door::Web))
+            }
             Some(()) = hangup(&mut hangups) => {
                 if let Some(tls) = &mut tls {
                     tls.reload();
@@ -251,7 +285,7 @@ async fn serve<H: Hub>(
                 continue;
             }
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, door) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
                 server.metrics.accept_errors.add(1);
@@ -266,14 +300,14 @@ async fn serve<H: Hub>(
             Some(addresses) => match addresses.admit(peer.ip()) {
                 Some(place) => Some(place),
                 None => {
-                    refusals.refuse(&stream, peer, Limit::Address, &server.metrics);
+                    refusals.refuse(&stream, peer, door, Limit::Address, &server.metrics);
                     continue;
                 }
             },
             None => None,
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.refuse(&stream, peer, Limit::Server, &server.metrics);
+            refusals.refuse(&stream, peer, door, Limit::Server, &server.metrics);
             continue;
         };
         refusals.admitted();
@@ -291,6 +325,12 @@ async fn serve<H: Hub>(
             &stop,
             Some(Admission::new(slot, place)),
         ));
+        #[cfg(feature = "web")]
+        if door == Door::Web {
+            let session = web_session(&hub, stream, peer, tls.as_ref(), &client, &server, &web);
+            spawn_session(&server, memory_guard.as_ref(), &client, session);
+            continue;
+        }
         match &tls {
             None => {
                 let session = session::serve(
@@ -341,6 +381,42 @@ async fn serve<H: Hub>(
     }
     info!("shut down");
     hub
+}
+
+/// A connection of the web port, plain or after its TLS handshake; see
+/// [`crate::web`]. Boxed as its own kind: one future type for both would
+/// reserve the TLS stream's room in every plain connection's task.
+#[cfg(feature = "web")]
+fn web_session<H: Hub>(
+    hub: &Arc<H>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<&TlsListener>,
+    client: &Arc<Client>,
+    server: &Arc<ServerContext>,
+    web: &Arc<crate::web::Web>,
+) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+    let (hub, client, server, web) = (
+        Arc::clone(hub),
+        Arc::clone(client),
+        Arc::clone(server),
+        Arc::clone(web),
+    );
+    match tls {
+        Some(tls) => {
+            // Boxed: the handshake's state is large and must not stay
+            // reserved in the connection's task after it is over.
+            let handshake = Box::pin(tls.handshake(stream, peer, Arc::clone(&server.metrics)));
+            Box::pin(crate::web::serve(hub, handshake, client, server, web))
+        }
+        None => Box::pin(crate::web::serve(
+            hub,
+            std::future::ready(Some(stream)),
+            client,
+            server,
+            web,
+        )),
+    }
 }
 
 #[cfg(unix)]
@@ -468,7 +544,14 @@ enum Limit {
 
 impl Refusals {
     /// Tells the connection why, without waiting for it, and closes it.
-    fn refuse(&mut self, stream: &TcpStream, peer: SocketAddr, limit: Limit, metrics: &Metrics) {
+    fn refuse(
+        &mut self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        door: Door,
+        limit: Limit,
+        metrics: &Metrics,
+    ) {
         let (in_burst, line) = match limit {
             Limit::Server => {
                 metrics.refused(Refusal::ServerFull);
@@ -490,7 +573,13 @@ impl Refusals {
         *in_burst += 1;
         // A fresh socket's send buffer is empty, so one non-blocking write
         // carries the line; if it does not, the client gets a plain close.
-        let _ = stream.try_write(line.as_bytes());
+        match door {
+            Door::Line => drop(stream.try_write(line.as_bytes())),
+            #[cfg(feature = "web")]
+            Door::Web => drop(stream.try_write(&crate::web::refusal(line.as_bytes()))),
+            #[cfg(not(feature = "web"))]
+            Door::Web => {}
+        }
     }
 
     fn admitted(&mut self) {

@@ -45,6 +45,7 @@ use tracing::{debug, info, warn};
 use crate::client::{Client, Kick};
 use crate::config::{Config, SlowClientPolicy};
 use crate::flood::{FloodGate, FloodLimits, Verdict};
+use crate::history::Snapshot;
 use crate::hub::{Hub, Inbox};
 use crate::lobby;
 use crate::memory;
@@ -128,7 +129,20 @@ pub(crate) async fn serve<H: Hub, T: Transport>(
     client.span().in_scope(|| info!("arrived"));
     // The writer starts only now, so by the time the client reads its
     // greeting it is registered and will see everyone's next line.
-    spawn_writer(writer, entered.inbox, entered.hello, &client, &server);
+    let history = entered.history.map(|history| {
+        // Held by the client until written: a newcomer that does not read
+        // its history holds it (`--max-client-memory`).
+        client.set_held_history(history.bytes);
+        Box::new(history)
+    });
+    spawn_writer(
+        writer,
+        entered.inbox,
+        entered.hello,
+        history,
+        &client,
+        &server,
+    );
     let end = read_loop(&*hub, &mut reader, &client, &server).await;
     let (departure, linger_for) = client.span().in_scope(|| conclude(end, &client));
     leave(&*hub, &client, departure).await;
@@ -149,6 +163,7 @@ fn spawn_writer<I: Inbox, W: SessionWrite>(
     writer: W,
     inbox: I,
     hello: Message,
+    history: Option<Box<Snapshot>>,
     client: &Arc<Client>,
     server: &Arc<ServerContext>,
 ) {
@@ -156,6 +171,7 @@ fn spawn_writer<I: Inbox, W: SessionWrite>(
         writer,
         inbox,
         hello,
+        history,
         Arc::clone(client),
         Arc::clone(server),
     ));
@@ -397,6 +413,7 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
     half: W,
     mut inbox: I,
     hello: Message,
+    history: Option<Box<Snapshot>>,
     client: Arc<Client>,
     server: Arc<ServerContext>,
 ) {
@@ -409,7 +426,10 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
         shutting_down: false,
         mid_line: false,
     };
-    let mut result = socket.write_all(hello.as_bytes()).await;
+    let mut result = match history {
+        None => socket.write_all(hello.as_bytes()).await,
+        Some(history) => Box::pin(write_history(&mut socket, &hello, *history)).await,
+    };
     drop(hello);
     let mut batch: Vec<u8> = Vec::new();
     while result.is_ok() {
@@ -492,6 +512,39 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
     server.metrics.unregister(&client);
     // Dropping the write half sends FIN; the socket closes once the reader
     // task has dropped its half too.
+}
+
+/// Writes the greeting and the `--history` block in writes of up to
+/// [`MAX_WRITE`] bytes; then the client no longer holds the block.
+async fn write_history<W: SessionWrite>(
+    socket: &mut SocketWriter<'_, W>,
+    hello: &Message,
+    history: Snapshot,
+) -> Result<(), WriteEnd> {
+    let header = Message::notice(&chat_wire::history_header(history.lines));
+    let end = Message::notice(chat_wire::HISTORY_END);
+    let mut batch =
+        Vec::with_capacity(MAX_WRITE.min(hello.len() + header.len() + history.bytes + end.len()));
+    let mut result = Ok(());
+    let parts = [hello, &header]
+        .into_iter()
+        .chain(&history.messages)
+        .chain([&end]);
+    for part in parts {
+        if !batch.is_empty() && batch.len() + part.len() > MAX_WRITE {
+            result = socket.write_all(&batch).await;
+            batch.clear();
+            if result.is_err() {
+                break;
+            }
+        }
+        batch.extend_from_slice(part.as_bytes());
+    }
+    if result.is_ok() {
+        result = socket.write_all(&batch).await;
+    }
+    socket.client.set_held_history(0);
+    result
 }
 
 /// The write half plus what decides how long a write may wait.

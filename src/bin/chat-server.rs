@@ -81,6 +81,17 @@ struct Args {
     #[arg(long)]
     announce_present: bool,
 
+    /// Show each newcomer the room's last N chat lines (not arrivals or
+    /// departures), in a block `--- history (N) ---` ... `--- end of history ---`
+    /// right after its greeting. 0 (the default) is off: the seed's protocol.
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.history)]
+    history: usize,
+
+    /// The most bytes of formatted lines the history holds, oldest out first;
+    /// counted against --max-client-memory.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULTS.history_bytes)]
+    history_bytes: usize,
+
     /// Join one room with other chat-servers through a NATS JetStream broker:
     /// `nats://[USER:PASSWORD@|TOKEN@]HOST:PORT` (several, comma-separated).
     /// Without it this server is a room of its own and needs no broker.
@@ -138,6 +149,12 @@ struct Args {
     /// may take before it counts as failed and is retried.
     #[arg(long, value_name = "SECS", default_value_t = secs(CLUSTER_DEFAULTS.ack_timeout), requires = "cluster")]
     cluster_ack_timeout: f64,
+
+    /// Copies the broker keeps of the room's stream and names bucket
+    /// (1 to 5). Default: min(3, servers in the broker's NATS cluster), 1
+    /// on a single server; an existing stream with fewer is updated.
+    #[arg(long, value_name = "N", requires = "cluster")]
+    cluster_replicas: Option<usize>,
 
     /// Input budget per client, lines per second (0: no line budget). Over
     /// budget, the server stops reading that client until it is back within.
@@ -202,6 +219,18 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = secs(DEFAULTS.tls_handshake_timeout))]
     tls_handshake_timeout: f64,
 
+    /// Serve the chat page at http://HOST:PORT/ and a WebSocket door into the
+    /// same room at /ws (off by default). With --tls-cert: HTTPS and WSS, the
+    /// same certificate and SIGHUP reload. Browsers share the room, the rules
+    /// and the per-address budget with line clients.
+    #[arg(long, value_name = "HOST:PORT")]
+    web_addr: Option<String>,
+
+    /// A browser origin besides the page's own (e.g. https://chat.example.org)
+    /// whose pages may open /ws; repeat for more. Other origins get 403.
+    #[arg(long, value_name = "ORIGIN", requires = "web_addr")]
+    web_origin: Vec<String>,
+
     /// Room password: the first line of FILE. A client's first line must be
     /// it; a wrong one gets `error: wrong password` and a close, and guesses
     /// from one address are slowed down. Use with TLS off loopback.
@@ -253,6 +282,8 @@ impl Args {
             shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
             names: self.names,
             announce_present: self.announce_present,
+            history: self.history,
+            history_bytes: self.history_bytes,
             cluster: self.cluster_config()?,
             flood_lines: self.flood_lines,
             flood_bytes: self.flood_bytes,
@@ -273,6 +304,8 @@ impl Args {
                 _ => None,
             },
             tls_handshake_timeout: seconds("tls-handshake-timeout", self.tls_handshake_timeout)?,
+            web_addr: self.web_addr.clone(),
+            web_origins: self.web_origin.clone(),
             password: self
                 .password_file
                 .as_ref()
@@ -307,6 +340,7 @@ impl Args {
             node_timeout: seconds("cluster-node-timeout", self.cluster_node_timeout)?,
             reconnect_max: seconds("cluster-reconnect-max", self.cluster_reconnect_max)?,
             ack_timeout: seconds("cluster-ack-timeout", self.cluster_ack_timeout)?,
+            replicas: self.cluster_replicas,
             ..ClusterConfig::new(url)
         }))
     }

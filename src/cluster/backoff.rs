@@ -1,5 +1,6 @@
 //! The one retry policy of the backplane: exponential pauses between tries
-//! of a broker operation, capped at `--cluster-reconnect-max`, and the
+//! of a broker operation, capped at `--cluster-reconnect-max` (at
+//! [`JETSTREAM_RETRY_MAX`] for the publisher's and consumer's calls), and the
 //! logging of an outage (its first failure at `warn`, its end at `info`,
 //! every retry in between at `debug`), so that a broker that is away for an
 //! hour writes two log lines, not thousands.
@@ -8,6 +9,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// The longest pause of the publisher and the consumer between tries of
+/// a JetStream call (their other waits are for the connection itself, in
+/// `connection::until_connected`). Such a call fails while the client is
+/// connected when a stream has no leader (a JetStream cluster electing a
+/// new one after losing a server): each try already waited up to
+/// `--cluster-ack-timeout`, and a longer pause only adds to the silence
+/// after the election. Two tries a second per task cost the broker nothing.
+pub(crate) const JETSTREAM_RETRY_MAX: Duration = Duration::from_millis(500);
 
 /// Pauses that double from `first` up to `max`, and the outage they belong to.
 #[derive(Debug, Clone)]

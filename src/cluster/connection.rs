@@ -2,10 +2,27 @@
 //! creds file, reconnecting forever), the room's subjects and stream, and
 //! the waits the tasks make for a connection.
 //!
+//! **Failover.** `--cluster` may name several servers of one NATS cluster;
+//! the client tries them in turn, learns the others from the servers'
+//! gossip (`connect_urls`), and after losing its server reconnects to any
+//! of them.
+//!
+//! **Replicas.** The room's stream and the names bucket are made with
+//! [`replicas`] copies: `--cluster-replicas`, else min(3, servers in the
+//! cluster). A 2.9 server tells a client no JetStream cluster size, but its
+//! INFO names its cluster and lists every server's client URL
+//! (`connect_urls`, itself included); a server that is not clustered names
+//! none. Where that overcounts (servers without JetStream, a server down at
+//! creation) the broker refuses the create as "insufficient resources" and
+//! [`create_replicated`] asks again with one copy fewer. A stream found
+//! with fewer copies than wanted is reported and updated (2.9 scales a
+//! clustered stream's replicas up and down in place).
+//!
 //! Every call here is one a NATS 2.9 server understands (the client is
 //! built without its `server_2_10`+ features); tests/cluster.rs runs them
 //! against the real server.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::connection::State;
@@ -14,11 +31,11 @@ use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
-use crate::config::ClusterCounters;
+use crate::config::{ClusterConfig, ClusterCounters};
 
 /// A connected (or reconnecting) client and its JetStream context.
 #[derive(Clone)]
@@ -53,6 +70,11 @@ fn connect_options(shared: &Shared, servers: &[ServerAddr]) -> ConnectOptions {
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
+        // JetStream's API calls (stream info, making a consumer) are
+        // requests: bounded like a publish's acknowledgement, not by the
+        // client's 10 s default. While a stream elects a new leader they
+        // go unanswered, and 10 s a try made a failover last 20-30 s.
+        .request_timeout(Some(shared.config.ack_timeout))
         // A silent broker (network cut, not a closed socket) is noticed
         // after two missed pings.
         .ping_interval(Duration::from_secs(5))
@@ -134,16 +156,17 @@ async fn try_connect(shared: &Shared) -> anyhow::Result<NatsClient> {
 }
 
 /// Creates the room's stream if it does not exist (the first node to reach
-/// the broker does; the others find it).
+/// the broker does; the others find it), replicated as [`replicas`] says.
 pub(super) async fn ensure_stream(
     connection: &Connection,
     shared: &Shared,
     names: &Subjects,
 ) -> anyhow::Result<stream::Stream> {
     let config = &shared.config;
-    Ok(connection
-        .jetstream
-        .get_or_create_stream(stream::Config {
+    let wanted = replicas(connection, config);
+    create_replicated(
+        connection,
+        stream::Config {
             name: names.stream.clone(),
             subjects: vec![names.events.clone()],
             storage: stream::StorageType::File,
@@ -152,10 +175,134 @@ pub(super) async fn ensure_stream(
             max_age: config.retention_age,
             max_bytes: i64::try_from(config.retention_bytes).unwrap_or(i64::MAX),
             duplicate_window: config.retention_age.min(Duration::from_secs(120)),
-            num_replicas: 1,
+            num_replicas: wanted,
+            // Only used if this node makes the stream: a stream found keeps
+            // the epoch it was made with (see `epoch_of`).
+            description: Some(format!("{EPOCH_PREFIX}{}", super::wire::new_node_id())),
             ..Default::default()
-        })
-        .await?)
+        },
+    )
+    .await
+}
+
+/// How the room's stream's description carries its epoch: a random id
+/// chosen by the node that made it.
+const EPOCH_PREFIX: &str = "chat-server room stream; epoch ";
+
+/// Which stream this is: its epoch (in the description, part of the
+/// stream's configuration: the same on every server of a JetStream cluster
+/// and after any restart, and new when a node makes the stream again), or,
+/// for a stream made without one, its creation time.
+pub(super) fn epoch_of(info: &stream::Info) -> String {
+    info.config
+        .description
+        .as_deref()
+        .and_then(|description| description.strip_prefix(EPOCH_PREFIX))
+        .map_or_else(
+            || format!("created {}", info.created.unix_timestamp_nanos()),
+            str::to_string,
+        )
+}
+
+/// How many copies of the room's stream and names bucket to ask for:
+/// `--cluster-replicas`, else min(3, servers in the broker's cluster) (see
+/// the module documentation).
+pub(super) fn replicas(connection: &Connection, config: &ClusterConfig) -> usize {
+    if let Some(replicas) = config.replicas {
+        return replicas;
+    }
+    let info = connection.client.server_info();
+    if info.cluster.as_deref().is_none_or(str::is_empty) {
+        return 1;
+    }
+    let servers: HashSet<&str> = info.connect_urls.iter().map(String::as_str).collect();
+    servers.len().clamp(1, MAX_DEFAULT_REPLICAS)
+}
+
+/// Three copies survive the loss of any one server (a quorum of two);
+/// more cost every write another round trip for little.
+const MAX_DEFAULT_REPLICAS: usize = 3;
+
+/// Finds the stream `config` names, or makes it with `config.num_replicas`
+/// copies, fewer if the broker cannot place that many; a stream found with
+/// fewer copies is updated to that many where the broker allows.
+pub(super) async fn create_replicated(
+    connection: &Connection,
+    mut config: stream::Config,
+) -> anyhow::Result<stream::Stream> {
+    let wanted = config.num_replicas.max(1);
+    let mut attempts = 0;
+    let stream = loop {
+        match connection
+            .jetstream
+            .get_or_create_stream(config.clone())
+            .await
+        {
+            Ok(stream) => break stream,
+            // Another node made it between our look and our create (with
+            // another epoch): look again.
+            Err(err) if made_meanwhile(&err) && attempts < 3 => attempts += 1,
+            Err(err) if config.num_replicas > 1 && too_many_replicas(&err) => {
+                warn!(
+                    stream = %config.name,
+                    replicas = config.num_replicas,
+                    cause = %err,
+                    "the broker cannot place this many replicas; asking for one fewer"
+                );
+                config.num_replicas -= 1;
+            }
+            Err(err) => return Err(err.into()),
+        }
+    };
+    let found = stream.cached_info().config.num_replicas.max(1);
+    if found < wanted {
+        warn!(
+            stream = %config.name,
+            found,
+            wanted,
+            "the stream has fewer replicas than wanted; updating it"
+        );
+        let mut more = stream.cached_info().config.clone();
+        more.num_replicas = wanted;
+        match connection.jetstream.update_stream(&more).await {
+            Ok(info) => info!(
+                stream = %config.name,
+                replicas = info.config.num_replicas,
+                "the stream's replicas were updated"
+            ),
+            Err(err) => warn!(
+                stream = %config.name,
+                cause = %err,
+                "the stream's replicas could not be updated; it stays with {found}"
+            ),
+        }
+    }
+    Ok(stream)
+}
+
+/// The broker's answer to creating a stream that exists with another
+/// configuration.
+fn made_meanwhile(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    matches!(err.kind(), CreateStreamErrorKind::JetStream(err)
+        if err.error_code() == ErrorCode::STREAM_NAME_EXIST)
+}
+
+/// The broker's answer to more replicas than it can place: a server that
+/// is not clustered, or a cluster with too few servers up.
+fn too_many_replicas(err: &async_nats::jetstream::context::CreateStreamError) -> bool {
+    use async_nats::jetstream::context::CreateStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match err.kind() {
+        CreateStreamErrorKind::JetStream(err) => [
+            ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED,
+            ErrorCode::INSUFFICIENT_RESOURCES,
+            ErrorCode::CLUSTER_NO_PEERS,
+        ]
+        .contains(&err.error_code()),
+        _ => false,
+    }
 }
 
 /// Waits while the client is not connected, so that nothing is queued in

@@ -2,42 +2,86 @@
 //! the local hub, in stream order.
 //!
 //! It reads from the sequence after the last one it delivered, through an
-//! ephemeral pull consumer; on any error (broker restart, consumer lost,
-//! missed heartbeats) it makes a new consumer from that same sequence. A
-//! stored duplicate (a retry that outlived the de-duplication window) is
-//! skipped by batch number.
+//! ephemeral pull consumer; on any error (broker restart, consumer lost
+//! with the server that held it, missed heartbeats) it makes a new consumer
+//! from that same sequence.
+//!
+//! **Stream identity.** A sequence number means something only in the
+//! stream it was read from. The node that makes the room's stream gives it
+//! a random epoch, in its description ([`epoch_of`]): part of the stream's
+//! configuration, so the same on every server of a JetStream cluster and
+//! after any restart, and new when a broker that lost its store gets the
+//! stream made again. (The stream's `created` time is not enough: a 2.9
+//! server that rejoins a cluster on an empty store reports a new one for
+//! the same stream.) The consumer keeps the epoch with its position
+//! ([`Position`]); facing a stream with another epoch it reads the new one
+//! from its start, whether it is shorter or longer than what it had read,
+//! and counts in `missed` what it knew the old one still held for it (the
+//! last message's `pending`). Facing the same epoch it resumes after what
+//! it delivered, even if the server that answered reports fewer messages
+//! (a replica still catching up).
+//!
+//! It is the one place where membership is announced: each batch and each
+//! verdict of the liveness judge (received between two stream messages) goes
+//! through [`super::roster::Roster`], which decides what local clients are
+//! told, in stream order; a stored duplicate (a retry that outlived the
+//! de-duplication window) is skipped by batch number whatever the node's
+//! state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use futures_util::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::backoff::Backoff;
+use super::backfill;
+use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
 use super::connection::{
-    ensure_stream, until_connected, wait_for_connection, Connection, Subjects,
+    ensure_stream, epoch_of, until_connected, wait_for_connection, Connection, Subjects,
 };
+use super::heartbeats::Verdict;
+use super::roster::{Delivery, Shown, FORGET_AFTER};
 use super::wire;
 use super::Shared;
 use crate::client::Client;
 use crate::config::ClusterCounters;
 use crate::hub::Hub;
 
+/// The consumer's side of the liveness judge.
+pub(super) struct Liveness {
+    /// The judge's verdicts.
+    pub verdicts: mpsc::UnboundedReceiver<Verdict>,
+    /// Nodes that came into view through the stream, for the judge to watch.
+    pub appeared: mpsc::UnboundedSender<String>,
+}
+
 pub(super) async fn consumer<H: Hub>(
     shared: Arc<Shared>,
     hub: Arc<H>,
     ghost: Arc<Client>,
     mut connection: watch::Receiver<Option<Connection>>,
+    mut liveness: Liveness,
 ) {
+    // `--history`: what was said before this node started, read back
+    // before anyone is greeted; the stream is then read from after it.
+    let mut position = Position::default();
+    if let Some((epoch, last)) =
+        backfill::fill(&shared, shared.history.as_ref(), connection.clone()).await
+    {
+        position.stream = Some(epoch);
+        position.delivered = Some(last);
+    }
     let Some(connection) = wait_for_connection(&mut connection, &shared.stop).await else {
         return;
     };
     let names = Subjects::new(&shared.config.room);
-    let mut delivered: Option<u64> = None;
-    let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
+    let mut outage = Backoff::new(
+        Duration::from_millis(20),
+        shared.config.reconnect_max.min(JETSTREAM_RETRY_MAX),
+    );
     loop {
         if !until_connected(&connection.client, &shared.stop).await {
             return;
@@ -48,8 +92,9 @@ pub(super) async fn consumer<H: Hub>(
             &names,
             &*hub,
             &ghost,
-            &mut delivered,
+            &mut position,
             &mut outage,
+            &mut liveness,
         )
         .await
         {
@@ -64,46 +109,102 @@ pub(super) async fn consumer<H: Hub>(
     }
 }
 
-/// Delivers the stream from after `delivered` until an error or stop.
+/// Where this node is in the room's stream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Position {
+    /// The stream read, by its epoch ([`epoch_of`]).
+    stream: Option<String>,
+    /// The last sequence delivered to the local hub (`None`: nothing read
+    /// yet, this node joins the room as it is now).
+    delivered: Option<u64>,
+    /// Messages the stream held for us after `delivered`, as last known:
+    /// what a lost stream took with it, at least.
+    pending: u64,
+    /// The last `delivered` after which a consumer skipped sequences and
+    /// was made again (see [`consume`]): a second skip there is counted.
+    skipped_after: Option<u64>,
+}
+
+/// Where to start reading the stream of epoch `epoch` that holds
+/// `first..=last`, and how many messages before that start are lost to us.
+#[derive(Debug, PartialEq, Eq)]
+struct Resume {
+    start: u64,
+    missed: u64,
+    /// The stream is not the one we were reading.
+    remade: bool,
+}
+
+fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
+    let first = first.max(1);
+    let Some(delivered) = position.delivered else {
+        return Resume {
+            start: last + 1,
+            missed: 0,
+            remade: false,
+        };
+    };
+    if position.stream.as_deref() != Some(epoch) {
+        return Resume {
+            start: first,
+            missed: position.pending,
+            remade: true,
+        };
+    }
+    Resume {
+        start: (delivered + 1).max(first),
+        // Expired (--cluster-retention) before we read them.
+        missed: first.saturating_sub(delivered + 1),
+        remade: false,
+    }
+}
+
+/// Delivers the stream from after `position` until an error or stop.
+// Each argument is a different owner's (the task's state, the broker's,
+// the hub's, the judge's); bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn consume<H: Hub>(
     connection: &Connection,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     names: &Subjects,
     hub: &H,
     ghost: &Arc<Client>,
-    delivered: &mut Option<u64>,
+    position: &mut Position,
     outage: &mut Backoff,
+    liveness: &mut Liveness,
 ) -> anyhow::Result<()> {
     let mut stream = ensure_stream(connection, shared, names).await?;
-    let state = stream.info().await?.state.clone();
-    let start = match *delivered {
-        // A new node joins the room as it is now: no history.
-        None => state.last_sequence + 1,
-        Some(last) if state.last_sequence < last => {
-            // The stream is younger than what we delivered: it was lost
-            // (memory storage, or deleted) and made again.
-            warn!(
-                delivered = last,
-                stream_last = state.last_sequence,
-                "the room's stream was recreated; reading it from its start"
-            );
-            state.first_sequence.max(1)
-        }
-        Some(last) => {
-            if state.first_sequence > last + 1 {
-                let missed = state.first_sequence - (last + 1);
-                warn!(
-                    missed,
-                    "events expired from the stream (--cluster-retention) before this node read them"
-                );
-                ClusterCounters::add(&shared.counters().missed, missed);
-            }
-            (last + 1).max(state.first_sequence)
-        }
-    };
-    if delivered.is_none() || start <= delivered.unwrap_or(0) {
-        *delivered = Some(start - 1);
+    let info = stream.info().await?;
+    let epoch = epoch_of(info);
+    let state = info.state.clone();
+    let Resume {
+        start,
+        missed,
+        remade,
+    } = resume(position, &epoch, state.first_sequence, state.last_sequence);
+    if remade {
+        warn!(
+            delivered = position.delivered.unwrap_or(0),
+            stream_last = state.last_sequence,
+            missed,
+            "the room's stream is not the one this node was reading (the broker lost it and \
+             it was made again): reading the new one from its start; `missed` counts what \
+             the old one still held for this node, as far as it knew"
+        );
+        ClusterCounters::add(&shared.counters().streams_remade, 1);
+    } else if missed > 0 {
+        warn!(
+            missed,
+            "events expired from the stream (--cluster-retention) before this node read them"
+        );
     }
+    ClusterCounters::add(&shared.counters().missed, missed);
+    *position = Position {
+        stream: Some(epoch),
+        delivered: Some(start - 1),
+        pending: state.last_sequence.saturating_sub(start - 1),
+        skipped_after: position.skipped_after.filter(|_| !remade),
+    };
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -126,9 +227,19 @@ async fn consume<H: Hub>(
         .messages()
         .await?;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
+    let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             () = shared.stop.cancelled() => return Ok(()),
+            Some(Verdict::Dead(node)) = liveness.verdicts.recv() => {
+                judged_dead(shared, hub, ghost, &node).await;
+                continue;
+            }
+            _ = tidy.tick() => {
+                shared.roster.lock().expire(Instant::now(), FORGET_AFTER);
+                continue;
+            }
             next = messages.next() => next,
         };
         let message = match next {
@@ -144,15 +255,48 @@ async fn consume<H: Hub>(
                     info.pending,
                     info.published.unix_timestamp_nanos(),
                 );
+                position.pending = info.pending;
                 info.stream_sequence
             }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
-        if sequence <= delivered.unwrap_or(0) {
+        let last = position.delivered.unwrap_or(0);
+        if sequence <= last {
             continue;
         }
-        *delivered = Some(sequence);
-        deliver(shared, hub, ghost, &message.subject, &message.payload).await;
+        // The stream holds only the room's events and loses messages only
+        // from its front (retention), so its sequences are dense: a jump
+        // is a message this consumer did not get. Seen after a JetStream
+        // server rejoined on an empty store, and after a partition (with
+        // no acks the broker counts what it sent into a silently cut
+        // connection as delivered). A new consumer from the same place
+        // gets it if the stream has it; if it skips it again, it is gone
+        // (retention passed it meanwhile), counted and logged.
+        if sequence > last + 1 {
+            let skipped = sequence - last - 1;
+            if position.skipped_after != Some(last) {
+                position.skipped_after = Some(last);
+                anyhow::bail!(
+                    "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
+                );
+            }
+            warn!(
+                skipped,
+                after = last,
+                "the room's stream no longer has these messages; counted as missed"
+            );
+            ClusterCounters::add(&shared.counters().missed, skipped);
+        }
+        position.delivered = Some(sequence);
+        deliver(
+            shared,
+            hub,
+            ghost,
+            liveness,
+            &message.subject,
+            &message.payload,
+        )
+        .await;
     }
 }
 
@@ -172,11 +316,12 @@ fn show_lag(counters: &ClusterCounters, pending: u64, stored_nanos: i128) {
     );
 }
 
-/// Checks one stored batch and hands its events to the local hub.
+/// Checks one stored batch and hands what it means to local clients.
 async fn deliver<H: Hub>(
     shared: &Shared,
     hub: &H,
     ghost: &Arc<Client>,
+    liveness: &Liveness,
     subject: &str,
     payload: &[u8],
 ) {
@@ -196,17 +341,120 @@ async fn deliver<H: Hub>(
         // Our own clients had these at once (local-first).
         return;
     }
-    if !shared
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared
         .roster
         .lock()
-        .fresh_batch(&node, batch, Instant::now())
-    {
+        .batch(&node, batch, events, Instant::now());
+    if delivery.duplicate {
         debug!(%node, batch, "skipped a batch stored twice");
         return;
     }
-    ClusterCounters::add(&shared.counters().received, 1);
-    for event in events {
-        shared.roster.lock().apply(&node, &event);
-        hub.broadcast(ghost, &event.message).await;
+    ClusterCounters::add(&shared.counters().received, delivery.batches);
+    if delivery.appeared {
+        let _ = liveness.appeared.send(node);
+    }
+    if delivery.missed > 0 {
+        warn!(
+            missed = delivery.missed,
+            "events of another node could not be shown in order (a gap before its roster)"
+        );
+        ClusterCounters::add(&shared.counters().missed, delivery.missed);
+    }
+    hand_over(hub, ghost, &delivery).await;
+}
+
+/// The judge found `node` silent: its clients in view are gone.
+async fn judged_dead<H: Hub>(shared: &Arc<Shared>, hub: &H, ghost: &Arc<Client>, node: &str) {
+    let _presence = match &shared.presence {
+        Some(presence) => Some(presence.lock().await),
+        None => None,
+    };
+    let delivery = shared.roster.lock().dead(node, Instant::now());
+    if delivery.messages.is_empty() {
+        return;
+    }
+    ClusterCounters::add(&shared.counters().dead_nodes, 1);
+    hand_over(hub, ghost, &delivery).await;
+    if shared.names_on {
+        super::names::free_dead(shared, vec![node.to_string()], delivery.departed);
+    }
+}
+
+async fn hand_over<H: Hub>(hub: &H, ghost: &Arc<Client>, delivery: &Delivery) {
+    // Lines are history; arrivals and departures are not.
+    for shown in &delivery.messages {
+        match shown {
+            Shown::Line(message) => hub.broadcast(ghost, message).await,
+            Shown::Membership(message) => hub.relay(ghost, message).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OLD: &str = "1111";
+    const NEW: &str = "2222";
+
+    fn at(delivered: u64, pending: u64) -> Position {
+        Position {
+            stream: Some(OLD.to_string()),
+            delivered: Some(delivered),
+            pending,
+            skipped_after: None,
+        }
+    }
+
+    #[test]
+    fn a_new_node_starts_after_the_end() {
+        let resume = resume(&Position::default(), OLD, 1, 40);
+        assert_eq!(
+            resume,
+            Resume {
+                start: 41,
+                missed: 0,
+                remade: false
+            }
+        );
+    }
+
+    /// Also when the server that answered is a replica still catching up
+    /// and reports fewer messages than were delivered.
+    #[test]
+    fn the_same_stream_resumes_after_what_was_delivered() {
+        assert_eq!(resume(&at(30, 5), OLD, 1, 40).start, 31);
+        assert_eq!(resume(&at(30, 5), OLD, 1, 30).start, 31);
+        let behind = resume(&at(30, 5), OLD, 0, 0);
+        assert_eq!((behind.start, behind.missed, behind.remade), (31, 0, false));
+    }
+
+    #[test]
+    fn expired_events_are_missed() {
+        let resume = resume(&at(30, 5), OLD, 36, 50);
+        assert_eq!((resume.start, resume.missed, resume.remade), (36, 5, false));
+    }
+
+    /// The broker lost its store and another node made the stream again:
+    /// longer than what we had read (the case that used to skip its start)
+    /// or shorter, it is read from its start.
+    #[test]
+    fn a_remade_stream_is_read_from_its_start() {
+        for last in [0, 3, 30, 31, 500] {
+            let resume = resume(&at(30, 7), NEW, 1, last);
+            assert_eq!(
+                resume,
+                Resume {
+                    start: 1,
+                    missed: 7,
+                    remade: true
+                },
+                "new stream of {last}"
+            );
+        }
     }
 }

@@ -20,36 +20,49 @@
 //! room-wide in the broker's key-value bucket ([`names`]), then joins the
 //! local hub; a leave frees it before the departure is published. Under
 //! `--announce-present` a newcomer's list is the model's list of this
-//! node's clients (with the model's guarantee) followed by the other live
-//! nodes' clients from [`Roster`], sorted. That remote part is eventually
-//! consistent: an arrival or departure on another node not yet delivered
-//! here may be missing or still listed (and is announced when it is
-//! delivered); once the stream has delivered it, the list is right.
+//! node's clients (with the model's guarantee) followed by the other
+//! nodes' clients as this node's clients have been told of them
+//! ([`Roster`]). The consumer's change of that view and its announcement,
+//! and a join's local join and copy of the view, hold one lock
+//! (`Shared::presence`, taken only under `--announce-present`), so every
+//! client's view (its list, plus the arrivals, minus the departures it
+//! hears) holds the sender of every line it receives, and it never hears
+//! of an arrival already in it or a departure not in it.
+//!
+//! **Membership in stream order.** Every arrival, departure, roster and
+//! leaving of a node is an event in its queue, numbered with its lines;
+//! the consumer alone turns them, and the liveness judge's verdicts, into
+//! announcements ([`roster`]). A node that returns from a partition is
+//! announced by its first batch, before its backlog.
 //!
 //! **Ownership.** [`Shared`] holds this node's outgoing queue (bounded in
-//! bytes, oldest dropped first), its own roster (for heartbeats) and the
-//! roster of remote nodes (for announcing a dead node's clients and for
-//! presence lists) and the book of this node's names; each behind its own
-//! short `parking_lot` mutex, never held across an `.await`.
+//! bytes, oldest dropped first) with its own clients, the roster of remote
+//! nodes (written by the consumer, read by joins and the judge) and the
+//! book of this node's names; each behind its own short `parking_lot`
+//! mutex, never held across an `.await`, so the judge's thread may take
+//! them too.
 //! The broker side is one file per concern: [`connection`] (the NATS
 //! client, the room's subjects and stream), [`publisher`] (this node's
 //! events to the stream), [`consumer`] (the stream to the local hub),
-//! [`heartbeats`] (liveness), [`roster`] (who is on the other nodes) and
+//! [`heartbeats`] (liveness, on a thread of its own), [`roster`] (who is
+//! on the other nodes) and
 //! [`backoff`] (the one retry policy); the wire format and its checks are
 //! in [`wire`].
 //!
-//! **Tasks.** Three of ours (publisher, consumer, heartbeats) plus the
-//! NATS client's four (connection, event log, JetStream acker, the pull
-//! consumer's request loop): a clustered node runs the model's tasks plus
+//! **Tasks.** Two of ours (publisher, consumer) plus the NATS client's
+//! four (connection, event log, JetStream acker, the pull consumer's
+//! request loop): a clustered node runs the model's tasks plus
 //! [`ClusterConfig::EXTRA_TASKS`]; under `--names`, plus one short-lived
 //! task per name whose delete is being retried or dead node being tidied.
+//! The liveness judge is one more OS thread with its own runtime and
+//! NATS connection (not counted there).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +74,7 @@ use crate::hub::{Hub, Joined, Refused};
 use crate::protocol::Message;
 use tokio::sync::watch;
 
+mod backfill;
 mod backoff;
 mod connection;
 mod consumer;
@@ -78,26 +92,39 @@ pub struct Clustered<H: Hub> {
     inner: Arc<H>,
     shared: Option<Arc<Shared>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    judge: Mutex<Option<heartbeats::Judge>>,
+}
+
+impl<H: Hub> Drop for Clustered<H> {
+    fn drop(&mut self) {
+        // Without `close` (a test's runtime ending): the judge's thread
+        // ends by itself.
+        if let Some(shared) = &self.shared {
+            shared.stop.cancel();
+        }
+    }
 }
 
 impl<H: Hub> Hub for Clustered<H> {
     type Inbox = H::Inbox;
 
-    fn new(config: &Config) -> Self {
-        let inner = Arc::new(H::new(config));
+    fn new(config: &Config, history: Option<Arc<crate::history::History>>) -> Self {
+        let inner = Arc::new(H::new(config, history.clone()));
         let Some(cluster) = &config.cluster else {
             return Clustered {
                 inner,
                 shared: None,
                 tasks: Mutex::default(),
+                judge: Mutex::default(),
             };
         };
-        let shared = Arc::new(Shared::new(cluster.clone(), config));
-        let tasks = start(Arc::clone(&shared), Arc::clone(&inner), config);
+        let shared = Arc::new(Shared::new(cluster.clone(), config, history));
+        let (tasks, judge) = start(Arc::clone(&shared), Arc::clone(&inner), config);
         Clustered {
             inner,
             shared: Some(shared),
             tasks: Mutex::new(tasks),
+            judge: Mutex::new(judge),
         }
     }
 
@@ -109,11 +136,20 @@ impl<H: Hub> Hub for Clustered<H> {
         let Some(shared) = &self.shared else {
             return self.inner.join(client, arrival).await;
         };
+        // Under `--history`, nobody is greeted before the node's history
+        // is filled from the stream (bounded: see `backfill`).
+        shared.history_filled.wait().await;
         // The room-wide claim comes first: an arrival, once announced,
         // cannot be taken back; a claim can (names.rs).
         if shared.names_on {
             names::claim(shared, &client.who).await?;
         }
+        // Atomic with the consumer's announcements: the newcomer's list and
+        // what it hears next are one consistent view.
+        let _presence = match &shared.presence {
+            Some(presence) => Some(presence.lock().await),
+            None => None,
+        };
         let mut joined = match self.inner.join(client, arrival).await {
             Ok(joined) => joined,
             Err(refused) => {
@@ -125,11 +161,15 @@ impl<H: Hub> Hub for Clustered<H> {
         };
         if shared.present_on {
             // The local part is the model's exact list; the other nodes'
-            // clients are as the stream and heartbeats have told us so far.
+            // clients are as the consumer has announced them so far.
             joined.present.extend(shared.roster.lock().clients());
         }
         shared.joined(client);
         Ok(joined)
+    }
+
+    async fn relay(&self, from: &Arc<Client>, message: &Message) {
+        self.inner.relay(from, message).await;
     }
 
     async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
@@ -160,6 +200,8 @@ impl<H: Hub> Clustered<H> {
     /// broker, then stops the backplane's tasks.
     pub async fn close(&self, grace: Duration) {
         let Some(shared) = &self.shared else { return };
+        // After every departure: the others forget this node at once.
+        shared.push(|_, seq| Event::Leaving { seq });
         let deadline = Instant::now() + grace;
         loop {
             let pending = shared.pending_events();
@@ -183,11 +225,20 @@ impl<H: Hub> Clustered<H> {
         for task in tasks {
             let _ = task.await;
         }
+        let judge = self.judge.lock().take();
+        if let Some(judge) = judge {
+            // It ends within a tick of `stop`; joined off the runtime.
+            let _ = tokio::task::spawn_blocking(move || judge.join()).await;
+        }
     }
 }
 
-/// Starts the publisher, the consumer and the heartbeat task.
-fn start<H: Hub>(shared: Arc<Shared>, hub: Arc<H>, config: &Config) -> Vec<JoinHandle<()>> {
+/// Starts the publisher and the consumer tasks, and the judge's thread.
+fn start<H: Hub>(
+    shared: Arc<Shared>,
+    hub: Arc<H>,
+    config: &Config,
+) -> (Vec<JoinHandle<()>>, Option<heartbeats::Judge>) {
     // Remote lines enter the local hub as if said by one more participant.
     // It never joins, so no model sends it anything; it only stands for
     // "the rest of the room" where the hub wants a sender.
@@ -200,16 +251,29 @@ fn start<H: Hub>(shared: Arc<Shared>, hub: Arc<H>, config: &Config) -> Vec<JoinH
     ));
     let (connected, connection) = watch::channel(None);
     info!(node = %shared.node, room = %shared.config.room, "joining the room through the broker");
-    vec![
+    let (verdicts, verdicts_heard) = mpsc::unbounded_channel();
+    let (appeared, appearances) = mpsc::unbounded_channel();
+    let judge = match heartbeats::Judge::start(Arc::clone(&shared), verdicts, appearances) {
+        Ok(judge) => Some(judge),
+        Err(err) => {
+            warn!(cause = %err, "cannot start the liveness thread; dead nodes will not be noticed");
+            None
+        }
+    };
+    let tasks = vec![
         tokio::spawn(publisher::publisher(Arc::clone(&shared), connected)),
         tokio::spawn(consumer::consumer(
-            Arc::clone(&shared),
-            Arc::clone(&hub),
-            Arc::clone(&ghost),
-            connection.clone(),
+            shared,
+            hub,
+            ghost,
+            connection,
+            consumer::Liveness {
+                verdicts: verdicts_heard,
+                appeared,
+            },
         )),
-        tokio::spawn(heartbeats::heartbeats(shared, hub, ghost, connection)),
-    ]
+    ];
+    (tasks, judge)
 }
 
 /// What the hub wrapper and the broker tasks share.
@@ -222,6 +286,10 @@ pub(crate) struct Shared {
     /// Signalled after each published batch (shutdown waits on it).
     pub published: Notify,
     pub roster: Mutex<Roster>,
+    /// `--announce-present`: held by the consumer across a view change and
+    /// its announcement, and by a join across its local join and its copy
+    /// of the view (so the two never interleave).
+    pub presence: Option<tokio::sync::Mutex<()>>,
     pub garbage: Mutex<GarbageLog>,
     pub stop: CancellationToken,
     /// `--names`: names are claimed room-wide, in [`names`].
@@ -231,6 +299,10 @@ pub(crate) struct Shared {
     pub names: names::NameBook,
     /// The broker connection, once the publisher has made it.
     pub connection: std::sync::OnceLock<connection::Connection>,
+    /// `--history`: the room's last lines, which the consumer fills from
+    /// the stream before the first join ([`backfill`]).
+    pub history: Option<Arc<crate::history::History>>,
+    pub history_filled: backfill::Filled,
     /// Since when this node has been connected and hearing heartbeats
     /// (`None` while it is not): a node never heard of for longer than
     /// `node_timeout` of that is dead.
@@ -238,8 +310,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn new(config: ClusterConfig, server: &Config) -> Shared {
-        Shared {
+    fn new(
+        config: ClusterConfig,
+        server: &Config,
+        history: Option<Arc<crate::history::History>>,
+    ) -> Shared {
+        let shared = Shared {
+            history_filled: backfill::Filled::new(history.is_some()),
+            history,
             node: wire::new_node_id(),
             names_on: server.names,
             present_on: server.announce_present,
@@ -251,9 +329,17 @@ impl Shared {
             queued: Notify::new(),
             published: Notify::new(),
             roster: Mutex::default(),
+            presence: server.announce_present.then(|| tokio::sync::Mutex::new(())),
             garbage: Mutex::default(),
             stop: CancellationToken::new(),
-        }
+        };
+        // A node's first event is its (empty) roster: whoever reads it
+        // knows all its clients from then on, without asking.
+        shared.push(|_, seq| Event::Roster {
+            seq,
+            clients: Vec::new(),
+        });
+        shared
     }
 
     pub fn counters(&self) -> &ClusterCounters {
@@ -302,7 +388,10 @@ impl Shared {
         while outgoing.bytes > self.config.buffer_bytes && outgoing.queue.len() > 1 {
             if let Some(oldest) = outgoing.queue.pop_front() {
                 outgoing.bytes -= oldest.weight();
-                dropped += 1;
+                // Membership bookkeeping is made again (roster_due below);
+                // only what was said or done is lost.
+                dropped += u64::from(oldest.is_chat());
+                outgoing.roster_due = true;
             }
         }
         if dropped > 0 {
@@ -337,6 +426,7 @@ impl Shared {
         }
         outgoing.bytes -= bytes;
         outgoing.in_flight = events.len();
+        outgoing.in_flight_chat = events.iter().filter(|event| event.is_chat()).count() as u64;
         outgoing.in_flight_bytes = bytes;
         self.show_buffered(&outgoing);
         if outgoing.queue.is_empty() && outgoing.dropping > 0 {
@@ -347,6 +437,16 @@ impl Shared {
             outgoing.dropping = 0;
         }
         events
+    }
+
+    /// The batch taken last is stored: counted if it carried anything said
+    /// or done (a batch of membership bookkeeping alone is not).
+    pub fn count_published(&self) {
+        let events = self.outgoing.lock().in_flight_chat;
+        if events > 0 {
+            ClusterCounters::add(&self.counters().published, 1);
+            ClusterCounters::add(&self.counters().events_published, events);
+        }
     }
 
     /// The batch taken last is stored (or given up).
@@ -379,13 +479,31 @@ impl Shared {
         outgoing.queue.len() + outgoing.in_flight
     }
 
-    /// This node's clients and the event number they are current as of.
-    pub fn snapshot(&self) -> (u64, Vec<Arc<str>>) {
+    /// This node's last event number and how many clients it has: what a
+    /// heartbeat says.
+    pub fn counts(&self) -> (u64, u64) {
         let outgoing = self.outgoing.lock();
-        (
-            outgoing.last_seq,
-            outgoing.clients.values().cloned().collect(),
-        )
+        (outgoing.last_seq, outgoing.clients.len() as u64)
+    }
+
+    /// Another node asked for our roster (or we dropped events, or a
+    /// batch): the judge queues it at its next tick.
+    pub fn roster_due(&self) {
+        self.outgoing.lock().roster_due = true;
+    }
+
+    /// Queues this node's roster as an event if one is due; true if it did.
+    pub fn push_roster_if_due(&self) -> bool {
+        if !self.outgoing.lock().roster_due {
+            return false;
+        }
+        self.push(|outgoing, seq| {
+            outgoing.roster_due = false;
+            let mut clients: Vec<Arc<str>> = outgoing.clients.values().cloned().collect();
+            clients.sort();
+            Event::Roster { seq, clients }
+        });
+        true
     }
 
     /// Counts a message that failed [`wire`]'s checks; logs the first of a burst.
@@ -424,9 +542,13 @@ pub(crate) struct Outgoing {
     in_flight: usize,
     /// ... and their weight.
     in_flight_bytes: usize,
+    /// ... and how many of them are chat events ([`Event::is_chat`]).
+    in_flight_chat: u64,
     /// Dropped since the queue was last empty.
     dropping: u64,
     clients: HashMap<ClientId, Arc<str>>,
+    /// A [`Event::Roster`] should be queued (see [`Shared::roster_due`]).
+    roster_due: bool,
 }
 
 #[derive(Default)]

@@ -46,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
+use super::connection;
 use super::Shared;
 use crate::hub::Refused;
 
@@ -319,24 +320,30 @@ async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
     // The bucket's stream is made here, as a KV bucket's stream, rather
     // than with `create_key_value`: that asks for the account's info first,
     // and async-nats 0.46 cannot parse a 2.9 server's answer.
+    // Replicated as the room's stream is (connection.rs), so that names
+    // stay unique while one server of a JetStream cluster is down.
+    let replicas = connection::replicas(connection, &shared.config);
     let made = timeout(
         bound,
-        jetstream.get_or_create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            description: Some("chat-server --names: which node holds each name".into()),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            // Only the holder matters, not who held it before.
-            max_messages_per_subject: 1,
-            max_bytes: 64 << 20,
-            max_message_size: 1024,
-            storage: stream::StorageType::File,
-            num_replicas: 1,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            ..Default::default()
-        }),
+        connection::create_replicated(
+            connection,
+            stream::Config {
+                name: format!("KV_{bucket}"),
+                description: Some("chat-server --names: which node holds each name".into()),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                // Only the holder matters, not who held it before.
+                max_messages_per_subject: 1,
+                max_bytes: 64 << 20,
+                max_message_size: 1024,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            },
+        ),
     )
     .await;
     match made {

@@ -16,7 +16,7 @@ use async_nats::jetstream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
 use super::connection::{connect, ensure_stream, until_connected, Connection, Subjects};
 use super::wire::{self, Batch};
 use super::Shared;
@@ -31,7 +31,10 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
     let names = Subjects::new(&shared.config.room);
     let mut batch_number = 0;
     let mut in_flight: Option<(String, bytes::Bytes)> = None;
-    let mut outage = Backoff::new(Duration::from_millis(20), shared.config.reconnect_max);
+    let mut outage = Backoff::new(
+        Duration::from_millis(20),
+        shared.config.reconnect_max.min(JETSTREAM_RETRY_MAX),
+    );
     let mut stream_ready = false;
     loop {
         if in_flight.is_none() {
@@ -59,7 +62,10 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                         bytes = payload.len(),
                         "an event too large for the broker was dropped"
                     );
-                    ClusterCounters::add(&shared.counters().dropped, batch.events.len() as u64);
+                    let chat = batch.events.iter().filter(|event| event.is_chat()).count();
+                    ClusterCounters::add(&shared.counters().dropped, chat as u64);
+                    // The others miss these events: our roster follows.
+                    shared.roster_due();
                     shared.batch_done();
                     continue;
                 }
@@ -105,9 +111,7 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                 if ack.duplicate {
                     debug!(%id, "batch was already stored");
                 }
-                let events = shared.outgoing.lock().in_flight as u64;
-                ClusterCounters::add(&shared.counters().published, 1);
-                ClusterCounters::add(&shared.counters().events_published, events);
+                shared.count_published();
                 in_flight = None;
                 shared.batch_done();
             }

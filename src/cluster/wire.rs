@@ -1,11 +1,16 @@
 //! What nodes say to each other through the broker, and the checks every
 //! message from the broker passes before a client sees anything of it.
 //!
-//! Two kinds of broker message, both JSON with a version number:
+//! Three kinds of broker message, the first two JSON with a version number:
 //! - a [`Batch`] on the room's stream: one node's events (arrivals, one
-//!   read's worth of lines each, departures) in the order it made them;
-//! - a [`Heartbeat`] on plain NATS (not stored): "node X is alive, these
-//!   are its clients as of its event number N".
+//!   read's worth of lines each, departures, its whole client list as a
+//!   [`Event::Roster`] when another node asks for it, and its leaving) in
+//!   the order it made them, each numbered by the node;
+//! - a [`Heartbeat`] on plain NATS (not stored): "node X is alive, its last
+//!   event is number N and it has C clients", a few dozen bytes whatever
+//!   C is: the list itself travels only in the stream, when it changes;
+//! - a sync request on plain NATS (`chat.<room>.sync.<node>`, any payload,
+//!   never read): "node X, put your roster on the stream".
 //!
 //! Nothing from the broker is trusted: another version, a hand-published
 //! message or a buggy node could send anything. [`decode_batch`] turns a
@@ -24,7 +29,7 @@ use crate::protocol::{check_name, ChatBatch, Message};
 
 /// Bumped on any change a node of the previous version would misread;
 /// messages of another version count as garbage.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The largest broker message we publish or accept. NATS's default
 /// `max_payload` is 1 MiB; staying under it leaves room for headers.
@@ -48,14 +53,38 @@ pub enum Event {
     },
     /// `who has left` (also sent when the node shuts down).
     Left { seq: u64, who: Arc<str> },
+    /// Every client of the node as of this event (its event number `seq`
+    /// included): sent when another node asks (it heard of this node but
+    /// not its clients), when this node dropped events from a full
+    /// `--cluster-buffer` (the others' copy is then wrong), and as a node's
+    /// first event.
+    Roster { seq: u64, clients: Vec<Arc<str>> },
+    /// The node is shutting down: its departures came before this, and
+    /// nothing follows. The others forget it instead of waiting for its
+    /// silence.
+    Leaving { seq: u64 },
 }
 
 impl Event {
+    /// Whether the event is something said or done in the room (an
+    /// arrival, lines, a departure), which the counters count, rather than
+    /// the bookkeeping of membership (a roster, a leaving).
+    pub fn is_chat(&self) -> bool {
+        matches!(
+            self,
+            Event::Arrived { .. } | Event::Lines { .. } | Event::Left { .. }
+        )
+    }
+
     /// Bytes the event takes in a buffer, roughly as it goes on the wire.
     pub fn weight(&self) -> usize {
         match self {
             Event::Arrived { who, .. } | Event::Left { who, .. } => 48 + who.len(),
             Event::Lines { who, text, .. } => 48 + who.len() + text.len(),
+            Event::Roster { clients, .. } => {
+                48 + clients.iter().map(|who| who.len() + 3).sum::<usize>()
+            }
+            Event::Leaving { .. } => 32,
         }
     }
 }
@@ -78,22 +107,28 @@ impl Batch {
     }
 }
 
-/// A node's liveness message (plain NATS, not stored).
+/// A node's liveness message (plain NATS, not stored): a few dozen bytes
+/// however many clients the node has (at most [`HEARTBEAT_MAX`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     pub v: u32,
     pub node: String,
-    /// The last event number the roster below includes.
+    /// The node's last event number.
     pub seq: u64,
-    /// The node's clients. Absent in a node's last heartbeat ("leaving").
-    pub clients: Option<Vec<Arc<str>>>,
+    /// How many clients it has (for the operator and the logs; the list is
+    /// on the stream).
+    pub clients: u64,
 }
+
+/// The largest heartbeat: every field at its widest (a 16-digit node id,
+/// two `u64`s of 20 digits) and JSON's punctuation.
+pub const HEARTBEAT_MAX: usize = 96;
 
 /// Why a broker message was dropped.
 #[derive(Debug, thiserror::Error)]
 pub enum Garbage {
-    #[error("{0} bytes, over the {MAX_PAYLOAD}-byte limit")]
+    #[error("{0} bytes, over the limit for its kind")]
     TooLarge(usize),
     #[error("does not decode: {0}")]
     Undecodable(#[from] serde_json::Error),
@@ -115,21 +150,22 @@ pub struct Decoded {
     pub events: Vec<Checked>,
 }
 
-/// An event checked and turned into what local clients are sent.
-#[derive(Debug)]
+/// An event that passed every check, with its node's number for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
     pub seq: u64,
-    pub who: Arc<str>,
     pub change: Change,
-    pub message: Message,
 }
 
-/// What an event changes in the node's roster of the room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a checked event is: the lines as local clients are sent them, the
+/// rest as changes to the node's roster (announced by [`super::roster`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Arrived,
-    Left,
-    None,
+    Arrived(Arc<str>),
+    Left(Arc<str>),
+    Lines(Arc<str>, Message),
+    Roster(Vec<Arc<str>>),
+    Leaving,
 }
 
 /// Node ids are what [`new_node_id`] makes: 16 hex digits.
@@ -168,14 +204,23 @@ pub fn decode_batch(payload: &[u8]) -> Result<Decoded, Garbage> {
 }
 
 fn check(event: Event) -> Result<Checked, Garbage> {
-    let (seq, who, change, message) = match event {
-        Event::Arrived { seq, who } => {
-            let message = Message::arrived(&who);
-            (seq, who, Change::Arrived, message)
+    let (seq, who, change) = match event {
+        Event::Arrived { seq, who } => (seq, Arc::clone(&who), Change::Arrived(who)),
+        Event::Left { seq, who } => (seq, Arc::clone(&who), Change::Left(who)),
+        Event::Roster { seq, clients } => {
+            if !clients.iter().all(|who| valid_who(who)) {
+                return Err(Garbage::Who);
+            }
+            return Ok(Checked {
+                seq,
+                change: Change::Roster(clients),
+            });
         }
-        Event::Left { seq, who } => {
-            let message = Message::left(&who);
-            (seq, who, Change::Left, message)
+        Event::Leaving { seq } => {
+            return Ok(Checked {
+                seq,
+                change: Change::Leaving,
+            })
         }
         Event::Lines { seq, who, text } => {
             if !valid_who(&who) {
@@ -188,23 +233,18 @@ fn check(event: Event) -> Result<Checked, Garbage> {
                 batch.push(&who, body.as_bytes());
             }
             let message = batch.take().ok_or(Garbage::Prefix)?;
-            (seq, who, Change::None, message)
+            (seq, Arc::clone(&who), Change::Lines(who, message))
         }
     };
     if !valid_who(&who) {
         return Err(Garbage::Who);
     }
-    Ok(Checked {
-        seq,
-        who,
-        change,
-        message,
-    })
+    Ok(Checked { seq, change })
 }
 
 /// Decodes and checks a heartbeat.
 pub fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
-    if payload.len() > MAX_PAYLOAD {
+    if payload.len() > HEARTBEAT_MAX {
         return Err(Garbage::TooLarge(payload.len()));
     }
     let heartbeat: Heartbeat = serde_json::from_slice(payload)?;
@@ -214,12 +254,18 @@ pub fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
     if !valid_node(&heartbeat.node) {
         return Err(Garbage::Node);
     }
-    if let Some(clients) = &heartbeat.clients {
-        if !clients.iter().all(|who| valid_who(who)) {
-            return Err(Garbage::Who);
-        }
-    }
     Ok(heartbeat)
+}
+
+/// A heartbeat as it goes on the wire.
+pub fn encode_heartbeat(node: &str, seq: u64, clients: u64) -> Vec<u8> {
+    serde_json::to_vec(&Heartbeat {
+        v: VERSION,
+        node: node.to_string(),
+        seq,
+        clients,
+    })
+    .unwrap_or_default()
 }
 
 /// A fresh node id: a restarted node is a new node, never mistaken for
@@ -264,7 +310,10 @@ mod tests {
             text: sent.as_str().into(),
         }]);
         let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
-        assert_eq!(decoded.events[0].message, sent);
+        assert_eq!(
+            decoded.events[0].change,
+            Change::Lines("1.2.3.4:5".into(), sent)
+        );
     }
 
     #[test]
@@ -276,7 +325,9 @@ mod tests {
             text: "1.2.3.4:5: \u{1b}[2J\n".into(),
         }]);
         let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
-        assert_eq!(decoded.events[0].message.as_str(), "1.2.3.4:5: ^[[2J\n");
+        assert!(
+            matches!(&decoded.events[0].change, Change::Lines(_, shown) if shown.as_str() == "1.2.3.4:5: ^[[2J\n")
+        );
         // A line claiming another sender.
         let payload = batch(vec![Event::Lines {
             seq: 1,
@@ -292,7 +343,7 @@ mod tests {
         assert!(matches!(decode_batch(&payload), Err(Garbage::Who)));
         assert!(decode_batch(b"\xff\x00garbage").is_err());
         assert!(
-            decode_batch(br#"{"v":2,"node":"0123456789abcdef","batch":1,"events":[]}"#).is_err()
+            decode_batch(br#"{"v":1,"node":"0123456789abcdef","batch":1,"events":[]}"#).is_err()
         );
     }
 
@@ -310,7 +361,9 @@ mod tests {
             },
         ]);
         let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
-        assert_eq!(decoded.events[1].message.as_str(), "ann: hi\n");
+        assert!(
+            matches!(&decoded.events[1].change, Change::Lines(_, shown) if shown.as_str() == "ann: hi\n")
+        );
         for bad in ["two words", "caf\u{e9}", "a,b", ""] {
             let payload = batch(vec![Event::Left {
                 seq: 1,
@@ -321,6 +374,49 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_roster_with_a_bad_name_is_garbage() {
+        let payload = batch(vec![Event::Roster {
+            seq: 1,
+            clients: vec!["1.2.3.4:5".into(), "bad name".into()],
+        }]);
+        assert!(matches!(decode_batch(&payload), Err(Garbage::Who)));
+        let payload = batch(vec![
+            Event::Roster {
+                seq: 1,
+                clients: vec!["1.2.3.4:5".into()],
+            },
+            Event::Leaving { seq: 2 },
+        ]);
+        let decoded = decode_batch(&payload).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(decoded.events[1].change, Change::Leaving);
+    }
+
+    /// Finding 4 of issue 18: a heartbeat carried the node's whole list
+    /// (163 KB at 8,000 clients). Now its size does not depend on it.
+    #[test]
+    fn heartbeat_size_is_constant() {
+        let node = new_node_id();
+        let none = encode_heartbeat(&node, 0, 0);
+        let many = encode_heartbeat(&node, 100_000, 100_000);
+        let widest = encode_heartbeat(&node, u64::MAX, u64::MAX);
+        assert!(none.len() <= many.len() && many.len() <= widest.len());
+        assert!(
+            many.len() - none.len() <= 10,
+            "{} {}",
+            none.len(),
+            many.len()
+        );
+        assert!(widest.len() <= HEARTBEAT_MAX, "{}", widest.len());
+        for payload in [none, many, widest] {
+            let heartbeat = decode_heartbeat(&payload).unwrap_or_else(|err| panic!("{err}"));
+            assert_eq!(heartbeat.node, node);
+        }
+        // A heartbeat of the old kind, with its list, is refused.
+        let old = format!(r#"{{"v":2,"node":"{node}","seq":1,"clients":["1.2.3.4:5"]}}"#);
+        assert!(decode_heartbeat(old.as_bytes()).is_err());
     }
 
     #[test]

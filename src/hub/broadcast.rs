@@ -42,6 +42,15 @@
 //! under every policy: `--slow-client drop`, which here means "skip what
 //! the ring overwrote", cannot be kept together with the guarantee.
 //!
+//! **History.** The ring cannot be read from an older position, so the
+//! history is kept beside it, and its mutex makes the hand-off: each chat
+//! line is appended and sent into the ring under it, and a join takes its
+//! snapshot and subscribes under it. A line is thus in the snapshot or
+//! after the newcomer's read position, never both and never neither. The
+//! cost: with `--history`, concurrent senders serialise on that mutex for
+//! the length of an append and a ring send (the ring's own tail lock
+//! already serialised the send). Lock order: roster, then history.
+//!
 //! **Ordering.** One ring, one sequence: all recipients see the same total
 //! order.
 //!
@@ -55,6 +64,7 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::{Config, SlowClientPolicy};
+use crate::history::History;
 use crate::hub::{Hub, Inbox, Joined, Refused};
 use crate::outbox::TOO_SLOW;
 use crate::protocol::Message;
@@ -90,17 +100,20 @@ pub struct BroadcastHub {
     roster: Option<Mutex<HashMap<Arc<str>, ClientId>>>,
     /// `--announce-present`: a receiver may not skip anything.
     presence: bool,
+    /// With `--history`: the room's last lines.
+    history: Option<Arc<History>>,
 }
 
 impl Hub for BroadcastHub {
     type Inbox = RingInbox;
 
-    fn new(config: &Config) -> BroadcastHub {
+    fn new(config: &Config, history: Option<Arc<History>>) -> BroadcastHub {
         let (ring, _) = broadcast::channel(ring_capacity(config.max_pending));
         BroadcastHub {
             ring,
             roster: (config.names || config.announce_present).then(Mutex::default),
             presence: config.announce_present,
+            history,
         }
     }
 
@@ -120,7 +133,13 @@ impl Hub for BroadcastHub {
             }
             roster.insert(Arc::clone(&client.who), client.id);
         }
-        let receiver = self.ring.subscribe();
+        let (history, receiver) = match &self.history {
+            Some(history) => {
+                let (snapshot, receiver) = history.snapshot_with(|| self.ring.subscribe());
+                (Some(snapshot), receiver)
+            }
+            None => (None, self.ring.subscribe()),
+        };
         self.publish(client.id, Audience::Others, Some(arrival));
         drop(roster);
         let inbox = RingInbox {
@@ -129,10 +148,22 @@ impl Hub for BroadcastHub {
             ended: false,
             strict: self.presence,
         };
-        Ok(Joined { inbox, present })
+        Ok(Joined {
+            inbox,
+            present,
+            history,
+        })
     }
 
     async fn broadcast(&self, from: &Arc<Client>, message: &Message) {
+        let publish = || self.publish(from.id, Audience::Everyone, Some(message.clone()));
+        match &self.history {
+            Some(history) => history.append_with(message, publish).1,
+            None => publish(),
+        }
+    }
+
+    async fn relay(&self, from: &Arc<Client>, message: &Message) {
         self.publish(from.id, Audience::Everyone, Some(message.clone()));
     }
 

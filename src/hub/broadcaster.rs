@@ -39,6 +39,13 @@
 //! owner, which every line of the room already goes through, also builds
 //! each newcomer's list.
 //!
+//! **History.** The owner appends each chat line to the history in the
+//! step that delivers it, and takes a newcomer's snapshot in the step that
+//! adds it (after delivering what was queued before): the hand-off is
+//! atomic by construction, and every client, newcomers included, sees one
+//! total order. The history's mutex is only ever taken by the owner (and a
+//! metrics scrape reads its counts without it), so it is never contended.
+//!
 //! **Locks.** None. The `select!` is biased towards membership changes (the
 //! seed's is random), which is what makes the acknowledgements above enough.
 //! Under `--slow-client block` the broadcaster waits for room in a full
@@ -58,6 +65,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind};
+use crate::history::{History, Snapshot};
 use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -74,8 +82,9 @@ const MESSAGES_BATCH: usize = 64;
 
 type Ack = oneshot::Sender<()>;
 
-/// The owner's answer to `entering`: the clients present, or a refusal.
-type Admission = oneshot::Sender<Result<Vec<Arc<str>>, Refused>>;
+/// The owner's answer to `entering`: the clients present and the history,
+/// or a refusal.
+type Admission = oneshot::Sender<Result<(Vec<Arc<str>>, Option<Snapshot>), Refused>>;
 
 /// A newcomer's outbox, its arrival announcement, and who waits for the answer.
 type Entering = (Outbox, Message, Admission);
@@ -84,10 +93,11 @@ type Entering = (Outbox, Message, Admission);
 type Leaving = (ClientId, Option<Message>, Ack);
 
 /// What the owner task does besides relaying.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Options {
     names: bool,
     presence: bool,
+    history: Option<Arc<History>>,
 }
 
 /// See the module documentation.
@@ -95,14 +105,18 @@ struct Options {
 pub struct BroadcasterHub {
     entering: mpsc::UnboundedSender<Entering>,
     leaving: mpsc::UnboundedSender<Leaving>,
-    messages: mpsc::Sender<Message>,
+    messages: mpsc::Sender<Said>,
     queue: QueueKind,
 }
+
+/// A message for everyone, and whether it is a chat line (history) or a
+/// relayed announcement (not history).
+type Said = (Message, bool);
 
 impl Hub for BroadcasterHub {
     type Inbox = QueueInbox;
 
-    fn new(config: &Config) -> BroadcasterHub {
+    fn new(config: &Config, history: Option<Arc<History>>) -> BroadcasterHub {
         // Membership channels need no bound: each client sends at most one
         // `entering` and one `leaving`, and `--max-clients` bounds clients.
         let (entering, entering_rx) = mpsc::unbounded_channel();
@@ -111,6 +125,7 @@ impl Hub for BroadcasterHub {
         let options = Options {
             names: config.names,
             presence: config.announce_present,
+            history,
         };
         tokio::spawn(broadcaster(entering_rx, leaving_rx, messages_rx, options));
         BroadcasterHub {
@@ -133,17 +148,26 @@ impl Hub for BroadcasterHub {
         // enter, so the newcomer does not see its own arrival).
         let (admission, admitted) = oneshot::channel();
         let mut present = Vec::new();
+        let mut history = None;
         if self.entering.send((outbox, arrival, admission)).is_ok() {
             // The owner is gone only when the server is: join as nobody.
             if let Ok(answer) = admitted.await {
-                present = answer?;
+                (present, history) = answer?;
             }
         }
-        Ok(Joined { inbox, present })
+        Ok(Joined {
+            inbox,
+            present,
+            history,
+        })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
-        self.send_message(message.clone()).await;
+        self.send_message((message.clone(), true)).await;
+    }
+
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
+        self.send_message((message.clone(), false)).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
@@ -157,7 +181,7 @@ impl Hub for BroadcasterHub {
 impl BroadcasterHub {
     /// Queues a line for the broadcaster, waiting only if its queue is full
     /// (the seed's sender always waits, for the broadcaster to take it).
-    async fn send_message(&self, message: Message) {
+    async fn send_message(&self, message: Said) {
         if let Err(mpsc::error::TrySendError::Full(message)) = self.messages.try_send(message) {
             // Boxed: a full queue is rare, and the wait's state would
             // otherwise be part of every reader task.
@@ -171,7 +195,7 @@ impl BroadcasterHub {
 async fn broadcaster(
     mut entering: mpsc::UnboundedReceiver<Entering>,
     mut leaving: mpsc::UnboundedReceiver<Leaving>,
-    mut messages: mpsc::Receiver<Message>,
+    mut messages: mpsc::Receiver<Said>,
     options: Options,
 ) {
     let mut clients: HashMap<ClientId, Outbox> = HashMap::new();
@@ -182,7 +206,7 @@ async fn broadcaster(
         tokio::select! {
             biased;
             Some((outbox, arrival, admission)) = entering.recv() => {
-                deliver_queued(&mut messages, &clients).await;
+                deliver_queued(&mut messages, &clients, &options).await;
                 if options.names && !names.insert(Arc::clone(outbox.who())) {
                     // Dropped before answering, so the session holds the
                     // only handle to its client again when it hears.
@@ -197,10 +221,11 @@ async fn broadcaster(
                     Vec::new()
                 };
                 clients.insert(outbox.id(), outbox);
-                let _ = admission.send(Ok(present));
+                let history = options.history.as_ref().map(|history| history.snapshot());
+                let _ = admission.send(Ok((present, history)));
             }
             Some((id, departure, ack)) = leaving.recv() => {
-                deliver_queued(&mut messages, &clients).await;
+                deliver_queued(&mut messages, &clients, &options).await;
                 if let Some(outbox) = clients.remove(&id) {
                     if options.names {
                         names.remove(&**outbox.who());
@@ -219,8 +244,8 @@ async fn broadcaster(
                 if received == 0 {
                     return;
                 }
-                for message in batch.drain(..) {
-                    deliver(&message, &clients).await;
+                for said in batch.drain(..) {
+                    say(said, &clients, &options).await;
                 }
             }
         }
@@ -229,15 +254,25 @@ async fn broadcaster(
 
 /// Delivers the messages sent before the membership change being handled.
 async fn deliver_queued(
-    messages: &mut mpsc::Receiver<Message>,
+    messages: &mut mpsc::Receiver<Said>,
     clients: &HashMap<ClientId, Outbox>,
+    options: &Options,
 ) {
     for _ in 0..messages.len() {
         match messages.try_recv() {
-            Ok(message) => deliver(&message, clients).await,
+            Ok(said) => say(said, clients, options).await,
             Err(_) => break,
         }
     }
+}
+
+/// A chat line: into the history, then to everyone, in one step (a
+/// relayed announcement: to everyone only).
+async fn say((message, chat): Said, clients: &HashMap<ClientId, Outbox>, options: &Options) {
+    if let (true, Some(history)) = (chat, &options.history) {
+        history.append(&message);
+    }
+    deliver(&message, clients).await;
 }
 
 async fn deliver(message: &Message, clients: &HashMap<ClientId, Outbox>) {

@@ -27,6 +27,16 @@
 //! join or a leave holds the write lock for one pass over the room instead
 //! of for one insert, and every fan-out waits for it.
 //!
+//! **History.** The same lock makes `--history`'s hand-off: a chat line is
+//! appended to the history (under the history's own short mutex) while its
+//! fan-out holds the read lock, and a join takes its snapshot under the
+//! write lock that inserts it, when no fan-out is in progress. A line is
+//! thus either appended and fanned out wholly before the join (in the
+//! snapshot, not in the newcomer's queue) or wholly after (in its queue,
+//! not in the snapshot). The cost is the history's mutex, taken once per
+//! read's worth of lines inside the read lock, where concurrent fan-outs
+//! now queue for it for the length of one append.
+//!
 //! **Ordering.** Each recipient sees each sender's lines in the order sent;
 //! concurrent senders can interleave differently at different recipients.
 //!
@@ -39,6 +49,7 @@ use parking_lot::RwLock;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
+use crate::history::History;
 use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -57,6 +68,8 @@ pub struct LockedHub {
     room: RwLock<Room>,
     names: bool,
     presence: bool,
+    /// With `--history`: the room's last lines.
+    history: Option<Arc<History>>,
     senders_wait: bool,
     queue: QueueKind,
 }
@@ -64,8 +77,9 @@ pub struct LockedHub {
 impl Hub for LockedHub {
     type Inbox = QueueInbox;
 
-    fn new(config: &Config) -> LockedHub {
+    fn new(config: &Config, history: Option<Arc<History>>) -> LockedHub {
         LockedHub {
+            history,
             room: RwLock::new(Room::default()),
             names: config.names,
             presence: config.announce_present,
@@ -80,7 +94,7 @@ impl Hub for LockedHub {
         arrival: Message,
     ) -> Result<Joined<QueueInbox>, Refused> {
         let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
-        let present = {
+        let (present, history) = {
             let mut room = self.room.write();
             if self.names && !room.names.insert(Arc::clone(&client.who)) {
                 return Err(Refused::NameTaken);
@@ -91,16 +105,27 @@ impl Hub for LockedHub {
                 Vec::new()
             };
             room.clients.insert(client.id, outbox);
-            present
+            // Under the write lock: no fan-out is between its append and
+            // its last offer.
+            let history = self.history.as_ref().map(|history| history.snapshot());
+            (present, history)
         };
         if !self.presence {
-            self.fan_out(&arrival, Some(client.id)).await;
+            self.fan_out(&arrival, Some(client.id), false).await;
         }
-        Ok(Joined { inbox, present })
+        Ok(Joined {
+            inbox,
+            present,
+            history,
+        })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
-        self.fan_out(message, None).await;
+        self.fan_out(message, None, true).await;
+    }
+
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
+        self.fan_out(message, None, false).await;
     }
 
     async fn leave(&self, client: &Arc<Client>, departure: Option<Message>) {
@@ -108,7 +133,7 @@ impl Hub for LockedHub {
         // connection close (see `Hub::leave`).
         if !self.presence {
             if let Some(departure) = &departure {
-                self.fan_out(departure, Some(client.id)).await;
+                self.fan_out(departure, Some(client.id), false).await;
             }
         }
         let mut room = self.room.write();
@@ -129,13 +154,16 @@ impl Hub for LockedHub {
 }
 
 impl LockedHub {
-    async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
+    /// Queues `message` for everyone but `except`; a chat line (`said`)
+    /// goes into the history under the same read lock.
+    async fn fan_out(&self, message: &Message, except: Option<ClientId>, said: bool) {
         if self.senders_wait {
             // Boxed: this future is part of every reader's state, and only
             // `--slow-client block` needs the room to wait.
-            return Box::pin(self.fan_out_waiting(message, except)).await;
+            return Box::pin(self.fan_out_waiting(message, except, said)).await;
         }
         let room = self.room.read();
+        self.remember(message, said);
         for (id, outbox) in &room.clients {
             if Some(*id) != except {
                 outbox.offer(message);
@@ -143,17 +171,26 @@ impl LockedHub {
         }
     }
 
+    fn remember(&self, message: &Message, said: bool) {
+        if let (true, Some(history)) = (said, &self.history) {
+            history.append(message);
+        }
+    }
+
     /// `--slow-client block`: copy the recipients out, release the lock,
     /// then wait for room in each queue in turn.
-    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>) {
-        let recipients: Vec<Outbox> = self
-            .room
-            .read()
-            .clients
-            .iter()
-            .filter(|(id, _)| Some(**id) != except)
-            .map(|(_, outbox)| outbox.clone())
-            .collect();
+    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>, said: bool) {
+        let recipients: Vec<Outbox> = {
+            let room = self.room.read();
+            // Appended with the recipients copied under one read lock:
+            // whoever joins later finds the line in its snapshot.
+            self.remember(message, said);
+            room.clients
+                .iter()
+                .filter(|(id, _)| Some(**id) != except)
+                .map(|(_, outbox)| outbox.clone())
+                .collect()
+        };
         for recipient in &recipients {
             recipient.send(message).await;
         }

@@ -25,12 +25,23 @@
 //! | [`broadcaster`] | the owner task's name set | one step of the owner task |
 //! | [`locked`] | a name set under the write lock | the write lock |
 //! | [`broadcast`] | a roster (name to id) under a mutex beside the ring | the roster mutex, held while subscribing and while publishing arrivals and departures into the ring |
+//!
+//! A third, `--history`, makes a join's snapshot of the room's last lines
+//! and its first live line one hand-off (ARCHITECTURE.md, "What was said"):
+//!
+//! | file | where append-and-fan-out is atomic with snapshot-and-join |
+//! |---|---|
+//! | [`sharded`] | nowhere: each line gets a room sequence number before its fan-out; a join inserts, then snapshots, and its inbox drops live lines the snapshot holds |
+//! | [`broadcaster`] | the owner task's steps |
+//! | [`locked`] | the read lock of a fan-out against the write lock of a join |
+//! | [`broadcast`] | the history's mutex, held around each chat line's send into the ring and around a join's `subscribe` |
 
 use std::future::Future;
 use std::sync::Arc;
 
 use crate::client::Client;
 use crate::config::Config;
+use crate::history::{History, Snapshot};
 use crate::protocol::Message;
 
 pub mod broadcast;
@@ -61,6 +72,10 @@ pub struct Joined<I> {
     /// Under `--announce-present`: who else was in the room at the instant
     /// the client entered it (empty without the option).
     pub present: Vec<Arc<str>>,
+    /// Under `--history`: the room's last lines, taken at the instant the
+    /// client entered it, so that these followed by what `inbox` yields are
+    /// the room's lines from the oldest shown, with no gap and no duplicate.
+    pub history: Option<Snapshot>,
 }
 
 /// A concurrency model: how clients join, leave and reach each other.
@@ -92,13 +107,21 @@ pub struct Joined<I> {
 /// at every moment. Membership announcements then go through
 /// [`Outbox::announce`](crate::outbox::Outbox::announce): never skipped, never
 /// waited for; a client with no room for one is disconnected as too slow.
+///
+/// Under `--history` (`Config::history`) every `broadcast` is appended to
+/// the room's [`History`] and `join` returns a [`Snapshot`] of it, and the
+/// model makes the two hand off exactly: the snapshot followed by what the
+/// inbox yields holds every line from the oldest shown once, each
+/// sender's in order (ARCHITECTURE.md, "What was said").
 pub trait Hub: Send + Sync + Sized + 'static {
     /// What the client's writer task drains.
     type Inbox: Inbox;
 
     /// Creates the hub and starts any task the model needs. Called inside
-    /// the runtime, before the first connection is accepted.
-    fn new(config: &Config) -> Self;
+    /// the runtime, before the first connection is accepted. `history` is
+    /// the room's under `--history`: the hub appends every `broadcast` to
+    /// it and snapshots it in `join`, atomically with its fan-out.
+    fn new(config: &Config, history: Option<Arc<History>>) -> Self;
 
     /// Registers `client` and announces `arrival` to everyone already present.
     fn join(
@@ -109,6 +132,12 @@ pub trait Hub: Send + Sync + Sized + 'static {
 
     /// Delivers `message` to every client, `from` included.
     fn broadcast(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
+
+    /// Delivers an announcement made elsewhere (under `--cluster`, another
+    /// node's arrival or departure) to every client as `broadcast` does,
+    /// but never into the history: arrivals and departures are not history.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    fn relay(&self, from: &Arc<Client>, message: &Message) -> impl Future<Output = ()> + Send;
 
     /// Unregisters `client`; announces `departure` (if any) to everyone who
     /// remains. The announcement is queued for them before the leaver's

@@ -41,6 +41,18 @@
 //! so a join that waits for it blocks its worker thread for at most the
 //! walks queued ahead of it.
 //!
+//! **History.** `--history` must not add a global lock to a model whose
+//! point is to have none, so the hand-off is made by numbers instead: a
+//! chat line is appended to the history (which numbers it, under the
+//! history's own short mutex) before its fan-out walks the map, and a join
+//! inserts its outbox first and snapshots the history after. A line
+//! numbered after the snapshot began its walk after the insert, so it
+//! reaches the newcomer's queue: no gap. A line numbered up to the
+//! snapshot's last may reach the queue too, if its walk was still under
+//! way; the newcomer's inbox drops every line numbered up to that last
+//! ([`QueueInbox::seen_through`]): no duplicate. Without `--history`
+//! nothing is numbered and the inbox compares one zero per message.
+//!
 //! **Ordering.** Each sender pushes its own lines in order into every queue,
 //! so every recipient sees each sender's lines in the order sent. Two
 //! senders fan out concurrently, and one may reach shard 0 first while the
@@ -57,6 +69,7 @@ use parking_lot::Mutex;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
+use crate::history::History;
 use crate::hub::{Hub, Joined, Refused};
 use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
@@ -69,6 +82,8 @@ pub struct ShardedHub {
     names: Option<DashMap<Arc<str>, ClientId>>,
     /// With `--announce-present`: held by joins and leaves, never by a fan-out.
     membership: Option<Mutex<()>>,
+    /// With `--history`: the room's last lines.
+    history: Option<Arc<History>>,
     senders_wait: bool,
     queue: QueueKind,
 }
@@ -76,8 +91,9 @@ pub struct ShardedHub {
 impl Hub for ShardedHub {
     type Inbox = QueueInbox;
 
-    fn new(config: &Config) -> ShardedHub {
+    fn new(config: &Config, history: Option<Arc<History>>) -> ShardedHub {
         ShardedHub {
+            history,
             clients: DashMap::new(),
             names: config.names.then(DashMap::new),
             membership: config.announce_present.then(|| Mutex::new(())),
@@ -99,15 +115,17 @@ impl Hub for ShardedHub {
                 }
             }
         }
-        let (outbox, inbox) = outbox::channel(Arc::clone(client), self.queue);
+        let (outbox, mut inbox) = outbox::channel(Arc::clone(client), self.queue);
         let Some(membership) = &self.membership else {
             // Register first, then announce to everyone else: two clients
             // joining at once both end up seeing each other arrive.
             self.clients.insert(client.id, outbox);
+            let history = self.snapshot_after_insert(&mut inbox);
             self.fan_out(&arrival, Some(client.id)).await;
             return Ok(Joined {
                 inbox,
                 present: Vec::new(),
+                history,
             });
         };
         let _changing = membership.lock();
@@ -115,10 +133,23 @@ impl Hub for ShardedHub {
         // Only after the walk: inserting takes a shard's write lock, which
         // the walk's read guard on that shard would deadlock against.
         self.clients.insert(client.id, outbox);
-        Ok(Joined { inbox, present })
+        let history = self.snapshot_after_insert(&mut inbox);
+        Ok(Joined {
+            inbox,
+            present,
+            history,
+        })
     }
 
     async fn broadcast(&self, _from: &Arc<Client>, message: &Message) {
+        // Numbered before the walk begins: see "History" above.
+        if let Some(history) = &self.history {
+            history.append(message);
+        }
+        self.fan_out(message, None).await;
+    }
+
+    async fn relay(&self, _from: &Arc<Client>, message: &Message) {
         self.fan_out(message, None).await;
     }
 
@@ -153,6 +184,14 @@ impl Hub for ShardedHub {
 }
 
 impl ShardedHub {
+    /// The newcomer's history, taken after its outbox is in the map; its
+    /// inbox then drops the live copies of what the snapshot holds.
+    fn snapshot_after_insert(&self, inbox: &mut QueueInbox) -> Option<crate::history::Snapshot> {
+        let snapshot = self.history.as_ref()?.snapshot();
+        inbox.seen_through(snapshot.last_seq);
+        Some(snapshot)
+    }
+
     fn release_name(&self, client: &Client) {
         if let Some(names) = &self.names {
             names.remove_if(&*client.who, |_, holder| *holder == client.id);
@@ -184,5 +223,72 @@ impl ShardedHub {
         for recipient in &recipients {
             recipient.send(message).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::hub::Inbox;
+    use crate::protocol::ChatBatch;
+
+    fn client(id: u64, config: &Config) -> Arc<Client> {
+        let who: Arc<str> = format!("127.0.0.1:{id}").into();
+        Arc::new(Client::new(
+            ClientId(id),
+            who,
+            config,
+            &CancellationToken::new(),
+            None,
+        ))
+    }
+
+    fn said(text: &str) -> Message {
+        let mut batch = ChatBatch::default();
+        batch.push("127.0.0.1:1", text.as_bytes());
+        batch.take().unwrap_or_else(|| Message::notice(text))
+    }
+
+    /// The seam `broadcast` leaves open: a line numbered before a join's
+    /// snapshot but fanned out after its insert reaches the newcomer's
+    /// queue and is in its block; the inbox must drop the live copy. And a
+    /// line numbered after the snapshot must reach it live.
+    #[tokio::test]
+    async fn a_line_in_the_block_is_not_delivered_again() {
+        let config = Config {
+            history: 10,
+            ..Config::default()
+        };
+        let history = Arc::new(History::new(&config).unwrap_or_else(|| unreachable!()));
+        let hub = ShardedHub::new(&config, Some(Arc::clone(&history)));
+        let sender = client(1, &config);
+        let mut sender_inbox = hub
+            .join(&sender, Message::arrived(&sender.who))
+            .await
+            .unwrap_or_else(|_| unreachable!())
+            .inbox;
+        let before = said("before");
+        history.append(&before); // broadcast's first step...
+        let newcomer = client(2, &config);
+        let joined = hub
+            .join(&newcomer, Message::arrived(&newcomer.who))
+            .await
+            .unwrap_or_else(|_| unreachable!());
+        hub.fan_out(&before, None).await; // ... and its second, after the join
+        hub.broadcast(&sender, &said("after")).await;
+        let block = joined.history.unwrap_or_default();
+        assert_eq!(block.messages, vec![before.clone()]);
+        let mut inbox = joined.inbox;
+        assert_eq!(inbox.try_recv(), Some(said("after")));
+        assert_eq!(inbox.try_recv(), None);
+        // Those present before the join get everything once.
+        assert_eq!(
+            sender_inbox.try_recv(),
+            Some(Message::arrived(&newcomer.who))
+        );
+        assert_eq!(sender_inbox.try_recv(), Some(before));
+        assert_eq!(sender_inbox.try_recv(), Some(said("after")));
     }
 }

@@ -15,6 +15,8 @@ use tokio::time::Instant;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod scrape;
+#[cfg(feature = "cluster")]
+pub mod transcript;
 
 /// For each `name`, a module `name` with one `#[tokio::test]` per model that
 /// calls `name(model)`, so a failure names the model it failed in.

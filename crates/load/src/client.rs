@@ -60,6 +60,44 @@ pub struct Conn {
     /// Where this client publishes when that cannot be `stream` (a
     /// subscribed Redis connection cannot publish).
     pub publisher: Option<TcpStream>,
+    /// `--protocol ws`: the server's frames become lines as they are read.
+    pub ws: Option<crate::ws::WsIn>,
+}
+
+/// Reads what `stream` has into `reader`: through a WebSocket, into its
+/// raw buffer first and from there, as lines, into the reader. `Ok(0)` at
+/// the end of input.
+#[inline]
+pub async fn read_into(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    reader: &mut LineReader,
+    ws: &mut Option<crate::ws::WsIn>,
+) -> io::Result<usize> {
+    match ws {
+        None => {
+            let read = stream.read(reader.spare()).await?;
+            reader.filled(read);
+            Ok(read)
+        }
+        Some(ws) => {
+            let room = reader.spare().len();
+            let read = stream.read(ws.raw(room)).await?;
+            let lines = ws.lines_into(read, reader.spare());
+            reader.filled(lines);
+            Ok(read)
+        }
+    }
+}
+
+/// Answers the pings a WebSocket deframer has seen, best effort.
+fn answer_ws_pings(ws: &mut Option<crate::ws::WsIn>, stream: &TcpStream) {
+    if let Some(crate::ws::WsIn { deframer, .. }) = ws {
+        while deframer.pings > 0
+            && stream.try_write(&crate::ws::PONG).ok() == Some(crate::ws::PONG.len())
+        {
+            deframer.pings -= 1;
+        }
+    }
 }
 
 /// Connects to `addr` and reads the greeting (`You are IP:PORT`, or under
@@ -74,12 +112,19 @@ pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
     // window already, and Nagle would add delay to the rate scenario's
     // single lines.
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
-    let mut conn = Conn {
+    let conn = Conn {
         stream,
         who: String::new(),
         reader: LineReader::new(buffer),
         publisher: None,
+        ws: None,
     };
+    greet(conn, addr).await
+}
+
+/// Reads the greeting of a connection made (line or WebSocket), naming
+/// itself first under `--names`.
+pub async fn greet(mut conn: Conn, addr: SocketAddr) -> anyhow::Result<Conn> {
     let greeting = timeout(GREETING_TIMEOUT, greeted_line(&mut conn))
         .await
         .map_err(|_| {
@@ -112,9 +157,14 @@ async fn greeted_line(conn: &mut Conn) -> anyhow::Result<String> {
         return Ok(first);
     }
     let n = NEXT_NAME.fetch_add(1, Relaxed);
-    let name = format!("load{}.{n}\n", std::process::id());
+    let mut name = format!("load{}.{n}\n", std::process::id()).into_bytes();
+    if conn.ws.is_some() {
+        let mut framed = Vec::new();
+        crate::ws::encode_text(&mut framed, &name[..name.len() - 1]);
+        name = framed;
+    }
     conn.stream
-        .write_all(name.as_bytes())
+        .write_all(&name)
         .await
         .context("sending a name")?;
     read_first_line(conn).await
@@ -128,16 +178,12 @@ async fn read_first_line(conn: &mut Conn) -> anyhow::Result<String> {
         if conn.reader.is_full() {
             bail!("greeting longer than the read buffer");
         }
-        let spare = conn.reader.spare();
-        let read = conn
-            .stream
-            .read(spare)
+        let read = read_into(&mut conn.stream, &mut conn.reader, &mut conn.ws)
             .await
             .context("reading the greeting")?;
         if read == 0 {
             bail!("connection closed before the greeting");
         }
-        conn.reader.filled(read);
     }
 }
 
@@ -168,6 +214,10 @@ pub struct RecvCounts {
     pub departures: u64,
     /// Anything else: other users' chat, server notices.
     pub other: u64,
+    /// Lines of the server's `--history` block (its header, its lines and
+    /// its end): what was said before the client came, never counted as
+    /// deliveries of this run.
+    pub history: u64,
 }
 
 impl RecvCounts {
@@ -180,6 +230,50 @@ impl RecvCounts {
         self.arrivals += other.arrivals;
         self.departures += other.departures;
         self.other += other.other;
+        self.history += other.history;
+    }
+}
+
+/// Tells the lines of a server's `--history` block (`--- history (N) ---`,
+/// N lines, `--- end of history ---`) from live ones, so that what was
+/// said before a client came is not counted as delivered to it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HistoryBlock {
+    /// Lines of the block still to come, its end line included.
+    remaining: Option<usize>,
+}
+
+impl HistoryBlock {
+    /// Whether the block's header came and its end has not.
+    #[inline]
+    pub fn is_open(&self) -> bool {
+        self.remaining.is_some()
+    }
+
+    /// Whether `line` belongs to a history block.
+    #[inline]
+    pub fn holds(&mut self, line: &[u8]) -> bool {
+        if let Some(remaining) = &mut self.remaining {
+            *remaining -= 1;
+            if *remaining == 0 {
+                self.remaining = None;
+            }
+            return true;
+        }
+        // Cheap reject first: live lines never start with "--- ".
+        if !line.starts_with(b"--- ") {
+            return false;
+        }
+        match std::str::from_utf8(line)
+            .ok()
+            .and_then(chat_wire::history_of)
+        {
+            Some(lines) => {
+                self.remaining = Some(lines + 1);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -203,6 +297,7 @@ pub struct Receiver {
     protocol: Protocol,
     /// NATS `PING`s not answered yet.
     pub pings_due: u32,
+    history: HistoryBlock,
 }
 
 impl Receiver {
@@ -219,6 +314,7 @@ impl Receiver {
             longest_gap_ns: 0,
             protocol: Protocol::Line,
             pings_due: 0,
+            history: HistoryBlock::default(),
         }
     }
 
@@ -236,6 +332,11 @@ impl Receiver {
     /// Accounts for one line that arrived at `now_ns`.
     #[inline]
     pub fn on_line(&mut self, line: &[u8], now_ns: u64) {
+        if self.history.is_open() {
+            self.history.holds(line);
+            self.counts.history += 1;
+            return;
+        }
         match self.codec.decode(line) {
             Some(payload) => self.on_payload(payload, now_ns),
             None => self.on_other(line, now_ns),
@@ -275,7 +376,11 @@ impl Receiver {
 
     #[cold]
     fn on_other(&mut self, line: &[u8], now_ns: u64) {
-        if self.protocol != Protocol::Line {
+        if self.protocol.is_chat() && self.history.holds(line) {
+            self.counts.history += 1;
+            return;
+        }
+        if !self.protocol.is_chat() {
             if self.protocol == Protocol::Nats && line == b"PING" {
                 self.pings_due = self.pings_due.saturating_add(1);
             } else if !self.protocol.is_frame(line) {
@@ -367,6 +472,7 @@ pub async fn run_client(
         mut stream,
         mut reader,
         publisher,
+        mut ws,
         ..
     } = conn;
     // `read` (not `readable` + `try_read`) because tokio clears the read
@@ -463,10 +569,12 @@ pub async fn run_client(
             biased;
             _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
             _ = &mut start, if !started => started = true,
-            read = rd.read(reader.spare()) => match read {
+            read = read_into(&mut rd, &mut reader, &mut ws) => match read {
                 Ok(0) => break End::Closed,
-                Ok(n) => {
-                    reader.filled(n);
+                Ok(_) => {
+                    if written == out.len() {
+                        answer_ws_pings(&mut ws, wr);
+                    }
                     let now = now_ns();
                     let before = receiver.counts.delivered;
                     reader.lines(|line| receiver.on_line(line, now));
@@ -508,21 +616,33 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
     let Conn {
         mut stream,
         mut reader,
+        mut ws,
         ..
     } = conn;
     let stop = shared.stop.clone();
     let mut stop = pin!(stop.cancelled());
-    let already = reader.lines(|_| {});
+    // What was said before we came is not an announcement.
+    let mut history = HistoryBlock::default();
+    let mut live = |reader: &mut LineReader| {
+        let mut live = 0;
+        reader.lines(|line| {
+            if !history.holds(line) {
+                live += 1;
+            }
+        });
+        live
+    };
+    let already = live(&mut reader);
     shared.lines.fetch_add(already, Relaxed);
     let open = loop {
         tokio::select! {
             biased;
             _ = &mut stop => break true,
-            read = stream.read(reader.spare()) => match read {
+            read = read_into(&mut stream, &mut reader, &mut ws) => match read {
                 Ok(0) | Err(_) => break false,
-                Ok(n) => {
-                    reader.filled(n);
-                    let lines = reader.lines(|_| {});
+                Ok(_) => {
+                    answer_ws_pings(&mut ws, &stream);
+                    let lines = live(&mut reader);
                     shared.lines.fetch_add(lines, Relaxed);
                 }
             }
@@ -606,6 +726,25 @@ mod tests {
         assert_eq!(latency.min(), 2);
         assert!(latency.equivalent(latency.max(), 2000));
         assert!(latency.equivalent(latency.value_at_quantile(0.5), 100));
+    }
+
+    #[test]
+    fn a_history_block_is_not_delivered() {
+        let codec = Codec::new(5, 64).unwrap();
+        let mut receiver = Receiver::new(1, 2, codec.clone());
+        receiver.on_line(chat_wire::history_header(2).as_bytes(), 1);
+        receiver.on_line(&line(&codec, 0, 0, 1_000), 2);
+        receiver.on_line(&line(&codec, 0, 1, 1_000), 3);
+        receiver.on_line(chat_wire::HISTORY_END.as_bytes(), 4);
+        receiver.on_line(&line(&codec, 0, 2, 1_000), 5);
+        let counts = &receiver.counts;
+        assert_eq!((counts.history, counts.delivered, counts.other), (4, 1, 0));
+
+        let mut block = HistoryBlock::default();
+        let empty = chat_wire::history_header(0);
+        assert!(block.holds(empty.as_bytes()));
+        assert!(block.holds(chat_wire::HISTORY_END.as_bytes()));
+        assert!(!block.holds(b"--- has arrived"));
     }
 }
 

@@ -19,8 +19,10 @@
 //!   settles, starts, watches and stops the clients, always within bounds of
 //!   count and time;
 //! - `client`: one simulated user, its connection and its receive path;
-//! - [`protocol`]: `--protocol line|nats|redis`, the chat's protocol or a
+//! - [`protocol`]: `--protocol line|nats|redis|ws`, the chat's protocol or a
 //!   broker's pub/sub on one subject, with the same payloads and accounting;
+//! - [`ws`]: the chat through its browser door (`--protocol ws`): the
+//!   WebSocket handshake and framing around the same lines;
 //! - [`payload`]: the chat line's text, its decoder, the clock and order checking;
 //! - [`proc`]: CPU time, memory and limits from `/proc`;
 //! - [`report`]: one run's results, as a table or JSON;
@@ -66,6 +68,7 @@ pub mod compare;
 pub mod protocol;
 pub mod report;
 pub mod scenario;
+pub mod ws;
 
 pub use chat_testkit::{payload, proc};
 

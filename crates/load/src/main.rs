@@ -99,7 +99,9 @@ struct LoadArgs {
     server_pid: Vec<u32>,
 
     /// What the clients speak: the chat's line protocol, NATS core (PUB/SUB)
-    /// or Redis pub/sub (PUBLISH/SUBSCRIBE) on one subject (fanout and rate).
+    /// or Redis pub/sub (PUBLISH/SUBSCRIBE) on one subject (fanout and rate),
+    /// or the chat through its WebSocket door, --addr being the server's
+    /// --web-addr (ws: fanout, rate and idle).
     #[arg(long, value_enum, default_value_t = Protocol::Line)]
     protocol: Protocol,
 

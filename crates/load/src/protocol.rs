@@ -59,6 +59,9 @@ pub enum Protocol {
     Nats,
     /// Redis pub/sub: PUBLISH and SUBSCRIBE on one channel.
     Redis,
+    /// The chat's line protocol through its browser door (`chat-server
+    /// --web-addr`): one WebSocket text message per line.
+    Ws,
 }
 
 impl Protocol {
@@ -67,7 +70,15 @@ impl Protocol {
             Protocol::Line => "line",
             Protocol::Nats => "nats",
             Protocol::Redis => "redis",
+            Protocol::Ws => "ws",
         }
+    }
+
+    /// Whether this is the chat itself (announcements, names, greetings),
+    /// whichever door it comes through.
+    #[inline]
+    pub fn is_chat(self) -> bool {
+        matches!(self, Protocol::Line | Protocol::Ws)
     }
 
     /// Whether a line that is not one of our payloads is the protocol's
@@ -77,7 +88,7 @@ impl Protocol {
     #[inline]
     pub fn is_frame(self, line: &[u8]) -> bool {
         match self {
-            Protocol::Line => false,
+            Protocol::Line | Protocol::Ws => false,
             Protocol::Nats => !line.starts_with(b"-ERR"),
             Protocol::Redis => !line.starts_with(b"-"),
         }
@@ -108,6 +119,12 @@ impl Framing {
         let body = who.len() + 2 + codec.size();
         let mut head = match protocol {
             Protocol::Line => return Framing::line(),
+            Protocol::Ws => {
+                return Framing {
+                    protocol,
+                    head: Vec::new(),
+                }
+            }
             Protocol::Nats => format!("PUB {subject} {body}\r\n"),
             Protocol::Redis => format!(
                 "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{subject}\r\n${body}\r\n",
@@ -123,6 +140,13 @@ impl Framing {
     /// Appends one message carrying `payload` to `out`.
     #[inline]
     pub fn encode_into(&self, codec: &Codec, out: &mut Vec<u8>, payload: Payload) {
+        if self.protocol == Protocol::Ws {
+            // A text frame whose payload is the line without its newline.
+            crate::ws::encode_header(out, codec.size());
+            codec.encode_into(out, payload);
+            out.pop();
+            return;
+        }
         out.extend_from_slice(&self.head);
         codec.encode_into(out, payload);
         if self.protocol != Protocol::Line {
@@ -145,6 +169,10 @@ pub async fn connect(
 ) -> anyhow::Result<Conn> {
     match protocol {
         Protocol::Line => client::connect(addr, buffer).await,
+        Protocol::Ws => {
+            let conn = crate::ws::open(addr, buffer).await?;
+            client::greet(conn, addr).await
+        }
         Protocol::Nats => {
             let mut conn = open(addr, buffer).await?;
             let info = read_line(&mut conn.stream, &mut conn.reader).await?;
@@ -194,6 +222,7 @@ async fn open(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
         who,
         reader: LineReader::new(buffer),
         publisher: None,
+        ws: None,
     })
 }
 

@@ -14,7 +14,9 @@
 //!
 //! With `--names` the server first sends [`NAME_PROMPT`] and answers a bad
 //! or taken name with [`BAD_NAME`] or [`NAME_TAKEN`]; with
-//! `--announce-present` the greeting is followed by a [`present`] line.
+//! `--announce-present` the greeting is followed by a [`present`] line;
+//! with `--history` by the room's recent lines in a block that opens with a
+//! [`history_header`] and closes with [`HISTORY_END`].
 //!
 //! Every text here is a line without its `\n`.
 
@@ -141,6 +143,29 @@ pub fn present_of(line: &str) -> Option<Vec<&str>> {
     (names.len() == count).then_some(names)
 }
 
+/// `--history`: the line that opens the block of the room's recent lines,
+/// right after the greeting (and the `present` line): `--- history (N) ---`,
+/// where N is the number of lines that follow before [`HISTORY_END`].
+/// No live line can look like it: a chat line is `WHO: text` and WHO holds
+/// no space, and arrivals and departures end in `has arrived`/`has left`.
+pub fn history_header(lines: usize) -> String {
+    format!("{HISTORY_PREFIX}{lines}{HISTORY_SUFFIX}")
+}
+
+const HISTORY_PREFIX: &str = "--- history (";
+const HISTORY_SUFFIX: &str = ") ---";
+
+/// `--history`: the line that closes the block; live lines follow it.
+pub const HISTORY_END: &str = "--- end of history ---";
+
+/// The count of a [`history_header`] line, `None` if the line is not one.
+pub fn history_of(line: &str) -> Option<usize> {
+    line.strip_prefix(HISTORY_PREFIX)?
+        .strip_suffix(HISTORY_SUFFIX)?
+        .parse()
+        .ok()
+}
+
 /// The line `chat-server` prints on stdout, alone, once it listens:
 /// `chat-server listening on ADDR (model MODEL)`. Scripts, the load tool
 /// and the tests learn the port from it.
@@ -189,6 +214,10 @@ mod tests {
         );
         assert_eq!(present_of("present (3): ann, bob"), None);
         assert_eq!(present_of("present (0): ann"), None);
+        assert_eq!(history_header(3), "--- history (3) ---");
+        assert_eq!(history_of(&history_header(3)), Some(3));
+        assert_eq!(history_of(HISTORY_END), None);
+        assert_eq!(history_of("--- history (x) ---"), None);
     }
 
     #[test]

@@ -254,7 +254,9 @@ pub(super) async fn settle_for_protocol(
     heard: impl Fn() -> u64,
 ) {
     match opts.protocol {
-        Protocol::Line => settle_before_sending(report, opts.clients, heard).await,
+        Protocol::Line | Protocol::Ws => {
+            settle_before_sending(report, opts.clients, heard).await;
+        }
         _ if opts.nodes.len() > 1 => tokio::time::sleep(INTEREST_PROPAGATION).await,
         _ => {}
     }
@@ -421,7 +423,10 @@ pub(super) async fn connect_counters(
     let mut progress = Progress::new(opts.progress);
     let start = Instant::now();
     for i in 0..n {
-        let conn = connect_one(opts.addr_for(i), i, n, COUNTER_CHUNK).await?;
+        let conn = match opts.protocol {
+            Protocol::Ws => connect_client(opts, i, COUNTER_CHUNK).await?,
+            _ => connect_one(opts.addr_for(i), i, n, COUNTER_CHUNK).await?,
+        };
         handles.push(tokio::spawn(run_counter(conn, shared.clone())));
         progress.tick("connected", i as u64 + 1, || {
             format!(

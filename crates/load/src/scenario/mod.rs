@@ -252,9 +252,14 @@ pub async fn run(scenario: Scenario, opts: &Options) -> anyhow::Result<Report> {
     if opts.clients == 0 {
         bail!("-n must be at least 1");
     }
-    if opts.protocol != Protocol::Line && !matches!(scenario, Scenario::Fanout | Scenario::Rate) {
+    let runs = match opts.protocol {
+        Protocol::Line => true,
+        Protocol::Ws => matches!(scenario, Scenario::Fanout | Scenario::Rate | Scenario::Idle),
+        Protocol::Nats | Protocol::Redis => matches!(scenario, Scenario::Fanout | Scenario::Rate),
+    };
+    if !runs {
         bail!(
-            "--protocol {} runs fanout and rate only; {} needs the chat's announcements",
+            "--protocol {} runs fanout and rate (ws: and idle) only; {} needs more of the chat than that",
             opts.protocol.name(),
             scenario.name()
         );
@@ -325,7 +330,7 @@ mod test_support {
                 let redis = RedisServer::start().unwrap()?;
                 (redis.port, BrokerProcess::Redis(redis))
             }
-            Protocol::Line => unreachable!("not a broker"),
+            Protocol::Line | Protocol::Ws => unreachable!("not a broker"),
         };
         let mut opts = small_at(scenario, SocketAddr::from(([127, 0, 0, 1], port)));
         opts.protocol = protocol;
