@@ -241,7 +241,7 @@ pub struct Config {
     /// history, and the protocol is the seed's).
     pub history: usize,
     /// `--history-bytes`: the history holds at most this many bytes of
-    /// formatted lines, oldest out first (see [`DEFAULT_HISTORY_BYTES`]).
+    /// formatted lines, oldest out first (1 MiB by default).
     pub history_bytes: usize,
     /// Join a room shared with other nodes through a NATS JetStream broker
     /// (`--cluster`); `None` is the single-process room.
