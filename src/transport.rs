@@ -202,10 +202,7 @@ impl TlsReader {
 
 impl SessionRead for TlsReader {
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        if !self.stash.is_empty() {
-            let n = self.stash.len();
-            buf.extend_from_slice(&self.stash);
-            self.stash = Vec::new();
+        if let Some(n) = hand_over_stash(&mut self.stash, buf) {
             return Ok(n);
         }
         if self.ended {
@@ -296,6 +293,19 @@ impl SessionWrite for TlsWriter {
     fn close(&mut self) {
         let _ = std::pin::Pin::new(&mut self.0).poll_shutdown(&mut noop_context());
     }
+}
+
+/// Hands bytes a reader read ahead of the caller's buffer (its stash) to
+/// that buffer, and frees the stash: `Some(n)` if there were any, so the
+/// read returns them before touching the socket again.
+pub(crate) fn hand_over_stash(stash: &mut Vec<u8>, buf: &mut Vec<u8>) -> Option<usize> {
+    if stash.is_empty() {
+        return None;
+    }
+    buf.extend_from_slice(stash);
+    let n = stash.len();
+    *stash = Vec::new();
+    Some(n)
 }
 
 /// A context whose waker does nothing, for a poll that only tries: the

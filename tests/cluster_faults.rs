@@ -255,13 +255,7 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
     let mut watcher = View::join(nodes[1].addr(), false).await?;
     // The heartbeats on the wire, captured: their size must not grow with
     // the storm (finding 4: one measured 163 KB at 8,000 clients).
-    let nats = async_nats::connect(url.as_str())
-        .await
-        .map_err(io::Error::other)?;
-    let mut beats = nats
-        .subscribe("chat.chat.heartbeat")
-        .await
-        .map_err(io::Error::other)?;
+    let mut beats = heartbeats_on_the_wire(&url).await?;
     let addr = nodes[0].addr();
     // The watcher reads while the storm comes (a reader that stops reading
     // would be disconnected as too slow).
@@ -408,13 +402,7 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     for node in &nodes {
         node.joined(1).await?;
     }
-    let nats = async_nats::connect(url.as_str())
-        .await
-        .map_err(io::Error::other)?;
-    let mut beats = nats
-        .subscribe("chat.chat.heartbeat")
-        .await
-        .map_err(io::Error::other)?;
+    let mut beats = heartbeats_on_the_wire(&url).await?;
     // A client on the blocking node that reads nothing, and a watcher on
     // the second node that sees it arrive.
     let mut watcher = View::join(nodes[1].addr(), false).await?;
@@ -507,4 +495,12 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     })?;
     draining.abort();
     Ok(())
+}
+
+/// The room's heartbeats as any NATS client sees them on the broker.
+async fn heartbeats_on_the_wire(url: &str) -> io::Result<async_nats::Subscriber> {
+    let nats = async_nats::connect(url).await.map_err(io::Error::other)?;
+    nats.subscribe("chat.chat.heartbeat")
+        .await
+        .map_err(io::Error::other)
 }

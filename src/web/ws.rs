@@ -37,7 +37,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::{Instant, Sleep};
 
-use crate::transport::{SessionRead, SessionWrite, Transport};
+use crate::transport::{hand_over_stash, SessionRead, SessionWrite, Transport};
 
 /// Close codes (RFC 6455, section 7.4.1).
 pub(crate) mod close {
@@ -606,10 +606,7 @@ impl<R: SessionRead, W: SessionWrite> WsReader<R, W> {
 
 impl<R: SessionRead, W: SessionWrite> SessionRead for WsReader<R, W> {
     fn try_read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        if !self.stash.is_empty() {
-            let n = self.stash.len();
-            buf.extend_from_slice(&self.stash);
-            self.stash = Vec::new();
+        if let Some(n) = hand_over_stash(&mut self.stash, buf) {
             return Ok(n);
         }
         let room = buf.capacity() - buf.len();
