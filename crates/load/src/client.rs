@@ -516,133 +516,129 @@ struct ClientRun {
 }
 
 impl ClientRun {
-async fn drive(
-    self,
-    mut rd: impl AsyncRead + Unpin,
-    mut wr: impl SendHalf,
-) -> ClientResult {
-    let ClientRun {
-        plan,
-        mut receiver,
-        codec,
-        shared,
-        mut reader,
-        mut ws,
-    } = self;
-    // Created once, not per loop turn: polling a fresh `cancelled()` future
-    // registers a waiter under the token's lock, which every client shares.
-    let stop = shared.stop.clone();
-    let start = shared.start.clone();
-    let mut stop = pin!(stop.cancelled());
-    let mut start = pin!(start.cancelled());
-    let mut out: Vec<u8> = Vec::with_capacity(plan.window as usize * (codec.size() + 1));
-    let mut written = 0usize;
-    let mut sent = 0u32;
-    let mut started = false;
-    let mut sending = plan.messages > 0;
-    let mut complete = false;
+    async fn drive(self, mut rd: impl AsyncRead + Unpin, mut wr: impl SendHalf) -> ClientResult {
+        let ClientRun {
+            plan,
+            mut receiver,
+            codec,
+            shared,
+            mut reader,
+            mut ws,
+        } = self;
+        // Created once, not per loop turn: polling a fresh `cancelled()` future
+        // registers a waiter under the token's lock, which every client shares.
+        let stop = shared.stop.clone();
+        let start = shared.start.clone();
+        let mut stop = pin!(stop.cancelled());
+        let mut start = pin!(start.cancelled());
+        let mut out: Vec<u8> = Vec::with_capacity(plan.window as usize * (codec.size() + 1));
+        let mut written = 0usize;
+        let mut sent = 0u32;
+        let mut started = false;
+        let mut sending = plan.messages > 0;
+        let mut complete = false;
 
-    // Lines that came with the greeting.
-    let mut last_arrivals = 0;
-    let now = now_ns();
-    reader.lines(|line| receiver.on_line(line, now));
+        // Lines that came with the greeting.
+        let mut last_arrivals = 0;
+        let now = now_ns();
+        reader.lines(|line| receiver.on_line(line, now));
 
-    let end = loop {
-        if receiver.counts.arrivals != last_arrivals {
-            shared
-                .arrivals
-                .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
-            last_arrivals = receiver.counts.arrivals;
-        }
-        // Refill only once the previous batch is fully written, so a batch
-        // is one write in the common case.
-        if written == out.len() && receiver.pings_due > 0 {
-            out.clear();
-            written = 0;
-            if plan.answer_pings {
-                for _ in 0..receiver.pings_due {
-                    out.extend_from_slice(b"PONG\r\n");
+        let end = loop {
+            if receiver.counts.arrivals != last_arrivals {
+                shared
+                    .arrivals
+                    .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
+                last_arrivals = receiver.counts.arrivals;
+            }
+            // Refill only once the previous batch is fully written, so a batch
+            // is one write in the common case.
+            if written == out.len() && receiver.pings_due > 0 {
+                out.clear();
+                written = 0;
+                if plan.answer_pings {
+                    for _ in 0..receiver.pings_due {
+                        out.extend_from_slice(b"PONG\r\n");
+                    }
+                }
+                receiver.pings_due = 0;
+            }
+            if started && sending && (written == out.len() || written == 0) {
+                let in_flight = u64::from(sent) - receiver.counts.own;
+                let room = u64::from(plan.window).saturating_sub(in_flight);
+                let batch = room.min(u64::from(plan.messages - sent)) as u32;
+                if batch > 0 {
+                    if written == out.len() {
+                        out.clear();
+                        written = 0;
+                    }
+                    let sent_ns = now_ns();
+                    for seq in sent..sent + batch {
+                        plan.framing.encode_into(
+                            &codec,
+                            &mut out,
+                            Payload {
+                                sender: plan.id,
+                                seq,
+                                sent_ns,
+                            },
+                        );
+                    }
+                    sent += batch;
+                    shared.sent.fetch_add(batch.into(), Relaxed);
+                    if sent == plan.messages {
+                        sending = false;
+                    }
                 }
             }
-            receiver.pings_due = 0;
-        }
-        if started && sending && (written == out.len() || written == 0) {
-            let in_flight = u64::from(sent) - receiver.counts.own;
-            let room = u64::from(plan.window).saturating_sub(in_flight);
-            let batch = room.min(u64::from(plan.messages - sent)) as u32;
-            if batch > 0 {
-                if written == out.len() {
-                    out.clear();
-                    written = 0;
-                }
-                let sent_ns = now_ns();
-                for seq in sent..sent + batch {
-                    plan.framing.encode_into(
-                        &codec,
-                        &mut out,
-                        Payload {
-                            sender: plan.id,
-                            seq,
-                            sent_ns,
-                        },
-                    );
-                }
-                sent += batch;
-                shared.sent.fetch_add(batch.into(), Relaxed);
-                if sent == plan.messages {
-                    sending = false;
+            // Optimistic write: the socket almost always has room.
+            if written < out.len() {
+                match wr.try_send(&out[written..]) {
+                    Ok(n) => written += n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => break End::Failed(format!("write: {err}")),
                 }
             }
-        }
-        // Optimistic write: the socket almost always has room.
-        if written < out.len() {
-            match wr.try_send(&out[written..]) {
-                Ok(n) => written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => break End::Failed(format!("write: {err}")),
+            let all_sent = !sending && written == out.len();
+            if !complete && started && all_sent && receiver.counts.delivered >= plan.expect {
+                // Done, but stay connected (and keep reading) until everyone is:
+                // a departure now would make the server announce it to clients
+                // still being measured.
+                complete = true;
+                shared.finished.fetch_add(1, Relaxed);
             }
-        }
-        let all_sent = !sending && written == out.len();
-        if !complete && started && all_sent && receiver.counts.delivered >= plan.expect {
-            // Done, but stay connected (and keep reading) until everyone is:
-            // a departure now would make the server announce it to clients
-            // still being measured.
-            complete = true;
+            tokio::select! {
+                biased;
+                _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
+                _ = &mut start, if !started => started = true,
+                read = read_into(&mut rd, &mut reader, &mut ws) => match read {
+                    Ok(0) => break End::Closed,
+                    Ok(_) => {
+                        if written == out.len() {
+                            answer_ws_pings(&mut ws, &mut wr);
+                        }
+                        let now = now_ns();
+                        let before = receiver.counts.delivered;
+                        reader.lines(|line| receiver.on_line(line, now));
+                        shared.delivered.fetch_add(receiver.counts.delivered - before, Relaxed);
+                    }
+                    Err(err) => break End::Failed(format!("read: {err}")),
+                },
+                ready = wr.ready(), if written < out.len() || wr.needs_flush() => {
+                    if let Err(err) = ready {
+                        break End::Failed(format!("write: {err}"));
+                    }
+                }
+            }
+        };
+        if !complete {
             shared.finished.fetch_add(1, Relaxed);
         }
-        tokio::select! {
-            biased;
-            _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
-            _ = &mut start, if !started => started = true,
-            read = read_into(&mut rd, &mut reader, &mut ws) => match read {
-                Ok(0) => break End::Closed,
-                Ok(_) => {
-                    if written == out.len() {
-                        answer_ws_pings(&mut ws, &mut wr);
-                    }
-                    let now = now_ns();
-                    let before = receiver.counts.delivered;
-                    reader.lines(|line| receiver.on_line(line, now));
-                    shared.delivered.fetch_add(receiver.counts.delivered - before, Relaxed);
-                }
-                Err(err) => break End::Failed(format!("read: {err}")),
-            },
-            ready = wr.ready(), if written < out.len() || wr.needs_flush() => {
-                if let Err(err) = ready {
-                    break End::Failed(format!("write: {err}"));
-                }
-            }
+        ClientResult {
+            receiver,
+            sent,
+            end,
         }
-    };
-    if !complete {
-        shared.finished.fetch_add(1, Relaxed);
     }
-    ClientResult {
-        receiver,
-        sent,
-        end,
-    }
-}
 }
 
 /// Counts shared by the lean clients of one scenario.

@@ -133,13 +133,9 @@ impl ServerCertVerifier for PinnedOrChain {
             return Ok(ServerCertVerified::assertion());
         }
         match &self.chain {
-            Some(chain) => chain.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            ),
+            Some(chain) => {
+                chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
             None => Err(rustls::Error::General(
                 "the server's certificate is not in --tls-ca".into(),
             )),

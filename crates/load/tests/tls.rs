@@ -45,7 +45,8 @@ fn options(
     opts.duration = Duration::from_secs(20);
     opts.hold = Duration::from_millis(100);
     opts.protocol = protocol;
-    opts.tls = Some(TlsClient::from_ca_file(ca).map_err(|err| io::Error::other(format!("{err:#}")))?);
+    opts.tls =
+        Some(TlsClient::from_ca_file(ca).map_err(|err| io::Error::other(format!("{err:#}")))?);
     Ok(opts)
 }
 
@@ -130,7 +131,12 @@ async fn a_server_the_ca_did_not_sign_is_refused() -> io::Result<()> {
     let pki = TestPki::generate("load-ours")?;
     let stranger = TestPki::generate("load-stranger")?;
     let server = tls_server(&pki)?;
-    let opts = options(Scenario::Fanout, server.addr(), Protocol::Line, &stranger.ca)?;
+    let opts = options(
+        Scenario::Fanout,
+        server.addr(),
+        Protocol::Line,
+        &stranger.ca,
+    )?;
     let err = match run(Scenario::Fanout, &opts).await {
         Ok(report) => return Err(io::Error::other(format!("ran: {}", report.to_table()))),
         Err(err) => err.to_string(),
@@ -148,7 +154,8 @@ async fn tls_refuses_the_scenarios_it_does_not_run() -> io::Result<()> {
         Ok(report) => return Err(io::Error::other(format!("ran: {}", report.to_table()))),
         Err(err) => err.to_string(),
     };
-    ensure(err.contains("--tls runs fanout, slow and idle only"), || {
-        err.clone()
-    })
+    ensure(
+        err.contains("--tls runs fanout, slow and idle only"),
+        || err.clone(),
+    )
 }

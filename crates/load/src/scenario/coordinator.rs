@@ -21,8 +21,8 @@ use crate::client::{
 use crate::payload::Codec;
 use crate::proc::{self, Proc};
 use crate::protocol::{self, Framing, Protocol};
-use crate::tls::TlsClient;
 use crate::report::{self, Deliveries, Latency, Report, ServerUsage};
+use crate::tls::TlsClient;
 
 /// How long arrival announcements may go without progress before the tool
 /// stops waiting for the rest (the seed can lose some; see `settle`).
@@ -243,8 +243,8 @@ pub(super) async fn connect_client(
         &opts.subject,
         opts.tls.as_ref(),
     )
-        .await
-        .with_context(|| format!("client {} of {}", i + 1, opts.clients))
+    .await
+    .with_context(|| format!("client {} of {}", i + 1, opts.clients))
 }
 
 /// How long routed NATS servers get to tell each other about new
