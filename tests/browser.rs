@@ -6,6 +6,10 @@
 //! is shown as text and runs nothing; the page reconnects by itself after
 //! the server restarts on the same port. A screenshot of the page is kept
 //! at `target/browser/page.png` (the README's `docs/web.png` is one).
+//! Under `--password-file` and `--names` the page asks for both, from the
+//! keyboard alone: a wrong password shows the server's error, the right
+//! one lets it in, a taken name is refused and another chosen, and the
+//! chosen name is what a terminal in the room sees.
 //!
 //! Without chromium and chromedriver the test says so loudly and passes;
 //! with `CI` or `CHAT_REQUIRE_CHROMIUM` set it fails instead.
@@ -20,7 +24,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{Config, Model};
+use chat_server::{Config, Model, Password};
 use chat_testkit::process::installed_or_skip;
 use common::ensure;
 use serde_json::{json, Value};
@@ -168,6 +172,80 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
     })?;
     browser.screenshot("reconnected.png").await?;
     // No alert was ever opened (a command with one open would have failed).
+    browser.quit().await
+}
+
+/// The page's password and name prompts, typed at the keyboard (each
+/// keystroke goes to whatever has the focus, which the page must have put
+/// on its input), with a terminal in the room under the same rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
+    let require = "CHAT_REQUIRE_CHROMIUM";
+    let package = "chromium chromium-driver";
+    let Some(_) = installed_or_skip(&["chromium"], require, package, "browser")? else {
+        return Ok(());
+    };
+    let Some(driver) = installed_or_skip(&["chromedriver"], require, package, "browser")? else {
+        return Ok(());
+    };
+    let server = TestServer::start(Config {
+        web_addr: Some("127.0.0.1:0".into()),
+        password: Some(Password::new("open sesame")),
+        names: true,
+        announce_present: true,
+        ..Config::with_model(Model::Sharded)
+    })?;
+    let web = server
+        .web_addr()
+        .ok_or_else(|| io::Error::other("no web address"))?;
+
+    // A terminal takes the name "tess" first.
+    let mut terminal = TestClient::connect_raw(server.addr()).await?;
+    terminal.send("open sesame").await?;
+    terminal.expect(chat_wire::NAME_PROMPT).await?;
+    terminal.send("tess").await?;
+    terminal.expect(&chat_wire::greeting("tess")).await?;
+    terminal.who = "tess".into();
+    terminal.expect(&chat_wire::present::<&str>(&[])).await?;
+
+    let browser = Browser::start(driver).await?;
+    browser.navigate(&format!("http://{web}/")).await?;
+
+    // The page knows a password is needed before it connects at all.
+    browser.wait_for_prompt("Password", "password").await?;
+    browser.type_keys("guess").await?;
+    browser.wait_for_notice(chat_wire::WRONG_PASSWORD).await?;
+    browser.wait_for_prompt("Password", "password").await?;
+    browser.type_keys("open sesame").await?;
+
+    // Let in, it is asked for a name; a taken one is refused.
+    browser.wait_for_prompt("Your name", "text").await?;
+    browser.type_keys("tess").await?;
+    browser.wait_for_notice(chat_wire::NAME_TAKEN).await?;
+    browser.wait_for_prompt("Your name", "text").await?;
+    browser.type_keys("ann").await?;
+    browser.wait_for_prompt("Message", "text").await?;
+    browser.wait_for_line(&chat_wire::greeting("ann")).await?;
+
+    // The chosen name is what the room sees.
+    terminal.expect(&chat_wire::arrived("ann")).await?;
+    browser.type_keys("hello tess").await?;
+    let hello = chat_wire::chat("ann", "hello tess");
+    terminal.expect(&hello).await?;
+    browser.wait_for_line(&hello).await?;
+    terminal.send("hi ann").await?;
+    browser
+        .wait_for_line(&chat_wire::chat("tess", "hi ann"))
+        .await?;
+
+    // Who is here: the present line the page was sent, and itself.
+    browser
+        .wait_for(
+            "return [...document.querySelectorAll('#people li')].map(li => li.textContent);",
+            |people| *people == json!(["ann (you)", "tess"]),
+        )
+        .await?;
+    browser.screenshot("names.png").await?;
     browser.quit().await
 }
 
@@ -396,6 +474,47 @@ impl Browser {
             })
             .ok_or_else(|| io::Error::other("no greeting"))?;
         Ok(greeting.to_string())
+    }
+
+    /// Waits until the page's input is enabled, has the focus, is labelled
+    /// `label` and is of `kind` (`password` hides what is typed).
+    async fn wait_for_prompt(&self, label: &str, kind: &str) -> io::Result<()> {
+        let expected = json!([label, kind, true, true]);
+        self.wait_for(
+            "const input = document.getElementById('input');
+             return [document.getElementById('prompt').textContent, input.type,
+                     !input.disabled, document.activeElement === input];",
+            |state| *state == expected,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Waits until the page's notice (its `role=alert` line) holds `text`.
+    async fn wait_for_notice(&self, text: &str) -> io::Result<()> {
+        self.wait_for(
+            "const notice = document.getElementById('notice');
+             return notice.hidden ? '' : notice.textContent;",
+            |notice| notice.as_str().is_some_and(|notice| notice.contains(text)),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Presses the keys of `text`, then Enter, as a keyboard would: they
+    /// go to whatever has the focus.
+    async fn type_keys(&self, text: &str) -> io::Result<()> {
+        let mut keys: Vec<Value> = Vec::new();
+        for key in text.chars().map(String::from).chain([ENTER.to_string()]) {
+            keys.push(json!({ "type": "keyDown", "value": key }));
+            keys.push(json!({ "type": "keyUp", "value": key }));
+        }
+        let actions = json!({ "actions": [
+            { "type": "key", "id": "keyboard", "actions": keys }
+        ]});
+        self.request("POST", &self.path("/actions"), Some(actions))
+            .await
+            .map(drop)
     }
 
     /// Types `text` into the page's input and presses Enter.

@@ -28,6 +28,9 @@ for_each_model!(
     a_flooding_browser_is_cut_off,
 );
 
+#[cfg(feature = "cluster")]
+for_each_model!(a_browser_and_a_terminal_chat_across_nodes);
+
 fn web(model: Model) -> Config {
     Config {
         web_addr: Some("127.0.0.1:0".into()),
@@ -781,4 +784,95 @@ async fn an_unfinished_message_counts_towards_the_memory_budget() -> io::Result<
             format!("closed without the memory notice: {opcode} {payload:?}")
         })?;
     }
+}
+
+/// Under `--cluster` a browser is one more participant on its node: a
+/// WebSocket client on one node and a netcat-style client on another (two
+/// nodes, a real `nats-server`), both named under `--names`, hear each
+/// other's arrival, lines and departure, both ways. Without `nats-server`
+/// the test says so and passes, unless `CI` or `CHAT_REQUIRE_NATS` is set.
+#[cfg(feature = "cluster")]
+async fn a_browser_and_a_terminal_chat_across_nodes(model: Model) -> io::Result<()> {
+    use chat_server::ClusterConfig;
+    use chat_server::ClusterCounters;
+    use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
+    use tokio::time::Instant;
+
+    let Some(broker) = common::nats::Broker::start()? else {
+        return Ok(());
+    };
+    // A longer bound on each broker call: the room's first named join
+    // makes the names bucket (as in tests/cluster_names.rs).
+    let cluster = || ClusterConfig {
+        ack_timeout: Duration::from_secs(3),
+        ..test_cluster(&broker.url())
+    };
+    let config = || Config {
+        names: true,
+        ..web(model)
+    };
+    let nodes = [
+        Node::start_with(cluster(), config())?,
+        Node::start_with(cluster(), config())?,
+    ];
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+
+    // Names are refused while a node cannot reach the names bucket yet:
+    // ask again, as a person would, within a bound.
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let heard_before = ClusterCounters::get(&nodes[0].counters.received);
+    let mut terminal = TestClient::connect_raw(nodes[1].addr()).await?;
+    terminal.expect(chat_wire::NAME_PROMPT).await?;
+    loop {
+        terminal.send("tess").await?;
+        let answer = terminal.line().await?;
+        if answer == chat_wire::greeting("tess") {
+            terminal.who = "tess".into();
+            break;
+        }
+        ensure(
+            answer == chat_wire::NAMES_UNAVAILABLE && Instant::now() < deadline,
+            || format!("the terminal asked for tess, got {answer:?}"),
+        )?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The terminal's arrival reaches the browser's node before the browser
+    // comes (as in one process, where it would not be told of it).
+    wait_for(
+        &nodes[0].counters.received,
+        heard_before + 1,
+        "the terminal's arrival on node 0",
+    )
+    .await?;
+    let mut browser = WsClient::connect_raw(web_addr(&nodes[0].server)?).await?;
+    browser.expect(chat_wire::NAME_PROMPT).await?;
+    loop {
+        browser.send("bree").await?;
+        let answer = browser.line().await?;
+        if answer == chat_wire::greeting("bree") {
+            browser.who = "bree".into();
+            break;
+        }
+        ensure(
+            answer == chat_wire::NAMES_UNAVAILABLE && Instant::now() < deadline,
+            || format!("the browser asked for bree, got {answer:?}"),
+        )?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    terminal.expect(&chat_wire::arrived("bree")).await?;
+
+    browser.send("hello from a browser on node 0").await?;
+    let from_browser = chat_wire::chat("bree", "hello from a browser on node 0");
+    terminal.expect(&from_browser).await?;
+    browser.expect(&from_browser).await?;
+
+    terminal.send("hello from a terminal on node 1").await?;
+    let from_terminal = chat_wire::chat("tess", "hello from a terminal on node 1");
+    browser.expect(&from_terminal).await?;
+    terminal.expect(&from_terminal).await?;
+
+    drop(browser);
+    terminal.expect(&chat_wire::left("bree")).await
 }

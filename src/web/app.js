@@ -33,6 +33,9 @@
   let password = null;
   let name = null;
   let me = null;
+  // The server's last `error: ...` line on this connection, kept for the
+  // notice shown when the connection then ends (a wrong password).
+  let lastError = null;
   // "password" (asking for it), "name" (the server asked for one), "chat".
   let mode = "chat";
   const present = new Set();
@@ -115,6 +118,7 @@
     if (line.startsWith("error: ")) {
       show(line, "error");
       say(line);
+      lastError = line;
       if (line === "error: wrong password") {
         password = null;
       } else if (mode === "name") {
@@ -166,6 +170,7 @@
   function connect() {
     clearTimeout(retryTimer);
     me = null;
+    lastError = null;
     setStatus("connecting…");
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     const ws = new WebSocket(scheme + location.host + "/ws");
@@ -190,12 +195,15 @@
       const why = event.reason ? ` (${event.reason})` : "";
       if (settings.password && password === null) {
         setStatus("disconnected");
-        say(`Disconnected${why}. Enter the password to join again.`);
+        // The server's own words first: "error: wrong password".
+        say(lastError ? `${lastError}. Enter the password again.`
+          : `Disconnected${why}. Enter the password to join again.`);
         setMode("password");
         return;
       }
       setStatus("disconnected");
-      say(`Disconnected from the server${why}; reconnecting in ${Math.ceil(delay / 1000)} s…`);
+      const told = lastError ? `${lastError}. ` : "";
+      say(`${told}Disconnected from the server${why}; reconnecting in ${Math.ceil(delay / 1000)} s…`);
       retryTimer = setTimeout(reconnect, delay);
     };
   }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ pub use chat_testkit::LineReader;
 
 use crate::payload::{now_ns, Codec, Order, OrderTracker, Payload};
 use crate::protocol::{Framing, Protocol};
+use crate::tls::{SendHalf, Stream, TlsClient, TlsSend};
 
 /// Bytes asked for per read on the measured path: few system calls per line
 /// when the server batches its writes.
@@ -52,7 +53,8 @@ pub const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connected, greeted client.
 #[derive(Debug)]
 pub struct Conn {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS over it (`--tls`).
+    pub stream: Stream,
     /// `IP:PORT` (or our name) as the server named us in its greeting.
     pub who: String,
     /// What was read after the greeting, and room for more.
@@ -90,10 +92,10 @@ pub async fn read_into(
 }
 
 /// Answers the pings a WebSocket deframer has seen, best effort.
-fn answer_ws_pings(ws: &mut Option<crate::ws::WsIn>, stream: &TcpStream) {
+fn answer_ws_pings(ws: &mut Option<crate::ws::WsIn>, wr: &mut impl SendHalf) {
     if let Some(crate::ws::WsIn { deframer, .. }) = ws {
         while deframer.pings > 0
-            && stream.try_write(&crate::ws::PONG).ok() == Some(crate::ws::PONG.len())
+            && wr.try_send(&crate::ws::PONG).ok() == Some(crate::ws::PONG.len())
         {
             deframer.pings -= 1;
         }
@@ -102,16 +104,16 @@ fn answer_ws_pings(ws: &mut Option<crate::ws::WsIn>, stream: &TcpStream) {
 
 /// Connects to `addr` and reads the greeting (`You are IP:PORT`, or under
 /// `--names` `You are load<pid>.<n>` after naming itself), keeping
-/// anything that arrived with it. `buffer` is the read buffer's size.
-pub async fn connect(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
-    let stream = timeout(GREETING_TIMEOUT, TcpStream::connect(addr))
+/// anything that arrived with it. `buffer` is the read buffer's size; with
+/// `tls`, the connection speaks TLS.
+pub async fn connect(
+    addr: SocketAddr,
+    buffer: usize,
+    tls: Option<&TlsClient>,
+) -> anyhow::Result<Conn> {
+    let stream = timeout(GREETING_TIMEOUT, crate::tls::dial(addr, tls))
         .await
-        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))?
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    // The server sets TCP_NODELAY on its side; our sends are batched by the
-    // window already, and Nagle would add delay to the rate scenario's
-    // single lines.
-    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+        .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
     let conn = Conn {
         stream,
         who: String::new(),
@@ -167,6 +169,7 @@ async fn greeted_line(conn: &mut Conn) -> anyhow::Result<String> {
         .write_all(&name)
         .await
         .context("sending a name")?;
+    conn.stream.flush().await.context("sending a name")?;
     read_first_line(conn).await
 }
 
@@ -464,138 +467,177 @@ pub struct ClientResult {
 pub async fn run_client(
     conn: Conn,
     plan: Plan,
-    mut receiver: Receiver,
+    receiver: Receiver,
     codec: Codec,
     shared: Arc<Shared>,
 ) -> ClientResult {
     let Conn {
-        mut stream,
-        mut reader,
+        stream,
+        reader,
         publisher,
-        mut ws,
+        ws,
         ..
     } = conn;
+    let run = ClientRun {
+        plan,
+        receiver,
+        codec,
+        shared,
+        reader,
+        ws,
+    };
     // `read` (not `readable` + `try_read`) because tokio clears the read
     // readiness after a short read: one system call per wake-up instead of
     // a second one that only says "would block", which matters at one line
     // per wake-up in the rate scenario.
-    let (mut rd, own_wr) = stream.split();
-    let wr: &TcpStream = match &publisher {
-        Some(publisher) => publisher,
-        None => own_wr.as_ref(),
-    };
-    // Created once, not per loop turn: polling a fresh `cancelled()` future
-    // registers a waiter under the token's lock, which every client shares.
-    let stop = shared.stop.clone();
-    let start = shared.start.clone();
-    let mut stop = pin!(stop.cancelled());
-    let mut start = pin!(start.cancelled());
-    let mut out: Vec<u8> = Vec::with_capacity(plan.window as usize * (codec.size() + 1));
-    let mut written = 0usize;
-    let mut sent = 0u32;
-    let mut started = false;
-    let mut sending = plan.messages > 0;
-    let mut complete = false;
+    match stream {
+        Stream::Tcp(mut tcp) => {
+            let (rd, own_wr) = tcp.split();
+            match &publisher {
+                Some(publisher) => run.drive(rd, publisher).await,
+                None => run.drive(rd, own_wr.as_ref()).await,
+            }
+        }
+        Stream::Tls(tls) => {
+            let (rd, wr) = tokio::io::split(*tls);
+            run.drive(rd, TlsSend::new(wr)).await
+        }
+    }
+}
 
-    // Lines that came with the greeting.
-    let mut last_arrivals = 0;
-    let now = now_ns();
-    reader.lines(|line| receiver.on_line(line, now));
+/// What [`run_client`] drives, whichever its connection.
+struct ClientRun {
+    plan: Plan,
+    receiver: Receiver,
+    codec: Codec,
+    shared: Arc<Shared>,
+    reader: LineReader,
+    ws: Option<crate::ws::WsIn>,
+}
 
-    let end = loop {
-        if receiver.counts.arrivals != last_arrivals {
-            shared
-                .arrivals
-                .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
-            last_arrivals = receiver.counts.arrivals;
-        }
-        // Refill only once the previous batch is fully written, so a batch
-        // is one write in the common case.
-        if written == out.len() && receiver.pings_due > 0 {
-            out.clear();
-            written = 0;
-            if plan.answer_pings {
-                for _ in 0..receiver.pings_due {
-                    out.extend_from_slice(b"PONG\r\n");
+impl ClientRun {
+    async fn drive(self, mut rd: impl AsyncRead + Unpin, mut wr: impl SendHalf) -> ClientResult {
+        let ClientRun {
+            plan,
+            mut receiver,
+            codec,
+            shared,
+            mut reader,
+            mut ws,
+        } = self;
+        // Created once, not per loop turn: polling a fresh `cancelled()` future
+        // registers a waiter under the token's lock, which every client shares.
+        let stop = shared.stop.clone();
+        let start = shared.start.clone();
+        let mut stop = pin!(stop.cancelled());
+        let mut start = pin!(start.cancelled());
+        let mut out: Vec<u8> = Vec::with_capacity(plan.window as usize * (codec.size() + 1));
+        let mut written = 0usize;
+        let mut sent = 0u32;
+        let mut started = false;
+        let mut sending = plan.messages > 0;
+        let mut complete = false;
+
+        // Lines that came with the greeting.
+        let mut last_arrivals = 0;
+        let now = now_ns();
+        reader.lines(|line| receiver.on_line(line, now));
+
+        let end = loop {
+            if receiver.counts.arrivals != last_arrivals {
+                shared
+                    .arrivals
+                    .fetch_add(receiver.counts.arrivals - last_arrivals, Relaxed);
+                last_arrivals = receiver.counts.arrivals;
+            }
+            // Refill only once the previous batch is fully written, so a batch
+            // is one write in the common case.
+            if written == out.len() && receiver.pings_due > 0 {
+                out.clear();
+                written = 0;
+                if plan.answer_pings {
+                    for _ in 0..receiver.pings_due {
+                        out.extend_from_slice(b"PONG\r\n");
+                    }
+                }
+                receiver.pings_due = 0;
+            }
+            if started && sending && (written == out.len() || written == 0) {
+                let in_flight = u64::from(sent) - receiver.counts.own;
+                let room = u64::from(plan.window).saturating_sub(in_flight);
+                let batch = room.min(u64::from(plan.messages - sent)) as u32;
+                if batch > 0 {
+                    if written == out.len() {
+                        out.clear();
+                        written = 0;
+                    }
+                    let sent_ns = now_ns();
+                    for seq in sent..sent + batch {
+                        plan.framing.encode_into(
+                            &codec,
+                            &mut out,
+                            Payload {
+                                sender: plan.id,
+                                seq,
+                                sent_ns,
+                            },
+                        );
+                    }
+                    sent += batch;
+                    shared.sent.fetch_add(batch.into(), Relaxed);
+                    if sent == plan.messages {
+                        sending = false;
+                    }
                 }
             }
-            receiver.pings_due = 0;
-        }
-        if started && sending && (written == out.len() || written == 0) {
-            let in_flight = u64::from(sent) - receiver.counts.own;
-            let room = u64::from(plan.window).saturating_sub(in_flight);
-            let batch = room.min(u64::from(plan.messages - sent)) as u32;
-            if batch > 0 {
-                if written == out.len() {
-                    out.clear();
-                    written = 0;
-                }
-                let sent_ns = now_ns();
-                for seq in sent..sent + batch {
-                    plan.framing.encode_into(
-                        &codec,
-                        &mut out,
-                        Payload {
-                            sender: plan.id,
-                            seq,
-                            sent_ns,
-                        },
-                    );
-                }
-                sent += batch;
-                shared.sent.fetch_add(batch.into(), Relaxed);
-                if sent == plan.messages {
-                    sending = false;
+            // Optimistic write: the socket almost always has room.
+            if written < out.len() {
+                match wr.try_send(&out[written..]) {
+                    Ok(n) => written += n,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => break End::Failed(format!("write: {err}")),
                 }
             }
-        }
-        // Optimistic write: the socket almost always has room.
-        if written < out.len() {
-            match wr.try_write(&out[written..]) {
-                Ok(n) => written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => break End::Failed(format!("write: {err}")),
+            let all_sent = !sending && written == out.len();
+            if !complete && started && all_sent && receiver.counts.delivered >= plan.expect {
+                // Done, but stay connected (and keep reading) until everyone is:
+                // a departure now would make the server announce it to clients
+                // still being measured.
+                complete = true;
+                shared.finished.fetch_add(1, Relaxed);
             }
-        }
-        let all_sent = !sending && written == out.len();
-        if !complete && started && all_sent && receiver.counts.delivered >= plan.expect {
-            // Done, but stay connected (and keep reading) until everyone is:
-            // a departure now would make the server announce it to clients
-            // still being measured.
-            complete = true;
+            tokio::select! {
+                biased;
+                _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
+                _ = &mut start, if !started => started = true,
+                read = read_into(&mut rd, &mut reader, &mut ws) => match read {
+                    Ok(0) => break End::Closed,
+                    Ok(_) => {
+                        if written == out.len() {
+                            answer_ws_pings(&mut ws, &mut wr);
+                        }
+                        let now = now_ns();
+                        let before = receiver.counts.delivered;
+                        reader.lines(|line| receiver.on_line(line, now));
+                        shared.delivered.fetch_add(receiver.counts.delivered - before, Relaxed);
+                    }
+                    Err(err) => break End::Failed(format!("read: {err}")),
+                },
+                ready = wr.ready(), if written < out.len() || wr.needs_flush() => {
+                    if let Err(err) = ready {
+                        break End::Failed(format!("write: {err}"));
+                    }
+                }
+            }
+        };
+        if !complete {
             shared.finished.fetch_add(1, Relaxed);
         }
-        tokio::select! {
-            biased;
-            _ = &mut stop => break if complete { End::Complete } else { End::Stopped },
-            _ = &mut start, if !started => started = true,
-            read = read_into(&mut rd, &mut reader, &mut ws) => match read {
-                Ok(0) => break End::Closed,
-                Ok(_) => {
-                    if written == out.len() {
-                        answer_ws_pings(&mut ws, wr);
-                    }
-                    let now = now_ns();
-                    let before = receiver.counts.delivered;
-                    reader.lines(|line| receiver.on_line(line, now));
-                    shared.delivered.fetch_add(receiver.counts.delivered - before, Relaxed);
-                }
-                Err(err) => break End::Failed(format!("read: {err}")),
-            },
-            ready = wr.writable(), if written < out.len() => {
-                if let Err(err) = ready {
-                    break End::Failed(format!("write: {err}"));
-                }
-            }
+        ClientResult {
+            receiver,
+            sent,
+            end,
         }
-    };
-    if !complete {
-        shared.finished.fetch_add(1, Relaxed);
-    }
-    ClientResult {
-        receiver,
-        sent,
-        end,
     }
 }
 
@@ -614,11 +656,27 @@ pub struct CounterShared {
 /// Returns whether the connection was still open at the end.
 pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
     let Conn {
-        mut stream,
-        mut reader,
-        mut ws,
-        ..
+        stream, reader, ws, ..
     } = conn;
+    match stream {
+        Stream::Tcp(mut tcp) => {
+            let (rd, wr) = tcp.split();
+            count(rd, wr.as_ref(), reader, ws, shared).await
+        }
+        Stream::Tls(tls) => {
+            let (rd, wr) = tokio::io::split(*tls);
+            count(rd, TlsSend::new(wr), reader, ws, shared).await
+        }
+    }
+}
+
+async fn count(
+    mut rd: impl AsyncRead + Unpin,
+    mut wr: impl SendHalf,
+    mut reader: LineReader,
+    mut ws: Option<crate::ws::WsIn>,
+    shared: Arc<CounterShared>,
+) -> bool {
     let stop = shared.stop.clone();
     let mut stop = pin!(stop.cancelled());
     // What was said before we came is not an announcement.
@@ -638,13 +696,16 @@ pub async fn run_counter(conn: Conn, shared: Arc<CounterShared>) -> bool {
         tokio::select! {
             biased;
             _ = &mut stop => break true,
-            read = read_into(&mut stream, &mut reader, &mut ws) => match read {
+            read = read_into(&mut rd, &mut reader, &mut ws) => match read {
                 Ok(0) | Err(_) => break false,
                 Ok(_) => {
-                    answer_ws_pings(&mut ws, &stream);
+                    answer_ws_pings(&mut ws, &mut wr);
                     let lines = live(&mut reader);
                     shared.lines.fetch_add(lines, Relaxed);
                 }
+            },
+            flushed = wr.ready(), if wr.needs_flush() => if flushed.is_err() {
+                break false;
             }
         }
     };

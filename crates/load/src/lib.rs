@@ -23,6 +23,7 @@
 //!   broker's pub/sub on one subject, with the same payloads and accounting;
 //! - [`ws`]: the chat through its browser door (`--protocol ws`): the
 //!   WebSocket handshake and framing around the same lines;
+//! - [`tls`]: `--tls`, the line protocol or the WebSocket over TLS;
 //! - [`payload`]: the chat line's text, its decoder, the clock and order checking;
 //! - [`proc`]: CPU time, memory and limits from `/proc`;
 //! - [`report`]: one run's results, as a table or JSON;
@@ -68,6 +69,7 @@ pub mod compare;
 pub mod protocol;
 pub mod report;
 pub mod scenario;
+pub mod tls;
 pub mod ws;
 
 pub use chat_testkit::{payload, proc};

@@ -105,6 +105,16 @@ struct LoadArgs {
     #[arg(long, value_enum, default_value_t = Protocol::Line)]
     protocol: Protocol,
 
+    /// Speak TLS (line protocol, or wss:// with --protocol ws) to a server
+    /// started with --tls-cert/--tls-key; fanout, slow and idle.
+    #[arg(long, requires = "tls_ca")]
+    tls: bool,
+
+    /// The PEM certificates --tls trusts: the server's CA, or the server's
+    /// own (self-signed) certificate.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    tls_ca: Option<PathBuf>,
+
     /// The NATS subject or Redis channel for --protocol nats|redis.
     #[arg(long, default_value = load::protocol::DEFAULT_SUBJECT)]
     subject: String,
@@ -293,6 +303,10 @@ fn scenario_options(scenario: Scenario, args: &LoadArgs) -> anyhow::Result<Optio
     o.server_pids = args.server_pid.clone();
     o.protocol = args.protocol;
     o.subject = args.subject.clone();
+    if args.tls {
+        let ca = args.tls_ca.as_ref().context("--tls needs --tls-ca")?;
+        o.tls = Some(load::tls::TlsClient::from_ca_file(ca)?);
+    }
     o.threads = args.common.threads();
     o.progress = !args.common.quiet;
     Ok(o)

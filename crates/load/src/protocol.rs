@@ -23,12 +23,13 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::client::{self, Conn, LineReader, GREETING_TIMEOUT};
 use crate::payload::{Codec, Payload};
+use crate::tls::{Stream, TlsClient};
 
 /// The subject (NATS) or channel (Redis) the clients share by default.
 pub const DEFAULT_SUBJECT: &str = "chat-load";
@@ -161,16 +162,24 @@ impl Framing {
 /// subscribes it to `subject`; returns once the subscription is in place
 /// (NATS: the `PONG` after `SUB`; Redis: the `subscribe` confirmation), so
 /// nothing published afterwards by a client of the same server is missed.
+/// `tls` is for the chat's protocols only (the brokers are spoken in plain
+/// TCP).
 pub async fn connect(
     protocol: Protocol,
     addr: SocketAddr,
     buffer: usize,
     subject: &str,
+    tls: Option<&TlsClient>,
 ) -> anyhow::Result<Conn> {
+    if tls.is_some() && !protocol.is_chat() {
+        bail!("--tls is for --protocol line and ws only");
+    }
     match protocol {
-        Protocol::Line => client::connect(addr, buffer).await,
+        Protocol::Line => client::connect(addr, buffer, tls).await,
         Protocol::Ws => {
-            let conn = crate::ws::open(addr, buffer).await?;
+            let conn = timeout(GREETING_TIMEOUT, crate::ws::open(addr, buffer, tls))
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting to {addr} timed out"))??;
             client::greet(conn, addr).await
         }
         Protocol::Nats => {
@@ -203,7 +212,10 @@ pub async fn connect(
             )
             .await?;
             wait_for(&mut publisher, addr, |line| line == "+PONG").await?;
-            conn.publisher = Some(publisher.stream);
+            let Stream::Tcp(tcp) = publisher.stream else {
+                bail!("a Redis publisher over TLS");
+            };
+            conn.publisher = Some(tcp);
             Ok(conn)
         }
     }
@@ -218,7 +230,7 @@ async fn open(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
     stream.set_nodelay(true).context("setting TCP_NODELAY")?;
     let who = stream.local_addr().context("local address")?.to_string();
     Ok(Conn {
-        stream,
+        stream: Stream::Tcp(stream),
         who,
         reader: LineReader::new(buffer),
         publisher: None,
@@ -226,7 +238,7 @@ async fn open(addr: SocketAddr, buffer: usize) -> anyhow::Result<Conn> {
     })
 }
 
-async fn send(stream: &mut TcpStream, bytes: &[u8]) -> anyhow::Result<()> {
+async fn send(stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> anyhow::Result<()> {
     timeout(GREETING_TIMEOUT, stream.write_all(bytes))
         .await
         .map_err(|_| anyhow::anyhow!("sending the handshake timed out"))?
@@ -252,7 +264,10 @@ async fn wait_for(
 }
 
 /// One line, within [`GREETING_TIMEOUT`].
-async fn read_line(stream: &mut TcpStream, reader: &mut LineReader) -> anyhow::Result<String> {
+async fn read_line(
+    stream: &mut (impl AsyncRead + Unpin),
+    reader: &mut LineReader,
+) -> anyhow::Result<String> {
     timeout(GREETING_TIMEOUT, async {
         loop {
             if let Some(line) = reader.next_line() {

@@ -16,21 +16,29 @@
 use std::net::SocketAddr;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::tls::TlsClient;
 
 /// A pong with no payload, masked (the key is zero).
 pub const PONG: [u8; 6] = [0x8A, 0x80, 0, 0, 0, 0];
 
 /// Sends the upgrade request for `/ws` and reads the `101` answer; returns
 /// whatever arrived after it (already the first frames, usually).
-pub async fn handshake(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<Vec<u8>> {
+pub async fn handshake(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    addr: SocketAddr,
+) -> anyhow::Result<Vec<u8>> {
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: Y2hhdC1sb2FkIGNsaWVudA==\r\n\r\n"
     );
     stream
         .write_all(request.as_bytes())
+        .await
+        .context("sending the WebSocket handshake")?;
+    stream
+        .flush()
         .await
         .context("sending the WebSocket handshake")?;
     let mut answer = Vec::with_capacity(512);
@@ -198,13 +206,15 @@ impl WsIn {
     }
 }
 
-/// Connects to the web door at `addr`: TCP, the handshake, and a conn
-/// whose reader holds what came after the handshake, as lines.
-pub async fn open(addr: SocketAddr, buffer: usize) -> anyhow::Result<crate::client::Conn> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+/// Connects to the web door at `addr`: TCP (and TLS with `tls`:
+/// `wss://`), the handshake, and a conn whose reader holds what came after
+/// the handshake, as lines.
+pub async fn open(
+    addr: SocketAddr,
+    buffer: usize,
+    tls: Option<&TlsClient>,
+) -> anyhow::Result<crate::client::Conn> {
+    let mut stream = crate::tls::dial(addr, tls).await?;
     let after = handshake(&mut stream, addr).await?;
     let mut ws = WsIn::new(buffer);
     let mut reader = crate::client::LineReader::new(buffer);

@@ -60,7 +60,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
             };
             while Instant::now() < deadline && take() {
                 let start = Instant::now();
-                match client::connect(addr, 512).await {
+                match client::connect(addr, 512, None).await {
                     Ok(conn) => {
                         let _ = latency.record(start.elapsed().as_micros() as u64);
                         drop(conn);

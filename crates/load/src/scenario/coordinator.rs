@@ -22,6 +22,7 @@ use crate::payload::Codec;
 use crate::proc::{self, Proc};
 use crate::protocol::{self, Framing, Protocol};
 use crate::report::{self, Deliveries, Latency, Report, ServerUsage};
+use crate::tls::TlsClient;
 
 /// How long arrival announcements may go without progress before the tool
 /// stops waiting for the rest (the seed can lose some; see `settle`).
@@ -222,8 +223,9 @@ pub(super) async fn connect_one(
     i: usize,
     n: usize,
     buffer: usize,
+    tls: Option<&TlsClient>,
 ) -> anyhow::Result<Conn> {
-    client::connect(addr, buffer)
+    client::connect(addr, buffer, tls)
         .await
         .with_context(|| format!("client {} of {n}", i + 1))
 }
@@ -234,9 +236,15 @@ pub(super) async fn connect_client(
     i: usize,
     buffer: usize,
 ) -> anyhow::Result<Conn> {
-    protocol::connect(opts.protocol, opts.addr_for(i), buffer, &opts.subject)
-        .await
-        .with_context(|| format!("client {} of {}", i + 1, opts.clients))
+    protocol::connect(
+        opts.protocol,
+        opts.addr_for(i),
+        buffer,
+        &opts.subject,
+        opts.tls.as_ref(),
+    )
+    .await
+    .with_context(|| format!("client {} of {}", i + 1, opts.clients))
 }
 
 /// How long routed NATS servers get to tell each other about new
@@ -425,7 +433,7 @@ pub(super) async fn connect_counters(
     for i in 0..n {
         let conn = match opts.protocol {
             Protocol::Ws => connect_client(opts, i, COUNTER_CHUNK).await?,
-            _ => connect_one(opts.addr_for(i), i, n, COUNTER_CHUNK).await?,
+            _ => connect_one(opts.addr_for(i), i, n, COUNTER_CHUNK, opts.tls.as_ref()).await?,
         };
         handles.push(tokio::spawn(run_counter(conn, shared.clone())));
         progress.tick("connected", i as u64 + 1, || {

@@ -26,7 +26,7 @@ const FLOOD_LINE: &[u8; 100] = &{
 pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     // Connected first, so that the ordinary clients never hear it arrive;
     // it hears them, and drains whatever it is sent.
-    let flooder = client::connect(opts.addr, READ_CHUNK)
+    let flooder = client::connect(opts.addr, READ_CHUNK, None)
         .await
         .context("the flooder")?;
     rate::open_loop(opts, Some(flooder)).await
@@ -37,7 +37,9 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
 /// resets the connection, so that the server does not read through
 /// megabytes of kernel buffers before it sees it end.
 pub(super) async fn flood(conn: Conn, stop: CancellationToken) -> report::Flood {
-    let stream = conn.stream;
+    // The flooder connects in plain TCP (`--tls` does not run `flood`).
+    let owned = conn.stream;
+    let stream = owned.tcp();
     let chunk: Vec<u8> = FLOOD_LINE.repeat(640);
     let mut offset = 0;
     let mut sink = vec![0u8; READ_CHUNK];

@@ -166,6 +166,8 @@ pub struct Options {
     pub protocol: Protocol,
     /// The NATS subject or Redis channel of the broker protocols.
     pub subject: String,
+    /// `--tls`: the clients speak TLS (line and ws; fanout, slow and idle).
+    pub tls: Option<crate::tls::TlsClient>,
     /// Cancelled when the clients start sending (`rate`, `fanout`), for
     /// whoever disturbs a run on cue (`compare`'s broker restart).
     pub sending_started: Option<tokio_util::sync::CancellationToken>,
@@ -217,6 +219,7 @@ impl Options {
             protocol: Protocol::Line,
             subject: DEFAULT_SUBJECT.to_string(),
             sending_started: None,
+            tls: None,
         }
     }
 }
@@ -263,6 +266,19 @@ pub async fn run(scenario: Scenario, opts: &Options) -> anyhow::Result<Report> {
             opts.protocol.name(),
             scenario.name()
         );
+    }
+    if opts.tls.is_some() {
+        if !opts.protocol.is_chat() {
+            bail!("--tls is for --protocol line and ws only");
+        }
+        // The rate pacer and the flooder write to the raw socket from
+        // elsewhere, and churn's joins would measure handshakes.
+        if !matches!(scenario, Scenario::Fanout | Scenario::Slow | Scenario::Idle) {
+            bail!(
+                "--tls runs fanout, slow and idle only, not {}",
+                scenario.name()
+            );
+        }
     }
     match scenario {
         Scenario::Fanout => fanout::run(opts).await,

@@ -21,6 +21,7 @@ use crate::client::{run_client, Conn, Plan, Receiver, Shared, READ_CHUNK};
 use crate::payload::{now_ns, ns_since_origin, Codec};
 use crate::proc;
 use crate::report::{self, Latency, Params, Report};
+use crate::tls::Stream;
 
 /// `rate`: open loop at a fixed rate per client, spread evenly.
 pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
@@ -68,9 +69,13 @@ pub(super) async fn open_loop(opts: &Options, flooder: Option<Conn>) -> anyhow::
         } else {
             // A second handle on the same socket for the pacer thread; both
             // share the non-blocking flag, so the pacer's writes never block.
-            let std_stream = conn.stream.into_std().context("detaching a socket")?;
+            let Stream::Tcp(tcp) = conn.stream else {
+                bail!("the rate scenario does not run over TLS");
+            };
+            let std_stream = tcp.into_std().context("detaching a socket")?;
             writers.push(std_stream.try_clone().context("duplicating a socket")?);
-            conn.stream = TcpStream::from_std(std_stream).context("re-attaching a socket")?;
+            conn.stream =
+                Stream::Tcp(TcpStream::from_std(std_stream).context("re-attaching a socket")?);
         }
         let plan = Plan {
             id: i as u32,

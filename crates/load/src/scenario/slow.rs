@@ -21,7 +21,7 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     fanout::check(opts)?;
     // Connected before the others, so it is registered when they arrive and
     // every line they exchange is queued for it too.
-    let slow = client::connect(opts.addr, 4096)
+    let slow = client::connect(opts.addr, 4096, opts.tls.as_ref())
         .await
         .context("the slow client")?;
     let Exchanged {
