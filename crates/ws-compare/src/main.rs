@@ -1,0 +1,172 @@
+//! `ws-compare`: one minimal chat room served over WebSocket through one of
+//! four framing implementations (`--impl`), so that `chat-load --protocol
+//! ws` can measure them against each other (docs/websocket-crates.md).
+//!
+//! What this crate owns: the shared room ([`room`]), the shared opening
+//! handshake ([`handshake`]) and one module per implementation, each
+//! written the way that crate is meant to be used, with the same task
+//! layout (a reader task and a writer task per connection), the same
+//! bounded queue per client and the same write batching, so that the
+//! framing is the only difference. It is not the server: no lobby, no
+//! limits beyond the message size and the queue bound, no keepalive.
+
+mod fast;
+mod handshake;
+mod ours;
+mod room;
+mod tungstenite;
+mod websockets;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tokio::net::{TcpListener, TcpStream};
+
+use room::Room;
+
+/// A writer hands at most this many bytes of lines to `--impl ours` at once
+/// (the server's writer batches up to 64 KiB too).
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// The crates' writers feed at most this many messages before a flush (a
+/// count, since a sink takes messages: 64 KiB of 64-byte lines).
+pub const BATCH_MESSAGES: usize = 1024;
+
+/// The framing implementations compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Impl {
+    /// The server's own (src/web/ws.rs).
+    Ours,
+    /// tokio-tungstenite with its default configuration.
+    Tungstenite,
+    /// tokio-tungstenite with a 4 KiB read buffer instead of 128 KiB.
+    #[value(name = "tungstenite-4k")]
+    Tungstenite4k,
+    /// tokio-websockets.
+    TokioWebsockets,
+    /// fastwebsockets.
+    Fastwebsockets,
+}
+
+/// One chat room on `GET /ws`, through the chosen WebSocket implementation.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// The WebSocket implementation.
+    #[arg(long = "impl", value_enum)]
+    implementation: Impl,
+    /// Where to listen (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+    /// Runtime worker threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = args.threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("listening on {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ws-compare {:?} listening on {addr}", args.implementation)?;
+    out.flush()?;
+    drop(out);
+    match args.implementation {
+        Impl::Ours => {
+            let room = Arc::new(Room::new(ours::message));
+            serve(listener, room, |stream, who, room| {
+                tokio::spawn(ours::serve(stream, who, room));
+            })
+            .await
+        }
+        Impl::Tungstenite | Impl::Tungstenite4k => {
+            let config = tungstenite::config(args.implementation == Impl::Tungstenite4k);
+            let room = Arc::new(Room::new(tungstenite::message));
+            serve(listener, room, move |stream, who, room| {
+                tokio::spawn(tungstenite::serve(stream, who, room, config));
+            })
+            .await
+        }
+        Impl::TokioWebsockets => {
+            let room = Arc::new(Room::new(websockets::message));
+            serve(listener, room, |stream, who, room| {
+                tokio::spawn(websockets::serve(stream, who, room));
+            })
+            .await
+        }
+        Impl::Fastwebsockets => {
+            let room = Arc::new(Room::new(fast::message));
+            serve(listener, room, |stream, who, room| {
+                tokio::spawn(fast::serve(stream, who, room));
+            })
+            .await
+        }
+    }
+}
+
+/// Accepts connections until Ctrl-C, handing each to `spawn` (a task per
+/// implementation, so that each task is the size of its own future), and
+/// trims the heap after bursts.
+async fn serve<M: Clone + Send + Sync + 'static>(
+    listener: TcpListener,
+    room: Arc<Room<M>>,
+    spawn: impl Fn(TcpStream, String, Arc<Room<M>>),
+) -> anyhow::Result<()> {
+    tokio::spawn(housekeeper(Arc::clone(&room)));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of descriptors, a connection reset before accept:
+                    // the next accept may work.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                spawn(stream, peer.to_string(), Arc::clone(&room));
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Gives the heap's free pages back once a burst (arrivals, a fanout) is
+/// over, as the server does (`src/memory.rs`): idle memory is then
+/// measured alike here and there.
+async fn housekeeper<M: Clone>(room: Arc<Room<M>>) {
+    let mut seen = room.broadcasts.load(Relaxed);
+    let mut busy = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = room.broadcasts.load(Relaxed);
+        if now != seen {
+            busy = true;
+            seen = now;
+        } else if busy {
+            busy = false;
+            chat_server::ws_framing::release_free_memory();
+        }
+    }
+}
