@@ -90,7 +90,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     writeln!(out, "ws-compare {:?} listening on {addr}", args.implementation)?;
     out.flush()?;
     drop(out);
-    match args.implementation {
+    tokio::select! {
+        served = serve_with(listener, args.implementation) => served,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+/// Serves the room on `listener` through `implementation`.
+async fn serve_with(listener: TcpListener, implementation: Impl) -> anyhow::Result<()> {
+    match implementation {
         Impl::Ours => {
             let room = Arc::new(Room::new(ours::message));
             serve(listener, room, |stream, who, room| {
@@ -99,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
         }
         Impl::Tungstenite | Impl::Tungstenite4k => {
-            let config = tungstenite::config(args.implementation == Impl::Tungstenite4k);
+            let config = tungstenite::config(implementation == Impl::Tungstenite4k);
             let room = Arc::new(Room::new(tungstenite::message));
             serve(listener, room, move |stream, who, room| {
                 tokio::spawn(tungstenite::serve(stream, who, room, config));
@@ -123,7 +131,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Accepts connections until Ctrl-C, handing each to `spawn` (a task per
+/// Accepts connections, handing each to `spawn` (a task per
 /// implementation, so that each task is the size of its own future), and
 /// trims the heap after bursts.
 async fn serve<M: Clone + Send + Sync + 'static>(
@@ -133,22 +141,17 @@ async fn serve<M: Clone + Send + Sync + 'static>(
 ) -> anyhow::Result<()> {
     tokio::spawn(housekeeper(Arc::clone(&room)));
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    // Out of descriptors, a connection reset before accept:
-                    // the next accept may work.
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                spawn(stream, peer.to_string(), Arc::clone(&room));
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of descriptors, a connection reset before accept: the
+            // next accept may work.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
+        };
+        let _ = stream.set_nodelay(true);
+        spawn(stream, peer.to_string(), Arc::clone(&room));
     }
 }
 
@@ -168,5 +171,108 @@ async fn housekeeper<M: Clone>(room: Arc<Room<M>>) {
             busy = false;
             chat_server::ws_framing::release_free_memory();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each implementation serves the room as chat-load expects it: the
+    //! greeting, arrivals, everyone's lines to everyone (with chat-load's own
+    //! WebSocket client code).
+
+    use std::time::Duration;
+
+    use chat_load::ws::{encode_text, handshake, Deframer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::time::timeout;
+
+    use super::{serve_with, Impl};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    struct Client {
+        stream: TcpStream,
+        deframer: Deframer,
+        /// Lines received and not yet taken.
+        lines: Vec<u8>,
+    }
+
+    impl Client {
+        async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Client> {
+            let mut stream = TcpStream::connect(addr).await?;
+            let preread = handshake(&mut stream, addr).await?;
+            let mut client = Client {
+                stream,
+                deframer: Deframer::default(),
+                lines: Vec::new(),
+            };
+            client.take(&preread);
+            Ok(client)
+        }
+
+        fn take(&mut self, frames: &[u8]) {
+            let mut out = vec![0; frames.len() + 1];
+            let n = self.deframer.deframe(frames, &mut out);
+            self.lines.extend_from_slice(&out[..n]);
+        }
+
+        async fn line(&mut self) -> anyhow::Result<String> {
+            loop {
+                if let Some(end) = self.lines.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.lines.drain(..=end).collect();
+                    return Ok(String::from_utf8_lossy(&line[..end]).into_owned());
+                }
+                let mut chunk = [0; 4096];
+                let n = timeout(WAIT, self.stream.read(&mut chunk)).await??;
+                anyhow::ensure!(n > 0, "closed");
+                self.take(&chunk[..n]);
+            }
+        }
+
+        async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+            let mut frame = Vec::new();
+            encode_text(&mut frame, line.as_bytes());
+            Ok(self.stream.write_all(&frame).await?)
+        }
+    }
+
+    #[tokio::test]
+    async fn every_implementation_serves_the_room() -> anyhow::Result<()> {
+        for implementation in [
+            Impl::Ours,
+            Impl::Tungstenite,
+            Impl::Tungstenite4k,
+            Impl::TokioWebsockets,
+            Impl::Fastwebsockets,
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let server = tokio::spawn(serve_with(listener, implementation));
+            let mut a = Client::connect(addr).await?;
+            let greeting = a.line().await?;
+            let a_who = chat_wire::greeted(&greeting).unwrap_or_default().to_owned();
+            assert!(!a_who.is_empty(), "{implementation:?}: {greeting:?}");
+            let mut b = Client::connect(addr).await?;
+            let b_who = chat_wire::greeted(&b.line().await?).unwrap_or_default().to_owned();
+            assert_eq!(a.line().await?, chat_wire::arrived(&b_who), "{implementation:?}");
+            b.send("hello").await?;
+            a.send("two\nlines").await?;
+            for client in [&mut a, &mut b] {
+                let mut got = vec![client.line().await?, client.line().await?, client.line().await?];
+                got.sort();
+                let mut want = vec![
+                    chat_wire::chat(&b_who, "hello"),
+                    chat_wire::chat(&a_who, "two"),
+                    chat_wire::chat(&a_who, "lines"),
+                ];
+                want.sort();
+                assert_eq!(got, want, "{implementation:?}");
+            }
+            drop(b);
+            assert_eq!(a.line().await?, chat_wire::left(&b_who), "{implementation:?}");
+            server.abort();
+        }
+        Ok(())
     }
 }

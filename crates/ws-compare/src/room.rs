@@ -52,11 +52,6 @@ impl<M: Clone> Room<M> {
         }
     }
 
-    /// Connected clients.
-    pub fn len(&self) -> usize {
-        self.clients.len()
-    }
-
     /// Greets `who` (first in its own queue), announces it to the others,
     /// then lets it hear the room.
     pub fn join(self: &Arc<Self>, who: String) -> (Member<M>, mpsc::Receiver<M>) {
