@@ -5,15 +5,18 @@
 # sharded) for context, each measured with `chat-load --protocol ws`:
 #   fanout: deliveries per second and per server CPU-second
 #           (-n 100 -m 1000, 16 in flight, 64-byte payloads: 10 M deliveries)
-#   idle:   server RSS per idle connection (-n 5000; settled and 1 s later)
-# A fresh server per run, on core 0 with one worker; chat-load on core 1
+#   idle:   server RSS per idle connection (-n 5000, settled and 1 s later)
+# (IDLE_N below). A fresh server per run, on core 0 with one worker; chat-load on core 1
 # with one thread. Rounds alternate the implementations, the order rotated
 # each round. Raw JSON lines go to target/ws-compare/runs.jsonl; a table of
 # medians (and min-max) is printed at the end.
 # Usage: docs/scripts/ws-compare.sh [ROUNDS] [IMPLS...]
 #   IMPLS from: ours tungstenite tungstenite-4k tokio-websockets fastwebsockets server
 #   SKIP_BUILD=1 reuses the release builds of an earlier run;
-#   SCENARIOS="fanout" (or "idle") runs only one of the two.
+#   SCENARIOS="fanout" (or "idle") runs only one of the two;
+#   IDLE_N=2000 sets idle's connection count (default 5000: 12.5 M arrival
+#   announcements per run, minutes each on a busy 2-core machine);
+#   RESULTS=FILE writes the JSON lines there instead.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
@@ -33,7 +36,8 @@ if [ -z "${SKIP_BUILD:-}" ]; then
 fi
 ulimit -n "$(ulimit -Hn)"
 load=target/release/chat-load
-results="$out/runs.jsonl"
+results=${RESULTS:-$out/runs.jsonl}
+idle_n=${IDLE_N:-5000}
 : > "$results"
 free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
@@ -68,7 +72,7 @@ for round in $(seq "$rounds"); do
             start "$impl"
             case $scenario in
                 fanout) args=(fanout -n 100 -m 1000) ;;
-                idle) args=(idle -n 5000) ;;
+                idle) args=(idle -n "$idle_n") ;;
             esac
             line=$(taskset -c 1 "$load" "${args[@]}" --addr "$addr" --protocol ws --threads 1 \
                 --server-pid "$pid" --json -q) || line='{"failed":true}'

@@ -49,7 +49,10 @@ pub async fn serve(mut stream: TcpStream, who: String, room: Arc<Room<Out>>) {
     let mut owed = |frame: Frame<'_>| {
         let sent = match own.upgrade() {
             Some(own) => own
-                .try_send(Out::Control(frame.opcode, Bytes::copy_from_slice(&frame.payload)))
+                .try_send(Out::Control(
+                    frame.opcode,
+                    Bytes::copy_from_slice(&frame.payload),
+                ))
                 .map_err(|_| "the writer's queue is full or gone"),
             None => Err("the writer is gone"),
         };
@@ -97,7 +100,9 @@ async fn send(
 ) -> Result<(), fastwebsockets::WebSocketError> {
     let frame = match &message {
         Out::Text(text) => Frame::text(Payload::Borrowed(text)),
-        Out::Control(opcode, payload) => Frame::new(true, *opcode, None, Payload::Borrowed(payload)),
+        Out::Control(opcode, payload) => {
+            Frame::new(true, *opcode, None, Payload::Borrowed(payload))
+        }
     };
     writer.write_frame(frame).await
 }

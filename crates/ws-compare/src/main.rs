@@ -87,7 +87,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.addr))?;
     let addr = listener.local_addr()?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "ws-compare {:?} listening on {addr}", args.implementation)?;
+    writeln!(
+        out,
+        "ws-compare {:?} listening on {addr}",
+        args.implementation
+    )?;
     out.flush()?;
     drop(out);
     tokio::select! {
@@ -254,12 +258,22 @@ mod tests {
             let a_who = chat_wire::greeted(&greeting).unwrap_or_default().to_owned();
             assert!(!a_who.is_empty(), "{implementation:?}: {greeting:?}");
             let mut b = Client::connect(addr).await?;
-            let b_who = chat_wire::greeted(&b.line().await?).unwrap_or_default().to_owned();
-            assert_eq!(a.line().await?, chat_wire::arrived(&b_who), "{implementation:?}");
+            let b_who = chat_wire::greeted(&b.line().await?)
+                .unwrap_or_default()
+                .to_owned();
+            assert_eq!(
+                a.line().await?,
+                chat_wire::arrived(&b_who),
+                "{implementation:?}"
+            );
             b.send("hello").await?;
             a.send("two\nlines").await?;
             for client in [&mut a, &mut b] {
-                let mut got = vec![client.line().await?, client.line().await?, client.line().await?];
+                let mut got = vec![
+                    client.line().await?,
+                    client.line().await?,
+                    client.line().await?,
+                ];
                 got.sort();
                 let mut want = vec![
                     chat_wire::chat(&b_who, "hello"),
@@ -270,7 +284,11 @@ mod tests {
                 assert_eq!(got, want, "{implementation:?}");
             }
             drop(b);
-            assert_eq!(a.line().await?, chat_wire::left(&b_who), "{implementation:?}");
+            assert_eq!(
+                a.line().await?,
+                chat_wire::left(&b_who),
+                "{implementation:?}"
+            );
             server.abort();
         }
         Ok(())

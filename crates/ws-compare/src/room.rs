@@ -97,7 +97,10 @@ impl<M: Clone> Member<M> {
     /// A sender into the client's own queue (for control frames its reader
     /// owes); `None` once it has been dropped.
     pub fn own_queue(&self) -> Option<mpsc::Sender<M>> {
-        self.room.clients.get(&self.id).map(|sender| sender.value().clone())
+        self.room
+            .clients
+            .get(&self.id)
+            .map(|sender| sender.value().clone())
     }
 }
 
