@@ -1,4 +1,4 @@
-//! Our RFC 6455 framing ([`super::ws`]) on a bare TCP stream, outside any
+//! Our RFC 6455 framing (`src/web/ws.rs`) on a bare TCP stream, outside any
 //! session: only for `crates/ws-compare`, which serves one minimal room
 //! through it and through three WebSocket crates to compare them (feature
 //! `test-util`; not part of the server's API).
