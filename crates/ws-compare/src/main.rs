@@ -293,4 +293,61 @@ mod tests {
         }
         Ok(())
     }
+
+    /// Not a fuzzer: random bytes after the handshake, from a fixed seed,
+    /// must end in a closed connection, never a panic, and the room must
+    /// go on serving.
+    #[tokio::test]
+    async fn random_bytes_after_the_handshake_never_panic() -> anyhow::Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        static PANICS: AtomicUsize = AtomicUsize::new(0);
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Relaxed);
+            default_hook(info);
+        }));
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            // xorshift64: reproducible without a crate.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for implementation in [
+            Impl::Ours,
+            Impl::Tungstenite,
+            Impl::TokioWebsockets,
+            Impl::Fastwebsockets,
+        ] {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let server = tokio::spawn(serve_with(listener, implementation));
+            for _ in 0..100 {
+                let mut client = Client::connect(addr).await?;
+                let len = (next() % 512) as usize;
+                let mut junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                // Half the time a plausible first byte (FIN + text).
+                if next() % 2 == 0 {
+                    if let Some(first) = junk.first_mut() {
+                        *first = 0x81;
+                    }
+                }
+                client.stream.write_all(&junk).await?;
+                client.stream.shutdown().await?;
+                // Whatever the server answers, it must end the connection.
+                let mut answer = Vec::new();
+                timeout(WAIT, client.stream.read_to_end(&mut answer)).await??;
+            }
+            let mut fresh = Client::connect(addr).await?;
+            let greeting = fresh.line().await?;
+            assert!(
+                chat_wire::greeted(&greeting).is_some(),
+                "{implementation:?}: {greeting:?}"
+            );
+            server.abort();
+        }
+        assert_eq!(PANICS.load(Relaxed), 0, "a task panicked on random input");
+        Ok(())
+    }
 }
