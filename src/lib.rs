@@ -80,6 +80,10 @@ mod tls;
 mod transport;
 #[cfg(feature = "web")]
 mod web;
+/// Our WebSocket framing on a bare stream, for `crates/ws-compare` only.
+#[cfg(all(feature = "web", feature = "test-util"))]
+#[doc(hidden)]
+pub use web::bare as ws_framing;
 
 pub use config::{
     default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,

@@ -32,6 +32,9 @@
 //! timeout, the slow-client policy. The client is known by the address the
 //! socket came from; `X-Forwarded-For` is not read (see ARCHITECTURE.md).
 
+#[cfg(feature = "test-util")]
+#[doc(hidden)]
+pub mod bare;
 mod ws;
 
 use std::convert::Infallible;
