@@ -10,7 +10,7 @@
 //! Without chromium and chromedriver the test says so loudly and passes;
 //! with `CI` or `CHAT_REQUIRE_CHROMIUM` set it fails instead.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,11 +50,10 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
     let Some(driver) = installed_or_skip(&["chromedriver"], require, package, "browser")? else {
         return Ok(());
     };
-    let server = TestServer::start(Config {
-        web_addr: Some("127.0.0.1:0".into()),
-        announce_present: true,
-        ..Config::with_model(Model::Broadcaster)
-    })?;
+    let server = TestServer::start(Config::with_model(Model::Broadcaster).with(|c| {
+        c.web_addr = Some("127.0.0.1:0".into());
+        c.announce_present = true;
+    }))?;
     let web = server
         .web_addr()
         .ok_or_else(|| io::Error::other("no web address"))?;
@@ -146,10 +145,9 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
             },
         )
         .await?;
-    let restarted = TestServer::start(Config {
-        web_addr: Some(web.to_string()),
-        ..Config::with_model(Model::Sharded)
-    })?;
+    let restarted = TestServer::start(
+        Config::with_model(Model::Sharded).with(|c| c.web_addr = Some(web.to_string())),
+    )?;
     let mut terminal = TestClient::connect(restarted.addr()).await?;
     let again = browser.wait_for_greeting_after(&second_who).await?;
     browser.type_line("back again").await?;

@@ -1,7 +1,7 @@
 //! The `chat-server` command line: help that explains every model, and
 //! clear refusals for settings that cannot work.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::process::Command;

@@ -13,7 +13,7 @@
 //! allows 250 ms, because this runs beside other tests on a shared 2-core
 //! CI machine, and 250 ms still fails every unprotected policy by far.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io;
@@ -61,10 +61,7 @@ cases! {
 }
 
 async fn flood_fairness(model: Model, policy: SlowClientPolicy) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        slow_client: policy,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.slow_client = policy))?;
     let addr = server.addr();
     let deadline = Instant::now() + WITHIN;
     let clock = std::time::Instant::now();

@@ -2,7 +2,7 @@
 //! limit, and thousands of connections at once. (`--idle-timeout` is in
 //! `timers.rs`, on paused time.)
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::time::Duration;
@@ -17,10 +17,7 @@ use tokio::time::Instant;
 for_each_model!(over_max_clients_is_told_server_full);
 
 async fn over_max_clients_is_told_server_full(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_clients: 3,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.max_clients = 3))?;
     let mut first = TestClient::connect(server.addr()).await?;
     let _second = TestClient::connect(server.addr()).await?;
     let third = TestClient::connect(server.addr()).await?;
@@ -63,10 +60,7 @@ async fn three_thousand_connections_at_once() -> io::Result<()> {
         .map_err(io::Error::other)?;
     let model = Model::Sharded;
     // All from 127.0.0.1: lift the per-address limit.
-    let server = TestServer::start(Config {
-        max_clients_per_ip: 0,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.max_clients_per_ip = 0))?;
     let addr = server.addr();
     let connecting: Vec<_> = (0..CONNECTIONS)
         .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))

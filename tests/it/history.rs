@@ -7,7 +7,7 @@
 //! `--announce-present`, `--password-file`, TLS and the metrics, and what a
 //! flooder can do to it.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io;
@@ -37,10 +37,7 @@ for_each_model!(
 );
 
 fn with_history(model: Model, lines: usize) -> Config {
-    Config {
-        history: lines,
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.history = lines)
 }
 
 /// Reads a history block (header, lines, end) and returns its lines.
@@ -148,10 +145,11 @@ async fn the_block_and_live_lines_hand_off_exactly_with_presence(model: Model) -
 /// In the models with one total order (broadcaster, broadcast) it must
 /// moreover be exactly the tail of what the observer received.
 async fn hand_off(model: Model, present: bool) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        announce_present: present,
-        ..with_history(model, HISTORY).without_abuse_limits()
-    })?;
+    let server = TestServer::start(
+        with_history(model, HISTORY)
+            .without_abuse_limits()
+            .with(|c| c.announce_present = present),
+    )?;
     let addr = server.addr();
     let deadline = Instant::now() + WITHIN;
     let (mut observer, block) = enter(addr, present).await?;
@@ -409,11 +407,10 @@ async fn keeps_at_most_the_bytes(model: Model) -> io::Result<()> {
     let max_line = 100;
     // The smallest byte bound the configuration accepts for this --max-line.
     let bound = max_line * 3 + 128;
-    let server = TestServer::start(Config {
-        max_line,
-        history_bytes: bound,
-        ..with_history(model, 1000)
-    })?;
+    let server = TestServer::start(with_history(model, 1000).with(|c| {
+        c.max_line = max_line;
+        c.history_bytes = bound;
+    }))?;
     let (mut ann, _) = enter(server.addr(), false).await?;
     let mut sent = Vec::new();
     for n in 0..10 {
@@ -433,10 +430,7 @@ async fn keeps_at_most_the_bytes(model: Model) -> io::Result<()> {
 
 async fn keeps_lines_at_max_line(model: Model) -> io::Result<()> {
     let max_line = 1000;
-    let server = TestServer::start(Config {
-        max_line,
-        ..with_history(model, 3)
-    })?;
+    let server = TestServer::start(with_history(model, 3).with(|c| c.max_line = max_line))?;
     let (mut ann, _) = enter(server.addr(), false).await?;
     let mut sent = Vec::new();
     for n in 0..4 {
@@ -467,12 +461,11 @@ async fn off_is_the_seed(model: Model) -> io::Result<()> {
 }
 
 async fn combines_with_names_presence_and_password(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        names: true,
-        announce_present: true,
-        password: Some(Password::new("sesame")),
-        ..with_history(model, 10)
-    })?;
+    let server = TestServer::start(with_history(model, 10).with(|c| {
+        c.names = true;
+        c.announce_present = true;
+        c.password = Some(Password::new("sesame"));
+    }))?;
     let addr = server.addr();
     let enter_as = |name: &'static str| async move {
         let mut client = TestClient::connect_raw(addr).await?;
@@ -502,13 +495,9 @@ async fn combines_with_names_presence_and_password(model: Model) -> io::Result<(
 
 async fn combines_with_tls(model: Model) -> io::Result<()> {
     let pki = TestPki::generate(&format!("history-{model}"))?;
-    let server = TestServer::start(Config {
-        tls: Some(TlsFiles {
-            cert: pki.cert.clone(),
-            key: pki.key.clone(),
-        }),
-        ..with_history(model, 10)
-    })?;
+    let server = TestServer::start(
+        with_history(model, 10).with(|c| c.tls = Some(TlsFiles::new(&pki.cert, &pki.key))),
+    )?;
     let mut ann = TlsTestClient::connect(server.addr(), &pki.ca).await?;
     let who = ann.who.clone();
     ensure(read_block(&who, &mut ann).await?.is_empty(), || {
@@ -525,10 +514,9 @@ async fn combines_with_tls(model: Model) -> io::Result<()> {
 }
 
 async fn counts_in_the_metrics(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        metrics_addr: Some("127.0.0.1:0".into()),
-        ..with_history(model, 10)
-    })?;
+    let server = TestServer::start(
+        with_history(model, 10).with(|c| c.metrics_addr = Some("127.0.0.1:0".into())),
+    )?;
     let metrics = server
         .metrics_addr()
         .ok_or_else(|| io::Error::other("no metrics address"))?;
@@ -567,13 +555,12 @@ const FLOOD_LINES: u32 = 20;
 /// least (N - burst - one read) / rate seconds of flood.
 async fn a_flooder_displaces_at_most_its_budget(model: Model) -> io::Result<()> {
     let history = 200;
-    let server = TestServer::start(Config {
-        flood_lines: FLOOD_LINES,
-        flood_bytes: 0,
-        flood_burst: Duration::from_secs(1),
-        flood_grace: None,
-        ..with_history(model, history)
-    })?;
+    let server = TestServer::start(with_history(model, history).with(|c| {
+        c.flood_lines = FLOOD_LINES;
+        c.flood_bytes = 0;
+        c.flood_burst = Duration::from_secs(1);
+        c.flood_grace = None;
+    }))?;
     let (mut victim, _) = enter(server.addr(), false).await?;
     victim.send("remember me").await?;
     let remembered = chat_wire::chat(&victim.who, "remember me");
@@ -621,11 +608,12 @@ async fn a_flooder_displaces_at_most_its_budget(model: Model) -> io::Result<()> 
 #[test]
 fn the_bounds_must_fit_the_other_limits() {
     let longest = 64 * 1024 * 3 + 128;
-    let config = |history_bytes: usize, max_client_memory: usize| Config {
-        history: 10,
-        history_bytes,
-        max_client_memory,
-        ..Config::default()
+    let config = |history_bytes: usize, max_client_memory: usize| {
+        Config::default().with(|c| {
+            c.history = 10;
+            c.history_bytes = history_bytes;
+            c.max_client_memory = max_client_memory;
+        })
     };
     assert!(config(longest, 0).validate().is_ok());
     assert!(

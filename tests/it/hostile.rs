@@ -2,7 +2,7 @@
 //! buffering them, and nobody else notices. (Control characters and invalid
 //! UTF-8 are covered in `protocol.rs`; vanishing clients in `tasks.rs`.)
 
-mod common;
+use crate::common;
 
 use std::io;
 
@@ -78,10 +78,7 @@ async fn a_64_mib_line_is_refused_in_bounded_memory(model: Model) -> io::Result<
 
 /// `--max-line` bytes are accepted, one more is not.
 async fn line_limit_is_exact(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_line: 100,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.max_line = 100))?;
     let mut client = TestClient::connect(server.addr()).await?;
     let longest = "x".repeat(100);
     client.send(&longest).await?;

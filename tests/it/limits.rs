@@ -5,10 +5,10 @@
 //! chat; SIGINT with stderr gone still exiting 0 after `server shutting
 //! down`; and the open-file limit raised or warned about at start.
 //!
-//! Flood fairness under load is `tests/fairness.rs`; a black-holed peer is
-//! `tests/vanished.rs`.
+//! Flood fairness under load is `tests/it/fairness.rs`; a black-holed peer is
+//! `tests/it/vanished.rs`.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,10 +55,7 @@ async fn hear(client: &mut TestClient, who: &str, text: &str) -> io::Result<Vec<
 }
 
 async fn one_address_at_its_limit_while_another_chats(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_clients_per_ip: 3,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.max_clients_per_ip = 3))?;
     let addr = server.addr();
     let mut crowd = Vec::new();
     for _ in 0..3 {
@@ -104,10 +101,9 @@ async fn one_address_at_its_limit_while_another_chats(model: Model) -> io::Resul
 }
 
 async fn a_flooder_is_cut_off_while_the_room_goes_on(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        flood_grace: Some(Duration::from_millis(500)),
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(
+        Config::with_model(model).with(|c| c.flood_grace = Some(Duration::from_millis(500))),
+    )?;
     let mut flooder = TestClient::connect(server.addr()).await?;
     let mut chatter = TestClient::connect(server.addr()).await?;
     flooder.line().await?;
@@ -132,11 +128,10 @@ async fn a_flooder_is_cut_off_while_the_room_goes_on(model: Model) -> io::Result
 
 async fn memory_budget_evicts_the_largest_holder(model: Model) -> io::Result<()> {
     // The smallest budget a 16 KiB --max-line allows is about 49 KiB.
-    let server = TestServer::start(Config {
-        max_line: 16 * 1024,
-        max_client_memory: 50_000,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| {
+        c.max_line = 16 * 1024;
+        c.max_client_memory = 50_000;
+    }))?;
     let addr = server.addr();
     // A chatter, and two clients that each hold a 1 KiB partial line (a
     // 16 KiB read buffer): 32 KiB held, under the budget.
@@ -200,15 +195,14 @@ for_models!(
 /// kernel's buffers, takes the total over the budget, long before its own
 /// `--max-pending` or `--write-timeout` would end it.
 async fn memory_budget_evicts_a_client_whose_queue_grows(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_line: 16 * 1024,
-        max_client_memory: 256 * 1024,
+    let server = TestServer::start(Config::with_model(model).without_abuse_limits().with(|c| {
+        c.max_line = 16 * 1024;
+        c.max_client_memory = 256 * 1024;
         // Far above what the budget allows, so that only the budget can end
         // the stuck client (within the test's deadline).
-        max_pending: 1 << 30,
+        c.max_pending = 1 << 30;
         // The talker bursts on purpose.
-        ..Config::with_model(model).without_abuse_limits()
-    })?;
+    }))?;
     let stuck = TestClient::connect(server.addr()).await?;
     let stuck_who = stuck.who.clone();
     let mut talker = TestClient::connect(server.addr()).await?;

@@ -2,7 +2,7 @@
 //! its address, in text (`conn{peer=...}`) and in JSON (the `conn` span's
 //! `peer` field), so that a log shipper can group a client's lines.
 
-mod common;
+use crate::common;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};

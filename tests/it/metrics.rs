@@ -1,9 +1,9 @@
 //! The Prometheus endpoint, scraped during a real chat: every count is
 //! checked against what the test itself did, in every model. Also the
 //! abuse counters: a flooder cut off, a memory hog evicted. (The cluster's
-//! metrics are scraped in `tests/cluster.rs`, against a real broker.)
+//! metrics are scraped in `tests/cluster/cluster.rs`, against a real broker.)
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,11 +27,10 @@ fn metrics_addr(server: &TestServer) -> io::Result<SocketAddr> {
 }
 
 async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_clients: 3,
-        metrics_addr: Some("127.0.0.1:0".into()),
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| {
+        c.max_clients = 3;
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    }))?;
     let metrics = metrics_addr(&server)?;
     let (status, body) = get(metrics, "/healthz").await?;
     ensure(status.contains("200") && body == "OK\n", || {
@@ -127,18 +126,17 @@ async fn scraped_counts_match_the_chat(model: Model) -> io::Result<()> {
 /// A flooder is held back (not read from) at least once, then cut off with
 /// `error: flooding`: one disconnect, and the holds that came before it.
 async fn a_flood_is_counted(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        metrics_addr: Some("127.0.0.1:0".into()),
+    let server = TestServer::start(Config::with_model(model).with(|c| {
+        c.metrics_addr = Some("127.0.0.1:0".into());
         // Bytes only, 64 KiB a second after a burst of a tenth of that. One
         // read is at most 32 KiB (half a second of debt), under the grace:
         // so the first read over budget is always a hold, never at once a
         // disconnect.
-        flood_lines: 0,
-        flood_bytes: 64 * 1024,
-        flood_burst: Duration::from_millis(100),
-        flood_grace: Some(Duration::from_millis(600)),
-        ..Config::with_model(model)
-    })?;
+        c.flood_lines = 0;
+        c.flood_bytes = 64 * 1024;
+        c.flood_burst = Duration::from_millis(100);
+        c.flood_grace = Some(Duration::from_millis(600));
+    }))?;
     let metrics = metrics_addr(&server)?;
     let flooder = TestClient::connect(server.addr()).await?;
     let last = flood_until_cut_off(flooder).await?;
@@ -172,15 +170,14 @@ async fn a_flood_is_counted(model: Model) -> io::Result<()> {
 }
 
 /// `--max-client-memory` evicts exactly one client (the largest holder,
-/// as in `tests/limits.rs`): the counters show that one and what it held.
+/// as in `tests/it/limits.rs`): the counters show that one and what it held.
 async fn a_memory_eviction_is_counted(model: Model) -> io::Result<()> {
     // The smallest budget a 16 KiB --max-line allows is about 49 KiB.
-    let server = TestServer::start(Config {
-        max_line: 16 * 1024,
-        max_client_memory: 50_000,
-        metrics_addr: Some("127.0.0.1:0".into()),
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| {
+        c.max_line = 16 * 1024;
+        c.max_client_memory = 50_000;
+        c.metrics_addr = Some("127.0.0.1:0".into());
+    }))?;
     let metrics = metrics_addr(&server)?;
     let addr = server.addr();
     // Two clients each holding a 1 KiB partial line (a 16 KiB read buffer

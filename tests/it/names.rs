@@ -1,9 +1,9 @@
 //! `--names` (gopl exercise 8.14), in every model: a client's first line is
 //! its name, unique in the room; until it has one it is not in the room;
 //! afterwards the name stands wherever the seed says `IP:PORT`. (The idle
-//! timeout before naming is in `tests/timers.rs`, on paused time.)
+//! timeout before naming is in `tests/it/timers.rs`, on paused time.)
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,10 +26,7 @@ for_each_model!(
 );
 
 fn named(model: Model) -> Config {
-    Config {
-        names: true,
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.names = true)
 }
 
 /// Connects and reads the prompt, without naming itself yet.
@@ -144,10 +141,7 @@ async fn text_after_the_name_is_chat(model: Model) -> io::Result<()> {
 async fn exactly_one_of_many_wins_a_name(model: Model) -> io::Result<()> {
     const CONTENDERS: usize = 8;
     const ROUNDS: usize = 25;
-    let server = TestServer::start(Config {
-        announce_present: true,
-        ..named(model)
-    })?;
+    let server = TestServer::start(named(model).with(|c| c.announce_present = true))?;
     for round in 0..ROUNDS {
         let name = format!("prize{round}");
         let start = Arc::new(Barrier::new(CONTENDERS));
@@ -217,10 +211,7 @@ async fn exactly_one_of_many_wins_a_name(model: Model) -> io::Result<()> {
 /// A client that goes before naming itself was never in the room: nobody
 /// hears of it leaving, and it leaves no task behind.
 async fn unnamed_clients_are_not_in_the_room(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        announce_present: true,
-        ..named(model)
-    })?;
+    let server = TestServer::start(named(model).with(|c| c.announce_present = true))?;
     let mut watcher = join(server.addr(), "watcher").await?;
     watcher.expect("present (0): nobody").await?;
     let ghost = unnamed(server.addr()).await?;
@@ -237,10 +228,7 @@ async fn unnamed_clients_are_not_in_the_room(model: Model) -> io::Result<()> {
 }
 
 async fn unnamed_client_with_a_long_line_is_disconnected(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_line: 64,
-        ..named(model)
-    })?;
+    let server = TestServer::start(named(model).with(|c| c.max_line = 64))?;
     let mut long = unnamed(server.addr()).await?;
     long.send_raw(&[b'x'; 100]).await?;
     long.expect("error: line too long (max 64 bytes)").await?;

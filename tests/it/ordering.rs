@@ -3,11 +3,11 @@
 //! with one sequencing point (`broadcaster`'s task, `broadcast`'s ring) also
 //! give every receiver the same total order; the others need not, and this
 //! test prints how many different orders the receivers saw
-//! (`cargo test --test ordering -- --nocapture`). In every model a
+//! (`cargo test --test it ordering:: -- --nocapture`). In every model a
 //! departure is announced before the leaver's connection closes, so that
 //! cause comes before effect for whoever sees it close and speaks.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io;

@@ -3,24 +3,22 @@
 //! anyone hearing of it, and guesses from one address are slowed down (on
 //! paused time, asserting the virtual delays). Every model.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{server, Config, Model, Password};
+use chat_server::{Config, Model, Password};
 use common::ensure;
+use common::in_process::InProcess;
 use tokio::time::Instant;
 
 for_each_model!(the_password_opens_the_room);
 for_each_model_paused!(wrong_guesses_are_slowed_down);
 
 fn with_password(model: Model) -> Config {
-    Config {
-        password: Some(Password::new("open sesame")),
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.password = Some(Password::new("open sesame")))
 }
 
 /// Connects and sends `password` as the first line, then expects the
@@ -67,12 +65,8 @@ async fn the_password_opens_the_room(model: Model) -> io::Result<()> {
 /// verdict: none, 250 ms, 500 ms; the right password after that waits too
 /// (1 s), then resets the count.
 async fn wrong_guesses_are_slowed_down(model: Model) -> io::Result<()> {
-    let listener = server::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server::run(listener, with_password(model), async move {
-        let _ = stopped.await;
-    }));
+    let server = InProcess::start(with_password(model)).await?;
+    let addr = server.addr();
     for expected in [0, 250, 500] {
         let mut guesser = TestClient::connect_raw(addr).await?;
         let sent = Instant::now();
@@ -94,11 +88,7 @@ async fn wrong_guesses_are_slowed_down(model: Model) -> io::Result<()> {
     ensure(sent.elapsed().is_zero(), || {
         format!("{model}: the count was not reset: {:?}", sent.elapsed())
     })?;
-    let _ = stop.send(());
-    serving
-        .await
-        .map_err(io::Error::other)?
-        .map_err(io::Error::other)
+    server.stop().await
 }
 
 /// The binary reads the first line of `--password-file`, and warns at start

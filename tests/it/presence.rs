@@ -9,7 +9,7 @@
 //! that stay until a storm is over then compare their view with who is
 //! really connected.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::io;
@@ -37,11 +37,10 @@ const CHURNS: usize = 20;
 const OBSERVERS: usize = 4;
 
 fn start(model: Model, names: bool) -> io::Result<TestServer> {
-    TestServer::start(Config {
-        names,
-        announce_present: true,
-        ..Config::with_model(model)
-    })
+    TestServer::start(Config::with_model(model).with(|c| {
+        c.names = names;
+        c.announce_present = true;
+    }))
 }
 
 /// What one client believes is in the room.
@@ -140,14 +139,13 @@ async fn lists_who_is_present(model: Model) -> io::Result<()> {
 /// what the sleeper missed (it cannot know whether an arrival was among
 /// it), so it is always disconnected.
 async fn a_client_that_misses_an_announcement_is_disconnected(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        slow_client: SlowClientPolicy::Drop,
-        max_pending: 1024 * 1024,
-        announce_present: true,
+    let server = TestServer::start(Config::with_model(model).without_abuse_limits().with(|c| {
+        c.slow_client = SlowClientPolicy::Drop;
+        c.max_pending = 1024 * 1024;
+        c.announce_present = true;
         // The talker's 40 MB is a flood by the default input budget; what
         // is tested is the sleeper, so flood control is off.
-        ..Config::with_model(model).without_abuse_limits()
-    })?;
+    }))?;
     let (mut sleeper, _) = join(server.addr(), None).await?;
     let (mut talker, _) = join(server.addr(), None).await?;
     sleeper

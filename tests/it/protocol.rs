@@ -1,7 +1,7 @@
 //! The seed's protocol, line for line, in every model: the seed's two-terminal
 //! netcat session, and the framing cases the seed leaves to `bufio.Scanner`.
 
-mod common;
+use crate::common;
 
 use std::io;
 

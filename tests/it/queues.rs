@@ -3,7 +3,7 @@
 //! swap queue does (every other test file runs the default): no loss,
 //! per-sender order, a leaver's last echo, and no task left behind.
 
-mod common;
+use crate::common;
 
 use std::io;
 
@@ -18,10 +18,7 @@ for_models!(
 );
 
 fn mpsc_server(model: Model) -> io::Result<TestServer> {
-    TestServer::start(Config {
-        queue: QueueKind::Mpsc,
-        ..Config::with_model(model)
-    })
+    TestServer::start(Config::with_model(model).with(|c| c.queue = QueueKind::Mpsc))
 }
 
 async fn mpsc_keeps_order_and_loses_nothing(model: Model) -> io::Result<()> {

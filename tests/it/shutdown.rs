@@ -3,7 +3,7 @@
 //! what was already queued for it, close, exit 0, even with a client that
 //! never reads.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;

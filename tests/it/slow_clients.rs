@@ -13,7 +13,7 @@
 //! behind and only the stuck one ever reaches a limit, however the machine
 //! schedules the test.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -37,14 +37,13 @@ const EXCHANGE: Exchange = Exchange {
 const STALL_SHOWN_AFTER: Duration = Duration::from_secs(2);
 
 fn config(model: Model, policy: SlowClientPolicy) -> Config {
-    Config {
-        slow_client: policy,
-        max_pending: 256 * 1024,
-        write_timeout: Duration::from_secs(1),
+    Config::with_model(model).without_abuse_limits().with(|c| {
+        c.slow_client = policy;
+        c.max_pending = 256 * 1024;
+        c.write_timeout = Duration::from_secs(1);
         // The senders burst far past any human's input budget on purpose;
-        // flood control has its own tests (tests/fairness.rs, tests/limits.rs).
-        ..Config::with_model(model).without_abuse_limits()
-    }
+        // flood control has its own tests (tests/it/fairness.rs, tests/it/limits.rs).
+    })
 }
 
 macro_rules! for_each_model_and_policy {

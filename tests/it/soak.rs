@@ -2,7 +2,7 @@
 //! the live task count is back at its baseline and memory is flat.
 //!
 //! Not part of the default run:
-//! `cargo test --release --test soak -- --ignored --nocapture`
+//! `cargo test --release --test it soak:: -- --ignored --nocapture`
 //! (`SOAK_SECS` sets the seconds per model, 60 by default). The figures it
 //! prints are the ones to quote.
 //!
@@ -14,7 +14,7 @@
 //! memory figure is the process's; it is sampled while the load is steady
 //! and again once everyone has left.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -30,25 +30,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "minutes long: cargo test --release --test soak -- --ignored"]
+#[ignore = "minutes long: cargo test --release --test it soak:: -- --ignored"]
 async fn soak_sharded() -> io::Result<()> {
     soak(Model::Sharded).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "minutes long: cargo test --release --test soak -- --ignored"]
+#[ignore = "minutes long: cargo test --release --test it soak:: -- --ignored"]
 async fn soak_broadcaster() -> io::Result<()> {
     soak(Model::Broadcaster).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "minutes long: cargo test --release --test soak -- --ignored"]
+#[ignore = "minutes long: cargo test --release --test it soak:: -- --ignored"]
 async fn soak_locked() -> io::Result<()> {
     soak(Model::Locked).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "minutes long: cargo test --release --test soak -- --ignored"]
+#[ignore = "minutes long: cargo test --release --test it soak:: -- --ignored"]
 async fn soak_broadcast() -> io::Result<()> {
     soak(Model::Broadcast).await
 }
@@ -73,12 +73,11 @@ async fn soak(model: Model) -> io::Result<()> {
         .and_then(|secs| secs.parse().ok())
         .unwrap_or(60);
     let duration = Duration::from_secs(secs);
-    let server = TestServer::start(Config {
-        max_pending: 256 * 1024,
-        write_timeout: Duration::from_secs(1),
+    let server = TestServer::start(Config::with_model(model).without_abuse_limits().with(|c| {
+        c.max_pending = 256 * 1024;
+        c.write_timeout = Duration::from_secs(1);
         // Chatters send as fast as they can, from one address.
-        ..Config::with_model(model).without_abuse_limits()
-    })?;
+    }))?;
     let addr = server.addr();
     let baseline = model.expected_tasks(0);
     let deadline = Instant::now() + duration;

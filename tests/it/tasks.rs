@@ -2,7 +2,7 @@
 //! tasks ARCHITECTURE.md says it does (the seed's 2n+2 for `broadcaster`,
 //! 2n+1 for the others), and every task goes away when its client does.
 
-mod common;
+use crate::common;
 
 use std::io;
 

@@ -8,18 +8,15 @@
 //! other end as soon as the system call returns, so the runtime never
 //! mistakes data in flight for idleness.
 
-mod common;
+use crate::common;
 
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{server, Config, ConfigError, Model};
+use chat_server::{Config, Model};
 use common::ensure;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use common::in_process::InProcess;
 use tokio::time::Instant;
 
 for_each_model_paused!(
@@ -28,56 +25,16 @@ for_each_model_paused!(
     shutdown_abandons_a_stuck_client_after_the_grace
 );
 
-/// A server on this runtime, and the switch that stops it.
-struct InProcess {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    serving: JoinHandle<Result<(), ConfigError>>,
-}
-
-impl InProcess {
-    async fn start(config: Config) -> io::Result<InProcess> {
-        let listener = server::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        let serving = tokio::spawn(server::run(listener, config, shutdown));
-        Ok(InProcess {
-            addr,
-            stop: Some(stop),
-            serving,
-        })
-    }
-
-    /// Stops the server and waits until `run` has returned.
-    fn stop(mut self) -> impl Future<Output = io::Result<()>> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        async move {
-            self.serving
-                .await
-                .map_err(io::Error::other)?
-                .map_err(io::Error::other)
-        }
-    }
-}
-
 /// A silent client is cut off exactly `--idle-timeout` after it connected;
 /// one that keeps talking stays, and hears the other leave.
 async fn idle_clients_time_out(model: Model) -> io::Result<()> {
     let idle = Duration::from_secs(30);
-    let server = InProcess::start(Config {
-        idle_timeout: Some(idle),
-        ..Config::with_model(model)
-    })
-    .await?;
-    let mut talker = TestClient::connect(server.addr).await?;
+    let server =
+        InProcess::start(Config::with_model(model).with(|c| c.idle_timeout = Some(idle))).await?;
+    let mut talker = TestClient::connect(server.addr()).await?;
     let talker_who = talker.who.clone();
     let connected = Instant::now();
-    let mut silent = TestClient::connect(server.addr).await?;
+    let mut silent = TestClient::connect(server.addr()).await?;
     let silent_who = silent.who.clone();
     let talking = tokio::spawn(async move {
         for i in 0..12 {
@@ -119,17 +76,16 @@ async fn idle_clients_time_out(model: Model) -> io::Result<()> {
 /// never in the room nobody hears it leave.
 async fn unnamed_client_times_out(model: Model) -> io::Result<()> {
     let idle = Duration::from_secs(30);
-    let server = InProcess::start(Config {
-        idle_timeout: Some(idle),
-        names: true,
-        ..Config::with_model(model)
-    })
+    let server = InProcess::start(Config::with_model(model).with(|c| {
+        c.idle_timeout = Some(idle);
+        c.names = true;
+    }))
     .await?;
-    let mut watcher = TestClient::connect_raw(server.addr).await?;
+    let mut watcher = TestClient::connect_raw(server.addr()).await?;
     watcher.expect("Enter your name:").await?;
     watcher.send("watcher").await?;
     watcher.expect("You are watcher").await?;
-    let mut silent = TestClient::connect_raw(server.addr).await?;
+    let mut silent = TestClient::connect_raw(server.addr()).await?;
     silent.expect("Enter your name:").await?;
     tokio::time::sleep(idle / 2).await;
     // Half a name is a byte: the clock starts again.
@@ -163,18 +119,17 @@ async fn unnamed_client_times_out(model: Model) -> io::Result<()> {
 /// not long after, and the others get `server shutting down` at once.
 async fn shutdown_abandons_a_stuck_client_after_the_grace(model: Model) -> io::Result<()> {
     let grace = Duration::from_secs(5);
-    let server = InProcess::start(Config {
-        shutdown_grace: grace,
+    let server = InProcess::start(Config::with_model(model).without_abuse_limits().with(|c| {
+        c.shutdown_grace = grace;
         // Longer than the grace: only the shutdown may end the stuck client.
-        write_timeout: Duration::from_secs(60),
+        c.write_timeout = Duration::from_secs(60);
         // The talker's 20 MB burst is a flood by the default input budget
         // (and on paused time its grace passes at once): what is tested
         // here is the shutdown, so flood control is off.
-        ..Config::with_model(model).without_abuse_limits()
-    })
+    }))
     .await?;
-    let stuck = TestClient::connect(server.addr).await?;
-    let mut talker = TestClient::connect(server.addr).await?;
+    let stuck = TestClient::connect(server.addr()).await?;
+    let mut talker = TestClient::connect(server.addr()).await?;
     // Enough to fill the stuck client's socket buffers, so its writer waits.
     let line = "z".repeat(1000);
     let lines = 20_000;

@@ -3,17 +3,18 @@
 //! certificate reloaded on SIGHUP by the real binary. Certificates are
 //! made at run time (`chat_testkit::tls`); no key is committed.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{server, Config, Model, TlsFiles};
+use chat_server::{Config, Model, TlsFiles};
 use chat_testkit::process::{ServerProcess, Signal, PROCESS_TIMEOUT};
 use chat_testkit::tls::{TestPki, TlsTestClient};
 use common::ensure;
+use common::in_process::InProcess;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -25,13 +26,7 @@ for_each_model!(
 );
 
 fn tls_config(model: Model, pki: &TestPki) -> Config {
-    Config {
-        tls: Some(TlsFiles {
-            cert: pki.cert.clone(),
-            key: pki.key.clone(),
-        }),
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.tls = Some(TlsFiles::new(&pki.cert, &pki.key)))
 }
 
 /// The seed's exchange over TLS, ending with a half-close (`close_notify`)
@@ -77,10 +72,7 @@ async fn chat_over_tls(model: Model) -> io::Result<()> {
 /// lobby takes only the name, the line after it is chat.
 async fn names_over_tls(model: Model) -> io::Result<()> {
     let pki = TestPki::generate(&format!("names-{model}"))?;
-    let server = TestServer::start(Config {
-        names: true,
-        ..tls_config(model, &pki)
-    })?;
+    let server = TestServer::start(tls_config(model, &pki).with(|c| c.names = true))?;
     let mut alice = TlsTestClient::connect_raw(server.addr(), &pki.ca).await?;
     alice.expect(chat_wire::NAME_PROMPT).await?;
     alice.send("alice\nhello from alice").await?;
@@ -101,10 +93,9 @@ async fn names_over_tls(model: Model) -> io::Result<()> {
 /// the connection closes, it is counted, and TLS clients are unaffected.
 async fn a_plaintext_client_is_closed_and_counted(model: Model) -> io::Result<()> {
     let pki = TestPki::generate(&format!("plain-{model}"))?;
-    let server = TestServer::start(Config {
-        metrics_addr: Some("127.0.0.1:0".into()),
-        ..tls_config(model, &pki)
-    })?;
+    let server = TestServer::start(
+        tls_config(model, &pki).with(|c| c.metrics_addr = Some("127.0.0.1:0".into())),
+    )?;
     let mut tls = TlsTestClient::connect(server.addr(), &pki.ca).await?;
     let mut plain = TestClient::connect_raw(server.addr()).await?;
     plain.send("hello?").await?;
@@ -146,20 +137,12 @@ async fn a_handshake_that_never_comes_times_out() -> io::Result<()> {
     let pki = TestPki::generate("timeout")?;
     let handshake_timeout = Duration::from_secs(3);
     for model in Model::ALL {
-        let listener = server::bind("127.0.0.1:0").await?;
-        let addr: SocketAddr = listener.local_addr()?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(server::run(
-            listener,
-            Config {
-                tls_handshake_timeout: handshake_timeout,
-                max_clients: 1,
-                ..tls_config(model, &pki)
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let server = InProcess::start(tls_config(model, &pki).with(|c| {
+            c.tls_handshake_timeout = handshake_timeout;
+            c.max_clients = 1;
+        }))
+        .await?;
+        let addr = server.addr();
         let connected = Instant::now();
         let mut silent = TcpStream::connect(addr).await?;
         // The silent one holds the only slot: the next is told so.
@@ -182,11 +165,7 @@ async fn a_handshake_that_never_comes_times_out() -> io::Result<()> {
         // The slot is free again.
         let tls = TlsTestClient::connect(addr, &pki.ca).await?;
         drop(tls);
-        let _ = stop.send(());
-        serving
-            .await
-            .map_err(io::Error::other)?
-            .map_err(io::Error::other)?;
+        server.stop().await?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@
 //! loudly that it did not run and passes, unless `CHAT_REQUIRE_NETNS` is set:
 //! CI runs as root, and `.ci/run` installs nftables and sets it.
 
-mod common;
+use crate::common;
 
 use std::io::{self, BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,8 +26,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use chat_server::{server, Config, Model};
+use chat_server::{Config, Model};
 use common::ensure;
+use common::in_process::InProcess;
 
 for_each_model!(a_black_holed_peer_is_freed_in_a_silent_room);
 
@@ -199,20 +200,15 @@ fn black_hole(model: Model, keepalive: Option<Duration>) -> io::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     sockets.listener.set_nonblocking(true)?;
-    let listener = {
+    let config = Config::with_model(model).with(|c| {
+        c.keepalive = keepalive;
+        c.write_timeout = WRITE_TIMEOUT;
+    });
+    let server = {
         let _entered = runtime.enter();
-        tokio::net::TcpListener::from_std(sockets.listener)?
+        InProcess::serve(tokio::net::TcpListener::from_std(sockets.listener)?, config)?
     };
-    let config = Config {
-        keepalive,
-        write_timeout: WRITE_TIMEOUT,
-        ..Config::with_model(model)
-    };
-    let serving = runtime.spawn(server::run(listener, config, async move {
-        let _ = stopped.await;
-    }));
     let tasks = || runtime.metrics().num_alive_tasks();
     let wait_for = |expected: usize, within: Duration| {
         let deadline = Instant::now() + within;
@@ -282,7 +278,6 @@ fn black_hole(model: Model, keepalive: Option<Duration>) -> io::Result<()> {
             })
         }
     };
-    let _ = stop.send(());
-    let _ = runtime.block_on(serving);
+    let _ = runtime.block_on(server.stop());
     outcome
 }

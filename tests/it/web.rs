@@ -4,7 +4,7 @@
 //! independent implementation of RFC 6455) and, for what a well-behaved
 //! client cannot send, hand-made frames on a raw socket.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,10 +29,7 @@ for_each_model!(
 );
 
 fn web(model: Model) -> Config {
-    Config {
-        web_addr: Some("127.0.0.1:0".into()),
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.web_addr = Some("127.0.0.1:0".into()))
 }
 
 fn web_addr(server: &TestServer) -> io::Result<SocketAddr> {
@@ -205,11 +202,10 @@ async fn both_doors_share_one_room(model: Model) -> io::Result<()> {
 }
 
 async fn names_and_presence(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        names: true,
-        announce_present: true,
-        ..web(model)
-    })?;
+    let server = TestServer::start(web(model).with(|c| {
+        c.names = true;
+        c.announce_present = true;
+    }))?;
     let mut terminal = TestClient::connect_raw(server.addr()).await?;
     terminal.expect(chat_wire::NAME_PROMPT).await?;
     terminal.send("bob").await?;
@@ -234,10 +230,8 @@ async fn names_and_presence(model: Model) -> io::Result<()> {
 }
 
 async fn the_password_is_asked_first(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        password: Some(Password::new("open sesame")),
-        ..web(model)
-    })?;
+    let server =
+        TestServer::start(web(model).with(|c| c.password = Some(Password::new("open sesame"))))?;
     let mut browser = WsClient::connect_raw(web_addr(&server)?).await?;
     browser.send("open sesame").await?;
     browser.expect(&chat_wire::greeting(&browser.who)).await?;
@@ -257,11 +251,10 @@ async fn the_password_is_asked_first(model: Model) -> io::Result<()> {
 /// A browser that stops reading gets the slow-client policy: disconnected
 /// after `--write-timeout` without progress, and the room is told.
 async fn a_slow_browser_is_treated_like_a_slow_terminal(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        write_timeout: Duration::from_millis(300),
-        max_pending: 256 * 1024,
-        ..web(model).without_abuse_limits()
-    })?;
+    let server = TestServer::start(web(model).without_abuse_limits().with(|c| {
+        c.write_timeout = Duration::from_millis(300);
+        c.max_pending = 256 * 1024;
+    }))?;
     let mut talker = TestClient::connect(server.addr()).await?;
     let browser = WsClient::connect(web_addr(&server)?).await?;
     let browser_who = browser.who.clone();
@@ -304,13 +297,12 @@ async fn a_slow_browser_is_treated_like_a_slow_terminal(model: Model) -> io::Res
 
 /// Flood control counts a browser's messages as lines.
 async fn a_flooding_browser_is_cut_off(model: Model) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        flood_lines: 50,
-        flood_bytes: 0,
-        flood_burst: Duration::from_millis(100),
-        flood_grace: Some(Duration::from_millis(300)),
-        ..web(model)
-    })?;
+    let server = TestServer::start(web(model).with(|c| {
+        c.flood_lines = 50;
+        c.flood_bytes = 0;
+        c.flood_burst = Duration::from_millis(100);
+        c.flood_grace = Some(Duration::from_millis(300));
+    }))?;
     let mut browser = WsClient::connect(web_addr(&server)?).await?;
     let mut cut_off = false;
     // Sending blocks while the server holds the browser back; it fails
@@ -336,10 +328,7 @@ async fn a_flooding_browser_is_cut_off(model: Model) -> io::Result<()> {
 /// `--max-clients-per-ip` is one budget for both doors.
 #[tokio::test]
 async fn one_address_budget_for_both_doors() -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_clients_per_ip: 1,
-        ..web(Model::Sharded)
-    })?;
+    let server = TestServer::start(web(Model::Sharded).with(|c| c.max_clients_per_ip = 1))?;
     let _terminal = TestClient::connect(server.addr()).await?;
     let mut tcp = TcpStream::connect(web_addr(&server)?).await?;
     let mut answer = String::new();
@@ -394,10 +383,9 @@ async fn the_page_and_its_assets() -> io::Result<()> {
 /// page's own origin and the `--web-origin` ones are let in.
 #[tokio::test]
 async fn foreign_origins_are_refused() -> io::Result<()> {
-    let server = TestServer::start(Config {
-        web_origins: vec!["https://chat.example.org".into()],
-        ..web(Model::Sharded)
-    })?;
+    let server = TestServer::start(
+        web(Model::Sharded).with(|c| c.web_origins = vec!["https://chat.example.org".into()]),
+    )?;
     let addr = web_addr(&server)?;
     let own = format!("http://{addr}");
     for (origin, expected) in [
@@ -419,10 +407,7 @@ async fn foreign_origins_are_refused() -> io::Result<()> {
 /// the room goes on.
 #[tokio::test]
 async fn hostile_frames_are_refused() -> io::Result<()> {
-    let server = TestServer::start(Config {
-        max_line: 100,
-        ..web(Model::Sharded)
-    })?;
+    let server = TestServer::start(web(Model::Sharded).with(|c| c.max_line = 100))?;
     let addr = web_addr(&server)?;
     let mut witness = TestClient::connect(server.addr()).await?;
 
@@ -525,13 +510,10 @@ async fn hostile_frames_are_refused() -> io::Result<()> {
 #[tokio::test]
 async fn wss_with_the_same_certificate() -> io::Result<()> {
     let pki = chat_testkit::tls::TestPki::generate("web")?;
-    let server = TestServer::start(Config {
-        tls: Some(chat_server::TlsFiles {
-            cert: pki.cert.clone(),
-            key: pki.key.clone(),
-        }),
-        ..web(Model::Broadcaster)
-    })?;
+    let server = TestServer::start(
+        web(Model::Broadcaster)
+            .with(|c| c.tls = Some(chat_server::TlsFiles::new(&pki.cert, &pki.key))),
+    )?;
     let addr = web_addr(&server)?;
     let tcp = TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
@@ -555,11 +537,10 @@ async fn unfinished_handshakes_and_silent_clients_time_out() -> io::Result<()> {
     let web_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let listener = server::bind("127.0.0.1:0").await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config = Config {
-        web_addr: Some(web_port.to_string()),
-        keepalive: Some(Duration::from_secs(5)),
-        ..Config::with_model(Model::Locked)
-    };
+    let config = Config::with_model(Model::Locked).with(|c| {
+        c.web_addr = Some(web_port.to_string());
+        c.keepalive = Some(Duration::from_secs(5));
+    });
     let serving = tokio::spawn(server::run(listener, config, async move {
         let _ = stopped.await;
     }));
@@ -754,13 +735,12 @@ async fn expect_close(socket: &mut TcpStream, code: u16) -> io::Result<()> {
 /// counts a terminal's unfinished line: the largest holder is evicted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unfinished_message_counts_towards_the_memory_budget() -> io::Result<()> {
-    // As in tests/limits.rs: two terminals hold 1 KiB partial lines (16 KiB
+    // As in tests/it/limits.rs: two terminals hold 1 KiB partial lines (16 KiB
     // buffers), under the ~49 KiB budget a 16 KiB --max-line allows.
-    let server = TestServer::start(Config {
-        max_line: 16 * 1024,
-        max_client_memory: 50_000,
-        ..web(Model::Sharded)
-    })?;
+    let server = TestServer::start(web(Model::Sharded).with(|c| {
+        c.max_line = 16 * 1024;
+        c.max_client_memory = 50_000;
+    }))?;
     let mut terminals = Vec::new();
     for _ in 0..2 {
         let mut terminal = TestClient::connect(server.addr()).await?;

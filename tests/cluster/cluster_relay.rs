@@ -13,7 +13,7 @@
 //! Needs `nats-server` (2.9): without it these tests say so loudly and
 //! pass, unless `CI` or `CHAT_REQUIRE_NATS` is set.
 
-mod common;
+use crate::common;
 
 use std::io;
 

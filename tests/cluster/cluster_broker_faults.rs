@@ -13,7 +13,7 @@
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead. Broker time
 //! is real time; every wait is bounded.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -277,10 +277,7 @@ async fn a_stream_with_fewer_replicas_is_updated() -> io::Result<()> {
         return Ok(());
     };
     let single = Node::start_with(
-        ClusterConfig {
-            replicas: Some(1),
-            ..test_cluster(&brokers.urls())
-        },
+        test_cluster(&brokers.urls()).with(|c| c.replicas = Some(1)),
         Config::with_model(Model::Sharded),
     )?;
     single.joined(1).await?;
@@ -313,14 +310,8 @@ async fn names_stay_unique_when_the_bucket_leader_dies() -> io::Result<()> {
     let nodes = (0..3)
         .map(|_| {
             Node::start_with(
-                ClusterConfig {
-                    ack_timeout: Duration::from_secs(3),
-                    ..test_cluster(&brokers.urls())
-                },
-                Config {
-                    names: true,
-                    ..Config::with_model(Model::Sharded)
-                },
+                test_cluster(&brokers.urls()).with(|c| c.ack_timeout = Duration::from_secs(3)),
+                Config::with_model(Model::Sharded).with(|c| c.names = true),
             )
         })
         .collect::<io::Result<Vec<_>>>()?;

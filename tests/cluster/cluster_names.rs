@@ -8,7 +8,7 @@
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::net::SocketAddr;
@@ -50,21 +50,17 @@ async fn nodes(model: Model, url: &str, n: usize, present: bool) -> io::Result<V
 /// second to create it (a bound, not a sleep: calls that succeed return at
 /// once, and while the broker is away the refusal is immediate).
 fn names_cluster(url: &str) -> ClusterConfig {
-    ClusterConfig {
-        ack_timeout: Duration::from_secs(3),
-        ..test_cluster(url)
-    }
+    test_cluster(url).with(|c| c.ack_timeout = Duration::from_secs(3))
 }
 
 /// A node under `--names` (and `--announce-present` if `present`).
 fn named_node(model: Model, url: &str, present: bool) -> io::Result<Node> {
     Node::start_with(
         names_cluster(url),
-        Config {
-            names: true,
-            announce_present: present,
-            ..Config::with_model(model)
-        },
+        Config::with_model(model).with(|c| {
+            c.names = true;
+            c.announce_present = present;
+        }),
     )
 }
 
@@ -283,14 +279,8 @@ async fn present_lists_every_node(model: Model) -> io::Result<()> {
     // of clients would be listed otherwise: use a room of their own).
     let room = |url: &str| -> io::Result<Node> {
         Node::start_with(
-            ClusterConfig {
-                room: "addresses".into(),
-                ..names_cluster(url)
-            },
-            Config {
-                announce_present: true,
-                ..Config::with_model(model)
-            },
+            names_cluster(url).with(|c| c.room = "addresses".into()),
+            Config::with_model(model).with(|c| c.announce_present = true),
         )
     };
     let nodes = [room(&broker.url())?, room(&broker.url())?];

@@ -9,7 +9,7 @@
 
 #![cfg(feature = "cluster")]
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::time::Duration;
@@ -29,10 +29,7 @@ for_each_model!(
 fn node(model: Model, url: &str, history: usize) -> io::Result<Node> {
     Node::start_with(
         test_cluster(url),
-        Config {
-            history,
-            ..Config::with_model(model)
-        },
+        Config::with_model(model).with(|c| c.history = history),
     )
 }
 

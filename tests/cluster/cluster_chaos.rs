@@ -2,7 +2,7 @@
 //! run it with
 //!
 //! ```text
-//! cargo test --test cluster_chaos -- --ignored --nocapture
+//! cargo test --test cluster cluster_chaos:: -- --ignored --nocapture
 //! ```
 //!
 //! (`CHAT_CHAOS_SEED=N` replays a run, `CHAT_CHAOS_SECS=S` sets its
@@ -28,7 +28,7 @@
 //! Everything is on loopback; the run is bounded by its length plus the
 //! bounded waits of the end.
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::time::Duration;
@@ -132,7 +132,7 @@ fn process_node(brokers: &BrokerCluster, model: Model) -> io::Result<ServerProce
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "a 60-second randomised fault run: cargo test --test cluster_chaos -- --ignored --nocapture"]
+#[ignore = "a 60-second randomised fault run: cargo test --test cluster cluster_chaos:: -- --ignored --nocapture"]
 async fn randomised_faults_lose_nothing() -> io::Result<()> {
     let seed = env_u64("CHAT_CHAOS_SEED", 18)?;
     let length = Duration::from_secs(env_u64("CHAT_CHAOS_SECS", 60)?);
@@ -153,17 +153,13 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
     for (index, node_relays) in relays.iter().enumerate() {
         let urls: Vec<String> = node_relays.iter().map(Relay::nats_url).collect();
         let model = Model::ALL[(seed as usize + index) % Model::ALL.len()];
-        let config = ClusterConfig {
+        let config = ClusterConfig::new(&urls.join(",")).with(|c| {
             // Quick reconnects: a healed relay is used at once.
-            reconnect_max: Duration::from_millis(500),
-            ..ClusterConfig::new(&urls.join(","))
-        };
+            c.reconnect_max = Duration::from_millis(500);
+        });
         nodes.push(Node::start_with(
             config,
-            Config {
-                announce_present: true,
-                ..Config::with_model(model)
-            },
+            Config::with_model(model).with(|c| c.announce_present = true),
         )?);
         eprintln!("chaos: node {index} runs {model}");
     }

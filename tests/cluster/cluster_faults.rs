@@ -13,7 +13,7 @@
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead. Broker time
 //! is real time; every wait is a bounded read or counter wait.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -142,10 +142,7 @@ impl View {
 }
 
 fn with_presence(model: Model) -> Config {
-    Config {
-        announce_present: true,
-        ..Config::with_model(model)
-    }
+    Config::with_model(model).with(|c| c.announce_present = true)
 }
 
 fn broker_addr(broker: &Broker) -> io::Result<SocketAddr> {
@@ -240,10 +237,11 @@ async fn connect_storm_causes_no_false_departure(model: Model) -> io::Result<()>
     };
     let url = broker.url();
     let storm = storm_size();
-    let roomy = || Config {
-        max_clients: storm + 100,
-        max_clients_per_ip: storm + 100,
-        ..Config::with_model(model)
+    let roomy = || {
+        Config::with_model(model).with(|c| {
+            c.max_clients = storm + 100;
+            c.max_clients_per_ip = storm + 100;
+        })
     };
     let nodes = [
         Node::start_with(test_cluster(&url), roomy())?,
@@ -383,17 +381,15 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     };
     let relay = Relay::start(broker_addr(&broker)?)?;
     let url = broker.url();
-    let blocking = Config {
-        slow_client: SlowClientPolicy::Block,
-        max_pending: 256 * 1024,
-        ..Config::with_model(model)
-    };
+    let blocking = Config::with_model(model).with(|c| {
+        c.slow_client = SlowClientPolicy::Block;
+        c.max_pending = 256 * 1024;
+    });
     // The talker fills the stuck client's socket quickly: no flood control.
-    let unlimited = Config {
-        flood_lines: 0,
-        flood_bytes: 0,
-        ..Config::with_model(model)
-    };
+    let unlimited = Config::with_model(model).with(|c| {
+        c.flood_lines = 0;
+        c.flood_bytes = 0;
+    });
     let nodes = [
         Node::start_with(test_cluster(&url), blocking)?,
         Node::start_with(test_cluster(&url), unlimited)?,

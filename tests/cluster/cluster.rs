@@ -12,7 +12,7 @@
 //! failure tests take seconds; the kill -9 test uses the defaults, as the
 //! bound it checks is the default one.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io;
@@ -514,10 +514,8 @@ async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
         return Ok(());
     };
     let url = broker.url();
-    let scraped = || Config {
-        metrics_addr: Some("127.0.0.1:0".into()),
-        ..Config::with_model(model)
-    };
+    let scraped =
+        || Config::with_model(model).with(|c| c.metrics_addr = Some("127.0.0.1:0".into()));
     let nodes = [
         Node::start_with(test_cluster(&url), scraped())?,
         Node::start_with(test_cluster(&url), scraped())?,
@@ -632,15 +630,11 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     let url = broker.url();
     let small = |url: &str| -> io::Result<Node> {
         Node::start_with(
-            ClusterConfig {
+            test_cluster(url).with(|c| {
                 // The smallest buffer --max-line 100 allows: about 20 reads.
-                buffer_bytes: 2 * 100 + 1024,
-                ..test_cluster(url)
-            },
-            Config {
-                max_line: 100,
-                ..Config::with_model(Model::Sharded)
-            },
+                c.buffer_bytes = 2 * 100 + 1024;
+            }),
+            Config::with_model(Model::Sharded).with(|c| c.max_line = 100),
         )
     };
     let node = small(&url)?;
@@ -685,16 +679,15 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     })
 }
 
-/// Names and presence have a meaning across nodes (tests/cluster_names.rs):
+/// Names and presence have a meaning across nodes (tests/cluster/cluster_names.rs):
 /// both are accepted with a cluster.
 #[test]
 fn names_and_presence_are_accepted_with_a_cluster() {
-    let config = Config {
-        names: true,
-        announce_present: true,
-        cluster: Some(ClusterConfig::new("nats://127.0.0.1:4222")),
-        ..Config::default()
-    };
+    let config = Config::default().with(|c| {
+        c.names = true;
+        c.announce_present = true;
+        c.cluster = Some(ClusterConfig::new("nats://127.0.0.1:4222"));
+    });
     assert_eq!(config.validate(), Ok(()));
 }
 
@@ -867,7 +860,7 @@ async fn clients_seen_by(
 /// Not a timed test: prints how long a line takes to reach a client on the
 /// sender's node (local-first) and on another node (through the broker),
 /// which is what delivering in one total order would cost every line.
-/// `cargo test --release --test cluster -- --ignored --nocapture latency`
+/// `cargo test --release --test cluster -- --ignored --nocapture cluster::latency`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn latency_local_against_remote() -> io::Result<()> {
