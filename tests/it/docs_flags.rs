@@ -45,12 +45,16 @@ const OTHER_PROGRAMS: &[(&[&str], &[&str])] = &[
             "--no-deps",
             "--timings",
             "--package",
+            "--no-run",
+            "--no-fail-fast",
+            "--locked",
             // the libtest harness, after `--`
             "--nocapture",
             "--ignored",
             "--include-ignored",
             "--test-threads",
             "--exact",
+            "--skip",
             // criterion, after `--`
             "--warm-up-time",
             "--measurement-time",
