@@ -5,7 +5,7 @@
 //! chat; SIGINT with stderr gone still exiting 0 after `server shutting
 //! down`; and the open-file limit raised or warned about at start.
 //!
-//! Flood fairness under load is `tests/it/fairness.rs`; a black-holed peer is
+//! Flood fairness under load is `tests/fairness.rs`; a black-holed peer is
 //! `tests/it/vanished.rs`.
 
 use crate::common;

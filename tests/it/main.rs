@@ -19,7 +19,6 @@ mod common;
 mod browser;
 mod cli;
 mod docs_flags;
-mod fairness;
 mod floods;
 mod history;
 mod hostile;

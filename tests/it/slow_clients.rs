@@ -42,7 +42,7 @@ fn config(model: Model, policy: SlowClientPolicy) -> Config {
         c.max_pending = 256 * 1024;
         c.write_timeout = Duration::from_secs(1);
         // The senders burst far past any human's input budget on purpose;
-        // flood control has its own tests (tests/it/fairness.rs, tests/it/limits.rs).
+        // flood control has its own tests (tests/fairness.rs, tests/it/limits.rs).
     })
 }
 

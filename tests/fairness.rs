@@ -13,7 +13,7 @@
 //! allows 250 ms, because this runs beside other tests on a shared 2-core
 //! CI machine, and 250 ms still fails every unprotected policy by far.
 
-use crate::common;
+mod common;
 
 use std::collections::HashMap;
 use std::io;
