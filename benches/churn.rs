@@ -81,11 +81,10 @@ struct Lobby {
 fn open_lobby(runtime: &Runtime, model: Model, present: bool) -> io::Result<Lobby> {
     // More than 100 clients from 127.0.0.1: no per-address limit (and,
     // as in every bench, no input budget).
-    let server = TestServer::start(Config {
-        announce_present: present,
-        history: common::bench_history(),
-        ..Config::with_model(model).without_abuse_limits()
-    })?;
+    let server = TestServer::start(Config::with_model(model).without_abuse_limits().with(|c| {
+        c.announce_present = present;
+        c.history = common::bench_history();
+    }))?;
     let peers = runtime.block_on(common::connect_peers(server.addr(), IDLE))?;
     let lines = Arc::new(AtomicU64::new(0));
     let read = Arc::new(Notify::new());

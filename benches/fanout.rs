@@ -75,10 +75,11 @@ struct Room {
 fn open_room(runtime: &Runtime, model: Model, n: usize) -> io::Result<Room> {
     // Up to 512 clients from 127.0.0.1, each sending as fast as the room
     // takes it: no per-address limit and no input budget.
-    let server = TestServer::start(Config {
-        history: common::bench_history(),
-        ..Config::with_model(model).without_abuse_limits()
-    })?;
+    let server = TestServer::start(
+        Config::with_model(model)
+            .without_abuse_limits()
+            .with(|c| c.history = common::bench_history()),
+    )?;
     let peers = runtime.block_on(common::connect_peers(server.addr(), n))?;
     // Every task is spawned by the time its client has its greeting; the
     // short wait only covers the runtime's metrics catching up.

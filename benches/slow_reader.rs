@@ -99,14 +99,13 @@ struct Room {
 }
 
 fn config(model: Model, policy: SlowClientPolicy) -> Config {
-    Config {
-        slow_client: policy,
-        max_pending: MAX_PENDING,
-        write_timeout: WRITE_TIMEOUT,
-        history: common::bench_history(),
+    Config::with_model(model).without_abuse_limits().with(|c| {
+        c.slow_client = policy;
+        c.max_pending = MAX_PENDING;
+        c.write_timeout = WRITE_TIMEOUT;
+        c.history = common::bench_history();
         // The fill floods on purpose: no input budget, as in every bench.
-        ..Config::with_model(model).without_abuse_limits()
-    }
+    })
 }
 
 /// Starts the server, connects everyone and runs the fill flow. The room

@@ -208,7 +208,12 @@ fn physical_memory() -> Option<usize> {
 }
 
 /// Everything that shapes a running server.
+///
+/// `#[non_exhaustive]`, so that a new setting does not break embedders:
+/// outside this crate, start from [`Config::default`] or
+/// [`Config::with_model`] and change fields in place or with [`Config::with`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     pub model: Model,
     pub slow_client: SlowClientPolicy,
@@ -325,11 +330,25 @@ impl fmt::Debug for Password {
 /// again on every SIGHUP, so a renewed certificate is picked up without a
 /// restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TlsFiles {
     /// The certificate chain, leaf first.
     pub cert: std::path::PathBuf,
     /// The private key (PKCS#8, PKCS#1 or SEC1).
     pub key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// The certificate chain at `cert` and the key at `key`.
+    pub fn new(
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> TlsFiles {
+        TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -376,7 +395,10 @@ const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
 pub const MAX_REPLICAS: usize = 5;
 
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
+///
+/// `#[non_exhaustive]` as [`Config`] is: start from [`ClusterConfig::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClusterConfig {
     /// `nats://[user:password@|token@]host:port`, several separated by commas.
     pub url: String,
@@ -435,6 +457,13 @@ impl ClusterConfig {
             replicas: None,
             counters: Arc::default(),
         }
+    }
+
+    /// These settings changed by `change`, in one expression (see
+    /// [`Config::with`]).
+    pub fn with(mut self, change: impl FnOnce(&mut ClusterConfig)) -> ClusterConfig {
+        change(&mut self);
+        self
     }
 }
 
@@ -548,6 +577,15 @@ impl Config {
             model,
             ..Config::default()
         }
+    }
+
+    /// This configuration changed by `change`: how code outside this crate
+    /// sets a few fields in one expression, as
+    /// `Config::with_model(model).with(|c| c.names = true)`, where a struct
+    /// literal is refused (`Config` is `#[non_exhaustive]`).
+    pub fn with(mut self, change: impl FnOnce(&mut Config)) -> Config {
+        change(&mut self);
+        self
     }
 
     /// Checks the settings fit together, with a message for the operator if not.

@@ -61,10 +61,7 @@ cases! {
 }
 
 async fn flood_fairness(model: Model, policy: SlowClientPolicy) -> io::Result<()> {
-    let server = TestServer::start(Config {
-        slow_client: policy,
-        ..Config::with_model(model)
-    })?;
+    let server = TestServer::start(Config::with_model(model).with(|c| c.slow_client = policy))?;
     let addr = server.addr();
     let deadline = Instant::now() + WITHIN;
     let clock = std::time::Instant::now();

@@ -267,54 +267,51 @@ impl Args {
                 self.model
             );
         }
-        let config = Config {
-            model: self.model,
-            slow_client: self.slow_client,
-            queue: self.queue.unwrap_or(QueueKind::Swap),
-            max_pending: self.max_pending,
-            write_timeout: seconds("write-timeout", self.write_timeout)?,
-            max_line: self.max_line,
-            max_clients: self.max_clients,
-            idle_timeout: self
-                .idle_timeout
-                .map(|secs| seconds("idle-timeout", secs))
-                .transpose()?,
-            shutdown_grace: seconds("shutdown-grace", self.shutdown_grace)?,
-            names: self.names,
-            announce_present: self.announce_present,
-            history: self.history,
-            history_bytes: self.history_bytes,
-            cluster: self.cluster_config()?,
-            flood_lines: self.flood_lines,
-            flood_bytes: self.flood_bytes,
-            flood_burst: seconds("flood-burst", self.flood_burst)?,
-            flood_grace: Some(seconds("flood-grace", self.flood_grace)?)
-                .filter(|grace| !grace.is_zero()),
-            max_clients_per_ip: self.max_clients_per_ip,
-            keepalive: (self.keepalive > 0).then(|| Duration::from_secs(self.keepalive)),
-            max_client_memory: self
-                .max_client_memory
-                .unwrap_or_else(default_max_client_memory),
-            metrics_addr: self.metrics_addr.clone(),
-            tls: match (&self.tls_cert, &self.tls_key) {
-                (Some(cert), Some(key)) => Some(TlsFiles {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                }),
-                _ => None,
-            },
-            tls_handshake_timeout: seconds("tls-handshake-timeout", self.tls_handshake_timeout)?,
-            web_addr: self.web_addr.clone(),
-            web_origins: self.web_origin.clone(),
-            password: self
-                .password_file
-                .as_ref()
-                .map(|path| {
-                    Password::from_file(path)
-                        .with_context(|| format!("--password-file {}", path.display()))
-                })
-                .transpose()?,
+        let mut config = Config::default();
+        config.model = self.model;
+        config.slow_client = self.slow_client;
+        config.queue = self.queue.unwrap_or(QueueKind::Swap);
+        config.max_pending = self.max_pending;
+        config.write_timeout = seconds("write-timeout", self.write_timeout)?;
+        config.max_line = self.max_line;
+        config.max_clients = self.max_clients;
+        config.idle_timeout = self
+            .idle_timeout
+            .map(|secs| seconds("idle-timeout", secs))
+            .transpose()?;
+        config.shutdown_grace = seconds("shutdown-grace", self.shutdown_grace)?;
+        config.names = self.names;
+        config.announce_present = self.announce_present;
+        config.history = self.history;
+        config.history_bytes = self.history_bytes;
+        config.cluster = self.cluster_config()?;
+        config.flood_lines = self.flood_lines;
+        config.flood_bytes = self.flood_bytes;
+        config.flood_burst = seconds("flood-burst", self.flood_burst)?;
+        config.flood_grace =
+            Some(seconds("flood-grace", self.flood_grace)?).filter(|grace| !grace.is_zero());
+        config.max_clients_per_ip = self.max_clients_per_ip;
+        config.keepalive = (self.keepalive > 0).then(|| Duration::from_secs(self.keepalive));
+        config.max_client_memory = self
+            .max_client_memory
+            .unwrap_or_else(default_max_client_memory);
+        config.metrics_addr = self.metrics_addr.clone();
+        config.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles::new(cert, key)),
+            _ => None,
         };
+        config.tls_handshake_timeout =
+            seconds("tls-handshake-timeout", self.tls_handshake_timeout)?;
+        config.web_addr = self.web_addr.clone();
+        config.web_origins = self.web_origin.clone();
+        config.password = self
+            .password_file
+            .as_ref()
+            .map(|path| {
+                Password::from_file(path)
+                    .with_context(|| format!("--password-file {}", path.display()))
+            })
+            .transpose()?;
         config.validate()?;
         Ok(config)
     }
@@ -330,19 +327,18 @@ impl Args {
             std::fs::metadata(creds)
                 .with_context(|| format!("--cluster-creds {}", creds.display()))?;
         }
-        Ok(Some(ClusterConfig {
-            room: self.room.clone(),
-            creds: self.cluster_creds.clone(),
-            buffer_bytes: self.cluster_buffer,
-            retention_age: seconds("cluster-retention", self.cluster_retention)?,
-            retention_bytes: self.cluster_retention_bytes,
-            heartbeat: seconds("cluster-heartbeat", self.cluster_heartbeat)?,
-            node_timeout: seconds("cluster-node-timeout", self.cluster_node_timeout)?,
-            reconnect_max: seconds("cluster-reconnect-max", self.cluster_reconnect_max)?,
-            ack_timeout: seconds("cluster-ack-timeout", self.cluster_ack_timeout)?,
-            replicas: self.cluster_replicas,
-            ..ClusterConfig::new(url)
-        }))
+        let mut cluster = ClusterConfig::new(url);
+        cluster.room = self.room.clone();
+        cluster.creds = self.cluster_creds.clone();
+        cluster.buffer_bytes = self.cluster_buffer;
+        cluster.retention_age = seconds("cluster-retention", self.cluster_retention)?;
+        cluster.retention_bytes = self.cluster_retention_bytes;
+        cluster.heartbeat = seconds("cluster-heartbeat", self.cluster_heartbeat)?;
+        cluster.node_timeout = seconds("cluster-node-timeout", self.cluster_node_timeout)?;
+        cluster.reconnect_max = seconds("cluster-reconnect-max", self.cluster_reconnect_max)?;
+        cluster.ack_timeout = seconds("cluster-ack-timeout", self.cluster_ack_timeout)?;
+        cluster.replicas = self.cluster_replicas;
+        Ok(Some(cluster))
     }
 }
 

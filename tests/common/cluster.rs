@@ -19,13 +19,12 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The backplane with short timers, so failures are noticed in a second.
 pub fn test_cluster(url: &str) -> ClusterConfig {
-    ClusterConfig {
-        heartbeat: Duration::from_millis(200),
-        node_timeout: Duration::from_secs(1),
-        reconnect_max: Duration::from_millis(200),
-        ack_timeout: Duration::from_secs(1),
-        ..ClusterConfig::new(url)
-    }
+    ClusterConfig::new(url).with(|c| {
+        c.heartbeat = Duration::from_millis(200);
+        c.node_timeout = Duration::from_secs(1);
+        c.reconnect_max = Duration::from_millis(200);
+        c.ack_timeout = Duration::from_secs(1);
+    })
 }
 
 /// A node in its own runtime, and its backplane counters.
@@ -43,10 +42,7 @@ impl Node {
     /// A node with `config`, joined to the room `cluster` names.
     pub fn start_with(cluster: ClusterConfig, config: Config) -> io::Result<Node> {
         let counters = Arc::clone(&cluster.counters);
-        let server = TestServer::start(Config {
-            cluster: Some(cluster),
-            ..config
-        })?;
+        let server = TestServer::start(config.with(|c| c.cluster = Some(cluster)))?;
         Ok(Node { server, counters })
     }
 

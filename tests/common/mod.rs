@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod in_process;
 pub mod scrape;
 #[cfg(feature = "cluster")]
 pub mod transcript;
@@ -31,7 +32,7 @@ macro_rules! for_each_model {
 }
 
 /// [`for_each_model`] on paused time: each test runs on a current-thread
-/// runtime whose clock starts paused (`tests/timers.rs` says why).
+/// runtime whose clock starts paused (`tests/it/timers.rs` says why).
 #[macro_export]
 macro_rules! for_each_model_paused {
     ($($test:ident),* $(,)?) => {$(

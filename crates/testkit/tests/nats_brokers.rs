@@ -21,6 +21,19 @@ fn other(err: impl std::fmt::Display) -> io::Error {
     io::Error::other(err.to_string())
 }
 
+/// Creates the stream [`STREAM`] on `kit.>` with `replicas` copies.
+async fn create_kit_stream(js: &jetstream::Context, replicas: usize) -> io::Result<()> {
+    js.create_stream(stream::Config {
+        name: STREAM.into(),
+        subjects: vec!["kit.>".into()],
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map(drop)
+    .map_err(other)
+}
+
 /// Publishes `ids` to the stream, each with its message id so that a
 /// publish retried after a lost ack is stored once; retries each until
 /// acknowledged, within [`LEADER_TIMEOUT`] (an election in between).
@@ -67,14 +80,7 @@ async fn a_replicated_stream_survives_its_leaders_kill_and_a_servers_store_loss(
         .await
         .map_err(other)?;
     let js = jetstream::new(client);
-    js.create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["kit.>".into()],
-        num_replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .map_err(other)?;
+    create_kit_stream(&js, 3).await?;
     publish(&js, 0..50).await?;
 
     let leader = block_in_place(|| cluster.wait_for_stream_leader(STREAM))?;
@@ -125,14 +131,7 @@ async fn a_stopped_server_comes_back_on_its_ports() -> io::Result<()> {
     let client = async_nats::connect(cluster.url(1)).await.map_err(other)?;
     let js = jetstream::new(client);
     // JetStream answers through the restarted server.
-    js.create_stream(stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["kit.>".into()],
-        num_replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .map_err(other)?;
+    create_kit_stream(&js, 3).await?;
     publish(&js, 0..5).await?;
     let bad = cluster.kill(CLUSTER_SIZE);
     ensure(bad.is_err(), || "server 3 of 3 was killed".into())
@@ -147,13 +146,7 @@ async fn a_single_broker_comes_back_on_an_empty_store() -> io::Result<()> {
     {
         let client = async_nats::connect(&url).await.map_err(other)?;
         let js = jetstream::new(client);
-        js.create_stream(stream::Config {
-            name: STREAM.into(),
-            subjects: vec!["kit.>".into()],
-            ..Default::default()
-        })
-        .await
-        .map_err(other)?;
+        create_kit_stream(&js, 1).await?;
     }
     block_in_place(|| broker.restart_empty())?;
     ensure(broker.url() == url, || "moved".into())?;

@@ -196,11 +196,10 @@ mod tests {
     /// The chat through its WebSocket door: the same room, the same counts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_small_fanout_over_websocket_loses_nothing() {
-        let server = TestServer::start(Config {
-            web_addr: Some("127.0.0.1:0".into()),
-            names: true,
-            ..Config::default()
-        })
+        let server = TestServer::start(Config::default().with(|c| {
+            c.web_addr = Some("127.0.0.1:0".into());
+            c.names = true;
+        }))
         .unwrap();
         let mut opts = small(Scenario::Fanout, &server);
         opts.addr = server.web_addr().unwrap();

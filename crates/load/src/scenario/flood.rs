@@ -114,10 +114,9 @@ mod tests {
     /// clients lose nothing and the report says the flooder was cut off.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_flooder_is_cut_off_and_the_others_lose_nothing() {
-        let server = TestServer::start(Config {
-            flood_grace: Some(Duration::from_millis(500)),
-            ..Config::default()
-        })
+        let server = TestServer::start(
+            Config::default().with(|c| c.flood_grace = Some(Duration::from_millis(500))),
+        )
         .unwrap();
         let mut opts = small(Scenario::Flood, &server);
         opts.rate = 20.0;

@@ -1,0 +1,458 @@
+//! `--names` and `--announce-present` across nodes (`--cluster`), through
+//! a real `nats-server` 2.9 with JetStream: a name held on one node is
+//! taken on every node, one of many concurrent claims on three nodes wins,
+//! a killed node's names are freed, a newcomer's `present` line lists every
+//! node's clients, and while the broker is away new names are refused with
+//! a clear line and the room chats on.
+//!
+//! Without `nats-server` installed these tests say so loudly and pass;
+//! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead.
+
+use crate::common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_server::harness::TestClient;
+use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_wire::{present_of, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
+use common::cluster::{test_cluster, wait_until, Node, JOIN_TIMEOUT};
+use common::ensure;
+use common::nats::Broker;
+use common::process::{ServerProcess, Signal};
+use tokio::sync::Barrier;
+use tokio::time::Instant;
+
+for_each_model!(
+    a_name_is_taken_on_every_node,
+    exactly_one_of_many_nodes_wins_a_name,
+    present_lists_every_node,
+    broker_away_refuses_new_names_only,
+);
+
+/// `n` nodes under `--names`, each in the room (its consumer open) before
+/// it returns.
+async fn nodes(model: Model, url: &str, n: usize, present: bool) -> io::Result<Vec<Node>> {
+    let nodes = (0..n)
+        .map(|_| named_node(model, url, present))
+        .collect::<io::Result<Vec<_>>>()?;
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    Ok(nodes)
+}
+
+/// The short timers of the other cluster tests, but a longer bound on each
+/// broker call: the room's first named joins make the names bucket, and a
+/// file store just after other tests' brokers stopped can take more than a
+/// second to create it (a bound, not a sleep: calls that succeed return at
+/// once, and while the broker is away the refusal is immediate).
+fn names_cluster(url: &str) -> ClusterConfig {
+    test_cluster(url).with(|c| c.ack_timeout = Duration::from_secs(3))
+}
+
+/// A node under `--names` (and `--announce-present` if `present`).
+fn named_node(model: Model, url: &str, present: bool) -> io::Result<Node> {
+    Node::start_with(
+        names_cluster(url),
+        Config::with_model(model).with(|c| {
+            c.names = true;
+            c.announce_present = present;
+        }),
+    )
+}
+
+async fn unnamed(addr: SocketAddr) -> io::Result<TestClient> {
+    let mut client = TestClient::connect_raw(addr).await?;
+    client.expect(NAME_PROMPT).await?;
+    Ok(client)
+}
+
+/// Asks for `name`; `Ok(answer)` is the server's first line in reply.
+async fn ask(client: &mut TestClient, name: &str) -> io::Result<String> {
+    client.send(name).await?;
+    let answer = client.line().await?;
+    if answer == format!("You are {name}") {
+        client.who = name.to_string();
+    }
+    Ok(answer)
+}
+
+/// Connects as `name`, which must be free.
+async fn join(addr: SocketAddr, name: &str) -> io::Result<TestClient> {
+    let mut client = unnamed(addr).await?;
+    let answer = ask(&mut client, name).await?;
+    ensure(answer == format!("You are {name}"), || {
+        format!("asked for {name}, got {answer:?}")
+    })?;
+    Ok(client)
+}
+
+/// Connects as `name` to a node that may not have reached its broker yet:
+/// asks again while names are unavailable, as a person would.
+async fn join_when_ready(addr: SocketAddr, name: &str) -> io::Result<TestClient> {
+    let mut client = unnamed(addr).await?;
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let answer = ask(&mut client, name).await?;
+        if answer == format!("You are {name}") {
+            return Ok(client);
+        }
+        ensure(
+            answer == NAMES_UNAVAILABLE && Instant::now() < deadline,
+            || format!("asked for {name}, got {answer:?}"),
+        )?;
+        // Nothing to read meanwhile: the node says nothing when it connects.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads until `wanted`, skipping other lines (each read bounded).
+async fn until(client: &mut TestClient, wanted: &str) -> io::Result<()> {
+    until_all(client, &[wanted]).await
+}
+
+/// Reads until every one of `wanted` has come, in any order.
+async fn until_all(client: &mut TestClient, wanted: &[&str]) -> io::Result<()> {
+    let mut missing: Vec<&str> = wanted.to_vec();
+    while !missing.is_empty() {
+        let line = client.line().await?;
+        missing.retain(|wanted| *wanted != line);
+    }
+    Ok(())
+}
+
+/// Runs `arrive` and waits until `other` has received it from the stream.
+async fn crossed<T>(
+    other: &Node,
+    arrive: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    let before = ClusterCounters::get(&other.counters.received);
+    let arrived = arrive.await?;
+    wait_until(&other.counters.received, "batches received", |received| {
+        received > before
+    })
+    .await?;
+    Ok(arrived)
+}
+
+/// ann on node 1 holds her name on node 2 too; once node 2 has heard her
+/// leave, the name is free there.
+async fn a_name_is_taken_on_every_node(model: Model) -> io::Result<()> {
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let nodes = nodes(model, &broker.url(), 2, false).await?;
+    // Crossed before node 2's client enters, or it would hear of ann's
+    // arrival after its own (the backplane takes a broker round trip).
+    let mut ann = crossed(&nodes[1], join(nodes[0].addr(), "ann")).await?;
+    let mut other = unnamed(nodes[1].addr()).await?;
+    let answer = ask(&mut other, "ann").await?;
+    ensure(answer == NAME_TAKEN, || format!("got {answer:?}"))?;
+    // Taken, not broken: another name works at once.
+    let answer = ask(&mut other, "ann2").await?;
+    ensure(answer == "You are ann2", || format!("got {answer:?}"))?;
+    ann.expect("ann2 has arrived").await?;
+    ann.finish().await?;
+    ann.lines_until_closed().await?;
+    other.expect("ann has left").await?;
+    let mut heir = join(nodes[1].addr(), "ann").await?;
+    other.expect("ann has arrived").await?;
+    heir.send("mine now").await?;
+    heir.expect("ann: mine now").await?;
+    other.expect("ann: mine now").await
+}
+
+/// 8 clients over 3 nodes ask for one name at the same instant: exactly
+/// one wins, the others are told it is taken and choose again; once the
+/// winner's departure has reached another node, the name is free there.
+async fn exactly_one_of_many_nodes_wins_a_name(model: Model) -> io::Result<()> {
+    const CONTENDERS: usize = 8;
+    const ROUNDS: usize = 5;
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let nodes = nodes(model, &broker.url(), 3, false).await?;
+    // The room's first named joins make the names bucket; under a loaded
+    // machine that can outlast one broker call, and the contenders would
+    // be told names are unavailable. One named client per node first, as
+    // people arriving before the race would (they stay, silent).
+    let mut early = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        early.push(join_when_ready(node.addr(), &format!("early{i}")).await?);
+    }
+    for round in 0..ROUNDS {
+        let name = format!("prize{round}");
+        let start = Arc::new(Barrier::new(CONTENDERS));
+        let mut tasks = Vec::new();
+        for i in 0..CONTENDERS {
+            let (start, name) = (Arc::clone(&start), name.clone());
+            let addr = nodes[i % nodes.len()].addr();
+            tasks.push(tokio::spawn(async move {
+                let mut client = unnamed(addr).await?;
+                start.wait().await;
+                let answer = ask(&mut client, &name).await?;
+                Ok::<_, io::Error>((i, client, answer))
+            }));
+        }
+        let mut winner = None;
+        let mut losers = Vec::new();
+        for task in tasks {
+            let (i, client, answer) = task.await.map_err(io::Error::other)??;
+            if answer == format!("You are {name}") {
+                ensure(winner.is_none(), || {
+                    format!("{model}, round {round}: two clients won {name}")
+                })?;
+                winner = Some((i, client));
+            } else {
+                ensure(answer == NAME_TAKEN, || {
+                    format!("{model}, round {round}: got {answer:?}")
+                })?;
+                losers.push((i, client));
+            }
+        }
+        let (won_at, mut winner) = winner
+            .ok_or_else(|| io::Error::other(format!("{model}: no winner in round {round}")))?;
+        let mut room = Vec::new();
+        for (i, mut client) in losers {
+            let other = format!("{name}.{i}");
+            let answer = ask(&mut client, &other).await?;
+            ensure(answer == format!("You are {other}"), || {
+                format!("{model}, round {round}: {other} got {answer:?}")
+            })?;
+            room.push((i, client));
+        }
+        // A loser on another node than the winner's waits for the
+        // departure; then a newcomer on that node takes the name.
+        let heir_node = (won_at + 1) % nodes.len();
+        winner.finish().await?;
+        winner.lines_until_closed().await?;
+        let (_, witness) = room
+            .iter_mut()
+            .find(|(i, _)| i % nodes.len() == heir_node)
+            .ok_or_else(|| io::Error::other("no client on the heir's node"))?;
+        until(witness, &format!("{name} has left")).await?;
+        let heir = join(nodes[heir_node].addr(), &name).await?;
+        for (_, mut client) in room.into_iter().chain([(0, heir)]) {
+            client.finish().await?;
+            client.lines_until_closed().await?;
+        }
+    }
+    Ok(())
+}
+
+/// A newcomer's `present` line lists its own node's clients and, once
+/// their arrivals have crossed, the other node's; a departure that has
+/// crossed is no longer listed. With and without `--names`.
+async fn present_lists_every_node(model: Model) -> io::Result<()> {
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    // Named clients.
+    let nodes = nodes(model, &broker.url(), 2, true).await?;
+    let mut bob = crossed(&nodes[0], join(nodes[1].addr(), "bob")).await?;
+    bob.expect("present (0): nobody").await?;
+    let mut ann = join(nodes[0].addr(), "ann").await?;
+    ann.expect("present (1): bob").await?;
+    bob.expect("ann has arrived").await?;
+    let mut cat = join(nodes[1].addr(), "cat").await?;
+    let present = cat.line().await?;
+    let mut listed = present_of(&present).unwrap_or_default();
+    listed.sort_unstable();
+    ensure(listed == ["ann", "bob"], || format!("cat got {present:?}"))?;
+    ann.expect("cat has arrived").await?;
+    bob.expect("cat has arrived").await?;
+    ann.finish().await?;
+    ann.lines_until_closed().await?;
+    bob.expect("ann has left").await?;
+    cat.expect("ann has left").await?;
+    let mut dan = join(nodes[1].addr(), "dan").await?;
+    let present = dan.line().await?;
+    let mut listed = present_of(&present).unwrap_or_default();
+    listed.sort_unstable();
+    ensure(listed == ["bob", "cat"], || format!("dan got {present:?}"))?;
+    drop(nodes);
+
+    // Addresses, on fresh nodes of the same broker (another room's worth
+    // of clients would be listed otherwise: use a room of their own).
+    let room = |url: &str| -> io::Result<Node> {
+        Node::start_with(
+            names_cluster(url).with(|c| c.room = "addresses".into()),
+            Config::with_model(model).with(|c| c.announce_present = true),
+        )
+    };
+    let nodes = [room(&broker.url())?, room(&broker.url())?];
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    let mut b = crossed(&nodes[0], TestClient::connect(nodes[1].addr())).await?;
+    b.expect("present (0): nobody").await?;
+    let mut a = TestClient::connect(nodes[0].addr()).await?;
+    a.expect(&format!("present (1): {}", b.who)).await?;
+    b.expect(&format!("{} has arrived", a.who)).await?;
+    let mut c = TestClient::connect(nodes[1].addr()).await?;
+    let present = c.line().await?;
+    let mut listed = present_of(&present).unwrap_or_default();
+    listed.sort_unstable();
+    let mut wanted = [a.who.as_str(), b.who.as_str()];
+    wanted.sort_unstable();
+    ensure(listed == wanted, || format!("{} got {present:?}", c.who))?;
+    c.send("hi").await?;
+    c.expect(&format!("{}: hi", c.who)).await
+}
+
+/// The broker is killed: a newcomer asking for a name is told names are
+/// unavailable (and may try again), clients already in the room chat on;
+/// once the broker is back the newcomer gets its name.
+async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
+    let Some(mut broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let nodes = nodes(model, &broker.url(), 2, false).await?;
+    let mut ann = crossed(&nodes[1], join(nodes[0].addr(), "ann")).await?;
+    let mut dan = crossed(&nodes[1], join(nodes[0].addr(), "dan")).await?;
+    ann.expect("dan has arrived").await?;
+    let mut bob = join(nodes[1].addr(), "bob").await?;
+    ann.expect("bob has arrived").await?;
+    dan.expect("bob has arrived").await?;
+    tokio::task::block_in_place(|| broker.stop("KILL"))?;
+    wait_until(
+        &nodes[0].counters.connected,
+        "disconnected from the broker",
+        |connected| connected == 0,
+    )
+    .await?;
+    let mut newcomer = unnamed(nodes[0].addr()).await?;
+    let answer = ask(&mut newcomer, "cat").await?;
+    ensure(answer == NAMES_UNAVAILABLE, || format!("got {answer:?}"))?;
+    ann.send("still here").await?;
+    ann.expect("ann: still here").await?;
+    dan.expect("ann: still here").await?;
+    bob.send("me too").await?;
+    bob.expect("bob: me too").await?;
+    tokio::task::block_in_place(|| broker.run())?;
+    wait_until(
+        &nodes[0].counters.connected,
+        "connected to the broker",
+        |connected| connected == 1,
+    )
+    .await?;
+    // Connected is not yet answered: the client may be told to try again
+    // while the broker's JetStream settles, as any client would be.
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let answer = ask(&mut newcomer, "cat").await?;
+        if answer == "You are cat" {
+            break;
+        }
+        ensure(
+            answer == NAMES_UNAVAILABLE && Instant::now() < deadline,
+            || format!("got {answer:?}"),
+        )?;
+    }
+    // What was said meanwhile crosses once the broker is back.
+    until_all(&mut bob, &["ann: still here", "cat has arrived"]).await?;
+    until_all(&mut ann, &["bob: me too", "cat has arrived"]).await
+}
+
+/// kill -9 of a node whose client holds `bob`: once the other node has
+/// announced bob's departure, `bob` can be taken there (real processes,
+/// default timers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_names_are_freed() -> io::Result<()> {
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let url = broker.url();
+    let nodes = (0..2)
+        .map(|_| ServerProcess::start(&["--cluster", &url, "--names"]))
+        .collect::<io::Result<Vec<_>>>()?;
+    let addrs = nodes
+        .iter()
+        .map(|node| node.addr.parse::<SocketAddr>().map_err(io::Error::other))
+        .collect::<io::Result<Vec<_>>>()?;
+    let mut watcher = join_when_ready(addrs[0], "watcher").await?;
+    // Until both nodes are in the room a client of node 1 may go unheard:
+    // probes talk until the watcher hears one.
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    for attempt in 0.. {
+        let probe_name = format!("probe{attempt}");
+        let mut probe = join_when_ready(addrs[1], &probe_name).await?;
+        probe.send("probe").await?;
+        let heard = format!("{probe_name}: probe");
+        let until = Instant::now() + Duration::from_millis(300);
+        let mut met = false;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match watcher.line_within(left).await {
+                Ok(line) if line == heard => {
+                    met = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::TimedOut => break,
+                Err(err) => return Err(err),
+            }
+        }
+        probe.finish().await?;
+        if met {
+            break;
+        }
+        ensure(Instant::now() < deadline, || "the nodes never met".into())?;
+    }
+    let mut bob = join(addrs[1], "bob").await?;
+    until(&mut watcher, "bob has arrived").await?;
+    let mut impostor = unnamed(addrs[0]).await?;
+    let answer = ask(&mut impostor, "bob").await?;
+    ensure(answer == NAME_TAKEN, || format!("got {answer:?}"))?;
+    nodes[1].process.signal(Signal::SIGKILL)?;
+    until(&mut watcher, "bob has left").await?;
+    let answer = ask(&mut impostor, "bob").await?;
+    ensure(answer == "You are bob", || format!("got {answer:?}"))?;
+    watcher.expect("bob has arrived").await?;
+    bob.lines_until_closed().await?;
+    Ok(())
+}
+
+/// A whole room that died (its only node killed with SIGKILL) leaves its
+/// names in the bucket, held by a node that a node started afterwards has
+/// never heard of: the first request for one is refused (that node might
+/// have just started), and one made more than `--cluster-node-timeout`
+/// later takes it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_a_room_that_died_are_taken_over() -> io::Result<()> {
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let url = broker.url();
+    let old = ServerProcess::start(&["--cluster", &url, "--names"])?;
+    let old_addr = old.addr.parse::<SocketAddr>().map_err(io::Error::other)?;
+    let mut zed = join_when_ready(old_addr, "zed").await?;
+    old.process.signal(Signal::SIGKILL)?;
+    zed.lines_until_closed().await?;
+    let new = named_node(Model::Sharded, &url, false)?;
+    new.joined(1).await?;
+    let mut heir = unnamed(new.addr()).await?;
+    let answer = ask(&mut heir, "zed").await?;
+    ensure(answer == NAME_TAKEN, || format!("first ask: {answer:?}"))?;
+    // The node timeout is 1 s here: ask until it is free, within a bound.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    loop {
+        let answer = ask(&mut heir, "zed").await?;
+        if answer == "You are zed" {
+            break;
+        }
+        ensure(answer == NAME_TAKEN && Instant::now() < deadline, || {
+            format!("got {answer:?}")
+        })?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started.elapsed();
+    ensure(waited >= Duration::from_secs(1), || {
+        format!("taken over after {waited:?}, before the node timeout")
+    })?;
+    drop(old);
+    Ok(())
+}

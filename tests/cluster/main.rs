@@ -1,0 +1,25 @@
+//! The clustered room's integration tests (`--cluster`, real
+//! `nats-server`s), folded into one test binary with one module per
+//! concern; the single-server tests are in `tests/it/`. One binary apart,
+//! so that `cargo test --test it names::` does not also run
+//! `cluster_names::`, and a cluster run is one command:
+//! `cargo test --test cluster` (one module: `cargo test --test cluster
+//! cluster_faults::`).
+//!
+//! Without `nats-server` installed these tests say so loudly and pass;
+//! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead. Every test
+//! starts its own broker (or brokers) on free ports.
+
+// First, so that its `for_each_model!` macros are in scope in every module
+// declared after it.
+#[macro_use]
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cluster;
+mod cluster_broker_faults;
+mod cluster_chaos;
+mod cluster_faults;
+mod cluster_history;
+mod cluster_names;
+mod cluster_relay;
