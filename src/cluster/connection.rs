@@ -19,7 +19,7 @@
 //! clustered stream's replicas up and down in place).
 //!
 //! Every call here is one a NATS 2.9 server understands (the client is
-//! built without its `server_2_10`+ features); tests/cluster.rs runs them
+//! built without its `server_2_10`+ features); tests/cluster/cluster.rs runs them
 //! against the real server.
 
 use std::collections::HashSet;

@@ -186,13 +186,12 @@ async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
     let Some(driver) = installed_or_skip(&["chromedriver"], require, package, "browser")? else {
         return Ok(());
     };
-    let server = TestServer::start(Config {
-        web_addr: Some("127.0.0.1:0".into()),
-        password: Some(Password::new("open sesame")),
-        names: true,
-        announce_present: true,
-        ..Config::with_model(Model::Sharded)
-    })?;
+    let server = TestServer::start(Config::with_model(Model::Sharded).with(|c| {
+        c.web_addr = Some("127.0.0.1:0".into());
+        c.password = Some(Password::new("open sesame"));
+        c.names = true;
+        c.announce_present = true;
+    }))?;
     let web = server
         .web_addr()
         .ok_or_else(|| io::Error::other("no web address"))?;

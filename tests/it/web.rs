@@ -782,15 +782,9 @@ async fn a_browser_and_a_terminal_chat_across_nodes(model: Model) -> io::Result<
         return Ok(());
     };
     // A longer bound on each broker call: the room's first named join
-    // makes the names bucket (as in tests/cluster_names.rs).
-    let cluster = || ClusterConfig {
-        ack_timeout: Duration::from_secs(3),
-        ..test_cluster(&broker.url())
-    };
-    let config = || Config {
-        names: true,
-        ..web(model)
-    };
+    // makes the names bucket (as in tests/cluster/cluster_names.rs).
+    let cluster = || test_cluster(&broker.url()).with(|c| c.ack_timeout = Duration::from_secs(3));
+    let config = || web(model).with(|c| c.names = true);
     let nodes = [
         Node::start_with(cluster(), config())?,
         Node::start_with(cluster(), config())?,

@@ -21,14 +21,10 @@ use chat_testkit::tls::TestPki;
 
 /// A server with TLS on its line port and its web port.
 fn tls_server(pki: &TestPki) -> io::Result<TestServer> {
-    TestServer::start(Config {
-        tls: Some(TlsFiles {
-            cert: pki.cert.clone(),
-            key: pki.key.clone(),
-        }),
-        web_addr: Some("127.0.0.1:0".into()),
-        ..Config::default()
-    })
+    TestServer::start(Config::default().with(|c| {
+        c.tls = Some(TlsFiles::new(pki.cert.clone(), pki.key.clone()));
+        c.web_addr = Some("127.0.0.1:0".into());
+    }))
 }
 
 /// Three quiet clients speaking `protocol` over TLS to `addr`, trusting `ca`.
