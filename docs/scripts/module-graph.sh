@@ -3,7 +3,10 @@
 # the `crate::` paths in code (comments and doc links are not dependencies),
 # and whether it is a DAG. Prints one "from -> to" edge a line, then the
 # modules in dependency order (each only uses those before it), or the
-# circle(s) tsort found and exits 1. ARCHITECTURE.md's code map cites it.
+# circle(s) tsort found and exits 1. It also checks the order src/lib.rs
+# declares the modules in (the order its module list explains them in):
+# an edge from a module to one declared after it is reported, exit 1.
+# ARCHITECTURE.md's code map cites it.
 # Usage: docs/scripts/module-graph.sh [--dot]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,3 +41,15 @@ else
     rm -f /tmp/module-graph.$$
     exit 1
 fi
+declared=$(sed -n 's/^\(pub \)\{0,1\}mod \([a-z_]*\);$/\2/p' src/lib.rs)
+echo "src/lib.rs declares:" $declared
+upward=$(echo "$edges" | awk -v declared="$declared" '
+    BEGIN { n = split(declared, names, /[ \n]+/); for (i = 1; i <= n; i++) place[names[i]] = i }
+    !($1 in place) || !($2 in place) { print "  " $1 " -> " $2 " (not declared in src/lib.rs)"; next }
+    place[$2] > place[$1] { print "  " $1 " -> " $2 " (uses a module declared after it)" }')
+if [ -n "$upward" ]; then
+    echo "out of src/lib.rs's order:"
+    echo "$upward"
+    exit 1
+fi
+echo "every module uses only modules declared before it"
