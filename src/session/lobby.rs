@@ -1,5 +1,5 @@
 //! From accept to the room: the password (`--password-file`, checked in
-//! `password`), the naming handshake (`--names`), the join, and
+//! `guard::password`), the naming handshake (`--names`), the join, and
 //! the first lines the client is sent (`You are WHO`, and with
 //! `--announce-present` the `present` line, and with `--history` the
 //! room's last lines). Shared by every model; what
