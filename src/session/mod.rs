@@ -15,7 +15,7 @@
 //! Before any of that, [`lobby`] names the client (`--names`) and joins
 //! it; the first thing the writer sends is what the lobby hands it. What
 //! both share with the server is in [`context`]; closing without losing
-//! the last line, in [`linger`]. The lobby uses those two, never this file.
+//! the last line, in [`linger`](mod@linger). The lobby uses those two, never this file.
 //!
 //! The **writer** sends the greeting, then drains the client's [`Inbox`],
 //! coalescing whatever is ready into one write of up to [`MAX_WRITE`] bytes,
