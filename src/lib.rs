@@ -27,63 +27,64 @@
 //! With the `test-util` feature, [`harness`] adds an in-process server on an
 //! ephemeral port for tests and benchmarks.
 //!
-//! # The modules, in the order a request flows through them
+//! # The modules, by concern
 //!
-//! - [`server`]: the accept loop, connection limit, accept-error backoff and
-//!   graceful shutdown;
-//! - `lobby`: naming (`--names`), joining, and the first lines a client gets;
-//! - `session`: one connection's reader and writer tasks, shared by every model;
-//! - `flood`: each connection's input budget (flood control);
-//! - `history`: the room's recent lines a newcomer is shown (`--history`);
-//! - `limits`: per-address limits, keepalive, and the clients' memory budget;
+//! Each module uses only those listed before it (the concerns form a DAG;
+//! `docs/scripts/module-graph.sh` prints the graph and checks it):
+//!
+//! - `backoff`, `memory`: the doubling pause every retry takes; returning
+//!   freed memory to the OS after a burst;
+//! - `config`: what the operator chose: the settings and their defaults,
+//!   models, policies, the cluster's settings, and why a combination is
+//!   refused;
 //! - `protocol`: line framing, sanitising and the seed's message texts (the
 //!   texts themselves live in the `chat-wire` crate, which the load tool and
 //!   the tests read them from);
-//! - `hub`: the concurrency models, one file each;
-//! - `outbox`: the byte-bounded per-client queue three of the models use;
-//! - `queue`: the swap queue underneath it, which frees its buffers when drained;
-//! - `client`: the per-connection state every part shares;
-//! - `config`: models, slow-client policies and limits;
-//! - `cluster`: one room across several servers through a NATS JetStream
-//!   broker (`--cluster`, feature `cluster`), around any model;
-//! - `memory`: returning freed memory to the OS after a burst;
-//! - `password`: the room password's check and per-address throttle;
+//! - `client`: one connected client as every part sees it, and its
+//!   admission (its `--max-clients` slot and its address's count);
+//! - `room`: the concurrency models behind one interface (`room::hub`), the
+//!   per-client outbox and queue, and the room's history;
+//! - `guard`: what keeps one client from hurting the others: flood control,
+//!   the password, keepalive and the clients' memory budget;
 //! - `metrics`: the server's counters and the Prometheus endpoint;
-//! - `tls`: loading the certificate (and reloading it on SIGHUP) and the
-//!   bounded handshake;
-//! - `transport`: plain TCP and TLS behind the interface a session uses;
+//! - `transport`: plain TCP and TLS behind the interface a session uses,
+//!   and TLS's certificate (reloaded on SIGHUP) and bounded handshake;
+//! - `session`: one connection's life: the lobby (password, naming,
+//!   joining, the first lines), then its reader and writer tasks;
 //! - `web`: the browsers' door (`--web-addr`, feature `web`): the chat page
 //!   and a WebSocket endpoint, whose framing is one more transport;
-//! - `backoff`: the doubling pause every retry takes.
+//! - `cluster`: one room across several servers through a NATS JetStream
+//!   broker (`--cluster`, feature `cluster`), around any model;
+//! - [`server`]: the accept loop, connection limit, accept-error backoff and
+//!   graceful shutdown.
 
 mod backoff;
-mod client;
-#[cfg(feature = "cluster")]
-mod cluster;
-mod config;
-mod flood;
-#[cfg(feature = "test-util")]
-pub mod harness;
-mod history;
-mod hub;
-mod limits;
-mod lobby;
 mod memory;
-mod metrics;
-mod outbox;
-mod password;
+
+mod config;
 mod protocol;
-mod queue;
-pub mod server;
-mod session;
-mod tls;
+
+mod client;
+mod room;
+
+mod guard;
+mod metrics;
 mod transport;
+
+mod session;
 #[cfg(feature = "web")]
 mod web;
 /// Our WebSocket framing on a bare stream, for `crates/ws-compare` only.
 #[cfg(all(feature = "web", feature = "test-util"))]
 #[doc(hidden)]
 pub use web::bare as ws_framing;
+
+#[cfg(feature = "cluster")]
+mod cluster;
+pub mod server;
+
+#[cfg(feature = "test-util")]
+pub mod harness;
 
 pub use config::{
     default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,

@@ -47,7 +47,7 @@ use parking_lot::Mutex;
 use crate::client::Client;
 #[cfg(feature = "metrics")]
 use crate::client::{ClientId, Kick};
-use crate::history::History;
+use crate::room::history::History;
 
 /// A monotonic count; nothing at all without the `metrics` feature.
 #[derive(Debug, Default)]
@@ -94,6 +94,13 @@ impl Shard {
     }
 }
 
+// Hand-written rather than the `thread_local` crate's per-object
+// `ThreadLocal<Shard>` (which would replace the server id, this cache and
+// the map by thread): its `get_or_default` gives a thread its id through a
+// thread-local with a destructor, and panics if the thread counts while
+// its thread-locals are being torn down and that one is already gone. Here `try_with` fails
+// instead and the count goes to `Metrics::unsharded`: counting must never
+// panic. The cost is this cache and the map, about 30 lines.
 #[cfg(feature = "metrics")]
 thread_local! {
     /// This thread's shard of the server it last counted for, by the

@@ -35,11 +35,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use triomphe::ThinArc;
 
-/// The longest line a client may send by default, in bytes, excluding the
-/// newline. It matches Go's `bufio.Scanner` (`MaxScanTokenSize`), which is
-/// what the seed server reads with.
-pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
-
 /// Formatted outbound text, one or more whole lines, shared by every recipient.
 ///
 /// A message is formatted once and cloned into each recipient's queue; a
@@ -53,7 +48,7 @@ pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
 /// handle saves about 500 bytes of every idle connection.
 ///
 /// The shared allocation also holds the message's place in the room's
-/// history (`--history`): 0 until [`History`](crate::history::History)
+/// history (`--history`): 0 until [`History`](crate::room::history::History)
 /// appends it, then its room sequence number, set once before the message
 /// reaches anyone. The `sharded` model needs it to drop a newcomer's live
 /// copies of lines its history block already showed.
@@ -416,6 +411,31 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{longest_message, Config};
+
+    /// The smallest queue allowed must hold the largest message a legal line
+    /// can become: sanitising turns each invalid byte into three.
+    #[test]
+    fn the_smallest_queue_holds_the_longest_formatted_line() {
+        let max_line = 1000;
+        let mut batch = ChatBatch::default();
+        let who = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535";
+        batch.push(who, &vec![0xFF; max_line]);
+        let longest = batch.take().map_or(0, |message| message.len());
+        assert!(longest > max_line * 3, "the worst case is the one tested");
+        assert!(longest <= longest_message(max_line), "{longest} bytes");
+        let config = Config {
+            max_line,
+            max_pending: longest_message(max_line),
+            ..Config::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        let config = Config {
+            max_pending: longest - 1,
+            ..config
+        };
+        assert!(config.validate().is_err());
+    }
 
     fn sanitized(line: &[u8]) -> String {
         let mut out = String::new();

@@ -35,16 +35,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::client::admission::{AddressLimits, Admission};
 use crate::client::{Client, ClientId};
 use crate::config::{Config, ConfigError, Model};
-use crate::flood::FloodLimits;
-use crate::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
-use crate::limits::{self, AddressLimits, Admission, MemoryGuard};
+use crate::guard::flood::FloodLimits;
+use crate::guard::limits::{self, MemoryGuard};
 use crate::memory::{self, Trimmer};
 use crate::metrics::{Metrics, Refusal};
 use crate::protocol::Message;
+use crate::room::hub::{BroadcastHub, BroadcasterHub, Hub, LockedHub, ShardedHub};
 use crate::session::{self, ServerContext};
-use crate::tls::TlsListener;
+use crate::transport::tls::TlsListener;
 
 /// Connections the kernel may hold for us before `accept`. The usual
 /// defaults (128 for std, 1,024 for tokio) make a burst of thousands of
@@ -194,10 +195,13 @@ async fn serve<H: Hub>(
         web: web_listener,
         mut tls,
     } = listeners;
-    let history = crate::history::History::new(&config).map(Arc::new);
+    let history = crate::room::history::History::new(&config).map(Arc::new);
     let hub = Arc::new(H::new(&config, history.clone()));
     let stop = CancellationToken::new();
-    let gate = config.password.clone().map(crate::password::Gate::new);
+    let gate = config
+        .password
+        .clone()
+        .map(crate::guard::password::Gate::new);
     let server = Arc::new(ServerContext {
         stopping: AtomicBool::new(false),
         force: CancellationToken::new(),

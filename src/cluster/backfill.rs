@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use super::connection::{ensure_stream, epoch_of, wait_for_connection, Connection, Subjects};
 use super::{wire, Shared};
-use crate::history::History;
 use crate::protocol::Message;
+use crate::room::history::History;
 
 /// How long a starting node may hold its first greetings while it fills
 /// its history from the broker.

@@ -48,7 +48,7 @@ use super::wire;
 use super::Shared;
 use crate::client::Client;
 use crate::config::ClusterCounters;
-use crate::hub::Hub;
+use crate::room::hub::Hub;
 
 /// The consumer's side of the liveness judge.
 pub(super) struct Liveness {

@@ -70,8 +70,8 @@ use tracing::{debug, info, warn};
 
 use crate::client::{Client, ClientId};
 use crate::config::{ClusterConfig, ClusterCounters, Config};
-use crate::hub::{Hub, Joined, Refused};
 use crate::protocol::Message;
+use crate::room::hub::{Hub, Joined, Refused};
 use tokio::sync::watch;
 
 mod backfill;
@@ -108,7 +108,7 @@ impl<H: Hub> Drop for Clustered<H> {
 impl<H: Hub> Hub for Clustered<H> {
     type Inbox = H::Inbox;
 
-    fn new(config: &Config, history: Option<Arc<crate::history::History>>) -> Self {
+    fn new(config: &Config, history: Option<Arc<crate::room::history::History>>) -> Self {
         let inner = Arc::new(H::new(config, history.clone()));
         let Some(cluster) = &config.cluster else {
             return Clustered {
@@ -301,7 +301,7 @@ pub(crate) struct Shared {
     pub connection: std::sync::OnceLock<connection::Connection>,
     /// `--history`: the room's last lines, which the consumer fills from
     /// the stream before the first join ([`backfill`]).
-    pub history: Option<Arc<crate::history::History>>,
+    pub history: Option<Arc<crate::room::history::History>>,
     pub history_filled: backfill::Filled,
     /// Since when this node has been connected and hearing heartbeats
     /// (`None` while it is not): a node never heard of for longer than
@@ -313,7 +313,7 @@ impl Shared {
     fn new(
         config: ClusterConfig,
         server: &Config,
-        history: Option<Arc<crate::history::History>>,
+        history: Option<Arc<crate::room::history::History>>,
     ) -> Shared {
         let shared = Shared {
             history_filled: backfill::Filled::new(history.is_some()),

@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 use super::backoff::Backoff;
 use super::connection;
 use super::Shared;
-use crate::hub::Refused;
+use crate::room::hub::Refused;
 
 /// This node's names and the bucket they are kept in.
 #[derive(Default)]

@@ -56,7 +56,7 @@ use tracing::debug;
 
 use crate::client::Client;
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::room::hub::Hub;
 use crate::session::{self, ServerContext};
 use crate::transport::Transport;
 

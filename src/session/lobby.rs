@@ -1,5 +1,5 @@
 //! From accept to the room: the password (`--password-file`, checked in
-//! `password`), the naming handshake (`--names`), the join, and
+//! `guard::password`), the naming handshake (`--names`), the join, and
 //! the first lines the client is sent (`You are WHO`, and with
 //! `--announce-present` the `present` line, and with `--history` the
 //! room's last lines). Shared by every model; what
@@ -32,16 +32,17 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::context::{ServerContext, SHUTTING_DOWN};
+use super::linger::linger;
 use crate::client::Client;
 use crate::config::MAX_PASSWORD;
-use crate::history::Snapshot;
-use crate::hub::{Hub, Refused};
-use crate::password::Gate;
+use crate::guard::password::Gate;
 use crate::protocol::{
     check_name, LineTooLong, Message, BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT,
     NAME_TAKEN,
 };
-use crate::session::{linger, ServerContext, SHUTTING_DOWN};
+use crate::room::history::Snapshot;
+use crate::room::hub::{Hub, Refused};
 use crate::transport::{self, SessionRead, SessionWrite};
 
 /// A client in the room, and what its writer sends first.

@@ -19,9 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -31,35 +28,6 @@ use tracing::{info, warn};
 
 use crate::config::TlsFiles;
 use crate::metrics::{Metrics, Refusal};
-
-/// Reads the certificate chain and key into a server configuration.
-pub(crate) fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| format!("--tls-cert {}: {err}", files.cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "--tls-cert {}: no certificate in it (expected PEM `BEGIN CERTIFICATE` blocks)",
-            files.cert.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|err| format!("--tls-key {}: {err}", files.key.display()))?;
-    let config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|err| err.to_string())?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|err| {
-                format!(
-                    "--tls-cert {} with --tls-key {}: {err}",
-                    files.cert.display(),
-                    files.key.display()
-                )
-            })?;
-    Ok(Arc::new(config))
-}
 
 /// The accept loop's TLS state; see the module documentation.
 pub(crate) struct TlsListener {
@@ -71,7 +39,7 @@ pub(crate) struct TlsListener {
 
 impl TlsListener {
     pub fn new(files: TlsFiles, timeout: Duration) -> Result<TlsListener, String> {
-        let config = load(&files)?;
+        let config = files.load()?;
         Ok(TlsListener {
             files,
             acceptor: TlsAcceptor::from(config),
@@ -82,7 +50,7 @@ impl TlsListener {
 
     /// Reads the files again; on failure keeps serving the old identity.
     pub fn reload(&mut self) {
-        match load(&self.files) {
+        match self.files.load() {
             Ok(config) => {
                 self.acceptor = TlsAcceptor::from(config);
                 info!(cert = %self.files.cert.display(), "reloaded the TLS certificate");

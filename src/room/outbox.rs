@@ -9,7 +9,7 @@
 //! [`QueueInbox`], belongs to the client's writer task.
 //!
 //! Underneath is one of two unbounded queues (`--queue`): our
-//! [swap queue](crate::queue) (the default), which frees its buffers when
+//! [swap queue](crate::room::queue) (the default), which frees its buffers when
 //! drained, or tokio's unbounded `mpsc` channel, which keeps what a burst
 //! grew. Both are unbounded on purpose: the byte budget is the bound, and a
 //! bounded tokio channel would add a second, count-based semaphore whose
@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::{QueueKind, SlowClientPolicy};
-use crate::hub::Inbox;
 use crate::protocol::Message;
-use crate::queue;
+use crate::room::hub::Inbox;
+use crate::room::queue;
 
 /// The notice a client gets when it is dropped for not keeping up.
 pub const TOO_SLOW: &str = chat_wire::TOO_SLOW;

@@ -1,10 +1,8 @@
-//! What the accept loop enforces across connections, so that no single
-//! address, vanished peer or memory hog can take the server from everyone
-//! else.
+//! What the accept loop enforces across connections, so that no vanished
+//! peer or memory hog can take the server from everyone else (the
+//! per-address count is a client's admission, in
+//! [`crate::client::admission`]).
 //!
-//! - [`AddressLimits`]: connections per IPv4 address or IPv6 /64
-//!   (`--max-clients-per-ip`). A connection's [`Admission`] holds its place
-//!   and gives it back when the client is gone.
 //! - [`tune_socket`]: TCP keepalive (`--keepalive`) and, on Linux,
 //!   `TCP_USER_TIMEOUT` tied to `--write-timeout`, on every accepted socket.
 //! - [`MemoryGuard`]: the clients' total holding of partial lines and queued
@@ -12,117 +10,18 @@
 //!   tick; over budget, the largest holders are disconnected first.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::Config;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 use crate::config::SlowClientPolicy;
-use crate::history::History;
 use crate::protocol::Message;
-
-/// What a connection holds while it is served: its `--max-clients` slot and
-/// its place in its address's count. Both are given back when the last
-/// handle to the client goes.
-#[derive(Debug)]
-pub struct Admission {
-    _slot: OwnedSemaphorePermit,
-    _address: Option<AddressPlace>,
-}
-
-impl Admission {
-    pub fn new(slot: OwnedSemaphorePermit, address: Option<AddressPlace>) -> Admission {
-        Admission {
-            _slot: slot,
-            _address: address,
-        }
-    }
-}
-
-/// The unit an address limit counts: an IPv4 address, or an IPv6 /64 (one
-/// host or site usually holds a whole /64, so a per-address limit would be
-/// no limit at all). IPv4-mapped IPv6 addresses count as IPv4.
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(prefix))
-        }
-        v4 => v4,
-    }
-}
-
-/// Connections per address (see [`address_key`]).
-#[derive(Debug)]
-pub struct AddressLimits {
-    limit: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl AddressLimits {
-    /// `None` when `--max-clients-per-ip` is 0 (no limit).
-    pub fn new(config: &Config) -> Option<Arc<AddressLimits>> {
-        (config.max_clients_per_ip > 0).then(|| {
-            Arc::new(AddressLimits {
-                limit: config.max_clients_per_ip,
-                counts: Mutex::new(HashMap::new()),
-            })
-        })
-    }
-
-    /// A place for one more connection from `ip`, or `None` if its address
-    /// is at the limit.
-    pub fn admit(self: &Arc<AddressLimits>, ip: IpAddr) -> Option<AddressPlace> {
-        let key = address_key(ip);
-        let mut counts = self.counts.lock();
-        let count = counts.entry(key).or_insert(0);
-        if *count >= self.limit {
-            return None;
-        }
-        *count += 1;
-        Some(AddressPlace {
-            key,
-            limits: Arc::clone(self),
-        })
-    }
-
-    /// Connections counted for `ip`'s address.
-    #[cfg(test)]
-    pub fn connections(&self, ip: IpAddr) -> usize {
-        self.counts
-            .lock()
-            .get(&address_key(ip))
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-/// One connection's place in its address's count.
-#[derive(Debug)]
-pub struct AddressPlace {
-    key: IpAddr,
-    limits: Arc<AddressLimits>,
-}
-
-impl Drop for AddressPlace {
-    fn drop(&mut self) {
-        let mut counts = self.limits.counts.lock();
-        if let Some(count) = counts.get_mut(&self.key) {
-            *count -= 1;
-            // An address with no connection keeps no entry, so a scan of
-            // many addresses leaves nothing behind.
-            if *count == 0 {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
+use crate::room::history::History;
 
 /// Keepalive settings for `--keepalive` of `every`: about `every` from the
 /// last packet to the peer being declared gone. Linux counts in whole
@@ -275,35 +174,6 @@ impl MemoryGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    #[test]
-    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::7".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(address_key(a), address_key(b));
-        assert_ne!(address_key(a), address_key(c));
-        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
-        assert_eq!(address_key(mapped), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)));
-    }
-
-    #[test]
-    fn places_are_given_back() {
-        let limits = AddressLimits::new(&Config {
-            max_clients_per_ip: 2,
-            ..Config::default()
-        })
-        .unwrap();
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let first = limits.admit(ip).unwrap();
-        let _second = limits.admit(ip).unwrap();
-        assert!(limits.admit(ip).is_none());
-        assert!(limits.admit("192.0.2.2".parse().unwrap()).is_some());
-        drop(first);
-        assert_eq!(limits.connections(ip), 1);
-        assert!(limits.admit(ip).is_some());
-    }
 
     #[test]
     #[cfg(target_os = "linux")]

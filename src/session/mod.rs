@@ -4,7 +4,7 @@
 //! The **reader** (the task the accept loop spawned) joins the hub, starts
 //! the writer, then turns socket bytes into lines and hands the hub one
 //! message per read, holding every line that read completed. After each read
-//! it charges the client's input budget ([`crate::flood`]) and, when the
+//! it charges the client's input budget ([`crate::guard::flood`]) and, when the
 //! client is over it, reads nothing until the debt is paid: TCP then pushes
 //! back on that client alone. When input ends (or the client is kicked,
 //! idles out, sends an over-long line, floods past `--flood-grace`, or the
@@ -13,7 +13,9 @@
 //! for `--max-client-memory`.
 //!
 //! Before any of that, [`lobby`] names the client (`--names`) and joins
-//! it; the first thing the writer sends is what the lobby hands it.
+//! it; the first thing the writer sends is what the lobby hands it. What
+//! both share with the server is in [`context`]; closing without losing
+//! the last line, in [`linger`](mod@linger). The lobby uses those two, never this file.
 //!
 //! The **writer** sends the greeting, then drains the client's [`Inbox`],
 //! coalescing whatever is ready into one write of up to [`MAX_WRITE`] bytes,
@@ -33,65 +35,39 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::client::{Client, Kick};
-use crate::config::{Config, SlowClientPolicy};
-use crate::flood::{FloodGate, FloodLimits, Verdict};
-use crate::history::Snapshot;
-use crate::hub::{Hub, Inbox};
-use crate::lobby;
+use crate::config::SlowClientPolicy;
+use crate::guard::flood::{FloodGate, Verdict};
 use crate::memory;
 use crate::metrics::Metrics;
-use crate::outbox::TOO_SLOW;
 use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
+use crate::room::history::Snapshot;
+use crate::room::hub::{Hub, Inbox};
+use crate::room::outbox::TOO_SLOW;
 use crate::transport::{SessionRead, SessionWrite, Transport};
+
+mod context;
+mod linger;
+mod lobby;
+
+pub(crate) use context::{ServerContext, SHUTTING_DOWN};
+use linger::{linger, LINGER_AFTER_FLOOD};
 
 /// The largest single write the writer assembles from queued messages.
 pub const MAX_WRITE: usize = 64 * 1024;
-
-/// After an over-long line the server keeps reading (and discarding) for
-/// this long, so the error line is not destroyed by the reset that closing
-/// a socket with unread input sends.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// After a flood or an eviction, lingering stops after this many bytes as
-/// well: a flooder writes hundreds of megabytes a second, and reading them
-/// all for [`LINGER`] would hand it two seconds of a core.
-const LINGER_AFTER_FLOOD: usize = 1024 * 1024;
 
 /// A read's lines go out as one message, split at about this size, so that
 /// a read of many tiny lines (8 KiB of newlines formats to ~200 KiB) does not
 /// become one outsized queue entry.
 const MAX_MESSAGE: usize = 16 * 1024;
-
-/// The last line of every client when the server stops.
-pub const SHUTTING_DOWN: &str = chat_wire::SHUTTING_DOWN;
-
-/// What every session shares with the server that spawned it.
-#[derive(Debug)]
-pub(crate) struct ServerContext {
-    pub config: Config,
-    /// Set when shutdown begins. Readers check it on every read; the
-    /// clients' tokens say the same, but checking a token takes a lock.
-    pub stopping: AtomicBool,
-    /// Cancelled when the shutdown grace period is over: writers still
-    /// flushing give up.
-    pub force: CancellationToken,
-    pub tracker: TaskTracker,
-    /// Every connection's input budget; `None` when flood control is off.
-    pub flood: Option<FloodLimits>,
-    pub metrics: Arc<Metrics>,
-    /// The room password (`--password-file`), if any.
-    pub gate: Option<crate::password::Gate>,
-}
 
 /// Why the reader stopped.
 enum End {
@@ -237,15 +213,6 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, Option<usize>) {
     }
 }
 
-/// [`discard_input`], boxed: it is rare.
-pub(crate) fn linger<'a, R: SessionRead>(
-    reader: &'a mut R,
-    client: &'a Client,
-    at_most: usize,
-) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
-    Box::pin(discard_input(reader, client, at_most))
-}
-
 /// Reads lines and broadcasts them until input ends or the connection must end.
 async fn read_loop<H: Hub, R: SessionRead>(
     hub: &H,
@@ -365,38 +332,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads and throws away input for up to [`LINGER`] and `at_most` bytes,
-/// or until the client closes its side.
-async fn discard_input<R: SessionRead>(reader: &mut R, client: &Client, at_most: usize) {
-    let deadline = Instant::now() + LINGER;
-    let mut sink = Vec::with_capacity(16 * 1024);
-    let mut discarded = 0usize;
-    loop {
-        sink.clear();
-        match reader.try_read_buf(&mut sink) {
-            Ok(0) => return,
-            Ok(read) => {
-                discarded = discarded.saturating_add(read);
-                if discarded >= at_most {
-                    return;
-                }
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                tokio::select! {
-                    ready = std::future::poll_fn(|cx| reader.poll_read_ready(cx)) => if ready.is_err() { return },
-                    () = tokio::time::sleep_until(deadline) => return,
-                    () = client.ending() => return,
-                }
-            }
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
-        }
-        if Instant::now() >= deadline {
-            return;
-        }
     }
 }
 

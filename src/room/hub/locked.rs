@@ -49,10 +49,10 @@ use parking_lot::RwLock;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::history::History;
-use crate::hub::{Hub, Joined, Refused};
-use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
+use crate::room::history::History;
+use crate::room::hub::{fan_out, Hub, Joined, Refused};
+use crate::room::outbox::{self, Outbox, QueueInbox};
 
 /// What the lock guards.
 #[derive(Debug, Default)]
@@ -139,11 +139,7 @@ impl Hub for LockedHub {
         let mut room = self.room.write();
         if self.presence {
             if let Some(departure) = &departure {
-                for (id, outbox) in &room.clients {
-                    if *id != client.id {
-                        outbox.announce(departure);
-                    }
-                }
+                fan_out::announce_to_all(room.clients.values(), departure, client.id);
             }
         }
         room.clients.remove(&client.id);
@@ -158,41 +154,25 @@ impl LockedHub {
     /// goes into the history under the same read lock.
     async fn fan_out(&self, message: &Message, except: Option<ClientId>, said: bool) {
         if self.senders_wait {
-            // Boxed: this future is part of every reader's state, and only
-            // `--slow-client block` needs the room to wait.
-            return Box::pin(self.fan_out_waiting(message, except, said)).await;
+            // `--slow-client block`: copy the recipients out under the read
+            // lock, release it, then wait for room in each queue. The line
+            // is appended with the recipients copied under one read lock:
+            // whoever joins later finds it in its snapshot.
+            let recipients = {
+                let room = self.room.read();
+                self.remember(message, said);
+                fan_out::recipients(room.clients.values(), except)
+            };
+            return Box::pin(fan_out::send_to_each(recipients, message)).await;
         }
         let room = self.room.read();
         self.remember(message, said);
-        for (id, outbox) in &room.clients {
-            if Some(*id) != except {
-                outbox.offer(message);
-            }
-        }
+        fan_out::offer_to_all(room.clients.values(), message, except);
     }
 
     fn remember(&self, message: &Message, said: bool) {
         if let (true, Some(history)) = (said, &self.history) {
             history.append(message);
-        }
-    }
-
-    /// `--slow-client block`: copy the recipients out, release the lock,
-    /// then wait for room in each queue in turn.
-    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>, said: bool) {
-        let recipients: Vec<Outbox> = {
-            let room = self.room.read();
-            // Appended with the recipients copied under one read lock:
-            // whoever joins later finds the line in its snapshot.
-            self.remember(message, said);
-            room.clients
-                .iter()
-                .filter(|(id, _)| Some(**id) != except)
-                .map(|(_, outbox)| outbox.clone())
-                .collect()
-        };
-        for recipient in &recipients {
-            recipient.send(message).await;
         }
     }
 }

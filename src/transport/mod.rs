@@ -27,6 +27,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+pub(crate) mod tls;
+
 /// A stream the session can split into its reader's and writer's halves.
 pub(crate) trait Transport: Send + 'static {
     type Read: SessionRead;

@@ -69,10 +69,10 @@ use parking_lot::Mutex;
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind, SlowClientPolicy};
-use crate::history::History;
-use crate::hub::{Hub, Joined, Refused};
-use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
+use crate::room::history::History;
+use crate::room::hub::{fan_out, Hub, Joined, Refused};
+use crate::room::outbox::{self, Outbox, QueueInbox};
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -170,11 +170,7 @@ impl Hub for ShardedHub {
             Some(membership) => {
                 let _changing = membership.lock();
                 if let Some(departure) = &departure {
-                    for entry in self.clients.iter() {
-                        if *entry.key() != client.id {
-                            entry.value().announce(departure);
-                        }
-                    }
+                    fan_out::announce_to_all(self.clients.iter(), departure, client.id);
                 }
                 self.release_name(client);
                 self.clients.remove(&client.id);
@@ -186,7 +182,10 @@ impl Hub for ShardedHub {
 impl ShardedHub {
     /// The newcomer's history, taken after its outbox is in the map; its
     /// inbox then drops the live copies of what the snapshot holds.
-    fn snapshot_after_insert(&self, inbox: &mut QueueInbox) -> Option<crate::history::Snapshot> {
+    fn snapshot_after_insert(
+        &self,
+        inbox: &mut QueueInbox,
+    ) -> Option<crate::room::history::Snapshot> {
         let snapshot = self.history.as_ref()?.snapshot();
         inbox.seen_through(snapshot.last_seq);
         Some(snapshot)
@@ -198,31 +197,16 @@ impl ShardedHub {
         }
     }
 
+    /// Queues `message` for everyone but `except`. The walk holds one
+    /// `DashMap` shard's read guard at a time, never the whole map.
     async fn fan_out(&self, message: &Message, except: Option<ClientId>) {
         if self.senders_wait {
-            // Boxed: this future is part of every reader's state, and only
-            // `--slow-client block` needs the room to wait.
-            return Box::pin(self.fan_out_waiting(message, except)).await;
+            // `--slow-client block`: copy the recipients out (the shard
+            // guards are released when the copy is made), then wait.
+            let recipients = fan_out::recipients(self.clients.iter(), except);
+            return Box::pin(fan_out::send_to_each(recipients, message)).await;
         }
-        for entry in self.clients.iter() {
-            if Some(*entry.key()) != except {
-                entry.value().offer(message);
-            }
-        }
-    }
-
-    /// `--slow-client block`: copy the recipients out, release the map, then
-    /// wait for room in each queue in turn.
-    async fn fan_out_waiting(&self, message: &Message, except: Option<ClientId>) {
-        let recipients: Vec<Outbox> = self
-            .clients
-            .iter()
-            .filter(|entry| Some(*entry.key()) != except)
-            .map(|entry| entry.value().clone())
-            .collect();
-        for recipient in &recipients {
-            recipient.send(message).await;
-        }
+        fan_out::offer_to_all(self.clients.iter(), message, except);
     }
 }
 
@@ -231,8 +215,8 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::hub::Inbox;
     use crate::protocol::ChatBatch;
+    use crate::room::hub::Inbox;
 
     fn client(id: u64, config: &Config) -> Arc<Client> {
         let who: Arc<str> = format!("127.0.0.1:{id}").into();

@@ -41,11 +41,12 @@ use std::sync::Arc;
 
 use crate::client::Client;
 use crate::config::Config;
-use crate::history::{History, Snapshot};
 use crate::protocol::Message;
+use crate::room::history::{History, Snapshot};
 
 pub mod broadcast;
 pub mod broadcaster;
+mod fan_out;
 pub mod locked;
 pub mod sharded;
 
@@ -105,7 +106,7 @@ pub struct Joined<I> {
 /// another: so for every client, its list plus the arrivals it later
 /// receives minus the departures it later receives is exactly the room,
 /// at every moment. Membership announcements then go through
-/// [`Outbox::announce`](crate::outbox::Outbox::announce): never skipped, never
+/// [`Outbox::announce`](crate::room::outbox::Outbox::announce): never skipped, never
 /// waited for; a client with no room for one is disconnected as too slow.
 ///
 /// Under `--history` (`Config::history`) every `broadcast` is appended to

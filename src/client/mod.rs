@@ -15,8 +15,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, SlowClientPolicy};
-use crate::limits::Admission;
 use crate::protocol::Message;
+
+pub(crate) mod admission;
+
+use admission::Admission;
 
 /// A server-wide unique number for a connection; the hubs key their maps by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -185,7 +188,7 @@ impl Client {
 
     /// Bytes this client holds on the server: its partial input line, the
     /// messages queued for it and its unwritten history block (see
-    /// [`MemoryGuard`](crate::limits::MemoryGuard)).
+    /// [`MemoryGuard`](crate::guard::limits::MemoryGuard)).
     pub fn memory_held(&self) -> usize {
         self.held_input.load(Ordering::Relaxed)
             + self.held_history.load(Ordering::Relaxed)

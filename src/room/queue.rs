@@ -9,8 +9,8 @@
 //! empty queue it frees both buffers. tokio's channel keeps the 32-slot
 //! blocks a burst grew (up to four per channel) and a 512-byte head per
 //! channel for as long as the channel lives, which for 5,000 idle clients
-//! after an arrival storm was 1.6 KiB each. ARCHITECTURE.md ("Idle memory")
-//! has the measurements.
+//! after an arrival storm was 1.6 KiB each. docs/results.md ("Idle memory
+//! after an arrival storm") has the measurements.
 //!
 //! The lock is held for one push, or for one swap: senders never wait on
 //! the receiver's work, and a burst wakes the receiver once (the push that

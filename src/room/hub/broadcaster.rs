@@ -65,10 +65,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{Client, ClientId};
 use crate::config::{Config, QueueKind};
-use crate::history::{History, Snapshot};
-use crate::hub::{Hub, Joined, Refused};
-use crate::outbox::{self, Outbox, QueueInbox};
 use crate::protocol::Message;
+use crate::room::history::{History, Snapshot};
+use crate::room::hub::{Hub, Joined, Refused};
+use crate::room::outbox::{self, Outbox, QueueInbox};
 
 /// How many messages may wait for the broadcaster before senders wait; each
 /// is one read's worth of one sender's lines, at most about 16 KiB, so the

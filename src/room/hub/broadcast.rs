@@ -64,10 +64,10 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 use crate::client::{Client, ClientId, Kick};
 use crate::config::{Config, SlowClientPolicy};
-use crate::history::History;
-use crate::hub::{Hub, Inbox, Joined, Refused};
-use crate::outbox::TOO_SLOW;
 use crate::protocol::Message;
+use crate::room::history::History;
+use crate::room::hub::{Hub, Inbox, Joined, Refused};
+use crate::room::outbox::TOO_SLOW;
 
 /// Ring slots for a `--max-pending` of `max_pending` bytes: one slot per
 /// 2 KiB, between 1,024 and 65,536. For the default 32 MiB that is 16,384
