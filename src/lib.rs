@@ -82,6 +82,6 @@ mod transport;
 mod web;
 
 pub use config::{
-    default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
-    Password, QueueKind, SlowClientPolicy, TlsFiles,
+    default_max_client_memory, ClusterConfig, ClusterCounters, ClusterStats, Config, ConfigError,
+    Model, Password, QueueKind, SlowClientPolicy, TlsFiles,
 };
