@@ -81,6 +81,7 @@ pub(super) async fn consumer<H: Hub>(
     };
     let names = Subjects::new(&shared.config.room);
     let mut elections = Elections::subscribe(&connection, &names).await;
+    let mut quick_tries = 0;
     let mut outage = Backoff::new(
         Duration::from_millis(20),
         shared.config.reconnect_max.min(JETSTREAM_RETRY_MAX),
@@ -97,6 +98,7 @@ pub(super) async fn consumer<H: Hub>(
             outage: &mut outage,
             liveness: &mut liveness,
             elections: &mut elections,
+            quick_tries: &mut quick_tries,
         };
         match consume(&mut reading, &*hub, &ghost).await {
             Ok(()) => return,
@@ -124,7 +126,13 @@ struct Reading<'a> {
     outage: &'a mut Backoff,
     liveness: &'a mut Liveness,
     elections: &'a mut Elections,
+    /// Tries of making a consumer that ran out of their bound in a row.
+    quick_tries: &'a mut u32,
 }
+
+/// The bound on a first try of making a consumer (it doubles with each
+/// try that runs out of it, up to `--cluster-ack-timeout`).
+const QUICK_OPEN: Duration = Duration::from_millis(500);
 
 /// Where this node is in the room's stream.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -188,16 +196,35 @@ async fn consume<H: Hub>(
     ghost: &Arc<Client>,
 ) -> anyhow::Result<()> {
     reading.elections.forget();
-    let opening = open(
-        reading.connection,
-        reading.shared,
-        reading.names,
-        reading.position,
+    // Right after an election the broker may leave a call unanswered (its
+    // own metadata leader may still be being elected): the first tries
+    // are bounded more tightly than `--cluster-ack-timeout`, so that the
+    // one that can be answered is made soon after it can.
+    let bound = Backoff::delay(
+        QUICK_OPEN,
+        reading.shared.config.ack_timeout.max(QUICK_OPEN),
+        *reading.quick_tries,
+    );
+    let opening = tokio::time::timeout(
+        bound,
+        open(
+            reading.connection,
+            reading.shared,
+            reading.names,
+            reading.position,
+        ),
     );
     let mut messages = tokio::select! {
-        opened = opening => opened?,
+        opened = opening => match opened {
+            Ok(opened) => opened?,
+            Err(_) => {
+                *reading.quick_tries = reading.quick_tries.saturating_add(1);
+                anyhow::bail!("the room's stream did not answer within {bound:?}");
+            }
+        },
         () = reading.elections.next() => return Err(LeaderElected.into()),
     };
+    *reading.quick_tries = 0;
     let Reading {
         shared,
         position,
