@@ -241,6 +241,7 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("CHAT_TEST_LOG"))
             .try_init();
     }
+    let meta = blocking(|| Ok(brokers.meta_leader()))?;
     let killed = Instant::now();
     eprintln!("killing at {:?}", std::time::SystemTime::now());
     blocking(|| brokers.kill(leader))?;
@@ -263,9 +264,9 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
         .unwrap_or_default();
     let new_leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
     eprintln!(
-        "{model}: killed n{leader}, the room's stream leader, mid-chat; n{new_leader} leads it \
-         now, elected {elected:?} after the kill; the longest silence between two lines of one \
-         sender: {silence:?}"
+        "{model}: killed n{leader}, the room's stream leader (the JetStream meta leader was \
+         {meta:?}), mid-chat; n{new_leader} leads it now, elected {elected:?} after the kill; \
+         the longest silence between two lines of one sender: {silence:?}"
     );
     // The same stream under a new leader: no node takes it for another.
     let remade: u64 = nodes

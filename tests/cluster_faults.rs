@@ -466,6 +466,15 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     ensure(dead == 1, || {
         format!("the second node declared {dead} nodes dead, expected 1 (the cut-off one)")
     })?;
+    // The case of finding 6, not a lucky timing: the blocking node's hub
+    // was held all along (its consumer, stuck delivering to the stuck
+    // client, has not yet announced the death the judge found), yet it
+    // beat. The old heartbeat task would have been the one announcing,
+    // stuck in the same hub, silent, and declared dead by the others.
+    let announced = nodes[0].counters.snapshot().dead_nodes;
+    ensure(announced == 0, || {
+        format!("the blocking node announced {announced} deaths while its client was stuck: the hub was not held")
+    })?;
     // The stuck client reads again: the blocking node delivers the rest,
     // the departure included, and goes on.
     let (mut stuck_reader, _stuck_writer) = stuck.into_parts();

@@ -103,8 +103,10 @@ pub(super) async fn consumer<H: Hub>(
         match consume(&mut reading, &*hub, &ghost).await {
             Ok(()) => return,
             Err(err) if err.is::<LeaderElected>() => {
-                // A new consumer at once, from where we are, on the new leader.
+                // A new consumer at once, from where we are, on the new
+                // leader, its tries bounded tightly again.
                 debug!("the room's stream has a new leader: reading it again");
+                quick_tries = 0;
             }
             Err(err) => {
                 outage.failed("reading the room's stream", &err);
