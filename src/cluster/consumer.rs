@@ -132,9 +132,14 @@ struct Reading<'a> {
     quick_tries: &'a mut u32,
 }
 
-/// The bound on a first try of making a consumer (it doubles with each
-/// try that runs out of it, up to `--cluster-ack-timeout`).
+/// The bound on a first try of making a consumer; it doubles after each
+/// [`QUICK_TRIES_EACH`] tries that run out of it, up to
+/// `--cluster-ack-timeout` (a broker far slower than this is still
+/// waited for). Measured: after a kill of the server that also led the
+/// JetStream cluster's metadata, consumers could be made 2 s after the
+/// stream's election, and one try sent a moment too early cost its whole bound.
 const QUICK_OPEN: Duration = Duration::from_millis(500);
+const QUICK_TRIES_EACH: u32 = 3;
 
 /// Where this node is in the room's stream.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -205,7 +210,7 @@ async fn consume<H: Hub>(
     let bound = Backoff::delay(
         QUICK_OPEN,
         reading.shared.config.ack_timeout.max(QUICK_OPEN),
-        *reading.quick_tries,
+        *reading.quick_tries / QUICK_TRIES_EACH,
     );
     let opening = tokio::time::timeout(
         bound,
