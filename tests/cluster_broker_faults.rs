@@ -165,7 +165,9 @@ fn copies(brokers: &BrokerCluster, stream: &str) -> io::Result<usize> {
 /// the room's stream is killed (`SIGKILL`). Every client
 /// hears every line exactly once, in each sender's order, and no one
 /// hears a departure. The longest silence is printed (the figure in
-/// ARCHITECTURE.md, "Broker faults and replication").
+/// ARCHITECTURE.md, "Broker faults and replication"), with when a plain
+/// NATS client heard the stream's leader-elected advisory: the broker's
+/// share of the silence.
 ///
 /// Before replication the stream had one copy: when it was on the killed
 /// server the room stopped crossing nodes until that server came back,
@@ -236,6 +238,8 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
     clients[0]
         .wait_for(&senders, "n", 10, PHASE_TIMEOUT)
         .await?;
+    // `CHAT_TEST_LOG=chat_server=debug` shows where a failover's silence
+    // goes (how the failover was diagnosed; see docs/cluster.md).
     if std::env::var_os("CHAT_TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_env("CHAT_TEST_LOG"))
