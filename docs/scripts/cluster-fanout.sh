@@ -6,6 +6,7 @@
 # chat-load on CPU 1 (taskset), everything on loopback.
 #
 # Usage: docs/scripts/cluster-fanout.sh [ROUNDS] [N] [M]
+# NATS=1 runs one JetStream server instead (the stream at one replica).
 # Needs a release build: cargo build --release -p chat-server -p chat-load
 set -eu
 ROUNDS=${1:-3}
@@ -21,14 +22,21 @@ trap cleanup EXIT INT TERM
 
 # Three routed JetStream servers (fixed local ports for this script only).
 ROUTES="nats://127.0.0.1:26248,nats://127.0.0.1:26249,nats://127.0.0.1:26250"
-for i in 0 1 2; do
-  taskset -c $SERVERS nats-server -a 127.0.0.1 -p $((24222 + i)) -js -sd "$D/n$i" \
-    --server_name "n$i" --cluster_name fanout --cluster "nats://127.0.0.1:$((26248 + i))" \
-    --routes "$ROUTES" -m $((28222 + i)) > "$D/nats$i.log" 2>&1 &
+if [ "${NATS:-3}" = 1 ]; then
+  taskset -c $SERVERS nats-server -a 127.0.0.1 -p 24222 -js -sd "$D/n0" -m 28222 \
+    > "$D/nats0.log" 2>&1 &
   pids="$pids $!"
-done
+  URLS="nats://127.0.0.1:24222"
+else
+  for i in 0 1 2; do
+    taskset -c $SERVERS nats-server -a 127.0.0.1 -p $((24222 + i)) -js -sd "$D/n$i" \
+      --server_name "n$i" --cluster_name fanout --cluster "nats://127.0.0.1:$((26248 + i))" \
+      --routes "$ROUTES" -m $((28222 + i)) > "$D/nats$i.log" 2>&1 &
+    pids="$pids $!"
+  done
+  URLS="nats://127.0.0.1:24222,nats://127.0.0.1:24223,nats://127.0.0.1:24224"
+fi
 NATS_PIDS=$pids
-URLS="nats://127.0.0.1:24222,nats://127.0.0.1:24223,nats://127.0.0.1:24224"
 sleep 5 # the meta leader's election (the servers log it; a demo script, not a test)
 
 taskset -c $SERVERS "$BIN/chat-server" --addr 127.0.0.1:28100 --threads 1 --max-clients-per-ip 0 &
@@ -50,7 +58,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "== round $round: one node"
   taskset -c $LOAD "$BIN/chat-load" fanout --addr 127.0.0.1:28100 -n "$N" -m "$M" --threads 1 \
     --server-pid $ONE
-  echo "== round $round: three nodes, 3-server JetStream cluster (R3)"
+  echo "== round $round: three nodes, ${NATS:-3} JetStream server(s)"
   # shellcheck disable=SC2046
   taskset -c $LOAD "$BIN/chat-load" fanout \
     --addr 127.0.0.1:28101,127.0.0.1:28102,127.0.0.1:28103 -n "$N" -m "$M" --threads 1 \
