@@ -379,11 +379,9 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     };
     let relay = Relay::start(broker_addr(&broker)?)?;
     let url = broker.url();
-    // The write timeout outlasts the test: the stuck client is never
-    // written off, so whatever delivers to it waits for as long as it is
-    // stuck. (With the default 10 s the client was written off before the
-    // departure below was announced, and the old heartbeat task went
-    // through the hub unhindered: the test passed on the old code too.)
+    // The write timeout (also the socket's TCP user timeout) outlasts the
+    // test: whatever delivers to the stuck client waits for as long as it
+    // is stuck.
     let blocking = Config {
         slow_client: SlowClientPolicy::Block,
         max_pending: 256 * 1024,
@@ -469,9 +467,7 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     // The case of finding 6, not a lucky timing: the blocking node's hub
     // was held all along (its consumer, stuck delivering to the stuck
     // client, has not yet announced the death the judge found), yet it
-    // beat. The old heartbeat task would have been the one announcing,
-    // stuck in the same hub, silent, and declared dead by the others.
-    // (`broadcaster` takes what a sender says into its owner's queue, 1,024
+    // beat. (`broadcaster` takes what a sender says into its owner's queue, 1,024
     // messages, more than the talker's reads make here: its senders,
     // the old heartbeat task included, did not wait.)
     if model != Model::Broadcaster {
