@@ -87,6 +87,6 @@ pub mod server;
 pub mod harness;
 
 pub use config::{
-    default_max_client_memory, ClusterConfig, ClusterCounters, Config, ConfigError, Model,
-    Password, QueueKind, SlowClientPolicy, TlsFiles,
+    default_max_client_memory, ClusterConfig, ClusterCounters, ClusterStats, Config, ConfigError,
+    Model, Password, QueueKind, SlowClientPolicy, TlsFiles,
 };

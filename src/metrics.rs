@@ -661,7 +661,7 @@ mod exporter {
         encoder: &mut DescriptorEncoder<'_>,
         cluster: &ClusterCounters,
     ) -> fmt::Result {
-        let get = ClusterCounters::get;
+        let cluster = cluster.snapshot();
         let as_gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         for (name, help, value) in [
             (
@@ -710,7 +710,7 @@ mod exporter {
                 &cluster.streams_opened,
             ),
         ] {
-            counter(encoder, name, help, get(value))?;
+            counter(encoder, name, help, *value)?;
         }
         for (name, help, value) in [
             (
@@ -734,17 +734,17 @@ mod exporter {
                 &cluster.consumer_pending,
             ),
         ] {
-            gauge(encoder, name, help, as_gauge(get(value)))?;
+            gauge(encoder, name, help, as_gauge(*value))?;
         }
         let seconds = |nanos: u64| nanos as f64 / 1e9;
-        let lag = ConstGauge::new(seconds(get(&cluster.lag_nanos)));
+        let lag = ConstGauge::new(seconds(cluster.lag_nanos));
         lag.encode(encoder.encode_descriptor(
             "chat_cluster_delivery_lag_seconds",
             "How long the last stream message read had been stored when this node read it",
             None,
             lag.metric_type(),
         )?)?;
-        let stored = ConstGauge::new(seconds(get(&cluster.last_stored_nanos)));
+        let stored = ConstGauge::new(seconds(cluster.last_stored_nanos));
         stored.encode(encoder.encode_descriptor(
             "chat_cluster_last_delivered_timestamp_seconds",
             "When the broker stored the last stream message this node read (Unix time; 0: none yet)",

@@ -49,17 +49,82 @@ pub(super) struct Subjects {
     pub(super) stream: String,
     pub(super) events: String,
     pub(super) heartbeats: String,
+    /// The broker's advisory that the room's stream has a new leader.
+    pub(super) leader_elected: String,
 }
 
 impl Subjects {
     pub(super) fn new(room: &str) -> Subjects {
+        let stream = format!("CHAT_{room}");
         Subjects {
-            stream: format!("CHAT_{room}"),
+            leader_elected: format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{stream}"),
+            stream,
             events: format!("chat.{room}.events"),
             heartbeats: format!("chat.{room}.heartbeat"),
         }
     }
 }
+
+/// News that the room's stream elected a leader, from the broker's own
+/// advisory (`$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.<stream>`, sent by
+/// a 2.9 server in a JetStream cluster; never by a single server).
+///
+/// **Why.** When the server leading the stream dies, every request to the
+/// stream (a publish, its info, making a consumer) goes unanswered until
+/// the others elect a new leader, and a call sent before the election
+/// waits out its whole `--cluster-ack-timeout` after it; a consumer that
+/// lived on the dead server is noticed only after two missed pull
+/// heartbeats. With this news the publisher sends its batch again and the
+/// consumer makes a new consumer as soon as there is a leader, so that a
+/// client's silence is about the broker's election and no more. Without it
+/// (a subscription refused) both fall back on their timeouts.
+pub(super) struct Elections {
+    news: Option<async_nats::Subscriber>,
+}
+
+impl Elections {
+    pub(super) async fn subscribe(connection: &Connection, names: &Subjects) -> Elections {
+        let news = match connection
+            .client
+            .subscribe(names.leader_elected.clone())
+            .await
+        {
+            Ok(news) => Some(news),
+            Err(err) => {
+                warn!(cause = %err, "cannot follow the stream's leader elections; a failover waits for timeouts");
+                None
+            }
+        };
+        Elections { news }
+    }
+
+    /// Forgets the news heard so far: a call about to start reaches
+    /// whatever leader there is now.
+    pub(super) fn forget(&mut self) {
+        use futures_util::{FutureExt, StreamExt};
+        if let Some(news) = &mut self.news {
+            while let Some(Some(_)) = news.next().now_or_never() {}
+        }
+    }
+
+    /// The next election; never, without the subscription.
+    pub(super) async fn next(&mut self) {
+        use futures_util::StreamExt;
+        if let Some(news) = &mut self.news {
+            if news.next().await.is_some() {
+                return;
+            }
+            self.news = None;
+        }
+        std::future::pending().await
+    }
+}
+
+/// A new leader was elected while a call to the stream was waiting: the
+/// call is abandoned and made again at once, without a pause.
+#[derive(Debug, thiserror::Error)]
+#[error("the room's stream elected a new leader")]
+pub(super) struct LeaderElected;
 
 /// Credentials from the URL: `user:password@` or `token@`, percent-decoded.
 fn connect_options(shared: &Shared, servers: &[ServerAddr]) -> ConnectOptions {

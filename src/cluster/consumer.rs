@@ -4,7 +4,8 @@
 //! It reads from the sequence after the last one it delivered, through an
 //! ephemeral pull consumer; on any error (broker restart, consumer lost
 //! with the server that held it, missed heartbeats) it makes a new consumer
-//! from that same sequence.
+//! from that same sequence: at once, not after its pause or a call's
+//! timeout, when the stream elects a new leader meanwhile ([`Elections`]).
 //!
 //! **Stream identity.** A sequence number means something only in the
 //! stream it was read from. The node that makes the room's stream gives it
@@ -40,7 +41,8 @@ use tracing::{debug, warn};
 use super::backfill;
 use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
 use super::connection::{
-    ensure_stream, epoch_of, until_connected, wait_for_connection, Connection, Subjects,
+    ensure_stream, epoch_of, until_connected, wait_for_connection, Connection, Elections,
+    LeaderElected, Subjects,
 };
 use super::heartbeats::Verdict;
 use super::roster::{Delivery, Shown, FORGET_AFTER};
@@ -78,6 +80,8 @@ pub(super) async fn consumer<H: Hub>(
         return;
     };
     let names = Subjects::new(&shared.config.room);
+    let mut elections = Elections::subscribe(&connection, &names).await;
+    let mut quick_tries = 0;
     let mut outage = Backoff::new(
         Duration::from_millis(20),
         shared.config.reconnect_max.min(JETSTREAM_RETRY_MAX),
@@ -86,28 +90,56 @@ pub(super) async fn consumer<H: Hub>(
         if !until_connected(&connection.client, &shared.stop).await {
             return;
         }
-        match consume(
-            &connection,
-            &shared,
-            &names,
-            &*hub,
-            &ghost,
-            &mut position,
-            &mut outage,
-            &mut liveness,
-        )
-        .await
-        {
+        let mut reading = Reading {
+            connection: &connection,
+            shared: &shared,
+            names: &names,
+            position: &mut position,
+            outage: &mut outage,
+            liveness: &mut liveness,
+            elections: &mut elections,
+            quick_tries: &mut quick_tries,
+        };
+        match consume(&mut reading, &*hub, &ghost).await {
             Ok(()) => return,
+            Err(err) if err.is::<LeaderElected>() => {
+                // A new consumer at once, from where we are, on the new
+                // leader, its tries bounded tightly again.
+                debug!("the room's stream has a new leader: reading it again");
+                quick_tries = 0;
+            }
             Err(err) => {
                 outage.failed("reading the room's stream", &err);
-                if outage.pause(&shared.stop).await {
-                    return;
+                tokio::select! {
+                    stopped = outage.pause(&shared.stop) => if stopped { return },
+                    () = elections.next() => {}
                 }
             }
         }
     }
 }
+
+/// What [`consume`] works with: the task's state and the broker's.
+struct Reading<'a> {
+    connection: &'a Connection,
+    shared: &'a Arc<Shared>,
+    names: &'a Subjects,
+    position: &'a mut Position,
+    outage: &'a mut Backoff,
+    liveness: &'a mut Liveness,
+    elections: &'a mut Elections,
+    /// Tries of making a consumer that ran out of their bound in a row.
+    quick_tries: &'a mut u32,
+}
+
+/// The bound on a first try of making a consumer; it doubles after each
+/// [`QUICK_TRIES_EACH`] tries that run out of it, up to
+/// `--cluster-ack-timeout` (a broker far slower than this is still
+/// waited for). Measured: after a kill of the server that also led the
+/// JetStream cluster's metadata, consumers could be made 2 s after the
+/// stream's election, and one try sent a moment too early cost its whole bound.
+const QUICK_OPEN: Duration = Duration::from_millis(500);
+const QUICK_TRIES_EACH: u32 = 3;
 
 /// Where this node is in the room's stream.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -159,73 +191,55 @@ fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
     }
 }
 
-/// Delivers the stream from after `position` until an error or stop.
-// Each argument is a different owner's (the task's state, the broker's,
-// the hub's, the judge's); bundling them would only rename them.
-#[allow(clippy::too_many_arguments)]
+/// Delivers the stream from after `position` until an error or stop. A
+/// leader elected while the consumer is being made ends it with
+/// [`LeaderElected`] (a call to the stream made before the election waits
+/// out its timeout); a consumer already reading goes on (it lives on a
+/// server that is still up, or it notices that it does not by missed
+/// heartbeats, well before the broker elects a new leader).
 async fn consume<H: Hub>(
-    connection: &Connection,
-    shared: &Arc<Shared>,
-    names: &Subjects,
+    reading: &mut Reading<'_>,
     hub: &H,
     ghost: &Arc<Client>,
-    position: &mut Position,
-    outage: &mut Backoff,
-    liveness: &mut Liveness,
 ) -> anyhow::Result<()> {
-    let mut stream = ensure_stream(connection, shared, names).await?;
-    let info = stream.info().await?;
-    let epoch = epoch_of(info);
-    let state = info.state.clone();
-    let Resume {
-        start,
-        missed,
-        remade,
-    } = resume(position, &epoch, state.first_sequence, state.last_sequence);
-    if remade {
-        warn!(
-            delivered = position.delivered.unwrap_or(0),
-            stream_last = state.last_sequence,
-            missed,
-            "the room's stream is not the one this node was reading (the broker lost it and \
-             it was made again): reading the new one from its start; `missed` counts what \
-             the old one still held for this node, as far as it knew"
-        );
-        ClusterCounters::add(&shared.counters().streams_remade, 1);
-    } else if missed > 0 {
-        warn!(
-            missed,
-            "events expired from the stream (--cluster-retention) before this node read them"
-        );
-    }
-    ClusterCounters::add(&shared.counters().missed, missed);
-    *position = Position {
-        stream: Some(epoch),
-        delivered: Some(start - 1),
-        pending: state.last_sequence.saturating_sub(start - 1),
-        skipped_after: position.skipped_after.filter(|_| !remade),
+    reading.elections.forget();
+    // Right after an election the broker may leave a call unanswered (its
+    // own metadata leader may still be being elected): the first tries
+    // are bounded more tightly than `--cluster-ack-timeout`, so that the
+    // one that can be answered is made soon after it can.
+    let bound = Backoff::delay(
+        QUICK_OPEN,
+        reading.shared.config.ack_timeout.max(QUICK_OPEN),
+        *reading.quick_tries / QUICK_TRIES_EACH,
+    );
+    let opening = tokio::time::timeout(
+        bound,
+        open(
+            reading.connection,
+            reading.shared,
+            reading.names,
+            reading.position,
+        ),
+    );
+    let mut messages = tokio::select! {
+        opened = opening => match opened {
+            Ok(opened) => opened?,
+            Err(_) => {
+                *reading.quick_tries = reading.quick_tries.saturating_add(1);
+                anyhow::bail!("the room's stream did not answer within {bound:?}");
+            }
+        },
+        () = reading.elections.next() => return Err(LeaderElected.into()),
     };
-    let consumer = stream
-        .create_consumer(consumer::pull::Config {
-            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start,
-            },
-            ack_policy: consumer::AckPolicy::None,
-            // An abandoned consumer (we crashed, or made a new one) goes
-            // away by itself.
-            inactive_threshold: Duration::from_secs(30),
-            filter_subject: names.events.clone(),
-            ..Default::default()
-        })
-        .await?;
-    let heartbeat = shared.config.heartbeat.max(Duration::from_millis(500));
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .heartbeat(heartbeat)
-        .expires(heartbeat * 10)
-        .messages()
-        .await?;
+    *reading.quick_tries = 0;
+    let Reading {
+        shared,
+        position,
+        outage,
+        liveness,
+        ..
+    } = reading;
+    let shared: &Arc<Shared> = shared;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
     let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
     tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,6 +312,70 @@ async fn consume<H: Hub>(
         )
         .await;
     }
+}
+
+/// Finds the stream, works out where to read it from ([`resume`]) and
+/// makes a consumer there.
+async fn open(
+    connection: &Connection,
+    shared: &Arc<Shared>,
+    names: &Subjects,
+    position: &mut Position,
+) -> anyhow::Result<consumer::pull::Stream> {
+    let mut stream = ensure_stream(connection, shared, names).await?;
+    let info = stream.info().await?;
+    let epoch = epoch_of(info);
+    let state = info.state.clone();
+    let Resume {
+        start,
+        missed,
+        remade,
+    } = resume(position, &epoch, state.first_sequence, state.last_sequence);
+    if remade {
+        warn!(
+            delivered = position.delivered.unwrap_or(0),
+            stream_last = state.last_sequence,
+            missed,
+            "the room's stream is not the one this node was reading (the broker lost it and \
+             it was made again): reading the new one from its start; `missed` counts what \
+             the old one still held for this node, as far as it knew"
+        );
+        ClusterCounters::add(&shared.counters().streams_remade, 1);
+    } else if missed > 0 {
+        warn!(
+            missed,
+            "events expired from the stream (--cluster-retention) before this node read them"
+        );
+    }
+    ClusterCounters::add(&shared.counters().missed, missed);
+    *position = Position {
+        stream: Some(epoch),
+        delivered: Some(start - 1),
+        pending: state.last_sequence.saturating_sub(start - 1),
+        skipped_after: position.skipped_after.filter(|_| !remade),
+    };
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            // An abandoned consumer (we crashed, or made a new one) goes
+            // away by itself.
+            inactive_threshold: Duration::from_secs(30),
+            filter_subject: names.events.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let heartbeat = shared.config.heartbeat.max(Duration::from_millis(500));
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(256)
+        .heartbeat(heartbeat)
+        .expires(heartbeat * 10)
+        .messages()
+        .await?;
+    Ok(messages)
 }
 
 /// Sets the lag gauges from one stream message's metadata: what the broker

@@ -183,6 +183,10 @@ impl Judge {
         Ok(Judge { thread })
     }
 
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     pub fn join(self) {
         if self.thread.join().is_err() {
             warn!("the liveness thread panicked");

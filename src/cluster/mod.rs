@@ -197,7 +197,9 @@ impl<H: Hub> Hub for Clustered<H> {
 impl<H: Hub> Clustered<H> {
     /// After the local clients are gone: gives the publisher up to `grace`
     /// to get every queued event (their departures included) to the
-    /// broker, then stops the backplane's tasks.
+    /// broker, then stops the backplane's tasks, waiting for them at most
+    /// [`STOP_WITHIN`] (then aborted): a node stops within
+    /// `grace + STOP_WITHIN` whatever its broker does.
     pub async fn close(&self, grace: Duration) {
         let Some(shared) = &self.shared else { return };
         // After every departure: the others forget this node at once.
@@ -221,17 +223,43 @@ impl<H: Hub> Clustered<H> {
             }
         }
         shared.stop.cancel();
+        // Each task ends at its next await on `stop`, but a broker call in
+        // flight (a request to a cut-off broker, a publish's ack) may first
+        // run to its own timeout: bounded here as a whole, then aborted.
+        let deadline = Instant::now() + STOP_WITHIN;
         let tasks = std::mem::take(&mut *self.tasks.lock());
-        for task in tasks {
-            let _ = task.await;
+        for mut task in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                warn!(
+                    within = ?STOP_WITHIN,
+                    "a backplane task did not stop in time; aborted"
+                );
+                task.abort();
+            }
         }
         let judge = self.judge.lock().take();
         if let Some(judge) = judge {
-            // It ends within a tick of `stop`; joined off the runtime.
-            let _ = tokio::task::spawn_blocking(move || judge.join()).await;
+            // It ends within a tick of `stop` (its broker calls are bounded
+            // by half a heartbeat). Watched rather than joined on a blocking
+            // task, which the runtime's own shutdown would wait for; left to
+            // end by itself if it does not in time (a thread cannot be aborted).
+            while !judge.is_finished() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if judge.is_finished() {
+                judge.join();
+            } else {
+                warn!(within = ?STOP_WITHIN, "the liveness thread did not stop in time; left to end");
+            }
         }
     }
 }
+
+/// How long [`Clustered::close`] waits for the backplane's tasks and
+/// thread once it has stopped them (after `--shutdown-grace`): a broker
+/// call in flight ends at its `--cluster-ack-timeout` (2 s by default),
+/// and shutdown need not wait for it.
+pub(crate) const STOP_WITHIN: Duration = Duration::from_secs(1);
 
 /// Starts the publisher and the consumer tasks, and the judge's thread.
 fn start<H: Hub>(

@@ -5,7 +5,8 @@
 //! without its broker), then takes the oldest queued events as one batch,
 //! publishes it with the message id `NODE-BATCH` and waits for the stream's
 //! acknowledgement; on any failure it sends the same batch again, with the
-//! same id, until it is stored. One batch in flight keeps a node's events
+//! same id, until it is stored; at once when the stream elects a new
+//! leader ([`super::connection::Elections`]). One batch in flight keeps a node's events
 //! in order on the stream; batches grow while one is in flight, so
 //! throughput is not one round trip per read.
 
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::backoff::{Backoff, JETSTREAM_RETRY_MAX};
-use super::connection::{connect, ensure_stream, until_connected, Connection, Subjects};
+use super::connection::{connect, ensure_stream, until_connected, Connection, Elections, Subjects};
 use super::wire::{self, Batch};
 use super::Shared;
 use crate::config::ClusterCounters;
@@ -29,6 +30,7 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
     let _ = shared.connection.set(connection.clone());
     let _ = connected.send(Some(connection.clone()));
     let names = Subjects::new(&shared.config.room);
+    let mut elections = Elections::subscribe(&connection, &names).await;
     let mut batch_number = 0;
     let mut in_flight: Option<(String, bytes::Bytes)> = None;
     let mut outage = Backoff::new(
@@ -83,12 +85,18 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
             return;
         }
         if !stream_ready {
-            match ensure_stream(&connection, &shared, &names).await {
+            elections.forget();
+            let made = tokio::select! {
+                made = ensure_stream(&connection, &shared, &names) => made,
+                () = elections.next() => continue,
+            };
+            match made {
                 Ok(_) => stream_ready = true,
                 Err(err) => {
                     outage.failed("creating the room's stream", &err);
-                    if outage.pause(&shared.stop).await {
-                        return;
+                    tokio::select! {
+                        stopped = outage.pause(&shared.stop) => if stopped { return },
+                        () = elections.next() => {}
                     }
                     continue;
                 }
@@ -97,13 +105,25 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
         let publish = jetstream::message::PublishMessage::build()
             .payload(payload.clone())
             .message_id(id.as_str());
-        let stored = match connection
-            .jetstream
-            .send_publish(names.events.clone(), publish)
-            .await
-        {
-            Ok(ack) => ack.await.map_err(anyhow::Error::from),
-            Err(err) => Err(err.into()),
+        let storing = async {
+            match connection
+                .jetstream
+                .send_publish(names.events.clone(), publish)
+                .await
+            {
+                Ok(ack) => ack.await.map_err(anyhow::Error::from),
+                Err(err) => Err(err.into()),
+            }
+        };
+        elections.forget();
+        let stored = tokio::select! {
+            stored = storing => stored,
+            // The old leader will not answer: the same batch (same id, so
+            // stored once) goes to the new one now.
+            () = elections.next() => {
+                debug!(%id, "the room's stream has a new leader: sending the batch again");
+                continue;
+            }
         };
         match stored {
             Ok(ack) => {
@@ -120,8 +140,9 @@ pub(super) async fn publisher(shared: Arc<Shared>, connected: watch::Sender<Opti
                 // The stream may be gone (a broker with memory storage
                 // restarted): make sure of it before the next try.
                 stream_ready = false;
-                if outage.pause(&shared.stop).await {
-                    return;
+                tokio::select! {
+                    stopped = outage.pause(&shared.stop) => if stopped { return },
+                    () = elections.next() => {}
                 }
             }
         }

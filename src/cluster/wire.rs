@@ -269,17 +269,23 @@ pub fn encode_heartbeat(node: &str, seq: u64, clients: u64) -> Vec<u8> {
 }
 
 /// A fresh node id: a restarted node is a new node, never mistaken for
-/// the one before it (whose clients the others announce as gone).
+/// the one before it (whose clients the others announce as gone). 64 bits
+/// from the OS's randomness, through `ring` (already built for rustls).
 pub fn new_node_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    // RandomState is seeded from the OS's randomness per process; the time
-    // and pid make two ids of one process differ too.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        hasher.write_u128(now.as_nanos());
+    use ring::rand::{SecureRandom, SystemRandom};
+    let mut bytes = [0u8; 8];
+    if SystemRandom::new().fill(&mut bytes).is_err() {
+        // No OS randomness (never seen on a supported platform): the
+        // process's hash seed, pid and clock still make a collision unlikely.
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            hasher.write_u128(now.as_nanos());
+        }
+        bytes = hasher.finish().to_be_bytes();
     }
-    format!("{:016x}", hasher.finish())
+    format!("{:016x}", u64::from_be_bytes(bytes))
 }
 
 #[cfg(test)]

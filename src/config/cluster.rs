@@ -90,58 +90,81 @@ impl ClusterConfig {
     }
 }
 
-/// Counts the backplane keeps; each a plain atomic, read with [`ClusterCounters::get`].
+/// Counts the backplane keeps: atomics written by the backplane only,
+/// read through [`ClusterCounters::snapshot`].
 #[derive(Debug, Default)]
 pub struct ClusterCounters {
     /// Broker messages this node stored in the stream.
-    pub published: AtomicU64,
+    pub(crate) published: AtomicU64,
     /// Events inside them (arrivals, reads' worth of lines, departures).
-    pub events_published: AtomicU64,
+    pub(crate) events_published: AtomicU64,
     /// Broker messages from other nodes delivered to local clients.
-    pub received: AtomicU64,
+    pub(crate) received: AtomicU64,
     /// Messages on our subjects that did not decode or failed validation.
-    pub garbage: AtomicU64,
+    pub(crate) garbage: AtomicU64,
     /// Events dropped from a full `--cluster-buffer`.
-    pub dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
     /// Stream messages a resume could not get back: retention passed them,
     /// or a broker lost its store while this node had not read them yet
     /// (as far as it knew: what the old stream held for it when it last read).
-    pub missed: AtomicU64,
+    pub(crate) missed: AtomicU64,
     /// Times this node found a different room's stream from the one it was
     /// reading (a broker lost its store and a node made it again) and read
     /// the new one from its start.
-    pub streams_remade: AtomicU64,
+    pub(crate) streams_remade: AtomicU64,
     /// Nodes declared dead for missing their heartbeats.
-    pub dead_nodes: AtomicU64,
+    pub(crate) dead_nodes: AtomicU64,
     /// Consumers this node made to read the room's stream: 1 once it has
     /// joined the room, one more after each error that cost it its consumer.
     /// A short broker restart with a file store may need none (the
     /// consumer survives and the client's pull loop resumes it).
-    pub streams_opened: AtomicU64,
+    pub(crate) streams_opened: AtomicU64,
 
     // Gauges: the latest value, set where it changes (never per delivery).
     /// 1 while the NATS client is connected to the broker, else 0: the
     /// state the publisher and the consumer wait on before each try.
-    pub connected: AtomicU64,
+    pub(crate) connected: AtomicU64,
     /// Bytes of events not yet stored by the broker: those queued in the
     /// `--cluster-buffer` and the batch the publisher has in flight.
-    pub buffered_bytes: AtomicU64,
+    pub(crate) buffered_bytes: AtomicU64,
     /// How many events those bytes are.
-    pub buffered_events: AtomicU64,
+    pub(crate) buffered_events: AtomicU64,
     /// Stream messages the broker still holds for this node's consumer, as
     /// the last message read said (its metadata; no extra broker call).
-    pub consumer_pending: AtomicU64,
+    pub(crate) consumer_pending: AtomicU64,
     /// How long the last message read had been in the stream when this
     /// node read it, in nanoseconds (our clock against the broker's;
     /// 0 if the broker's is ahead).
-    pub lag_nanos: AtomicU64,
+    pub(crate) lag_nanos: AtomicU64,
     /// When the broker stored the last message this node read, in
     /// nanoseconds since the Unix epoch (0: none read yet).
-    pub last_stored_nanos: AtomicU64,
+    pub(crate) last_stored_nanos: AtomicU64,
 }
 
 impl ClusterCounters {
-    pub fn get(counter: &AtomicU64) -> u64 {
+    /// Every count as it is now (each read on its own: two counts may be
+    /// a moment apart).
+    pub fn snapshot(&self) -> ClusterStats {
+        ClusterStats {
+            published: ClusterCounters::get(&self.published),
+            events_published: ClusterCounters::get(&self.events_published),
+            received: ClusterCounters::get(&self.received),
+            garbage: ClusterCounters::get(&self.garbage),
+            dropped: ClusterCounters::get(&self.dropped),
+            missed: ClusterCounters::get(&self.missed),
+            streams_remade: ClusterCounters::get(&self.streams_remade),
+            dead_nodes: ClusterCounters::get(&self.dead_nodes),
+            streams_opened: ClusterCounters::get(&self.streams_opened),
+            connected: ClusterCounters::get(&self.connected),
+            buffered_bytes: ClusterCounters::get(&self.buffered_bytes),
+            buffered_events: ClusterCounters::get(&self.buffered_events),
+            consumer_pending: ClusterCounters::get(&self.consumer_pending),
+            lag_nanos: ClusterCounters::get(&self.lag_nanos),
+            last_stored_nanos: ClusterCounters::get(&self.last_stored_nanos),
+        }
+    }
+
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 
@@ -154,6 +177,57 @@ impl ClusterCounters {
     pub(crate) fn set(gauge: &AtomicU64, value: u64) {
         gauge.store(value, Ordering::Relaxed);
     }
+}
+
+/// What [`ClusterCounters`] counted, at one moment: plain numbers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// Broker messages this node stored in the stream.
+    pub published: u64,
+    /// Events inside them (arrivals, reads' worth of lines, departures).
+    pub events_published: u64,
+    /// Broker messages from other nodes delivered to local clients.
+    pub received: u64,
+    /// Messages on our subjects that did not decode or failed validation.
+    pub garbage: u64,
+    /// Events dropped from a full `--cluster-buffer`.
+    pub dropped: u64,
+    /// Stream messages a resume could not get back: retention passed them,
+    /// or a broker lost its store while this node had not read them yet
+    /// (as far as it knew: what the old stream held for it when it last read).
+    pub missed: u64,
+    /// Times this node found a different room's stream from the one it was
+    /// reading (a broker lost its store and a node made it again) and read
+    /// the new one from its start.
+    pub streams_remade: u64,
+    /// Nodes declared dead for missing their heartbeats.
+    pub dead_nodes: u64,
+    /// Consumers this node made to read the room's stream: 1 once it has
+    /// joined the room, one more after each error that cost it its consumer.
+    /// A short broker restart with a file store may need none (the
+    /// consumer survives and the client's pull loop resumes it).
+    pub streams_opened: u64,
+
+    // Gauges: the latest value, set where it changes (never per delivery).
+    /// 1 while the NATS client is connected to the broker, else 0: the
+    /// state the publisher and the consumer wait on before each try.
+    pub connected: u64,
+    /// Bytes of events not yet stored by the broker: those queued in the
+    /// `--cluster-buffer` and the batch the publisher has in flight.
+    pub buffered_bytes: u64,
+    /// How many events those bytes are.
+    pub buffered_events: u64,
+    /// Stream messages the broker still holds for this node's consumer, as
+    /// the last message read said (its metadata; no extra broker call).
+    pub consumer_pending: u64,
+    /// How long the last message read had been in the stream when this
+    /// node read it, in nanoseconds (our clock against the broker's;
+    /// 0 if the broker's is ahead).
+    pub lag_nanos: u64,
+    /// When the broker stored the last message this node read, in
+    /// nanoseconds since the Unix epoch (0: none read yet).
+    pub last_stored_nanos: u64,
 }
 
 impl ClusterConfig {

@@ -23,7 +23,7 @@ mod files;
 mod validate;
 
 pub use choices::{Model, QueueKind, SlowClientPolicy};
-pub use cluster::{ClusterConfig, ClusterCounters};
+pub use cluster::{ClusterConfig, ClusterCounters, ClusterStats};
 pub use files::{Password, TlsFiles, MAX_PASSWORD};
 pub use validate::ConfigError;
 

@@ -19,7 +19,7 @@ use std::io;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_server::{ClusterConfig, Config, Model};
 use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
 use common::nats::Broker;
 use common::process::{ServerProcess, Signal};
@@ -45,13 +45,14 @@ for_each_model!(
 async fn arrive(nodes: &[Node], at: usize) -> io::Result<TestClient> {
     let before: Vec<u64> = nodes
         .iter()
-        .map(|node| ClusterCounters::get(&node.counters.received))
+        .map(|node| node.counters.snapshot().received)
         .collect();
     let client = nodes[at].client().await?;
     for (index, node) in nodes.iter().enumerate() {
         if index != at {
             wait_for(
-                &node.counters.received,
+                &node.counters,
+                |c| c.received,
                 before[index] + 1,
                 "arrival received",
             )
@@ -275,7 +276,7 @@ async fn concurrent_senders_on_every_node(model: Model) -> io::Result<()> {
     let reports = chat_everywhere(clients, count, 10, Duration::ZERO, JOIN_TIMEOUT).await?;
     let published: u64 = nodes
         .iter()
-        .map(|node| ClusterCounters::get(&node.counters.published))
+        .map(|node| node.counters.snapshot().published)
         .sum();
     eprintln!(
         "{model}: {} lines in {} writes went out in {published} broker messages",
@@ -452,7 +453,7 @@ async fn garbage_on_the_room_subjects_is_dropped(model: Model) -> io::Result<()>
         .map_err(io::Error::other)?;
     nats.flush().await.map_err(io::Error::other)?;
     for node in &nodes {
-        wait_for(&node.counters.garbage, 6, "garbage counted").await?;
+        wait_for(&node.counters, |c| c.garbage, 6, "garbage counted").await?;
     }
     let shown = "10.0.0.2:6: ^[[2J cleared?";
     for client in [&mut a, &mut b] {
@@ -645,7 +646,7 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
         talker.send(&number.to_string()).await?;
         talker.expect(&format!("{}: {number}", talker.who)).await?;
     }
-    let dropped = ClusterCounters::get(&node.counters.dropped);
+    let dropped = node.counters.snapshot().dropped;
     ensure(dropped > 0, || {
         "nothing was dropped from a full buffer".into()
     })?;
@@ -654,14 +655,15 @@ async fn full_buffer_drops_the_oldest() -> io::Result<()> {
     let other = Node::start(Model::Sharded, &url)?;
     other.joined(1).await?;
     wait_for(
-        &node.counters.events_published,
+        &node.counters,
+        |c| c.events_published,
         lines as u64 + 1 - dropped,
         "events published",
     )
     .await?;
     // Everything kept (the newest) was published, and nothing more.
     ensure(
-        ClusterCounters::get(&node.counters.events_published) == lines as u64 + 1 - dropped,
+        node.counters.snapshot().events_published == lines as u64 + 1 - dropped,
         || "published more than was kept".into(),
     )?;
     // And the room works.

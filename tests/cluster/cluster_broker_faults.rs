@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_server::{ClusterConfig, Config, Model};
 use chat_testkit::{BrokerCluster, Relay};
 use chat_wire::{NAMES_UNAVAILABLE, NAME_PROMPT};
 use common::cluster::{test_cluster, Node, JOIN_TIMEOUT};
@@ -92,7 +92,7 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream(
             .wait_for(&[&b_who], "old", old, PHASE_TIMEOUT)
             .await?;
     }
-    let read_before = ClusterCounters::get(&cut.counters.received);
+    let read_before = cut.counters.snapshot().received;
 
     relay.partition();
     blocking(|| broker.restart_empty())?;
@@ -122,8 +122,8 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream(
          missed {}, streams remade {}",
         on_cut.count_from(&b_who, "new"),
         on_cut.count_from(&c_who, "new"),
-        ClusterCounters::get(&cut.counters.missed),
-        ClusterCounters::get(&cut.counters.streams_remade),
+        cut.counters.snapshot().missed,
+        cut.counters.snapshot().streams_remade,
     );
     healed?;
     for listener in [&on_b, &on_c] {
@@ -136,10 +136,9 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream(
     on_cut.check_complete(&c_who, "new", new)?;
     on_b.check_complete(&c_who, "new", new)?;
     on_c.check_complete(&b_who, "new", new)?;
-    ensure(
-        ClusterCounters::get(&cut.counters.streams_remade) == 1,
-        || "the healed node did not say it found a new stream".into(),
-    )
+    ensure(cut.counters.snapshot().streams_remade == 1, || {
+        "the healed node did not say it found a new stream".into()
+    })
 }
 
 /// The backplane with the default timers (the silence a client sees on a
@@ -166,7 +165,9 @@ fn copies(brokers: &BrokerCluster, stream: &str) -> io::Result<usize> {
 /// the room's stream is killed (`SIGKILL`). Every client
 /// hears every line exactly once, in each sender's order, and no one
 /// hears a departure. The longest silence is printed (the figure in
-/// ARCHITECTURE.md, "Broker faults and replication").
+/// ARCHITECTURE.md, "Broker faults and replication"), with when a plain
+/// NATS client heard the stream's leader-elected advisory: the broker's
+/// share of the silence.
 ///
 /// Before replication the stream had one copy: when it was on the killed
 /// server the room stopped crossing nodes until that server came back,
@@ -224,10 +225,36 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
         .iter_mut()
         .map(|client| client.send_numbered("n", count, gap))
         .collect();
+    // The broker's own news of the election, heard on a server that stays.
+    let survivor = (leader + 1) % 3;
+    let watcher = async_nats::connect(brokers.url(survivor))
+        .await
+        .map_err(io::Error::other)?;
+    let mut elections = watcher
+        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"))
+        .await
+        .map_err(io::Error::other)?;
+    watcher.flush().await.map_err(io::Error::other)?;
     clients[0]
         .wait_for(&senders, "n", 10, PHASE_TIMEOUT)
         .await?;
+    // `CHAT_TEST_LOG=chat_server=debug` shows where a failover's silence
+    // goes (how the failover was diagnosed; see docs/cluster.md).
+    if std::env::var_os("CHAT_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("CHAT_TEST_LOG"))
+            .try_init();
+    }
+    let meta = blocking(|| Ok(brokers.meta_leader()))?;
+    let killed = Instant::now();
+    eprintln!("killing at {:?}", std::time::SystemTime::now());
     blocking(|| brokers.kill(leader))?;
+    let elected =
+        tokio::time::timeout(PHASE_TIMEOUT, futures_util::StreamExt::next(&mut elections))
+            .await
+            .ok()
+            .flatten()
+            .map(|_| killed.elapsed());
     for (client, sending) in clients.iter_mut().zip(sending) {
         client.sent(sending).await?;
     }
@@ -241,13 +268,14 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
         .unwrap_or_default();
     let new_leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
     eprintln!(
-        "{model}: killed n{leader}, the room's stream leader, mid-chat; n{new_leader} leads it \
-         now; the longest silence between two lines of one sender: {silence:?}"
+        "{model}: killed n{leader}, the room's stream leader (the JetStream meta leader was \
+         {meta:?}), mid-chat; n{new_leader} leads it now, elected {elected:?} after the kill; \
+         the longest silence between two lines of one sender: {silence:?}"
     );
     // The same stream under a new leader: no node takes it for another.
     let remade: u64 = nodes
         .iter()
-        .map(|node| ClusterCounters::get(&node.counters.streams_remade))
+        .map(|node| node.counters.snapshot().streams_remade)
         .sum();
     ensure(remade == 0, || {
         format!("nodes took the failed-over stream for a new one {remade} times")

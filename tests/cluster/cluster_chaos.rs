@@ -33,7 +33,7 @@ use crate::common;
 use std::io;
 use std::time::Duration;
 
-use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_server::{ClusterConfig, ClusterStats, Config, Model};
 use chat_testkit::process::{ServerProcess, Signal};
 use chat_testkit::{BrokerCluster, Relay};
 use common::cluster::Node;
@@ -334,10 +334,10 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
             membership.push(format!("{}: {violation}", listener.client.who));
         }
     }
-    let sum = |counter: fn(&ClusterCounters) -> &std::sync::atomic::AtomicU64| -> u64 {
+    let sum = |counter: fn(&ClusterStats) -> u64| -> u64 {
         nodes
             .iter()
-            .map(|node| ClusterCounters::get(counter(&node.counters)))
+            .map(|node| counter(&node.counters.snapshot()))
             .sum()
     };
     let written: usize = chatters.iter().map(|chatter| chatter.sent).sum();
@@ -354,11 +354,11 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
          of one sender {silence:?}",
         log.len(),
         chatters.len(),
-        sum(|c| &c.dropped),
-        sum(|c| &c.missed),
-        sum(|c| &c.dead_nodes),
-        sum(|c| &c.streams_remade),
-        sum(|c| &c.streams_opened),
+        sum(|c| c.dropped),
+        sum(|c| c.missed),
+        sum(|c| c.dead_nodes),
+        sum(|c| c.streams_remade),
+        sum(|c| c.streams_opened),
     );
     eprintln!(
         "chaos: {} line problems, {} membership violations",

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_server::{ClusterConfig, Config, Model};
 use chat_wire::{present_of, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
 use common::cluster::{test_cluster, wait_until, Node, JOIN_TIMEOUT};
 use common::ensure;
@@ -129,11 +129,14 @@ async fn crossed<T>(
     other: &Node,
     arrive: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
-    let before = ClusterCounters::get(&other.counters.received);
+    let before = other.counters.snapshot().received;
     let arrived = arrive.await?;
-    wait_until(&other.counters.received, "batches received", |received| {
-        received > before
-    })
+    wait_until(
+        &other.counters,
+        |c| c.received,
+        "batches received",
+        |received| received > before,
+    )
     .await?;
     Ok(arrived)
 }
@@ -319,7 +322,8 @@ async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
     dan.expect("bob has arrived").await?;
     tokio::task::block_in_place(|| broker.stop("KILL"))?;
     wait_until(
-        &nodes[0].counters.connected,
+        &nodes[0].counters,
+        |c| c.connected,
         "disconnected from the broker",
         |connected| connected == 0,
     )
@@ -334,7 +338,8 @@ async fn broker_away_refuses_new_names_only(model: Model) -> io::Result<()> {
     bob.expect("bob: me too").await?;
     tokio::task::block_in_place(|| broker.run())?;
     wait_until(
-        &nodes[0].counters.connected,
+        &nodes[0].counters,
+        |c| c.connected,
         "connected to the broker",
         |connected| connected == 1,
     )

@@ -5,12 +5,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{ClusterConfig, ClusterCounters, Config, Model};
+use chat_server::{ClusterConfig, ClusterCounters, ClusterStats, Config, Model};
 use tokio::time::Instant;
 
 /// How long a node may take to join the room or to recover from a broker
@@ -62,25 +61,39 @@ impl Node {
 
     /// Waits until the node has opened the room's stream `times` times.
     pub async fn joined(&self, times: u64) -> io::Result<()> {
-        wait_for(&self.counters.streams_opened, times, "streams opened").await
+        wait_for(
+            &self.counters,
+            |c| c.streams_opened,
+            times,
+            "streams opened",
+        )
+        .await
     }
 }
 
-/// Waits (within [`JOIN_TIMEOUT`]) until `counter` is at least `at_least`.
-pub async fn wait_for(counter: &AtomicU64, at_least: u64, what: &str) -> io::Result<()> {
+/// Waits (within [`JOIN_TIMEOUT`]) until the count `read` picks from
+/// `counters` is at least `at_least`.
+pub async fn wait_for(
+    counters: &ClusterCounters,
+    read: fn(&ClusterStats) -> u64,
+    at_least: u64,
+    what: &str,
+) -> io::Result<()> {
     let what = format!("{what}, expected at least {at_least}");
-    wait_until(counter, &what, |now| now >= at_least).await
+    wait_until(counters, read, &what, |now| now >= at_least).await
 }
 
-/// Waits (within [`JOIN_TIMEOUT`]) until `done` holds for `counter`.
+/// Waits (within [`JOIN_TIMEOUT`]) until `done` holds for the count `read`
+/// picks from `counters`.
 pub async fn wait_until(
-    counter: &AtomicU64,
+    counters: &ClusterCounters,
+    read: fn(&ClusterStats) -> u64,
     what: &str,
     done: impl Fn(u64) -> bool,
 ) -> io::Result<()> {
     let deadline = Instant::now() + JOIN_TIMEOUT;
     loop {
-        let now = ClusterCounters::get(counter);
+        let now = read(&counters.snapshot());
         if done(now) {
             return Ok(());
         }

@@ -796,7 +796,7 @@ async fn a_browser_and_a_terminal_chat_across_nodes(model: Model) -> io::Result<
     // Names are refused while a node cannot reach the names bucket yet:
     // ask again, as a person would, within a bound.
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    let heard_before = ClusterCounters::get(&nodes[0].counters.received);
+    let heard_before = nodes[0].counters.snapshot().received;
     let mut terminal = TestClient::connect_raw(nodes[1].addr()).await?;
     terminal.expect(chat_wire::NAME_PROMPT).await?;
     loop {
@@ -815,7 +815,8 @@ async fn a_browser_and_a_terminal_chat_across_nodes(model: Model) -> io::Result<
     // The terminal's arrival reaches the browser's node before the browser
     // comes (as in one process, where it would not be told of it).
     wait_for(
-        &nodes[0].counters.received,
+        &nodes[0].counters,
+        |c| c.received,
         heard_before + 1,
         "the terminal's arrival on node 0",
     )
