@@ -71,6 +71,8 @@ const OTHER_PROGRAMS: &[(&[&str], &[&str])] = &[
     (&["ncat"], &["--ssl", "--ssl-trustfile"]),
     (&["valgrind", "callgrind"], &["--tool"]),
     (&["perf"], &["--call-graph"]),
+    // Not a default member, so not built by `cargo test`: its flags by hand.
+    (&["ws-compare"], &["--impl", "--addr", "--threads"]),
     (&["heaptrack"], &["--pid"]),
 ];
 

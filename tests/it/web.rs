@@ -773,8 +773,6 @@ async fn an_unfinished_message_counts_towards_the_memory_budget() -> io::Result<
 /// the test says so and passes, unless `CI` or `CHAT_REQUIRE_NATS` is set.
 #[cfg(feature = "cluster")]
 async fn a_browser_and_a_terminal_chat_across_nodes(model: Model) -> io::Result<()> {
-    use chat_server::ClusterConfig;
-    use chat_server::ClusterCounters;
     use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
     use tokio::time::Instant;
 
