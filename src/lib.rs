@@ -58,6 +58,9 @@
 //! - [`server`]: the accept loop, connection limit, accept-error backoff and
 //!   graceful shutdown.
 
+// What is `pub` is the embedders' API; everything else says `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod backoff;
 mod memory;
 

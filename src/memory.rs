@@ -25,17 +25,17 @@ static RELEASED: AtomicUsize = AtomicUsize::new(0);
 
 /// Frees smaller than this are not counted: they cannot free a page on their
 /// own, and counting them would put a shared atomic on the per-message path.
-pub const NOTEWORTHY: usize = 1024;
+pub(crate) const NOTEWORTHY: usize = 1024;
 
 /// Reports that a buffer of `bytes`, grown for a backlog, has been freed.
-pub fn note_released(bytes: usize) {
+pub(crate) fn note_released(bytes: usize) {
     if bytes >= NOTEWORTHY {
         RELEASED.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
 /// The bytes reported to [`note_released`] since the last call.
-pub fn take_released() -> usize {
+pub(crate) fn take_released() -> usize {
     RELEASED.swap(0, Ordering::Relaxed)
 }
 
@@ -48,7 +48,7 @@ const MIN_RELEASED: usize = 4 << 20;
 
 /// Why [`Trimmer::observe`] returned memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trim {
+pub(crate) enum Trim {
     /// This many clients left since the peak.
     Departures(usize),
     /// This many bytes of backlog buffers were freed since the last trim.
@@ -57,7 +57,7 @@ pub enum Trim {
 
 /// Decides, from periodic observations, when a trim is worth it.
 #[derive(Debug, Default)]
-pub struct Trimmer {
+pub(crate) struct Trimmer {
     peak: usize,
     /// Backlog bytes freed since the last trim.
     released: usize,
@@ -69,7 +69,7 @@ impl Trimmer {
     /// Called periodically with the current number of connections and the
     /// backlog bytes freed since the previous call; returns why it trimmed,
     /// if it did.
-    pub fn observe(&mut self, connections: usize, released: usize) -> Option<Trim> {
+    pub(crate) fn observe(&mut self, connections: usize, released: usize) -> Option<Trim> {
         let trim = self.decide(connections, released);
         if trim.is_some() {
             release_free_memory();
@@ -102,7 +102,7 @@ impl Trimmer {
 
 /// Returns free heap pages to the operating system, where the allocator
 /// supports it (glibc); elsewhere it does nothing.
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers and only releases memory that
     // the allocator already considers free.

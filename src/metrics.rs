@@ -58,7 +58,7 @@ pub(crate) struct Counter {
 
 impl Counter {
     #[inline]
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         #[cfg(feature = "metrics")]
         self.value.fetch_add(n, Ordering::Relaxed);
         #[cfg(not(feature = "metrics"))]
@@ -234,7 +234,7 @@ impl Metrics {
     /// The metrics of a server whose room keeps `history`. `gauges`: whether
     /// anyone reads the gauges (`--metrics-addr`); without an endpoint the
     /// counters still count (tests read them) but the clients are not listed.
-    pub fn new(gauges: bool, history: Option<Arc<History>>) -> Metrics {
+    pub(crate) fn new(gauges: bool, history: Option<Arc<History>>) -> Metrics {
         #[cfg(feature = "metrics")]
         return Metrics {
             gauges,
@@ -276,7 +276,7 @@ impl Metrics {
 
     /// One read's complete lines.
     #[inline]
-    pub fn lines_received(&self, lines: u64) {
+    pub(crate) fn lines_received(&self, lines: u64) {
         #[cfg(feature = "metrics")]
         self.count(|shard| Shard::bump(&shard.lines_received, lines));
         #[cfg(not(feature = "metrics"))]
@@ -285,7 +285,7 @@ impl Metrics {
 
     /// One socket write's messages and bytes.
     #[inline]
-    pub fn delivered(&self, messages: u64, bytes: u64) {
+    pub(crate) fn delivered(&self, messages: u64, bytes: u64) {
         #[cfg(feature = "metrics")]
         self.count(|shard| {
             Shard::bump(&shard.messages_delivered, messages);
@@ -311,12 +311,12 @@ impl Metrics {
             })
     }
 
-    pub fn refused(&self, why: Refusal) {
+    pub(crate) fn refused(&self, why: Refusal) {
         self.refused[why as usize].add(1);
     }
 
     /// Counts `client` as in the room until [`Metrics::unregister`].
-    pub fn register(&self, client: &Arc<Client>) {
+    pub(crate) fn register(&self, client: &Arc<Client>) {
         #[cfg(feature = "metrics")]
         if self.gauges {
             self.clients
@@ -329,7 +329,7 @@ impl Metrics {
     }
 
     /// The client's writer is done: nothing more will be queued or written.
-    pub fn unregister(&self, client: &Client) {
+    pub(crate) fn unregister(&self, client: &Client) {
         #[cfg(feature = "metrics")]
         if self.gauges {
             // Under the lock, so that a scrape sees the client either live

@@ -53,7 +53,7 @@ use triomphe::ThinArc;
 /// reaches anyone. The `sharded` model needs it to drop a newcomer's live
 /// copies of lines its history block already showed.
 #[derive(Clone)]
-pub struct Message(ThinArc<AtomicU64, u8>);
+pub(crate) struct Message(ThinArc<AtomicU64, u8>);
 
 impl PartialEq for Message {
     fn eq(&self, other: &Message) -> bool {
@@ -65,23 +65,23 @@ impl Eq for Message {}
 
 impl Message {
     /// `You are IP:PORT`: the first line a client receives.
-    pub fn greeting(who: &str) -> Message {
+    pub(crate) fn greeting(who: &str) -> Message {
         Message::from_parts(&[chat_wire::GREETING_PREFIX, who, "\n"])
     }
 
     /// `IP:PORT has arrived`: announced to everyone already present.
-    pub fn arrived(who: &str) -> Message {
+    pub(crate) fn arrived(who: &str) -> Message {
         Message::from_parts(&[who, chat_wire::ARRIVED_SUFFIX, "\n"])
     }
 
     /// `IP:PORT has left`: announced to everyone who remains.
-    pub fn left(who: &str) -> Message {
+    pub(crate) fn left(who: &str) -> Message {
         Message::from_parts(&[who, chat_wire::LEFT_SUFFIX, "\n"])
     }
 
     /// `You are WHO`, followed with `--announce-present` by the
     /// `present (N): ...` line: what the writer sends before anything else.
-    pub fn hello(who: &str, present: Option<&[std::sync::Arc<str>]>) -> Message {
+    pub(crate) fn hello(who: &str, present: Option<&[std::sync::Arc<str>]>) -> Message {
         match present {
             None => Message::greeting(who),
             Some(present) => Message::from_parts(&[
@@ -95,7 +95,7 @@ impl Message {
     }
 
     /// A server notice to one client, such as `error: line too long (max 65536 bytes)`.
-    pub fn notice(text: &str) -> Message {
+    pub(crate) fn notice(text: &str) -> Message {
         Message::from_parts(&[text, "\n"])
     }
 
@@ -113,20 +113,20 @@ impl Message {
     /// The message's room sequence number in the history, 0 if it was never
     /// appended to one.
     #[inline]
-    pub fn seq(&self) -> u64 {
+    pub(crate) fn seq(&self) -> u64 {
         self.0.header.header.load(Ordering::Relaxed)
     }
 
     /// Set by the history when it appends the message, before the message
     /// is handed to anyone (the hand-off to other threads orders it).
-    pub fn set_seq(&self, seq: u64) {
+    pub(crate) fn set_seq(&self, seq: u64) {
         self.0.header.header.store(seq, Ordering::Relaxed);
     }
 
     /// The message without its first `skip` lines, with the same sequence
     /// number: what the history keeps of its oldest message when a bound
     /// cuts into it. A copy of the rest (the one place history copies text).
-    pub fn without_first_lines(&self, skip: usize) -> Message {
+    pub(crate) fn without_first_lines(&self, skip: usize) -> Message {
         let bytes = self.as_bytes();
         let start = match skip.checked_sub(1) {
             None => 0,
@@ -141,12 +141,12 @@ impl Message {
     }
 
     /// The bytes to write to the socket, newline included.
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0.slice
     }
 
     /// The text, newline included.
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         // Every constructor takes a `&str`, so this cannot fail; an empty
         // string would be the answer if it ever did.
         std::str::from_utf8(self.as_bytes()).unwrap_or_default()
@@ -154,12 +154,12 @@ impl Message {
 
     /// Length in bytes, newlines included.
     #[allow(clippy::len_without_is_empty)] // a message always holds at least its newline
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.slice.len()
     }
 
     /// How many lines the message holds.
-    pub fn lines(&self) -> usize {
+    pub(crate) fn lines(&self) -> usize {
         memchr::memchr_iter(b'\n', self.as_bytes()).count()
     }
 }
@@ -170,13 +170,13 @@ impl Message {
 /// one allocation for the lot, however many lines and recipients. The
 /// buffer is reused across reads and released when it grew large.
 #[derive(Debug, Default)]
-pub struct ChatBatch {
+pub(crate) struct ChatBatch {
     text: String,
 }
 
 impl ChatBatch {
     /// Appends `who: line`, with `line` sanitised (see [`sanitize_into`]).
-    pub fn push(&mut self, who: &str, line: &[u8]) {
+    pub(crate) fn push(&mut self, who: &str, line: &[u8]) {
         self.text.reserve(who.len() + 2 + line.len() + 1);
         self.text.push_str(who);
         self.text.push_str(chat_wire::CHAT_SEPARATOR);
@@ -185,17 +185,17 @@ impl ChatBatch {
     }
 
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.text.is_empty()
     }
 
     /// Bytes pushed since the last take.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.text.len()
     }
 
     /// The lines pushed since the last take, as one message.
-    pub fn take(&mut self) -> Option<Message> {
+    pub(crate) fn take(&mut self) -> Option<Message> {
         if self.text.is_empty() {
             return None;
         }
@@ -224,7 +224,7 @@ impl fmt::Debug for Message {
 ///   treat as escape sequences) as U+FFFD. Otherwise one user could clear
 ///   everyone's screen, move their cursor, retitle their terminal, or use a
 ///   bare `\r` to overwrite its own `IP:PORT:` prefix with someone else's.
-pub fn sanitize_into(line: &[u8], out: &mut String) {
+pub(crate) fn sanitize_into(line: &[u8], out: &mut String) {
     // Fast path: printable ASCII (and tab) is by far the common case and is
     // already valid UTF-8 with nothing to replace.
     if line
@@ -260,7 +260,7 @@ fn push_visible(ch: char, out: &mut String) {
     }
 }
 
-pub use chat_wire::{BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
+pub(crate) use chat_wire::{BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
 
 /// The name in a client's first line (one trailing `\r` dropped), if it is
 /// one: 1 to [`MAX_NAME`] printable ASCII characters other than space, `:`
@@ -268,7 +268,7 @@ pub use chat_wire::{BAD_NAME, MAX_NAME, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAK
 /// bidirectional overrides or look-alike letters; no `:`, so that no name
 /// looks like an `IP:PORT` or turns `NAME has arrived` into a chat line of
 /// `NAME:`; no `,`, which separates names in the `present` line.
-pub fn check_name(line: &[u8]) -> Option<&str> {
+pub(crate) fn check_name(line: &[u8]) -> Option<&str> {
     let name = strip_cr(line);
     let allowed = |byte: &u8| byte.is_ascii_graphic() && *byte != b':' && *byte != b',';
     if name.is_empty() || name.len() > MAX_NAME || !name.iter().all(allowed) {
@@ -280,7 +280,7 @@ pub fn check_name(line: &[u8]) -> Option<&str> {
 /// The line a client sent was longer than the limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("line too long (max {max} bytes)")]
-pub struct LineTooLong {
+pub(crate) struct LineTooLong {
     /// The limit in bytes, excluding the newline.
     pub max: usize,
 }
@@ -293,7 +293,7 @@ pub struct LineTooLong {
 /// `max_line` bytes of one line plus one read's worth of bytes, whatever a
 /// client sends.
 #[derive(Debug)]
-pub struct LineBuffer {
+pub(crate) struct LineBuffer {
     buf: Vec<u8>,
     /// Start of the first line not yet returned.
     start: usize,
@@ -304,11 +304,11 @@ pub struct LineBuffer {
 }
 
 /// How many bytes one read asks the socket for.
-pub const READ_CHUNK: usize = 8 * 1024;
+pub(crate) const READ_CHUNK: usize = 8 * 1024;
 
 impl LineBuffer {
     /// An empty buffer that rejects lines longer than `max_line` bytes.
-    pub fn new(max_line: usize) -> LineBuffer {
+    pub(crate) fn new(max_line: usize) -> LineBuffer {
         LineBuffer {
             buf: Vec::new(),
             start: 0,
@@ -320,7 +320,7 @@ impl LineBuffer {
     /// The buffer to read into: its spare capacity is at least
     /// [`READ_CHUNK`] bytes. Append to it (tokio's `try_read_buf` does) and
     /// nothing else.
-    pub fn read_buf(&mut self) -> &mut Vec<u8> {
+    pub(crate) fn read_buf(&mut self) -> &mut Vec<u8> {
         if self.start > 0 {
             if self.start == self.buf.len() {
                 self.clear();
@@ -340,7 +340,7 @@ impl LineBuffer {
     /// Returns `Ok(None)` when no complete line is buffered, and an error
     /// once the partial line is longer than the limit (the stream cannot be
     /// resynchronised after that, so the caller should disconnect).
-    pub fn next_line(&mut self) -> Result<Option<&[u8]>, LineTooLong> {
+    pub(crate) fn next_line(&mut self) -> Result<Option<&[u8]>, LineTooLong> {
         match memchr::memchr(b'\n', &self.buf[self.scanned..]) {
             Some(offset) => {
                 let newline = self.scanned + offset;
@@ -366,7 +366,7 @@ impl LineBuffer {
     /// At end of input: the final line if the client sent one without a
     /// newline. The seed drops nothing here either (`bufio.Scanner` returns a
     /// final unterminated token).
-    pub fn take_unterminated(&mut self) -> Option<&[u8]> {
+    pub(crate) fn take_unterminated(&mut self) -> Option<&[u8]> {
         if self.start == self.buf.len() {
             return None;
         }
@@ -378,18 +378,18 @@ impl LineBuffer {
 
     /// Bytes held for a partial line.
     #[cfg(test)]
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.buf.len() - self.start
     }
 
     /// Bytes of heap memory held: what `--max-client-memory` counts.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 
     /// Frees the buffer if it holds no partial line; call before waiting
     /// for input so that an idle connection holds no buffer.
-    pub fn release_if_empty(&mut self) {
+    pub(crate) fn release_if_empty(&mut self) {
         if self.start == self.buf.len() {
             self.clear();
         }

@@ -22,13 +22,13 @@ use crate::config::Config;
 /// its place in its address's count. Both are given back when the last
 /// handle to the client goes.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     _slot: OwnedSemaphorePermit,
     _address: Option<AddressPlace>,
 }
 
 impl Admission {
-    pub fn new(slot: OwnedSemaphorePermit, address: Option<AddressPlace>) -> Admission {
+    pub(crate) fn new(slot: OwnedSemaphorePermit, address: Option<AddressPlace>) -> Admission {
         Admission {
             _slot: slot,
             _address: address,
@@ -39,7 +39,7 @@ impl Admission {
 /// The unit an address limit counts: an IPv4 address, or an IPv6 /64 (one
 /// host or site usually holds a whole /64, so a per-address limit would be
 /// no limit at all). IPv4-mapped IPv6 addresses count as IPv4.
-pub fn address_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn address_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);
@@ -51,14 +51,14 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
 
 /// Connections per address (see [`address_key`]).
 #[derive(Debug)]
-pub struct AddressLimits {
+pub(crate) struct AddressLimits {
     limit: usize,
     counts: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl AddressLimits {
     /// `None` when `--max-clients-per-ip` is 0 (no limit).
-    pub fn new(config: &Config) -> Option<Arc<AddressLimits>> {
+    pub(crate) fn new(config: &Config) -> Option<Arc<AddressLimits>> {
         (config.max_clients_per_ip > 0).then(|| {
             Arc::new(AddressLimits {
                 limit: config.max_clients_per_ip,
@@ -69,7 +69,7 @@ impl AddressLimits {
 
     /// A place for one more connection from `ip`, or `None` if its address
     /// is at the limit.
-    pub fn admit(self: &Arc<AddressLimits>, ip: IpAddr) -> Option<AddressPlace> {
+    pub(crate) fn admit(self: &Arc<AddressLimits>, ip: IpAddr) -> Option<AddressPlace> {
         let key = address_key(ip);
         let mut counts = self.counts.lock();
         let count = counts.entry(key).or_insert(0);
@@ -85,7 +85,7 @@ impl AddressLimits {
 
     /// Connections counted for `ip`'s address.
     #[cfg(test)]
-    pub fn connections(&self, ip: IpAddr) -> usize {
+    pub(crate) fn connections(&self, ip: IpAddr) -> usize {
         self.counts
             .lock()
             .get(&address_key(ip))
@@ -96,7 +96,7 @@ impl AddressLimits {
 
 /// One connection's place in its address's count.
 #[derive(Debug)]
-pub struct AddressPlace {
+pub(crate) struct AddressPlace {
     key: IpAddr,
     limits: Arc<AddressLimits>,
 }

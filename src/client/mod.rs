@@ -23,11 +23,11 @@ use admission::Admission;
 
 /// A server-wide unique number for a connection; the hubs key their maps by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClientId(pub u64);
+pub(crate) struct ClientId(pub u64);
 
 /// Why a connection ended before its input did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kick {
+pub(crate) enum Kick {
     /// Over `--max-pending`, or stuck for `--write-timeout`, under `--slow-client disconnect`.
     TooSlow,
     /// Writing to the socket failed (reset, broken pipe): nobody is listening.
@@ -39,7 +39,7 @@ pub enum Kick {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct Client {
+pub(crate) struct Client {
     pub id: ClientId,
     /// `IP:PORT`, or under `--names` the name the client chose: the name
     /// everybody sees.
@@ -73,7 +73,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(
+    pub(crate) fn new(
         id: ClientId,
         who: Arc<str>,
         config: &Config,
@@ -102,7 +102,7 @@ impl Client {
     /// The same client under the name it chose (`--names`). Only a client
     /// nobody else holds yet can be renamed, so nothing ever sees its name
     /// change; a shared one is handed back as it is.
-    pub fn renamed(self: Arc<Client>, who: Arc<str>) -> Result<Arc<Client>, Arc<Client>> {
+    pub(crate) fn renamed(self: Arc<Client>, who: Arc<str>) -> Result<Arc<Client>, Arc<Client>> {
         let client = Arc::try_unwrap(self)?;
         Ok(Arc::new(Client { who, ..client }))
     }
@@ -115,13 +115,13 @@ impl Client {
     /// life: a live span costs about 420 bytes per connection in
     /// tracing-subscriber's registry, a tenth of an idle connection's whole
     /// budget, and a connection logs only a few lines.
-    pub fn span(&self) -> tracing::Span {
+    pub(crate) fn span(&self) -> tracing::Span {
         tracing::error_span!("conn", peer = %self.who)
     }
 
     /// Ends the connection early. The first reason wins; the client gets
     /// `last_words` (best effort) and everyone else sees it leave.
-    pub fn kick(&self, why: Kick, last_words: Option<Message>) {
+    pub(crate) fn kick(&self, why: Kick, last_words: Option<Message>) {
         if self.kick.set(why).is_ok() {
             if let Some(words) = last_words {
                 self.say_last(words);
@@ -131,50 +131,50 @@ impl Client {
     }
 
     /// Why the client was kicked, if it was.
-    pub fn kicked(&self) -> Option<Kick> {
+    pub(crate) fn kicked(&self) -> Option<Kick> {
         self.kick.get().copied()
     }
 
     /// Whether the client has been kicked. One atomic load: this is on the
     /// fan-out path, once per recipient per message. (The token's own
     /// `is_cancelled` takes a mutex, which every sender would contend on.)
-    pub fn is_kicked(&self) -> bool {
+    pub(crate) fn is_kicked(&self) -> bool {
         self.kick.get().is_some()
     }
 
     /// Completes when the connection must end early.
-    pub async fn ending(&self) {
+    pub(crate) async fn ending(&self) {
         self.ending.cancelled().await
     }
 
     /// Sets the line the writer sends just before closing. The first call wins.
-    pub fn say_last(&self, words: Message) {
+    pub(crate) fn say_last(&self, words: Message) {
         let _ = self.last_words.set(words);
     }
 
-    pub fn last_words(&self) -> Option<&Message> {
+    pub(crate) fn last_words(&self) -> Option<&Message> {
         self.last_words.get()
     }
 
-    pub fn is_stuck(&self) -> bool {
+    pub(crate) fn is_stuck(&self) -> bool {
         self.stuck.load(Ordering::Relaxed)
     }
 
-    pub fn set_stuck(&self, stuck: bool) {
+    pub(crate) fn set_stuck(&self, stuck: bool) {
         self.stuck.store(stuck, Ordering::Relaxed);
     }
 
     /// Counts lines skipped for this client (drop policy).
-    pub fn skip(&self, messages: u64) {
+    pub(crate) fn skip(&self, messages: u64) {
         self.skipped.fetch_add(messages, Ordering::Relaxed);
     }
 
-    pub fn skipped(&self) -> u64 {
+    pub(crate) fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
     }
 
     /// Records the bytes held for a partial input line.
-    pub fn set_held_input(&self, bytes: usize) {
+    pub(crate) fn set_held_input(&self, bytes: usize) {
         // Most waits hold nothing, as the last did: skip the shared write.
         if self.held_input.load(Ordering::Relaxed) != bytes {
             self.held_input.store(bytes, Ordering::Relaxed);
@@ -182,14 +182,14 @@ impl Client {
     }
 
     /// Records the bytes of the history block still to be written.
-    pub fn set_held_history(&self, bytes: usize) {
+    pub(crate) fn set_held_history(&self, bytes: usize) {
         self.held_history.store(bytes, Ordering::Relaxed);
     }
 
     /// Bytes this client holds on the server: its partial input line, the
     /// messages queued for it and its unwritten history block (see
     /// [`MemoryGuard`](crate::guard::limits::MemoryGuard)).
-    pub fn memory_held(&self) -> usize {
+    pub(crate) fn memory_held(&self) -> usize {
         self.held_input.load(Ordering::Relaxed)
             + self.held_history.load(Ordering::Relaxed)
             + self.budget.queued()
@@ -204,7 +204,7 @@ impl Client {
 /// policies taking and giving back are one atomic add each, and the
 /// `Notify` is boxed so that they do not carry its 40 bytes either.
 #[derive(Debug)]
-pub struct Budget {
+pub(crate) struct Budget {
     queued: AtomicUsize,
     limit: usize,
     room: Option<Box<Notify>>,
@@ -221,7 +221,7 @@ impl Budget {
 
     /// Takes `bytes` if they fit. An empty queue accepts any one message, so
     /// a message larger than the limit cannot wedge a client forever.
-    pub fn try_take(&self, bytes: usize) -> bool {
+    pub(crate) fn try_take(&self, bytes: usize) -> bool {
         let before = self.queued.fetch_add(bytes, Ordering::AcqRel);
         if before != 0 && before + bytes > self.limit {
             self.queued.fetch_sub(bytes, Ordering::AcqRel);
@@ -232,7 +232,7 @@ impl Budget {
 
     /// Takes `bytes`, waiting for the writer to make room. Returns false if
     /// the client ends first (its writer will never make room again).
-    pub async fn take(&self, bytes: usize, client: &Client) -> bool {
+    pub(crate) async fn take(&self, bytes: usize, client: &Client) -> bool {
         let Some(room) = &self.room else {
             return self.try_take(bytes);
         };
@@ -253,7 +253,7 @@ impl Budget {
     }
 
     /// Returns `bytes` written to the socket.
-    pub fn give_back(&self, bytes: usize) {
+    pub(crate) fn give_back(&self, bytes: usize) {
         self.queued.fetch_sub(bytes, Ordering::AcqRel);
         if let Some(room) = &self.room {
             room.notify_waiters();
@@ -261,7 +261,7 @@ impl Budget {
     }
 
     /// Bytes queued or being written.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 }

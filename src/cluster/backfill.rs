@@ -29,20 +29,20 @@ use crate::room::history::History;
 
 /// How long a starting node may hold its first greetings while it fills
 /// its history from the broker.
-pub const FILL_WITHIN: Duration = Duration::from_secs(5);
+pub(super) const FILL_WITHIN: Duration = Duration::from_secs(5);
 
 /// Whether the node's history is filled (or will not be): joins wait for it.
 #[derive(Debug)]
-pub struct Filled(watch::Sender<bool>);
+pub(crate) struct Filled(watch::Sender<bool>);
 
 impl Filled {
     /// Filled already when there is nothing to fill.
-    pub fn new(history: bool) -> Filled {
+    pub(crate) fn new(history: bool) -> Filled {
         Filled(watch::channel(!history).0)
     }
 
     /// Waits until the history is filled or the fill gave up.
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         let mut filled = self.0.subscribe();
         // An error means the sender is gone, which it never is while the
         // node (which owns it) lives.

@@ -64,7 +64,7 @@ struct Watched {
 
 impl Liveness {
     /// A heartbeat of `node`. True if it was unknown or dead until now.
-    pub fn heard(&mut self, node: &str, now: Instant) -> bool {
+    pub(super) fn heard(&mut self, node: &str, now: Instant) -> bool {
         match self.nodes.get_mut(node) {
             Some(watched) => {
                 watched.last_heard = now;
@@ -88,7 +88,7 @@ impl Liveness {
     /// The consumer saw `node` come into view (a batch): watch it from
     /// now, even if it was declared dead (a late batch of a dead node
     /// brings it back, so it must be reaped again if it stays silent).
-    pub fn appeared(&mut self, node: &str, now: Instant) {
+    pub(super) fn appeared(&mut self, node: &str, now: Instant) {
         let watched = self.nodes.entry(node.to_string()).or_insert(Watched {
             last_heard: now,
             dead: false,
@@ -103,7 +103,11 @@ impl Liveness {
 
     /// Live nodes that `unknown` says need a roster (not in view, or
     /// with a gap) and are due to be asked; marks them asked.
-    pub fn due_for_sync(&mut self, now: Instant, unknown: impl Fn(&str) -> bool) -> Vec<String> {
+    pub(super) fn due_for_sync(
+        &mut self,
+        now: Instant,
+        unknown: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let mut ask = Vec::new();
         for (node, watched) in &mut self.nodes {
             if watched.dead || !unknown(node) {
@@ -128,7 +132,7 @@ impl Liveness {
     }
 
     /// Nodes silent for longer than `timeout`, now declared dead.
-    pub fn reap(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
+    pub(super) fn reap(&mut self, now: Instant, timeout: Duration) -> Vec<String> {
         let mut dead = Vec::new();
         for (node, watched) in &mut self.nodes {
             if !watched.dead && now.duration_since(watched.last_heard) > timeout {
@@ -142,14 +146,14 @@ impl Liveness {
 
     /// After our own connection was down nobody could be heard: restart
     /// every clock rather than declare them all dead.
-    pub fn reset_clocks(&mut self, now: Instant) {
+    pub(super) fn reset_clocks(&mut self, now: Instant) {
         for watched in self.nodes.values_mut() {
             watched.last_heard = now;
         }
     }
 
     /// Forgets the dead not heard of for `age`.
-    pub fn expire(&mut self, now: Instant, age: Duration) {
+    pub(super) fn expire(&mut self, now: Instant, age: Duration) {
         self.nodes
             .retain(|_, watched| !watched.dead || now.duration_since(watched.last_heard) <= age);
     }
@@ -169,7 +173,7 @@ pub(crate) struct Judge {
 impl Judge {
     /// Starts the judge; `verdicts` go to the consumer, `appeared` come
     /// from it.
-    pub fn start(
+    pub(super) fn start(
         shared: Arc<Shared>,
         verdicts: mpsc::UnboundedSender<Verdict>,
         appeared: mpsc::UnboundedReceiver<String>,
@@ -183,11 +187,11 @@ impl Judge {
         Ok(Judge { thread })
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(super) fn is_finished(&self) -> bool {
         self.thread.is_finished()
     }
 
-    pub fn join(self) {
+    pub(super) fn join(self) {
         if self.thread.join().is_err() {
             warn!("the liveness thread panicked");
         }

@@ -82,13 +82,13 @@ mod heartbeats;
 mod names;
 mod publisher;
 mod roster;
-pub mod wire;
+pub(crate) mod wire;
 
 use roster::Roster;
 use wire::Event;
 
 /// Any model, joined to the room on the broker. See the module documentation.
-pub struct Clustered<H: Hub> {
+pub(crate) struct Clustered<H: Hub> {
     inner: Arc<H>,
     shared: Option<Arc<Shared>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -200,7 +200,7 @@ impl<H: Hub> Clustered<H> {
     /// broker, then stops the backplane's tasks, waiting for them at most
     /// [`STOP_WITHIN`] (then aborted): a node stops within
     /// `grace + STOP_WITHIN` whatever its broker does.
-    pub async fn close(&self, grace: Duration) {
+    pub(crate) async fn close(&self, grace: Duration) {
         let Some(shared) = &self.shared else { return };
         // After every departure: the others forget this node at once.
         shared.push(|_, seq| Event::Leaving { seq });
@@ -370,7 +370,7 @@ impl Shared {
         shared
     }
 
-    pub fn counters(&self) -> &ClusterCounters {
+    pub(crate) fn counters(&self) -> &ClusterCounters {
         &self.config.counters
     }
 
@@ -438,7 +438,7 @@ impl Shared {
     }
 
     /// Takes the oldest queued events, up to about `max_bytes` (at least one).
-    pub fn take_batch(&self, max_bytes: usize) -> Vec<Event> {
+    pub(crate) fn take_batch(&self, max_bytes: usize) -> Vec<Event> {
         let mut outgoing = self.outgoing.lock();
         let mut events = Vec::new();
         let mut bytes = 0;
@@ -469,7 +469,7 @@ impl Shared {
 
     /// The batch taken last is stored: counted if it carried anything said
     /// or done (a batch of membership bookkeeping alone is not).
-    pub fn count_published(&self) {
+    pub(crate) fn count_published(&self) {
         let events = self.outgoing.lock().in_flight_chat;
         if events > 0 {
             ClusterCounters::add(&self.counters().published, 1);
@@ -478,7 +478,7 @@ impl Shared {
     }
 
     /// The batch taken last is stored (or given up).
-    pub fn batch_done(&self) {
+    pub(crate) fn batch_done(&self) {
         let mut outgoing = self.outgoing.lock();
         outgoing.in_flight = 0;
         outgoing.in_flight_bytes = 0;
@@ -509,19 +509,19 @@ impl Shared {
 
     /// This node's last event number and how many clients it has: what a
     /// heartbeat says.
-    pub fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         let outgoing = self.outgoing.lock();
         (outgoing.last_seq, outgoing.clients.len() as u64)
     }
 
     /// Another node asked for our roster (or we dropped events, or a
     /// batch): the judge queues it at its next tick.
-    pub fn roster_due(&self) {
+    pub(crate) fn roster_due(&self) {
         self.outgoing.lock().roster_due = true;
     }
 
     /// Queues this node's roster as an event if one is due; true if it did.
-    pub fn push_roster_if_due(&self) -> bool {
+    pub(crate) fn push_roster_if_due(&self) -> bool {
         if !self.outgoing.lock().roster_due {
             return false;
         }
@@ -535,7 +535,7 @@ impl Shared {
     }
 
     /// Counts a message that failed [`wire`]'s checks; logs the first of a burst.
-    pub fn garbage(&self, subject: &str, why: &wire::Garbage) {
+    pub(crate) fn garbage(&self, subject: &str, why: &wire::Garbage) {
         ClusterCounters::add(&self.counters().garbage, 1);
         let mut log = self.garbage.lock();
         if log.in_burst == 0 {
@@ -547,7 +547,7 @@ impl Shared {
     }
 
     /// A good message ended a burst of garbage: says how much was dropped.
-    pub fn good_message(&self) {
+    pub(crate) fn good_message(&self) {
         let mut log = self.garbage.lock();
         if log.in_burst > 0 {
             if log.in_burst > 1 {

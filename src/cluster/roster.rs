@@ -116,7 +116,7 @@ pub(crate) struct Roster {
 
 impl Roster {
     /// One stored batch of `node`'s events, in stream order.
-    pub fn batch(
+    pub(crate) fn batch(
         &mut self,
         node: &str,
         batch: u64,
@@ -181,7 +181,7 @@ impl Roster {
     }
 
     /// The judge declared `node` dead: its clients in view are gone.
-    pub fn dead(&mut self, node: &str, now: Instant) -> Delivery {
+    pub(crate) fn dead(&mut self, node: &str, now: Instant) -> Delivery {
         let mut out = Delivery::default();
         let Some(remote) = self.nodes.get_mut(node) else {
             return out;
@@ -199,7 +199,7 @@ impl Roster {
     }
 
     /// Forgets nodes out of view that were not heard of for `age`.
-    pub fn expire(&mut self, now: Instant, age: Duration) {
+    pub(crate) fn expire(&mut self, now: Instant, age: Duration) {
         self.nodes.retain(|_, remote| {
             let visible = !remote.announced.is_empty() || remote.state == State::Visible;
             visible || now.duration_since(remote.last_heard) <= age
@@ -207,14 +207,14 @@ impl Roster {
     }
 
     /// Whether `node` is alive as far as the stream says.
-    pub fn is_live(&self, node: &str) -> bool {
+    pub(crate) fn is_live(&self, node: &str) -> bool {
         self.nodes
             .get(node)
             .is_some_and(|remote| matches!(remote.state, State::Visible | State::Syncing))
     }
 
     /// Whether `node` was declared dead or said it was leaving.
-    pub fn is_gone(&self, node: &str) -> bool {
+    pub(crate) fn is_gone(&self, node: &str) -> bool {
         self.nodes
             .get(node)
             .is_some_and(|remote| matches!(remote.state, State::Dead | State::Left))
@@ -223,14 +223,14 @@ impl Roster {
     /// Whether this node should ask `node`, which the judge hears, for
     /// its roster: it is not in view (new, or back from the dead with
     /// nothing to say) or its events have a gap.
-    pub fn needs_sync(&self, node: &str) -> bool {
+    pub(crate) fn needs_sync(&self, node: &str) -> bool {
         self.nodes
             .get(node)
             .is_none_or(|remote| remote.state != State::Visible)
     }
 
     /// Every remote client in local clients' view, sorted.
-    pub fn clients(&self) -> Vec<Arc<str>> {
+    pub(crate) fn clients(&self) -> Vec<Arc<str>> {
         let mut clients: Vec<Arc<str>> = self
             .nodes
             .values()

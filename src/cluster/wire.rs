@@ -29,20 +29,20 @@ use crate::protocol::{check_name, ChatBatch, Message};
 
 /// Bumped on any change a node of the previous version would misread;
 /// messages of another version count as garbage.
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 
 /// The largest broker message we publish or accept. NATS's default
 /// `max_payload` is 1 MiB; staying under it leaves room for headers.
-pub const MAX_PAYLOAD: usize = 1000 * 1024;
+pub(crate) const MAX_PAYLOAD: usize = 1000 * 1024;
 
 /// A batch grows to about this many bytes before it is sent: several reads
 /// ride one broker message when they queue up, and a retry resends no more.
-pub const BATCH_TARGET: usize = 256 * 1024;
+pub(crate) const BATCH_TARGET: usize = 256 * 1024;
 
 /// One thing that happened on a node, as the other nodes need to know it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Event {
+pub(crate) enum Event {
     /// `who has arrived`.
     Arrived { seq: u64, who: Arc<str> },
     /// One read's lines, formatted (`who: text\n` each) and sanitised.
@@ -69,7 +69,7 @@ impl Event {
     /// Whether the event is something said or done in the room (an
     /// arrival, lines, a departure), which the counters count, rather than
     /// the bookkeeping of membership (a roster, a leaving).
-    pub fn is_chat(&self) -> bool {
+    pub(crate) fn is_chat(&self) -> bool {
         matches!(
             self,
             Event::Arrived { .. } | Event::Lines { .. } | Event::Left { .. }
@@ -77,7 +77,7 @@ impl Event {
     }
 
     /// Bytes the event takes in a buffer, roughly as it goes on the wire.
-    pub fn weight(&self) -> usize {
+    pub(crate) fn weight(&self) -> usize {
         match self {
             Event::Arrived { who, .. } | Event::Left { who, .. } => 48 + who.len(),
             Event::Lines { who, text, .. } => 48 + who.len() + text.len(),
@@ -92,7 +92,7 @@ impl Event {
 /// A stored broker message: events of one node, oldest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Batch {
+pub(crate) struct Batch {
     pub v: u32,
     pub node: String,
     /// The node's batch number; with `node` it is the JetStream message id,
@@ -102,7 +102,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn message_id(&self) -> String {
+    pub(crate) fn message_id(&self) -> String {
         format!("{}-{}", self.node, self.batch)
     }
 }
@@ -111,7 +111,7 @@ impl Batch {
 /// however many clients the node has (at most [`HEARTBEAT_MAX`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     pub v: u32,
     pub node: String,
     /// The node's last event number.
@@ -123,11 +123,11 @@ pub struct Heartbeat {
 
 /// The largest heartbeat: every field at its widest (a 16-digit node id,
 /// two `u64`s of 20 digits) and JSON's punctuation.
-pub const HEARTBEAT_MAX: usize = 96;
+pub(crate) const HEARTBEAT_MAX: usize = 96;
 
 /// Why a broker message was dropped.
 #[derive(Debug, thiserror::Error)]
-pub enum Garbage {
+pub(crate) enum Garbage {
     #[error("{0} bytes, over the limit for its kind")]
     TooLarge(usize),
     #[error("does not decode: {0}")]
@@ -144,7 +144,7 @@ pub enum Garbage {
 
 /// A stored batch that passed every check.
 #[derive(Debug)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     pub node: String,
     pub batch: u64,
     pub events: Vec<Checked>,
@@ -152,7 +152,7 @@ pub struct Decoded {
 
 /// An event that passed every check, with its node's number for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checked {
+pub(crate) struct Checked {
     pub seq: u64,
     pub change: Change,
 }
@@ -160,7 +160,7 @@ pub struct Checked {
 /// What a checked event is: the lines as local clients are sent them, the
 /// rest as changes to the node's roster (announced by [`super::roster`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     Arrived(Arc<str>),
     Left(Arc<str>),
     Lines(Arc<str>, Message),
@@ -181,7 +181,7 @@ fn valid_who(who: &str) -> bool {
 
 /// Decodes and checks a stored batch. All or nothing: one bad event makes
 /// the whole batch garbage, so a client never sees half of a bad message.
-pub fn decode_batch(payload: &[u8]) -> Result<Decoded, Garbage> {
+pub(crate) fn decode_batch(payload: &[u8]) -> Result<Decoded, Garbage> {
     if payload.len() > MAX_PAYLOAD {
         return Err(Garbage::TooLarge(payload.len()));
     }
@@ -243,7 +243,7 @@ fn check(event: Event) -> Result<Checked, Garbage> {
 }
 
 /// Decodes and checks a heartbeat.
-pub fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
+pub(crate) fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
     if payload.len() > HEARTBEAT_MAX {
         return Err(Garbage::TooLarge(payload.len()));
     }
@@ -258,7 +258,7 @@ pub fn decode_heartbeat(payload: &[u8]) -> Result<Heartbeat, Garbage> {
 }
 
 /// A heartbeat as it goes on the wire.
-pub fn encode_heartbeat(node: &str, seq: u64, clients: u64) -> Vec<u8> {
+pub(crate) fn encode_heartbeat(node: &str, seq: u64, clients: u64) -> Vec<u8> {
     serde_json::to_vec(&Heartbeat {
         v: VERSION,
         node: node.to_string(),
@@ -271,7 +271,7 @@ pub fn encode_heartbeat(node: &str, seq: u64, clients: u64) -> Vec<u8> {
 /// A fresh node id: a restarted node is a new node, never mistaken for
 /// the one before it (whose clients the others announce as gone). 64 bits
 /// from the OS's randomness, through `ring` (already built for rustls).
-pub fn new_node_id() -> String {
+pub(crate) fn new_node_id() -> String {
     use ring::rand::{SecureRandom, SystemRandom};
     let mut bytes = [0u8; 8];
     if SystemRandom::new().fill(&mut bytes).is_err() {

@@ -15,7 +15,7 @@ use super::ConfigError;
 const DEFAULT_CLUSTER_BUFFER: usize = 16 * 1024 * 1024;
 
 /// The most copies of a stream JetStream keeps (`--cluster-replicas`).
-pub const MAX_REPLICAS: usize = 5;
+pub(super) const MAX_REPLICAS: usize = 5;
 
 /// The settings of the NATS JetStream backplane. See ARCHITECTURE.md, "Many servers".
 ///

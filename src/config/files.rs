@@ -17,7 +17,7 @@ use rustls::ServerConfig;
 pub struct Password(std::sync::Arc<[u8]>);
 
 /// The longest password accepted: it is read like a name, as one short line.
-pub const MAX_PASSWORD: usize = 1024;
+pub(crate) const MAX_PASSWORD: usize = 1024;
 
 impl Password {
     pub fn new(password: impl Into<Vec<u8>>) -> Password {

@@ -24,13 +24,14 @@ mod validate;
 
 pub use choices::{Model, QueueKind, SlowClientPolicy};
 pub use cluster::{ClusterConfig, ClusterCounters, ClusterStats};
-pub use files::{Password, TlsFiles, MAX_PASSWORD};
+pub(crate) use files::MAX_PASSWORD;
+pub use files::{Password, TlsFiles};
 pub use validate::ConfigError;
 
 /// The longest line a client may send by default, in bytes, excluding the
 /// newline. It matches Go's `bufio.Scanner` (`MaxScanTokenSize`), which is
 /// what the seed server reads with.
-pub const DEFAULT_MAX_LINE: usize = 64 * 1024;
+pub(crate) const DEFAULT_MAX_LINE: usize = 64 * 1024;
 
 /// Default cap on the bytes queued for one client: Redis's pub/sub hard
 /// limit. ARCHITECTURE.md explains the choice and the memory it implies.
@@ -41,7 +42,7 @@ const DEFAULT_MAX_PENDING: usize = 32 * 1024 * 1024;
 /// newline. Sanitising at most triples a line (an invalid byte becomes the
 /// three bytes of U+FFFD), and an `IP:PORT` is at most 47 bytes
 /// (`[ffff:...:ffff%scope]:65535` with a short scope id); 128 covers both.
-pub fn longest_message(max_line: usize) -> usize {
+pub(crate) fn longest_message(max_line: usize) -> usize {
     max_line.saturating_mul(3).saturating_add(128)
 }
 
@@ -49,7 +50,7 @@ pub fn longest_message(max_line: usize) -> usize {
 /// about 10,000 lines of 100 bytes, so that with the default `--max-line`
 /// it is the lines bound that binds for ordinary chat, while a room of
 /// 64 KiB lines keeps at least five of them.
-pub const DEFAULT_HISTORY_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_HISTORY_BYTES: usize = 1024 * 1024;
 
 /// Default input budget per client, lines per second (see [`Config::flood_lines`]).
 const DEFAULT_FLOOD_LINES: u32 = 500;

@@ -28,7 +28,7 @@ use crate::config::Config;
 
 /// The budget every connection gets, from the configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FloodLimits {
+pub(crate) struct FloodLimits {
     /// Lines per second; 0 for no line budget.
     lines_per_sec: f64,
     /// Bytes per second; 0 for no byte budget.
@@ -40,7 +40,7 @@ pub struct FloodLimits {
 
 impl FloodLimits {
     /// The configured budget, or `None` when flood control is off.
-    pub fn from_config(config: &Config) -> Option<FloodLimits> {
+    pub(crate) fn from_config(config: &Config) -> Option<FloodLimits> {
         config.flood_enabled().then(|| FloodLimits {
             lines_per_sec: f64::from(config.flood_lines),
             bytes_per_sec: f64::from(config.flood_bytes),
@@ -60,7 +60,7 @@ impl FloodLimits {
 
 /// What the reader does after a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Within budget: read on.
     Go,
     /// Over budget: read nothing more before this instant.
@@ -75,7 +75,7 @@ pub enum Verdict {
 ///
 /// 48 bytes, part of every reader task: no rate or cap is stored here.
 #[derive(Debug)]
-pub struct FloodGate {
+pub(crate) struct FloodGate {
     lines: f64,
     bytes: f64,
     refilled: Instant,
@@ -85,7 +85,7 @@ pub struct FloodGate {
 
 impl FloodGate {
     /// A full bucket: a client may send its burst straight after connecting.
-    pub fn new(limits: &FloodLimits, now: Instant) -> FloodGate {
+    pub(crate) fn new(limits: &FloodLimits, now: Instant) -> FloodGate {
         FloodGate {
             lines: limits.line_cap(),
             bytes: limits.byte_cap(),
@@ -95,7 +95,7 @@ impl FloodGate {
     }
 
     /// Charges one read of `bytes` bytes that completed `lines` lines.
-    pub fn charge(
+    pub(crate) fn charge(
         &mut self,
         limits: &FloodLimits,
         now: Instant,
@@ -131,7 +131,7 @@ impl FloodGate {
 
     /// A read found nothing waiting: the client's input has caught up with
     /// its budget, so the grace period starts afresh next time.
-    pub fn caught_up(&mut self) {
+    pub(crate) fn caught_up(&mut self) {
         self.held_since = None;
     }
 }

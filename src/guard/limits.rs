@@ -26,7 +26,7 @@ use crate::room::history::History;
 /// Keepalive settings for `--keepalive` of `every`: about `every` from the
 /// last packet to the peer being declared gone. Linux counts in whole
 /// seconds; three unanswered probes, as many systems default to.
-pub fn keepalive_for(every: Duration) -> socket2::TcpKeepalive {
+pub(crate) fn keepalive_for(every: Duration) -> socket2::TcpKeepalive {
     const PROBES: u32 = 3;
     let secs = every.as_secs().max(1);
     let interval = (secs / 6).max(1);
@@ -57,7 +57,7 @@ pub fn keepalive_for(every: Duration) -> socket2::TcpKeepalive {
 /// however stuck it is. With keepalive on, it also caps the probing: the
 /// peer is dropped at the first unanswered probe once that much time has
 /// passed.
-pub fn tune_socket(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
+pub(crate) fn tune_socket(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
     let socket = socket2::SockRef::from(stream);
     if let Some(every) = config.keepalive {
         socket.set_tcp_keepalive(&keepalive_for(every))?;
@@ -88,7 +88,7 @@ pub fn tune_socket(stream: &TcpStream, config: &Config) -> std::io::Result<()> {
 /// client's longest line, caps it. A newcomer's history block counts as
 /// held by it until written, in full, like a queued message.
 #[derive(Debug)]
-pub struct MemoryGuard {
+pub(crate) struct MemoryGuard {
     budget: usize,
     clients: Mutex<HashMap<ClientId, Weak<Client>>>,
     history: Option<Arc<History>>,
@@ -96,7 +96,7 @@ pub struct MemoryGuard {
 
 /// What one check of the budget found and did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Eviction {
+pub(crate) struct Eviction {
     /// Bytes held before evicting.
     pub held: usize,
     pub evicted: usize,
@@ -106,7 +106,7 @@ pub struct Eviction {
 
 impl MemoryGuard {
     /// `None` when `--max-client-memory` is 0 (no limit).
-    pub fn new(config: &Config, history: Option<Arc<History>>) -> Option<Arc<MemoryGuard>> {
+    pub(crate) fn new(config: &Config, history: Option<Arc<History>>) -> Option<Arc<MemoryGuard>> {
         (config.max_client_memory > 0).then(|| {
             Arc::new(MemoryGuard {
                 budget: config.max_client_memory,
@@ -116,20 +116,20 @@ impl MemoryGuard {
         })
     }
 
-    pub fn watch(&self, client: &Arc<Client>) {
+    pub(crate) fn watch(&self, client: &Arc<Client>) {
         self.clients
             .lock()
             .insert(client.id, Arc::downgrade(client));
     }
 
-    pub fn forget(&self, id: ClientId) {
+    pub(crate) fn forget(&self, id: ClientId) {
         self.clients.lock().remove(&id);
     }
 
     /// Disconnects the largest holders until the total is back under the
     /// budget. One pass over the clients when under budget; a sort only
     /// when over.
-    pub fn enforce(&self) -> Eviction {
+    pub(crate) fn enforce(&self) -> Eviction {
         let clients = self.clients.lock();
         let history = self.history.as_ref().map_or(0, |history| history.bytes());
         let held: usize = history

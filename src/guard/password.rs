@@ -42,7 +42,7 @@ struct Failures {
 }
 
 impl Gate {
-    pub fn new(password: Password) -> Gate {
+    pub(crate) fn new(password: Password) -> Gate {
         Gate {
             password,
             failures: Mutex::default(),
@@ -50,7 +50,7 @@ impl Gate {
     }
 
     /// How long the verdict for a guess from `ip` must wait.
-    pub fn delay(&self, ip: Option<IpAddr>) -> Duration {
+    pub(crate) fn delay(&self, ip: Option<IpAddr>) -> Duration {
         let Some(ip) = ip else {
             return Duration::ZERO;
         };
@@ -63,7 +63,7 @@ impl Gate {
     }
 
     /// Checks `attempt` and records the outcome for `ip`.
-    pub fn check(&self, ip: Option<IpAddr>, attempt: &[u8]) -> bool {
+    pub(crate) fn check(&self, ip: Option<IpAddr>, attempt: &[u8]) -> bool {
         let right = self.password.matches(attempt);
         if let Some(ip) = ip {
             let mut failures = self.failures.lock();

@@ -32,7 +32,7 @@ use crate::protocol::Message;
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct History {
+pub(crate) struct History {
     ring: Mutex<Ring>,
     max_lines: usize,
     max_bytes: usize,
@@ -52,7 +52,7 @@ struct Ring {
 
 /// What a newcomer is shown: the room's last lines, oldest first.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub messages: Vec<Message>,
     /// Lines in `messages`.
     pub lines: usize,
@@ -64,7 +64,7 @@ pub struct Snapshot {
 
 impl History {
     /// `None` unless `--history` is on.
-    pub fn new(config: &Config) -> Option<History> {
+    pub(crate) fn new(config: &Config) -> Option<History> {
         (config.history > 0).then(|| History {
             ring: Mutex::default(),
             max_lines: config.history,
@@ -75,12 +75,12 @@ impl History {
     }
 
     /// Appends a message of chat lines; returns its sequence number.
-    pub fn append(&self, message: &Message) -> u64 {
+    pub(crate) fn append(&self, message: &Message) -> u64 {
         self.append_with(message, || ()).0
     }
 
     /// Appends `message` and runs `then` before anyone can snapshot.
-    pub fn append_with<R>(&self, message: &Message, then: impl FnOnce() -> R) -> (u64, R) {
+    pub(crate) fn append_with<R>(&self, message: &Message, then: impl FnOnce() -> R) -> (u64, R) {
         let mut ring = self.ring.lock();
         ring.last_seq += 1;
         let seq = ring.last_seq;
@@ -96,12 +96,12 @@ impl History {
     }
 
     /// What a newcomer is shown now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         self.snapshot_with(|| ()).0
     }
 
     /// Takes a snapshot and runs `then` before anyone can append.
-    pub fn snapshot_with<R>(&self, then: impl FnOnce() -> R) -> (Snapshot, R) {
+    pub(crate) fn snapshot_with<R>(&self, then: impl FnOnce() -> R) -> (Snapshot, R) {
         let ring = self.ring.lock();
         let snapshot = Snapshot {
             messages: ring.messages.iter().cloned().collect(),
@@ -115,19 +115,19 @@ impl History {
 
     /// The most lines and bytes it holds (`--history`, `--history-bytes`).
     #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub fn bounds(&self) -> (usize, usize) {
+    pub(crate) fn bounds(&self) -> (usize, usize) {
         (self.max_lines, self.max_bytes)
     }
 
     /// Lines held.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub fn lines(&self) -> usize {
+    pub(crate) fn lines(&self) -> usize {
         self.lines.load(Ordering::Relaxed)
     }
 
     /// Bytes of text held (the messages' allocations are a few words more
     /// each; ARCHITECTURE.md gives the measured bytes per line).
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
 

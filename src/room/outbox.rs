@@ -26,10 +26,10 @@ use crate::room::hub::Inbox;
 use crate::room::queue;
 
 /// The notice a client gets when it is dropped for not keeping up.
-pub const TOO_SLOW: &str = chat_wire::TOO_SLOW;
+pub(crate) const TOO_SLOW: &str = chat_wire::TOO_SLOW;
 
 /// Creates the queue for `client`.
-pub fn channel(client: Arc<Client>, kind: QueueKind) -> (Outbox, QueueInbox) {
+pub(crate) fn channel(client: Arc<Client>, kind: QueueKind) -> (Outbox, QueueInbox) {
     let (tx, rx) = match kind {
         QueueKind::Swap => {
             let (tx, rx) = queue::channel();
@@ -77,24 +77,24 @@ enum Receiving {
 
 /// The sending half of a client's queue: what a hub keeps per client.
 #[derive(Debug, Clone)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     tx: Sending,
     client: Arc<Client>,
 }
 
 impl Outbox {
-    pub fn id(&self) -> ClientId {
+    pub(crate) fn id(&self) -> ClientId {
         self.client.id
     }
 
     /// The client's name (or `IP:PORT`), for the `present` line.
-    pub fn who(&self) -> &Arc<str> {
+    pub(crate) fn who(&self) -> &Arc<str> {
         &self.client.who
     }
 
     /// Whether [`Outbox::send`] may wait; if so, never call it while holding
     /// a lock.
-    pub fn waits(&self) -> bool {
+    pub(crate) fn waits(&self) -> bool {
         self.client.policy == SlowClientPolicy::Block
     }
 
@@ -102,7 +102,7 @@ impl Outbox {
     /// (or stuck), the policy decides: `disconnect` kicks it, `drop` skips
     /// this message for it. Safe to call under a lock: it never waits and
     /// never touches any hub (the swap queue's own lock is held for one push).
-    pub fn offer(&self, message: &Message) {
+    pub(crate) fn offer(&self, message: &Message) {
         let client = &*self.client;
         if client.is_kicked() {
             // Nothing more is worth queueing.
@@ -117,7 +117,7 @@ impl Outbox {
 
     /// Queues `message`, waiting for room if the policy is `block`. Under
     /// the other policies this is [`Outbox::offer`].
-    pub async fn send(&self, message: &Message) {
+    pub(crate) async fn send(&self, message: &Message) {
         if !self.waits() {
             return self.offer(message);
         }
@@ -134,7 +134,7 @@ impl Outbox {
     /// departure would make the client's picture of the room wrong for good,
     /// and waiting would stall the membership lock or task the caller holds;
     /// so a client with no room for one is disconnected as too slow.
-    pub fn announce(&self, message: &Message) {
+    pub(crate) fn announce(&self, message: &Message) {
         let client = &*self.client;
         if client.is_kicked() {
             return;
@@ -150,7 +150,7 @@ impl Outbox {
     /// their names: a newcomer's `present` list, made in the one step in
     /// which its arrival reaches them (the step each model holds its lock
     /// or membership for).
-    pub fn announce_to_each<O: std::ops::Deref<Target = Outbox>>(
+    pub(crate) fn announce_to_each<O: std::ops::Deref<Target = Outbox>>(
         outboxes: impl IntoIterator<Item = O>,
         arrival: &Message,
     ) -> Vec<Arc<str>> {
@@ -186,7 +186,7 @@ impl Outbox {
 
 /// The receiving half of a client's queue, drained by its writer task.
 #[derive(Debug)]
-pub struct QueueInbox {
+pub(crate) struct QueueInbox {
     rx: Receiving,
     client: Arc<Client>,
     /// `--history` in the `sharded` model: the newest line the client's
@@ -198,7 +198,7 @@ pub struct QueueInbox {
 impl QueueInbox {
     /// Drops, from now on, every message the history numbered `seq` or
     /// lower: a newcomer's history block already showed them.
-    pub fn seen_through(&mut self, seq: u64) {
+    pub(crate) fn seen_through(&mut self, seq: u64) {
         self.seen_through = seq;
     }
 

@@ -28,7 +28,7 @@ use crate::memory;
 
 /// Creates a queue: clone the sender as often as needed; the receiver gets
 /// `None` once every sender is gone and the backlog is drained.
-pub fn channel<T>() -> (Sender<T>, Receiver<T>) {
+pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         senders: AtomicUsize::new(1),
         state: Mutex::new(State {
@@ -69,13 +69,13 @@ struct State<T> {
 
 /// The sending half; cheap to clone.
 #[derive(Debug)]
-pub struct Sender<T> {
+pub(crate) struct Sender<T> {
     shared: Arc<Shared<T>>,
 }
 
 impl<T> Sender<T> {
     /// Appends `value`, or gives it back if the receiver is gone.
-    pub fn send(&self, value: T) -> Result<(), T> {
+    pub(crate) fn send(&self, value: T) -> Result<(), T> {
         let mut state = self.shared.state.lock();
         if state.abandoned {
             return Err(value);
@@ -117,7 +117,7 @@ impl<T> Drop for Sender<T> {
 
 /// The receiving half.
 #[derive(Debug)]
-pub struct Receiver<T> {
+pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// The backlog taken in the last swap, being handed out.
     taken: VecDeque<T>,
@@ -125,7 +125,7 @@ pub struct Receiver<T> {
 
 impl<T> Receiver<T> {
     /// The next value if one is ready now.
-    pub fn try_recv(&mut self) -> Option<T> {
+    pub(crate) fn try_recv(&mut self) -> Option<T> {
         if let Some(value) = self.taken.pop_front() {
             return Some(value);
         }
@@ -135,7 +135,7 @@ impl<T> Receiver<T> {
 
     /// The next value; `None` once every sender is gone and everything sent
     /// has been received. Frees the queue's buffers before it waits.
-    pub async fn recv(&mut self) -> Option<T> {
+    pub(crate) async fn recv(&mut self) -> Option<T> {
         if let Some(value) = self.try_recv() {
             return Some(value);
         }

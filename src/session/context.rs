@@ -13,7 +13,7 @@ use crate::guard::password::Gate;
 use crate::metrics::Metrics;
 
 /// The last line of every client when the server stops.
-pub const SHUTTING_DOWN: &str = chat_wire::SHUTTING_DOWN;
+pub(crate) const SHUTTING_DOWN: &str = chat_wire::SHUTTING_DOWN;
 
 /// What every session shares with the server that spawned it.
 #[derive(Debug)]

@@ -62,7 +62,7 @@ pub(crate) use context::{ServerContext, SHUTTING_DOWN};
 use linger::{linger, LINGER_AFTER_FLOOD};
 
 /// The largest single write the writer assembles from queued messages.
-pub const MAX_WRITE: usize = 64 * 1024;
+pub(crate) const MAX_WRITE: usize = 64 * 1024;
 
 /// A read's lines go out as one message, split at about this size, so that
 /// a read of many tiny lines (8 KiB of newlines formats to ~200 KiB) does not

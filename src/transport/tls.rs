@@ -38,7 +38,7 @@ pub(crate) struct TlsListener {
 }
 
 impl TlsListener {
-    pub fn new(files: TlsFiles, timeout: Duration) -> Result<TlsListener, String> {
+    pub(crate) fn new(files: TlsFiles, timeout: Duration) -> Result<TlsListener, String> {
         let config = files.load()?;
         Ok(TlsListener {
             files,
@@ -49,7 +49,7 @@ impl TlsListener {
     }
 
     /// Reads the files again; on failure keeps serving the old identity.
-    pub fn reload(&mut self) {
+    pub(crate) fn reload(&mut self) {
         match self.files.load() {
             Ok(config) => {
                 self.acceptor = TlsAcceptor::from(config);
@@ -63,7 +63,7 @@ impl TlsListener {
 
     /// The handshake for one connection, to run in its task. `None` if it
     /// failed or timed out; the connection is then closed and counted.
-    pub fn handshake(
+    pub(crate) fn handshake(
         &self,
         stream: TcpStream,
         peer: std::net::SocketAddr,

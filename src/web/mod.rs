@@ -62,7 +62,7 @@ use crate::transport::Transport;
 
 /// How long a connection may take from accept to the end of its HTTP
 /// exchange (the TLS handshake, the request, our answer).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Pings are sent at least this often, below the 60 s read timeout common
 /// in reverse proxies (nginx's `proxy_read_timeout`).
@@ -93,7 +93,7 @@ pub(crate) struct Web {
 }
 
 impl Web {
-    pub fn new(config: &Config) -> Web {
+    pub(crate) fn new(config: &Config) -> Web {
         let settings = format!(
             "{{\"password\":{},\"names\":{},\"present\":{},\"max_line\":{}}}\n",
             config.password.is_some(),

@@ -41,11 +41,11 @@ use crate::transport::{hand_over_stash, SessionRead, SessionWrite, Transport};
 
 /// Close codes (RFC 6455, section 7.4.1).
 pub(crate) mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const PROTOCOL_ERROR: u16 = 1002;
-    pub const UNSUPPORTED_DATA: u16 = 1003;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const TOO_BIG: u16 = 1009;
+    pub(crate) const NORMAL: u16 = 1000;
+    pub(crate) const PROTOCOL_ERROR: u16 = 1002;
+    pub(crate) const UNSUPPORTED_DATA: u16 = 1003;
+    pub(crate) const INVALID_PAYLOAD: u16 = 1007;
+    pub(crate) const TOO_BIG: u16 = 1009;
 }
 
 /// What one read of the transport may take.
@@ -74,7 +74,7 @@ pub(crate) struct WebSocket<T> {
 }
 
 impl<T: Transport> WebSocket<T> {
-    pub fn new(inner: T, preread: Vec<u8>, limits: Limits) -> WebSocket<T> {
+    pub(super) fn new(inner: T, preread: Vec<u8>, limits: Limits) -> WebSocket<T> {
         WebSocket {
             inner,
             preread,

@@ -72,7 +72,7 @@ use crate::room::outbox::TOO_SLOW;
 /// Ring slots for a `--max-pending` of `max_pending` bytes: one slot per
 /// 2 KiB, between 1,024 and 65,536. For the default 32 MiB that is 16,384
 /// messages, enough for a reader that is merely behind by a 10,000-line burst.
-pub fn ring_capacity(max_pending: usize) -> usize {
+pub(crate) fn ring_capacity(max_pending: usize) -> usize {
     (max_pending / 2048).clamp(1024, 1 << 16)
 }
 
@@ -94,7 +94,7 @@ struct Entry {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct BroadcastHub {
+pub(crate) struct BroadcastHub {
     ring: broadcast::Sender<Entry>,
     /// With `--names` or `--announce-present`: who is in the room.
     roster: Option<Mutex<HashMap<Arc<str>, ClientId>>>,
@@ -194,7 +194,7 @@ impl BroadcastHub {
 
 /// A client's read position in the ring.
 #[derive(Debug)]
-pub struct RingInbox {
+pub(crate) struct RingInbox {
     receiver: broadcast::Receiver<Entry>,
     client: Arc<Client>,
     ended: bool,

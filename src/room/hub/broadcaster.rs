@@ -102,7 +102,7 @@ struct Options {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct BroadcasterHub {
+pub(crate) struct BroadcasterHub {
     entering: mpsc::UnboundedSender<Entering>,
     leaving: mpsc::UnboundedSender<Leaving>,
     messages: mpsc::Sender<Said>,

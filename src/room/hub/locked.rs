@@ -64,7 +64,7 @@ struct Room {
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct LockedHub {
+pub(crate) struct LockedHub {
     room: RwLock<Room>,
     names: bool,
     presence: bool,

@@ -44,20 +44,20 @@ use crate::config::Config;
 use crate::protocol::Message;
 use crate::room::history::{History, Snapshot};
 
-pub mod broadcast;
-pub mod broadcaster;
+pub(crate) mod broadcast;
+pub(crate) mod broadcaster;
 mod fan_out;
-pub mod locked;
-pub mod sharded;
+pub(crate) mod locked;
+pub(crate) mod sharded;
 
-pub use broadcast::BroadcastHub;
-pub use broadcaster::BroadcasterHub;
-pub use locked::LockedHub;
-pub use sharded::ShardedHub;
+pub(crate) use broadcast::BroadcastHub;
+pub(crate) use broadcaster::BroadcasterHub;
+pub(crate) use locked::LockedHub;
+pub(crate) use sharded::ShardedHub;
 
 /// Why a join under `--names` was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// Someone in the room has that name.
     NameTaken,
     /// Under `--cluster`: the room's broker, which keeps the names of every
@@ -68,7 +68,7 @@ pub enum Refused {
 
 /// What a successful [`Hub::join`] gives the session.
 #[derive(Debug)]
-pub struct Joined<I> {
+pub(crate) struct Joined<I> {
     pub inbox: I,
     /// Under `--announce-present`: who else was in the room at the instant
     /// the client entered it (empty without the option).
@@ -114,7 +114,7 @@ pub struct Joined<I> {
 /// model makes the two hand off exactly: the snapshot followed by what the
 /// inbox yields holds every line from the oldest shown once, each
 /// sender's in order (ARCHITECTURE.md, "What was said").
-pub trait Hub: Send + Sync + Sized + 'static {
+pub(crate) trait Hub: Send + Sync + Sized + 'static {
     /// What the client's writer task drains.
     type Inbox: Inbox;
 
@@ -153,7 +153,7 @@ pub trait Hub: Send + Sync + Sized + 'static {
 }
 
 /// The receiving side of one client's messages, drained by its writer task.
-pub trait Inbox: Send + 'static {
+pub(crate) trait Inbox: Send + 'static {
     /// The next message; `None` once the client has left and everything
     /// queued before has been returned.
     fn recv(&mut self) -> impl Future<Output = Option<Message>> + Send;

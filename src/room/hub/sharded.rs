@@ -76,7 +76,7 @@ use crate::room::outbox::{self, Outbox, QueueInbox};
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct ShardedHub {
+pub(crate) struct ShardedHub {
     clients: DashMap<ClientId, Outbox>,
     /// With `--names`: who holds each name.
     names: Option<DashMap<Arc<str>, ClientId>>,
