@@ -261,7 +261,7 @@ struct CompareArgs {
 impl Common {
     /// A server and this tool on one machine, each with a thread per CPU,
     /// take turns on the cores, and the turns show up as milliseconds of
-    /// latency (ARCHITECTURE.md, "Sharing two cores"), so the tool takes half.
+    /// latency (docs/results.md, "Sharing two cores"), so the tool takes half.
     fn threads(&self) -> usize {
         self.threads
             .map_or_else(|| (compare::cpus() / 2).max(1), usize::from)
