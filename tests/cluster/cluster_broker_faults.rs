@@ -159,6 +159,21 @@ fn copies(brokers: &BrokerCluster, stream: &str) -> io::Result<usize> {
     Ok(1 + followers)
 }
 
+/// `copies` once it reaches `want`, or as it is after [`JOIN_TIMEOUT`]: the
+/// leader lists a follower only once that follower has caught up, which on
+/// a loaded machine can come a moment after the stream or bucket is made.
+async fn copies_settled(brokers: &BrokerCluster, stream: &str, want: usize) -> io::Result<usize> {
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let now = copies(brokers, stream)?;
+        if now == want || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        // The broker places the copy by itself: nothing to wait on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Three nodes on a 3-server JetStream cluster (one given every server's
 /// URL, two only the stream leader's), two clients each, all sending 150
 /// numbered lines; when the first lines have crossed, the server leading
@@ -193,7 +208,7 @@ async fn killing_the_stream_leader_loses_nothing(model: Model) -> io::Result<()>
     for node in &nodes {
         node.joined(1).await?;
     }
-    let replicas = copies(&brokers, STREAM)?;
+    let replicas = copies_settled(&brokers, STREAM, 3).await?;
     ensure(replicas == 3, || {
         format!("the room's stream has {replicas} copies, not 3")
     })?;
@@ -351,7 +366,7 @@ async fn names_stay_unique_when_the_bucket_leader_dies() -> io::Result<()> {
     ensure(first.is_some(), || {
         format!("the first name was refused: {answer:?}")
     })?;
-    let replicas = copies(&brokers, NAMES_STREAM)?;
+    let replicas = copies_settled(&brokers, NAMES_STREAM, 3).await?;
     ensure(replicas == 3, || {
         format!("the names bucket has {replicas} copies, not 3")
     })?;
