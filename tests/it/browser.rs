@@ -44,14 +44,20 @@ const ENTER: &str = "\u{E007}";
 
 const INJECTION: &str = "<img src=x onerror=alert(1)>";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<()> {
+/// chromedriver, when both it and chromium are installed; otherwise `None`
+/// after saying so (an error where `CHAT_REQUIRE_CHROMIUM` or `CI` is set).
+fn chromedriver() -> io::Result<Option<&'static str>> {
     let require = "CHAT_REQUIRE_CHROMIUM";
     let package = "chromium chromium-driver";
-    let Some(_) = installed_or_skip(&["chromium"], require, package, "browser")? else {
-        return Ok(());
-    };
-    let Some(driver) = installed_or_skip(&["chromedriver"], require, package, "browser")? else {
+    if installed_or_skip(&["chromium"], require, package, "browser")?.is_none() {
+        return Ok(None);
+    }
+    installed_or_skip(&["chromedriver"], require, package, "browser")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<()> {
+    let Some(driver) = chromedriver()? else {
         return Ok(());
     };
     let server = TestServer::start(Config::with_model(Model::Broadcaster).with(|c| {
@@ -178,12 +184,7 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
 /// on its input), with a terminal in the room under the same rules.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
-    let require = "CHAT_REQUIRE_CHROMIUM";
-    let package = "chromium chromium-driver";
-    let Some(_) = installed_or_skip(&["chromium"], require, package, "browser")? else {
-        return Ok(());
-    };
-    let Some(driver) = installed_or_skip(&["chromedriver"], require, package, "browser")? else {
+    let Some(driver) = chromedriver()? else {
         return Ok(());
     };
     let server = TestServer::start(Config::with_model(Model::Sharded).with(|c| {

@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use futures_util::{Sink, SinkExt};
 use tokio::sync::mpsc;
+
+use crate::BATCH_MESSAGES;
 
 /// Messages a client's queue holds before the client is dropped: above
 /// the largest backlog of the measured runs (an arrival storm of 5,000
@@ -109,4 +112,30 @@ impl<M: Clone> Drop for Member<M> {
         self.room.clients.remove(&self.id);
         self.room.broadcast(chat_wire::left(&self.who));
     }
+}
+
+/// A client's writer for the crates whose socket is a `Sink` of messages
+/// (tungstenite, tokio-websockets): feeds what is queued, up to
+/// [`BATCH_MESSAGES`], then flushes once, so that every sink batches alike.
+pub async fn write_batches<S, M>(mut sink: S, mut queue: mpsc::Receiver<M>)
+where
+    S: Sink<M> + Unpin,
+{
+    while let Some(first) = queue.recv().await {
+        if sink.feed(first).await.is_err() {
+            return;
+        }
+        for _ in 1..BATCH_MESSAGES {
+            let Ok(message) = queue.try_recv() else {
+                break;
+            };
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
 }

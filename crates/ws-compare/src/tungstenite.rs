@@ -4,15 +4,14 @@
 
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::room::{Room, MAX_MESSAGE};
-use crate::{handshake, BATCH_MESSAGES};
+use crate::handshake;
+use crate::room::{self, Room, MAX_MESSAGE};
 
 /// A text message (its `Utf8Bytes` takes the `String` without a copy).
 pub fn message(line: String) -> Message {
@@ -33,8 +32,6 @@ pub fn config(small_read_buffer: bool) -> WebSocketConfig {
     }
 }
 
-type Socket = WebSocketStream<TcpStream>;
-
 /// Serves one connection.
 pub async fn serve(
     mut stream: TcpStream,
@@ -48,7 +45,7 @@ pub async fn serve(
     let socket = WebSocketStream::from_raw_socket(stream, Role::Server, Some(config)).await;
     let (sink, mut source) = socket.split();
     let (member, queue) = room.join(who);
-    tokio::spawn(write(sink, queue));
+    tokio::spawn(room::write_batches(sink, queue));
     while let Some(Ok(message)) = source.next().await {
         match message {
             Message::Text(text) => text.split('\n').for_each(|line| member.say(line)),
@@ -57,27 +54,4 @@ pub async fn serve(
             _ => {}
         }
     }
-}
-
-async fn write(
-    mut sink: futures_util::stream::SplitSink<Socket, Message>,
-    mut queue: mpsc::Receiver<Message>,
-) {
-    while let Some(first) = queue.recv().await {
-        if sink.feed(first).await.is_err() {
-            return;
-        }
-        for _ in 1..BATCH_MESSAGES {
-            let Ok(message) = queue.try_recv() else {
-                break;
-            };
-            if sink.feed(message).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
 }

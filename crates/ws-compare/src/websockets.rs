@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio_websockets::{Limits, Message, ServerBuilder, WebSocketStream};
+use tokio_websockets::{Limits, Message, ServerBuilder};
 
-use crate::room::{Room, MAX_MESSAGE};
-use crate::{handshake, BATCH_MESSAGES};
+use crate::handshake;
+use crate::room::{self, Room, MAX_MESSAGE};
 
 /// A text message (its payload takes the `String` without a copy).
 pub fn message(line: String) -> Message {
@@ -27,7 +26,7 @@ pub async fn serve(mut stream: TcpStream, who: String, room: Arc<Room<Message>>)
         .serve(stream);
     let (sink, mut source) = socket.split();
     let (member, queue) = room.join(who);
-    tokio::spawn(write(sink, queue));
+    tokio::spawn(room::write_batches(sink, queue));
     while let Some(Ok(message)) = source.next().await {
         if let Some(text) = message.as_text() {
             text.split('\n').for_each(|line| member.say(line));
@@ -35,27 +34,4 @@ pub async fn serve(mut stream: TcpStream, who: String, room: Arc<Room<Message>>)
             break;
         }
     }
-}
-
-async fn write(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>,
-    mut queue: mpsc::Receiver<Message>,
-) {
-    while let Some(first) = queue.recv().await {
-        if sink.feed(first).await.is_err() {
-            return;
-        }
-        for _ in 1..BATCH_MESSAGES {
-            let Ok(message) = queue.try_recv() else {
-                break;
-            };
-            if sink.feed(message).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
 }
