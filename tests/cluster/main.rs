@@ -23,3 +23,4 @@ mod cluster_faults;
 mod cluster_history;
 mod cluster_names;
 mod cluster_relay;
+mod cluster_stuck;
