@@ -14,7 +14,7 @@
 
 use crate::common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +26,8 @@ use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
 use common::ensure;
 use common::nats::Broker;
 use futures_util::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -40,13 +42,25 @@ for_models!(
 /// The stuck client's receive buffer: small, so that a few megabytes fill
 /// it, the server's send buffer and the client's queue.
 const STUCK_RECEIVE_BUFFER: u32 = 4 * 1024;
-/// The lines that fill the stuck client's path: 8 MB in all.
-const FILL_LINES: usize = 1_000;
-const FILL_LINE_BYTES: usize = 8 * 1024;
-/// One-line messages after the fill, each its own event: more than the
-/// `broadcaster` owner's channel holds (1,024), so that there too whoever
-/// hands the owner a message waits.
-const TICKS: usize = 1_100;
+/// The lines that fill the stuck client's path, each its own event (one
+/// read on the talker's node, one message for the blocking node's hub):
+/// 7.5 MB in all, far more than its receive buffer, the server's send
+/// buffer (at most `net.ipv4.tcp_wmem`'s 4 MB here) and its queue hold, and
+/// over a thousand messages more, as the `broadcaster` owner's channel
+/// holds 1,024 before whoever hands it one waits.
+const FILL_LINES: usize = 3_700;
+const FILL_LINE_BYTES: usize = 2 * 1024;
+/// Clients of the node that dies. Delivery to the stuck client is held on
+/// a message it has no room for, at most one fill line (2,076 bytes with
+/// its sender): what room is left is less. Their departures (25 bytes
+/// each, `IP:PORT has left`) add up to more, so whoever announces them
+/// waits too. (With room left, a few departures slip in and nothing
+/// waits: why the earlier test, one dying client and lines sent in
+/// bulk, 16 KB messages, passed on the old code.)
+const DOOMED: usize = 100;
+/// How long the probe on the blocking node gets no line before its
+/// delivery counts as held: a bounded read, not a sleep.
+const QUIET: Duration = Duration::from_secs(2);
 /// How long the blocking node must stay alive in the others' eyes, in
 /// heartbeats of `test_cluster` (200 ms): five node timeouts.
 const BEATS_TO_OUTLIVE: usize = 25;
@@ -86,40 +100,66 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     watcher
         .until_line(&format!("{stuck_who} has arrived"))
         .await?;
-    let doomed = TestClient::connect(nodes[2].addr()).await?;
+    // A client on the blocking node that reads: when it stops getting
+    // lines, delivery there is held.
+    let probe = TestClient::connect(nodes[0].addr()).await?;
     watcher
-        .until_line(&format!("{} has arrived", doomed.who))
+        .until_line(&format!("{} has arrived", probe.who))
         .await?;
+    let (probe_who, mut probe) = watch(probe);
     let mut talker = TestClient::connect(nodes[1].addr()).await?;
     watcher
         .until_line(&format!("{} has arrived", talker.who))
         .await?;
-
-    // Fill the stuck client's socket and queue, then hand the blocking
-    // node more one-line events than any queue in front of it holds.
+    // Fill the stuck client's socket and queue, and the queues in front
+    // of them, one line a message: each line is sent once the last one
+    // reached the watcher, so each is one read on the talker's node.
     let chunk = "x".repeat(FILL_LINE_BYTES);
     for number in 0..FILL_LINES {
-        talker.send(&format!("fill {number} {chunk}")).await?;
-    }
-    let last_fill = format!("{}: fill {} {chunk}", talker.who, FILL_LINES - 1);
-    watcher.until_line(&last_fill).await?;
-    for number in 0..TICKS {
-        // Waiting for each tick to reach the watcher keeps it one read,
-        // so one event, on the talker's node.
-        talker.send(&format!("tick {number}")).await?;
+        let line = format!("fill {number} {chunk}");
+        talker.send(&line).await?;
         watcher
-            .until_line(&format!("{}: tick {number}", talker.who))
+            .until_line(&format!("{}: {line}", talker.who))
+            .await
+            .map_err(|err| io::Error::other(format!("fill line {number}: {err}")))?;
+    }
+    // The blocking node's delivery is held (not merely behind) before a
+    // death is there to announce: otherwise the announcement could slip
+    // in first, and nothing would wait.
+    let last_fill = format!("{}: fill {} {chunk}", talker.who, FILL_LINES - 1);
+    probe.until_quiet(&last_fill).await?;
+
+    // The clients of the node that will die join after the fill, so that
+    // its queues stay small (they never read).
+    let mut doomed = Vec::with_capacity(DOOMED);
+    for _ in 0..DOOMED {
+        let client = TestClient::connect(nodes[2].addr()).await?;
+        watcher
+            .until_line(&format!("{} has arrived", client.who))
             .await?;
+        doomed.push(client);
     }
 
-    // A node dies: the blocking node has its client's departure to
-    // announce while its delivery is held by the stuck client.
-    relay.partition();
-    watcher
-        .until_line(&format!("{} has left", doomed.who))
-        .await?;
-    // Heard from here on only: what the blocking node sends after the death.
+    // Every node has heard of all of them (from their heartbeats if not
+    // from the held stream) before the node dies: the blocking node then
+    // has their departures to announce while its delivery is held.
     let mut beats = heartbeats_on_the_wire(&url).await?;
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let beat = tokio::time::timeout(left, beats.next())
+            .await
+            .map_err(|_| io::Error::other("no heartbeat counting the doomed clients"))?
+            .ok_or_else(|| io::Error::other("heartbeats ended"))?;
+        if clients_in(&beat.payload) == Some(DOOMED) {
+            break;
+        }
+    }
+    relay.partition();
+    let mut leaving: HashSet<String> = doomed.iter().map(|client| client.who.clone()).collect();
+    watcher.until_departed(&mut leaving).await?;
+    // Heard from here on only: what the blocking node sends after the death.
+    beats = heartbeats_on_the_wire(&url).await?;
     // Both live nodes keep beating (the cut-off one cannot reach the
     // broker, so two node ids at the count are those two), and nobody
     // declares the blocking node dead, for five node timeouts; any other
@@ -188,9 +228,8 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
         "the blocking node announced the death",
     )
     .await?;
-    let mut fresh = TestClient::connect(nodes[0].addr()).await?;
-    fresh.send("hello").await?;
-    watcher.until_line(&format!("{}: hello", fresh.who)).await?;
+    probe.send("hello").await?;
+    watcher.until_line(&format!("{probe_who}: hello")).await?;
     let dead = nodes[1].counters.snapshot().dead_nodes;
     ensure(dead == 1, || {
         format!("{model}: the second node declared {dead} nodes dead, expected 1")
@@ -210,24 +249,45 @@ async fn connect_stuck(addr: SocketAddr) -> io::Result<TcpStream> {
 /// can wait for a line and for something else at once.
 struct Watched {
     lines: mpsc::UnboundedReceiver<io::Result<String>>,
+    writer: OwnedWriteHalf,
 }
 
-fn watch(mut client: TestClient) -> (String, Watched) {
+fn watch(client: TestClient) -> (String, Watched) {
     let who = client.who.clone();
+    let (mut reader, writer) = client.into_parts();
     let (tx, lines) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
-            let line = client.line_within(JOIN_TIMEOUT * 3).await;
+            let line = next_line(&mut reader).await;
             let failed = line.is_err();
             if tx.send(line).is_err() || failed {
                 break;
             }
         }
     });
-    (who, Watched { lines })
+    (who, Watched { lines, writer })
+}
+
+/// The next line of `reader`, without its newline, within three
+/// [`JOIN_TIMEOUT`]s (the longest any step of the test waits).
+async fn next_line(reader: &mut BufReader<OwnedReadHalf>) -> io::Result<String> {
+    let mut line = String::new();
+    let read = tokio::time::timeout(JOIN_TIMEOUT * 3, reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no line from server"))??;
+    if read == 0 || !line.ends_with('\n') {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    line.pop();
+    Ok(line)
 }
 
 impl Watched {
+    /// Sends `text` followed by a newline.
+    async fn send(&mut self, text: &str) -> io::Result<()> {
+        self.writer.write_all(format!("{text}\n").as_bytes()).await
+    }
+
     /// Reads until `expected`, within [`JOIN_TIMEOUT`]; fails on any
     /// departure on the way (every departure this test expects is waited
     /// for by name).
@@ -247,6 +307,54 @@ impl Watched {
             })?;
         }
     }
+
+    /// Reads until no line comes for [`QUIET`] (within [`JOIN_TIMEOUT`]);
+    /// fails if `last` comes: whatever delivers here was not held before it.
+    async fn until_quiet(&mut self, last: &str) -> io::Result<()> {
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let mut read = 0;
+        loop {
+            ensure(Instant::now() < deadline, || {
+                format!("{read} lines and never {QUIET:?} without one")
+            })?;
+            let Ok(line) = tokio::time::timeout(QUIET, self.lines.recv()).await else {
+                return Ok(());
+            };
+            let line = line.ok_or_else(|| io::Error::other("the probe's reader ended"))??;
+            read += 1;
+            ensure(line != last, || {
+                format!("the blocking node delivered all {read} lines: it was never held")
+            })?;
+        }
+    }
+
+    /// Reads until each of `leaving` has left, within [`JOIN_TIMEOUT`];
+    /// fails on any other departure.
+    async fn until_departed(&mut self, leaving: &mut HashSet<String>) -> io::Result<()> {
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        while !leaving.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = tokio::time::timeout(left, self.lines.recv())
+                .await
+                .map_err(|_| io::Error::other(format!("timed out; still to leave: {leaving:?}")))?
+                .ok_or_else(|| io::Error::other("the watcher's reader ended"))??;
+            if let Some(who) = line.strip_suffix(" has left") {
+                ensure(leaving.remove(who), || {
+                    format!(
+                        "unexpected {line:?} while waiting for {} departures",
+                        leaving.len()
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The client count of a heartbeat.
+fn clients_in(payload: &[u8]) -> Option<usize> {
+    let beat: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    beat["clients"].as_u64()?.try_into().ok()
 }
 
 /// The `node` field of a heartbeat.
