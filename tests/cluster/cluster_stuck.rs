@@ -42,14 +42,14 @@ for_models!(
 /// The stuck client's receive buffer: small, so that a few megabytes fill
 /// it, the server's send buffer and the client's queue.
 const STUCK_RECEIVE_BUFFER: u32 = 4 * 1024;
-/// The lines that fill the stuck client's path, each its own event (one
-/// read on the talker's node, one message for the blocking node's hub):
-/// 7.5 MB in all, far more than its receive buffer, the server's send
-/// buffer (at most `net.ipv4.tcp_wmem`'s 4 MB here) and its queue hold, and
-/// over a thousand messages more, as the `broadcaster` owner's channel
-/// holds 1,024 before whoever hands it one waits.
-const FILL_LINES: usize = 3_700;
+/// The blocking node's `--max-pending`: the stuck client's queue.
+const MAX_PENDING: usize = 256 * 1024;
+/// The length of a fill line's text (see [`fill_lines`]).
 const FILL_LINE_BYTES: usize = 2 * 1024;
+/// Fill lines past what the stuck client's path holds: more than the
+/// `broadcaster` owner's channel holds (1,024 messages), so that there too
+/// whoever hands the owner a message waits.
+const FILL_BEYOND: usize = 1_100;
 /// Clients of the node that dies. Delivery to the stuck client is held on
 /// a message it has no room for, at most one fill line (2,076 bytes with
 /// its sender): what room is left is less. Their departures (25 bytes
@@ -78,7 +78,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     // timeouts: whatever delivers to the stuck client waits all the test.
     let blocking = Config::with_model(model).with(|c| {
         c.slow_client = SlowClientPolicy::Block;
-        c.max_pending = 256 * 1024;
+        c.max_pending = MAX_PENDING;
         c.write_timeout = Duration::from_secs(600);
     });
     // The talker fills the stuck client's path quickly: no flood control.
@@ -115,7 +115,8 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     // of them, one line a message: each line is sent once the last one
     // reached the watcher, so each is one read on the talker's node.
     let chunk = "x".repeat(FILL_LINE_BYTES);
-    for number in 0..FILL_LINES {
+    let fill = fill_lines();
+    for number in 0..fill {
         let line = format!("fill {number} {chunk}");
         talker.send(&line).await?;
         watcher
@@ -126,7 +127,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     // The blocking node's delivery is held (not merely behind) before a
     // death is there to announce: otherwise the announcement could slip
     // in first, and nothing would wait.
-    let last_fill = format!("{}: fill {} {chunk}", talker.who, FILL_LINES - 1);
+    let last_fill = format!("{}: fill {} {chunk}", talker.who, fill - 1);
     probe.until_quiet(&last_fill).await?;
 
     // The clients of the node that will die join after the fill, so that
@@ -236,6 +237,20 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     })?;
     draining.abort();
     Ok(())
+}
+
+/// How many lines fill the stuck client's path, each its own event (one
+/// read on the talker's node, one message for the blocking node's hub):
+/// its receive buffer, the server's send buffer (which the kernel grows up
+/// to `net.ipv4.tcp_wmem`'s largest, 4 MB by default) and its queue, with a
+/// megabyte to spare, then [`FILL_BEYOND`] more. About 3,800 lines, 7.5 MB,
+/// with the default.
+fn fill_lines() -> usize {
+    let send_buffer = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|limits| limits.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 * 1024 * 1024);
+    (send_buffer + MAX_PENDING + 1024 * 1024).div_ceil(FILL_LINE_BYTES) + FILL_BEYOND
 }
 
 /// A client on `addr` with a small receive buffer that never reads.
