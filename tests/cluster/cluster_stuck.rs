@@ -110,10 +110,18 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
         .until_line(&format!("{} has arrived", probe.who))
         .await?;
     let (probe_who, mut probe) = watch(probe);
-    let mut talker = TestClient::connect(nodes[1].addr()).await?;
+    let talker = TestClient::connect(nodes[1].addr()).await?;
     watcher
         .until_line(&format!("{} has arrived", talker.who))
         .await?;
+    // The talker reads too (and throws away): its own node's write
+    // timeout would otherwise drop it, a departure in the middle.
+    let talker_who = talker.who.clone();
+    let (mut talker_reader, mut talker) = talker.into_parts();
+    let talker_reading =
+        tokio::spawn(
+            async move { tokio::io::copy(&mut talker_reader, &mut tokio::io::sink()).await },
+        );
     // Fill the stuck client's socket and queue, and the queues in front
     // of them, one line a message: each line is sent once the last one
     // reached the watcher, so each is one read on the talker's node.
@@ -121,16 +129,16 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     let fill = fill_lines();
     for number in 0..fill {
         let line = format!("fill {number} {chunk}");
-        talker.send(&line).await?;
+        talker.write_all(format!("{line}\n").as_bytes()).await?;
         watcher
-            .until_line(&format!("{}: {line}", talker.who))
+            .until_line(&format!("{talker_who}: {line}"))
             .await
             .map_err(|err| io::Error::other(format!("fill line {number}: {err}")))?;
     }
     // The blocking node's delivery is held (not merely behind) before a
     // death is there to announce: otherwise the announcement could slip
     // in first, and nothing would wait.
-    let last_fill = format!("{}: fill {} {chunk}", talker.who, fill - 1);
+    let last_fill = format!("{talker_who}: fill {} {chunk}", fill - 1);
     probe.until_quiet(&last_fill).await?;
 
     // The clients of the node that will die join after the fill, so that
@@ -239,6 +247,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
         format!("{model}: the second node declared {dead} nodes dead, expected 1")
     })?;
     draining.abort();
+    talker_reading.abort();
     Ok(())
 }
 
