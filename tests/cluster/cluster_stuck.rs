@@ -100,6 +100,8 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     let (watcher_who, mut watcher) = watch(TestClient::connect(nodes[1].addr()).await?);
     let stuck = connect_stuck(nodes[0].addr()).await?;
     let stuck_who = stuck.local_addr()?.to_string();
+    watcher.role(&watcher_who, "the watcher, second node");
+    watcher.role(&stuck_who, "the stuck client, blocking node");
     watcher
         .until_line(&format!("{stuck_who} has arrived"))
         .await?;
@@ -110,6 +112,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
         .until_line(&format!("{} has arrived", probe.who))
         .await?;
     let (probe_who, mut probe) = watch(probe);
+    watcher.role(&probe_who, "the probe, blocking node");
     let talker = TestClient::connect(nodes[1].addr()).await?;
     watcher
         .until_line(&format!("{} has arrived", talker.who))
@@ -117,6 +120,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     // The talker reads too (and throws away): its own node's write
     // timeout would otherwise drop it, a departure in the middle.
     let talker_who = talker.who.clone();
+    watcher.role(&talker_who, "the talker, second node");
     let (mut talker_reader, mut talker) = talker.into_parts();
     let talker_reading =
         tokio::spawn(
@@ -146,6 +150,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     let mut doomed = Vec::with_capacity(DOOMED);
     for _ in 0..DOOMED {
         let client = TestClient::connect(nodes[2].addr()).await?;
+        watcher.role(&client.who, "a doomed client, cut-off node");
         watcher
             .until_line(&format!("{} has arrived", client.who))
             .await?;
@@ -277,6 +282,8 @@ async fn connect_stuck(addr: SocketAddr) -> io::Result<TcpStream> {
 struct Watched {
     lines: mpsc::UnboundedReceiver<io::Result<String>>,
     writer: OwnedWriteHalf,
+    /// Who the test's clients are, for the error messages.
+    roles: HashMap<String, String>,
 }
 
 fn watch(client: TestClient) -> (String, Watched) {
@@ -292,7 +299,15 @@ fn watch(client: TestClient) -> (String, Watched) {
             }
         }
     });
-    (who, Watched { lines, writer })
+    let roles = HashMap::new();
+    (
+        who,
+        Watched {
+            lines,
+            writer,
+            roles,
+        },
+    )
 }
 
 /// The next line of `reader`, without its newline, within three
@@ -330,9 +345,24 @@ impl Watched {
                 return Ok(());
             }
             ensure(!line.ends_with(" has left"), || {
-                format!("waiting for {expected:?}: unexpected {line:?}")
+                format!(
+                    "waiting for {expected:?}: unexpected {line:?} ({})",
+                    self.role_in(&line)
+                )
             })?;
         }
+    }
+
+    fn role(&mut self, who: &str, role: &str) {
+        self.roles.insert(who.to_string(), role.to_string());
+    }
+
+    /// Which of the test's clients `line` is about.
+    fn role_in(&self, line: &str) -> &str {
+        let who = line.split([' ', ':']).take(2).collect::<Vec<_>>().join(":");
+        self.roles
+            .get(&who)
+            .map_or("not one of the test's clients", String::as_str)
     }
 
     /// Reads until no line comes for [`QUIET`] (within [`JOIN_TIMEOUT`]);
@@ -368,7 +398,8 @@ impl Watched {
             if let Some(who) = line.strip_suffix(" has left") {
                 ensure(leaving.remove(who), || {
                     format!(
-                        "unexpected {line:?} while waiting for {} departures",
+                        "unexpected {line:?} ({}) while waiting for {} departures",
+                        self.role_in(&line),
                         leaving.len()
                     )
                 })?;
