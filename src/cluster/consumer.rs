@@ -32,7 +32,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::jetstream::{consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -214,22 +214,46 @@ async fn consume<H: Hub>(
     );
     let opening = tokio::time::timeout(
         bound,
-        open(
+        locate(
             reading.connection,
             reading.shared,
             reading.names,
             reading.position,
         ),
     );
-    let mut messages = tokio::select! {
-        opened = opening => match opened {
-            Ok(opened) => opened?,
+    let stream = tokio::select! {
+        found = opening => match found {
+            Ok(found) => found?,
             Err(_) => {
                 *reading.quick_tries = reading.quick_tries.saturating_add(1);
                 anyhow::bail!("the room's stream did not answer within {bound:?}");
             }
         },
         () = reading.elections.next() => return Err(LeaderElected.into()),
+    };
+    let making = tokio::time::timeout(
+        bound,
+        subscribe(
+            stream.clone(),
+            reading.position.delivered.map_or(1, |delivered| delivered + 1),
+            reading.names.events.clone(),
+            reading.shared.config.heartbeat,
+        ),
+    );
+    tokio::pin!(making);
+    let mut messages = loop {
+        tokio::select! {
+            made = &mut making => match made {
+                Ok(made) => break made?,
+                Err(_) => {
+                    *reading.quick_tries = reading.quick_tries.saturating_add(1);
+                    anyhow::bail!("no consumer could be made within {bound:?}");
+                }
+            },
+            () = reading.elections.next() => return Err(LeaderElected.into()),
+            () = reading.shared.stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(BRIDGE_POLL) => bridge(reading, &stream, hub, ghost).await?,
+        }
     };
     *reading.quick_tries = 0;
     let Reading {
@@ -274,34 +298,9 @@ async fn consume<H: Hub>(
             }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
-        let last = position.delivered.unwrap_or(0);
-        if sequence <= last {
+        if !accept(shared, position, sequence)? {
             continue;
         }
-        // The stream holds only the room's events and loses messages only
-        // from its front (retention), so its sequences are dense: a jump
-        // is a message this consumer did not get. Seen after a JetStream
-        // server rejoined on an empty store, and after a partition (with
-        // no acks the broker counts what it sent into a silently cut
-        // connection as delivered). A new consumer from the same place
-        // gets it if the stream has it; if it skips it again, it is gone
-        // (retention passed it meanwhile), counted and logged.
-        if sequence > last + 1 {
-            let skipped = sequence - last - 1;
-            if position.skipped_after != Some(last) {
-                position.skipped_after = Some(last);
-                anyhow::bail!(
-                    "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
-                );
-            }
-            warn!(
-                skipped,
-                after = last,
-                "the room's stream no longer has these messages; counted as missed"
-            );
-            ClusterCounters::add(&shared.counters().missed, skipped);
-        }
-        position.delivered = Some(sequence);
         deliver(
             shared,
             hub,
@@ -314,16 +313,118 @@ async fn consume<H: Hub>(
     }
 }
 
-/// Finds the stream, works out where to read it from ([`resume`]) and
-/// makes a consumer there.
-async fn open(
+/// Whether the message at `sequence` is the next one to deliver (and then
+/// it is taken as delivered), or one already delivered (a redelivery, or
+/// one read by [`bridge`] meanwhile). The stream holds only the room's
+/// events and loses messages only from its front (retention), so its
+/// sequences are dense: a jump is a message this consumer did not get.
+/// Seen after a JetStream server rejoined on an empty store, and after a
+/// partition (with no acks the broker counts what it sent into a silently
+/// cut connection as delivered). A new consumer from the same place gets
+/// it if the stream has it (the error); if it skips it again, it is gone
+/// (retention passed it meanwhile), counted and logged.
+fn accept(shared: &Shared, position: &mut Position, sequence: u64) -> anyhow::Result<bool> {
+    let last = position.delivered.unwrap_or(0);
+    if sequence <= last {
+        return Ok(false);
+    }
+    if sequence > last + 1 {
+        let skipped = sequence - last - 1;
+        if position.skipped_after != Some(last) {
+            position.skipped_after = Some(last);
+            anyhow::bail!(
+                "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
+            );
+        }
+        warn!(
+            skipped,
+            after = last,
+            "the room's stream no longer has these messages; counted as missed"
+        );
+        ClusterCounters::add(&shared.counters().missed, skipped);
+    }
+    position.delivered = Some(sequence);
+    Ok(true)
+}
+
+/// How long a consumer may take to be made before [`bridge`] reads what
+/// the stream has meanwhile; a consumer is normally made in a millisecond.
+const BRIDGE_POLL: Duration = Duration::from_millis(50);
+
+/// The bound on one read by sequence: unanswered, the next poll asks again.
+const BRIDGE_GET: Duration = Duration::from_millis(250);
+
+/// How many messages one poll of [`bridge`] reads before it lets the
+/// consumer being made (or an election) be heard.
+const BRIDGE_BATCH: usize = 256;
+
+/// Reads the stream by sequence, from after `position`, while a consumer
+/// is being made: a message get needs only the stream's leader, a new
+/// consumer the JetStream cluster's metadata leader as well. Measured on a
+/// `kill -9` of the server leading the room's stream: the first consumer
+/// asked for after the stream's election often went unanswered, and when
+/// the killed server also led the metadata, none could be made until that
+/// second election, seconds later; the stream's messages could be read
+/// meanwhile. Once the consumer reads, what this read is skipped by
+/// sequence ([`accept`]).
+async fn bridge<H: Hub>(
+    reading: &mut Reading<'_>,
+    stream: &stream::Stream,
+    hub: &H,
+    ghost: &Arc<Client>,
+) -> anyhow::Result<()> {
+    let mut read = 0;
+    while read < BRIDGE_BATCH {
+        let next = reading.position.delivered.map_or(1, |delivered| delivered + 1);
+        let message = match tokio::time::timeout(BRIDGE_GET, stream.get_raw_message(next)).await
+        {
+            Ok(Ok(message)) => message,
+            // Not stored yet, or gone (retention: the consumer counts it);
+            // unanswered or refused: asked again at the next poll.
+            Ok(Err(_)) | Err(_) => break,
+        };
+        if message.sequence != next || !accept(reading.shared, reading.position, next)? {
+            break;
+        }
+        read += 1;
+        reading.position.pending = reading.position.pending.saturating_sub(1);
+        show_lag(
+            reading.shared.counters(),
+            reading.position.pending,
+            message.time.unix_timestamp_nanos(),
+        );
+        deliver(
+            reading.shared,
+            hub,
+            ghost,
+            reading.liveness,
+            &message.subject,
+            &message.payload,
+        )
+        .await;
+    }
+    if read > 0 {
+        reading.outage.succeeded("reading the room's stream");
+        debug!(
+            read,
+            delivered = reading.position.delivered.unwrap_or(0),
+            "read the room's stream by sequence while its consumer is being made"
+        );
+    }
+    Ok(())
+}
+
+/// Finds the stream and works out where to read it from ([`resume`]).
+async fn locate(
     connection: &Connection,
     shared: &Arc<Shared>,
     names: &Subjects,
     position: &mut Position,
-) -> anyhow::Result<consumer::pull::Stream> {
-    let mut stream = ensure_stream(connection, shared, names).await?;
-    let info = stream.info().await?;
+) -> anyhow::Result<stream::Stream> {
+    let stream = ensure_stream(connection, shared, names).await?;
+    // The answer that found (or made) the stream: one round trip fewer
+    // while the stream's new leader is settling.
+    let info = stream.cached_info();
     let epoch = epoch_of(info);
     let state = info.state.clone();
     let Resume {
@@ -354,6 +455,16 @@ async fn open(
         pending: state.last_sequence.saturating_sub(start - 1),
         skipped_after: position.skipped_after.filter(|_| !remade),
     };
+    Ok(stream)
+}
+
+/// Makes a consumer of `stream` from `start` and starts pulling.
+async fn subscribe(
+    stream: stream::Stream,
+    start: u64,
+    events: String,
+    heartbeat: Duration,
+) -> anyhow::Result<consumer::pull::Stream> {
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -363,11 +474,11 @@ async fn open(
             // An abandoned consumer (we crashed, or made a new one) goes
             // away by itself.
             inactive_threshold: Duration::from_secs(30),
-            filter_subject: names.events.clone(),
+            filter_subject: events,
             ..Default::default()
         })
         .await?;
-    let heartbeat = shared.config.heartbeat.max(Duration::from_millis(500));
+    let heartbeat = heartbeat.max(Duration::from_millis(500));
     let messages = consumer
         .stream()
         .max_messages_per_batch(256)
