@@ -6,6 +6,10 @@
 //! with the server that held it, missed heartbeats) it makes a new consumer
 //! from that same sequence: at once, not after its pause or a call's
 //! timeout, when the stream elects a new leader meanwhile ([`Elections`]).
+//! Until that consumer reads, the stream is read by sequence ([`bridge`]):
+//! a consumer is made by the JetStream cluster's metadata leader, a message
+//! is got from the stream's own leader, so a failover's silence ends with
+//! the stream's election, not with a second one.
 //!
 //! **Stream identity.** A sequence number means something only in the
 //! stream it was read from. The node that makes the room's stream gives it
@@ -191,7 +195,8 @@ fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
     }
 }
 
-/// Delivers the stream from after `position` until an error or stop. A
+/// Delivers the stream from after `position` until an error or stop
+/// (while the consumer is being made, by sequence: [`bridge`]). A
 /// leader elected while the consumer is being made ends it with
 /// [`LeaderElected`] (a call to the stream made before the election waits
 /// out its timeout); a consumer already reading goes on (it lives on a
@@ -235,7 +240,10 @@ async fn consume<H: Hub>(
         bound,
         subscribe(
             stream.clone(),
-            reading.position.delivered.map_or(1, |delivered| delivered + 1),
+            reading
+                .position
+                .delivered
+                .map_or(1, |delivered| delivered + 1),
             reading.names.events.clone(),
             reading.shared.config.heartbeat,
         ),
@@ -375,9 +383,11 @@ async fn bridge<H: Hub>(
 ) -> anyhow::Result<()> {
     let mut read = 0;
     while read < BRIDGE_BATCH {
-        let next = reading.position.delivered.map_or(1, |delivered| delivered + 1);
-        let message = match tokio::time::timeout(BRIDGE_GET, stream.get_raw_message(next)).await
-        {
+        let next = reading
+            .position
+            .delivered
+            .map_or(1, |delivered| delivered + 1);
+        let message = match tokio::time::timeout(BRIDGE_GET, stream.get_raw_message(next)).await {
             Ok(Ok(message)) => message,
             // Not stored yet, or gone (retention: the consumer counts it);
             // unanswered or refused: asked again at the next poll.
