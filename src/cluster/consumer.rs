@@ -323,36 +323,69 @@ async fn consume<H: Hub>(
 
 /// Whether the message at `sequence` is the next one to deliver (and then
 /// it is taken as delivered), or one already delivered (a redelivery, or
-/// one read by [`bridge`] meanwhile). The stream holds only the room's
-/// events and loses messages only from its front (retention), so its
-/// sequences are dense: a jump is a message this consumer did not get.
-/// Seen after a JetStream server rejoined on an empty store, and after a
-/// partition (with no acks the broker counts what it sent into a silently
-/// cut connection as delivered). A new consumer from the same place gets
-/// it if the stream has it (the error); if it skips it again, it is gone
-/// (retention passed it meanwhile), counted and logged.
+/// one read by [`bridge`] meanwhile); a jump is an error the first time
+/// (see [`Step`]), counted as missed the second.
 fn accept(shared: &Shared, position: &mut Position, sequence: u64) -> anyhow::Result<bool> {
+    match step(position, sequence) {
+        Step::Old => Ok(false),
+        Step::Next => Ok(true),
+        Step::Jumped { skipped, after } => anyhow::bail!(
+            "the consumer skipped {skipped} messages after sequence {after}; reading again from there"
+        ),
+        Step::Lost { skipped, after } => {
+            warn!(
+                skipped,
+                after, "the room's stream no longer has these messages; counted as missed"
+            );
+            ClusterCounters::add(&shared.counters().missed, skipped);
+            Ok(true)
+        }
+    }
+}
+
+/// What a message at some sequence is to a node at `position`.
+///
+/// The stream holds only the room's events and loses messages only from
+/// its front (retention), so its sequences are dense: a jump is a message
+/// this consumer did not get. Seen after a JetStream server rejoined on an
+/// empty store, and after a partition (with no acks the broker counts what
+/// it sent into a silently cut connection as delivered). A new consumer
+/// from the same place gets it if the stream has it; if it skips it again,
+/// it is gone (retention passed it meanwhile).
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// At or before what was delivered: skipped.
+    Old,
+    /// The one after what was delivered: delivered now.
+    Next,
+    /// Past a gap, the first time after `after`: read again from there.
+    Jumped { skipped: u64, after: u64 },
+    /// Past a gap at the same place again: delivered, the gap counted.
+    Lost { skipped: u64, after: u64 },
+}
+
+fn step(position: &mut Position, sequence: u64) -> Step {
     let last = position.delivered.unwrap_or(0);
     if sequence <= last {
-        return Ok(false);
+        return Step::Old;
     }
-    if sequence > last + 1 {
-        let skipped = sequence - last - 1;
-        if position.skipped_after != Some(last) {
-            position.skipped_after = Some(last);
-            anyhow::bail!(
-                "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
-            );
-        }
-        warn!(
+    let skipped = sequence - last - 1;
+    if skipped > 0 && position.skipped_after != Some(last) {
+        position.skipped_after = Some(last);
+        return Step::Jumped {
             skipped,
-            after = last,
-            "the room's stream no longer has these messages; counted as missed"
-        );
-        ClusterCounters::add(&shared.counters().missed, skipped);
+            after: last,
+        };
     }
     position.delivered = Some(sequence);
-    Ok(true)
+    if skipped > 0 {
+        Step::Lost {
+            skipped,
+            after: last,
+        }
+    } else {
+        Step::Next
+    }
 }
 
 /// How long a consumer may take to be made before [`bridge`] reads what
@@ -636,6 +669,53 @@ mod tests {
     fn expired_events_are_missed() {
         let resume = resume(&at(30, 5), OLD, 36, 50);
         assert_eq!((resume.start, resume.missed, resume.remade), (36, 5, false));
+    }
+
+    /// A consumer made from where the node was when it was asked for
+    /// delivers again what the gets delivered meanwhile: skipped.
+    #[test]
+    fn what_was_delivered_is_skipped() {
+        let mut position = at(30, 0);
+        assert_eq!(step(&mut position, 31), Step::Next);
+        assert_eq!(step(&mut position, 32), Step::Next);
+        for again in [29, 31, 32] {
+            assert_eq!(step(&mut position, again), Step::Old);
+        }
+        assert_eq!(step(&mut position, 33), Step::Next);
+        assert_eq!(position.delivered, Some(33));
+    }
+
+    /// A jump is read again from before it once; at the same place again
+    /// it is counted and the reading goes on.
+    #[test]
+    fn a_jump_is_read_again_then_counted() {
+        let mut position = at(30, 0);
+        assert_eq!(
+            step(&mut position, 34),
+            Step::Jumped {
+                skipped: 3,
+                after: 30
+            }
+        );
+        assert_eq!(position.delivered, Some(30));
+        // The new consumer got them.
+        assert_eq!(step(&mut position, 31), Step::Next);
+        assert_eq!(
+            step(&mut position, 40),
+            Step::Jumped {
+                skipped: 8,
+                after: 31
+            }
+        );
+        // It did not: gone.
+        assert_eq!(
+            step(&mut position, 40),
+            Step::Lost {
+                skipped: 8,
+                after: 31
+            }
+        );
+        assert_eq!(position.delivered, Some(40));
     }
 
     /// The broker lost its store and another node made the stream again:
