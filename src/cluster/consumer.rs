@@ -6,6 +6,10 @@
 //! with the server that held it, missed heartbeats) it makes a new consumer
 //! from that same sequence: at once, not after its pause or a call's
 //! timeout, when the stream elects a new leader meanwhile ([`Elections`]).
+//! Until that consumer reads, the stream is read by sequence ([`bridge`]):
+//! a consumer is made by the JetStream cluster's metadata leader, a message
+//! is got from the stream's own leader, so a failover's silence ends with
+//! the stream's election, not with a second one.
 //!
 //! **Stream identity.** A sequence number means something only in the
 //! stream it was read from. The node that makes the room's stream gives it
@@ -32,7 +36,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer;
+use async_nats::jetstream::{consumer, stream};
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -191,7 +195,8 @@ fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
     }
 }
 
-/// Delivers the stream from after `position` until an error or stop. A
+/// Delivers the stream from after `position` until an error or stop
+/// (while the consumer is being made, by sequence: [`bridge`]). A
 /// leader elected while the consumer is being made ends it with
 /// [`LeaderElected`] (a call to the stream made before the election waits
 /// out its timeout); a consumer already reading goes on (it lives on a
@@ -214,22 +219,49 @@ async fn consume<H: Hub>(
     );
     let opening = tokio::time::timeout(
         bound,
-        open(
+        locate(
             reading.connection,
             reading.shared,
             reading.names,
             reading.position,
         ),
     );
-    let mut messages = tokio::select! {
-        opened = opening => match opened {
-            Ok(opened) => opened?,
+    let stream = tokio::select! {
+        found = opening => match found {
+            Ok(found) => found?,
             Err(_) => {
                 *reading.quick_tries = reading.quick_tries.saturating_add(1);
                 anyhow::bail!("the room's stream did not answer within {bound:?}");
             }
         },
         () = reading.elections.next() => return Err(LeaderElected.into()),
+    };
+    let making = tokio::time::timeout(
+        bound,
+        subscribe(
+            stream.clone(),
+            reading
+                .position
+                .delivered
+                .map_or(1, |delivered| delivered + 1),
+            reading.names.events.clone(),
+            reading.shared.config.heartbeat,
+        ),
+    );
+    tokio::pin!(making);
+    let mut messages = loop {
+        tokio::select! {
+            made = &mut making => match made {
+                Ok(made) => break made?,
+                Err(_) => {
+                    *reading.quick_tries = reading.quick_tries.saturating_add(1);
+                    anyhow::bail!("no consumer could be made within {bound:?}");
+                }
+            },
+            () = reading.elections.next() => return Err(LeaderElected.into()),
+            () = reading.shared.stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep(BRIDGE_POLL) => bridge(reading, &stream, hub, ghost).await?,
+        }
     };
     *reading.quick_tries = 0;
     let Reading {
@@ -274,34 +306,9 @@ async fn consume<H: Hub>(
             }
             Err(err) => anyhow::bail!("a stream message without its metadata: {err}"),
         };
-        let last = position.delivered.unwrap_or(0);
-        if sequence <= last {
+        if !accept(shared, position, sequence)? {
             continue;
         }
-        // The stream holds only the room's events and loses messages only
-        // from its front (retention), so its sequences are dense: a jump
-        // is a message this consumer did not get. Seen after a JetStream
-        // server rejoined on an empty store, and after a partition (with
-        // no acks the broker counts what it sent into a silently cut
-        // connection as delivered). A new consumer from the same place
-        // gets it if the stream has it; if it skips it again, it is gone
-        // (retention passed it meanwhile), counted and logged.
-        if sequence > last + 1 {
-            let skipped = sequence - last - 1;
-            if position.skipped_after != Some(last) {
-                position.skipped_after = Some(last);
-                anyhow::bail!(
-                    "the consumer skipped {skipped} messages after sequence {last}; reading again from there"
-                );
-            }
-            warn!(
-                skipped,
-                after = last,
-                "the room's stream no longer has these messages; counted as missed"
-            );
-            ClusterCounters::add(&shared.counters().missed, skipped);
-        }
-        position.delivered = Some(sequence);
         deliver(
             shared,
             hub,
@@ -314,16 +321,153 @@ async fn consume<H: Hub>(
     }
 }
 
-/// Finds the stream, works out where to read it from ([`resume`]) and
-/// makes a consumer there.
-async fn open(
+/// Whether the message at `sequence` is the next one to deliver (and then
+/// it is taken as delivered), or one already delivered (a redelivery, or
+/// one read by [`bridge`] meanwhile); a jump is an error the first time
+/// (see [`Step`]), counted as missed the second.
+fn accept(shared: &Shared, position: &mut Position, sequence: u64) -> anyhow::Result<bool> {
+    match step(position, sequence) {
+        Step::Old => Ok(false),
+        Step::Next => Ok(true),
+        Step::Jumped { skipped, after } => anyhow::bail!(
+            "the consumer skipped {skipped} messages after sequence {after}; reading again from there"
+        ),
+        Step::Lost { skipped, after } => {
+            warn!(
+                skipped,
+                after, "the room's stream no longer has these messages; counted as missed"
+            );
+            ClusterCounters::add(&shared.counters().missed, skipped);
+            Ok(true)
+        }
+    }
+}
+
+/// What a message at some sequence is to a node at `position`.
+///
+/// The stream holds only the room's events and loses messages only from
+/// its front (retention), so its sequences are dense: a jump is a message
+/// this consumer did not get. Seen after a JetStream server rejoined on an
+/// empty store, and after a partition (with no acks the broker counts what
+/// it sent into a silently cut connection as delivered). A new consumer
+/// from the same place gets it if the stream has it; if it skips it again,
+/// it is gone (retention passed it meanwhile).
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// At or before what was delivered: skipped.
+    Old,
+    /// The one after what was delivered: delivered now.
+    Next,
+    /// Past a gap, the first time after `after`: read again from there.
+    Jumped { skipped: u64, after: u64 },
+    /// Past a gap at the same place again: delivered, the gap counted.
+    Lost { skipped: u64, after: u64 },
+}
+
+fn step(position: &mut Position, sequence: u64) -> Step {
+    let last = position.delivered.unwrap_or(0);
+    if sequence <= last {
+        return Step::Old;
+    }
+    let skipped = sequence - last - 1;
+    if skipped > 0 && position.skipped_after != Some(last) {
+        position.skipped_after = Some(last);
+        return Step::Jumped {
+            skipped,
+            after: last,
+        };
+    }
+    position.delivered = Some(sequence);
+    if skipped > 0 {
+        Step::Lost {
+            skipped,
+            after: last,
+        }
+    } else {
+        Step::Next
+    }
+}
+
+/// How long a consumer may take to be made before [`bridge`] reads what
+/// the stream has meanwhile; a consumer is normally made in a millisecond.
+const BRIDGE_POLL: Duration = Duration::from_millis(50);
+
+/// The bound on one read by sequence: unanswered, the next poll asks again.
+const BRIDGE_GET: Duration = Duration::from_millis(250);
+
+/// How many messages one poll of [`bridge`] reads before it lets the
+/// consumer being made (or an election) be heard.
+const BRIDGE_BATCH: usize = 256;
+
+/// Reads the stream by sequence, from after `position`, while a consumer
+/// is being made: a message get needs only the stream's leader, a new
+/// consumer the JetStream cluster's metadata leader as well. Measured on a
+/// `kill -9` of the server leading the room's stream: the first consumer
+/// asked for after the stream's election often went unanswered, and when
+/// the killed server also led the metadata, none could be made until that
+/// second election, seconds later; the stream's messages could be read
+/// meanwhile. Once the consumer reads, what this read is skipped by
+/// sequence ([`accept`]).
+async fn bridge<H: Hub>(
+    reading: &mut Reading<'_>,
+    stream: &stream::Stream,
+    hub: &H,
+    ghost: &Arc<Client>,
+) -> anyhow::Result<()> {
+    let mut read = 0;
+    while read < BRIDGE_BATCH {
+        let next = reading
+            .position
+            .delivered
+            .map_or(1, |delivered| delivered + 1);
+        let message = match tokio::time::timeout(BRIDGE_GET, stream.get_raw_message(next)).await {
+            Ok(Ok(message)) => message,
+            // Not stored yet, or gone (retention: the consumer counts it);
+            // unanswered or refused: asked again at the next poll.
+            Ok(Err(_)) | Err(_) => break,
+        };
+        if message.sequence != next || !accept(reading.shared, reading.position, next)? {
+            break;
+        }
+        read += 1;
+        reading.position.pending = reading.position.pending.saturating_sub(1);
+        show_lag(
+            reading.shared.counters(),
+            reading.position.pending,
+            message.time.unix_timestamp_nanos(),
+        );
+        deliver(
+            reading.shared,
+            hub,
+            ghost,
+            reading.liveness,
+            &message.subject,
+            &message.payload,
+        )
+        .await;
+    }
+    if read > 0 {
+        reading.outage.succeeded("reading the room's stream");
+        debug!(
+            read,
+            delivered = reading.position.delivered.unwrap_or(0),
+            "read the room's stream by sequence while its consumer is being made"
+        );
+    }
+    Ok(())
+}
+
+/// Finds the stream and works out where to read it from ([`resume`]).
+async fn locate(
     connection: &Connection,
     shared: &Arc<Shared>,
     names: &Subjects,
     position: &mut Position,
-) -> anyhow::Result<consumer::pull::Stream> {
-    let mut stream = ensure_stream(connection, shared, names).await?;
-    let info = stream.info().await?;
+) -> anyhow::Result<stream::Stream> {
+    let stream = ensure_stream(connection, shared, names).await?;
+    // The answer that found (or made) the stream: one round trip fewer
+    // while the stream's new leader is settling.
+    let info = stream.cached_info();
     let epoch = epoch_of(info);
     let state = info.state.clone();
     let Resume {
@@ -354,6 +498,16 @@ async fn open(
         pending: state.last_sequence.saturating_sub(start - 1),
         skipped_after: position.skipped_after.filter(|_| !remade),
     };
+    Ok(stream)
+}
+
+/// Makes a consumer of `stream` from `start` and starts pulling.
+async fn subscribe(
+    stream: stream::Stream,
+    start: u64,
+    events: String,
+    heartbeat: Duration,
+) -> anyhow::Result<consumer::pull::Stream> {
     let consumer = stream
         .create_consumer(consumer::pull::Config {
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
@@ -363,11 +517,11 @@ async fn open(
             // An abandoned consumer (we crashed, or made a new one) goes
             // away by itself.
             inactive_threshold: Duration::from_secs(30),
-            filter_subject: names.events.clone(),
+            filter_subject: events,
             ..Default::default()
         })
         .await?;
-    let heartbeat = shared.config.heartbeat.max(Duration::from_millis(500));
+    let heartbeat = heartbeat.max(Duration::from_millis(500));
     let messages = consumer
         .stream()
         .max_messages_per_batch(256)
@@ -515,6 +669,53 @@ mod tests {
     fn expired_events_are_missed() {
         let resume = resume(&at(30, 5), OLD, 36, 50);
         assert_eq!((resume.start, resume.missed, resume.remade), (36, 5, false));
+    }
+
+    /// A consumer made from where the node was when it was asked for
+    /// delivers again what the gets delivered meanwhile: skipped.
+    #[test]
+    fn what_was_delivered_is_skipped() {
+        let mut position = at(30, 0);
+        assert_eq!(step(&mut position, 31), Step::Next);
+        assert_eq!(step(&mut position, 32), Step::Next);
+        for again in [29, 31, 32] {
+            assert_eq!(step(&mut position, again), Step::Old);
+        }
+        assert_eq!(step(&mut position, 33), Step::Next);
+        assert_eq!(position.delivered, Some(33));
+    }
+
+    /// A jump is read again from before it once; at the same place again
+    /// it is counted and the reading goes on.
+    #[test]
+    fn a_jump_is_read_again_then_counted() {
+        let mut position = at(30, 0);
+        assert_eq!(
+            step(&mut position, 34),
+            Step::Jumped {
+                skipped: 3,
+                after: 30
+            }
+        );
+        assert_eq!(position.delivered, Some(30));
+        // The new consumer got them.
+        assert_eq!(step(&mut position, 31), Step::Next);
+        assert_eq!(
+            step(&mut position, 40),
+            Step::Jumped {
+                skipped: 8,
+                after: 31
+            }
+        );
+        // It did not: gone.
+        assert_eq!(
+            step(&mut position, 40),
+            Step::Lost {
+                skipped: 8,
+                after: 31
+            }
+        );
+        assert_eq!(position.delivered, Some(40));
     }
 
     /// The broker lost its store and another node made the stream again:
