@@ -28,9 +28,11 @@
 //! are released whenever they are empty, so an idle connection holds no
 //! buffer at all. A task's future is allocated at its largest for the
 //! task's whole life, so neither task holds a large array across an
-//! `.await`, and the states of rare paths (a full socket, the idle timer,
-//! lingering after an over-long line, waiting for room under `block`) are
-//! boxed: allocated when taken, not reserved in every connection.
+//! `.await`, and the states of rare paths (entering and leaving the room,
+//! a full socket, the idle timer, lingering after an over-long line,
+//! waiting for room under `block`, closing) are boxed: allocated when
+//! taken, not reserved in every connection. `tests/memory.rs` guards what
+//! an idle connection holds.
 
 use std::future::Future;
 use std::io;
@@ -117,6 +119,7 @@ struct Session<H, R> {
 
 /// Names and joins the client ([`lobby`]) and starts its writer; `None`
 /// if the connection ended first. Boxed: see [`serve`].
+#[allow(clippy::type_complexity)] // a boxed future cannot be named by an alias
 fn enter<H: Hub, T: Transport>(
     hub: Arc<H>,
     stream: T,
