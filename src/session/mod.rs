@@ -584,27 +584,35 @@ struct SocketWriter<W> {
 }
 
 impl<W: SessionWrite> SocketWriter<W> {
-    async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), WriteEnd> {
-        while !bytes.is_empty() {
-            match self.half.try_write(bytes) {
-                Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
-                Ok(written) => {
-                    self.mid_line = bytes[written - 1] != b'\n';
-                    bytes = &bytes[written..];
-                    if self.client.is_stuck() {
-                        self.client.set_stuck(false);
+    /// Writes all of `bytes`. A plain function around an `async` block, as
+    /// [`write_loop`] is: the writer task's future is sized by its state
+    /// while it writes, and an `async fn` would keep `bytes` twice.
+    fn write_all<'a>(
+        &'a mut self,
+        mut bytes: &'a [u8],
+    ) -> impl Future<Output = Result<(), WriteEnd>> + 'a {
+        async move {
+            while !bytes.is_empty() {
+                match self.half.try_write(bytes) {
+                    Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
+                    Ok(written) => {
+                        self.mid_line = bytes[written - 1] != b'\n';
+                        bytes = &bytes[written..];
+                        if self.client.is_stuck() {
+                            self.client.set_stuck(false);
+                        }
                     }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        // Boxed: only a full socket gets here, and the wait's
+                        // timers would otherwise sit in every writer task.
+                        Box::pin(self.wait_writable()).await?;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(WriteEnd::Failed(err)),
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    // Boxed: only a full socket gets here, and the wait's
-                    // timers would otherwise sit in every writer task.
-                    Box::pin(self.wait_writable()).await?;
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(WriteEnd::Failed(err)),
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Waits until the transport has sent what it buffered (TLS records;
