@@ -278,6 +278,9 @@ fn wait_for_tasks(server: &TestServer, expected: usize) -> io::Result<()> {
 
 #[test]
 fn idle_connections_stay_within_budget() -> io::Result<()> {
+    // The server and the clients share this process: two descriptors each.
+    chat_testkit::proc::ensure_open_files(2 * CONNECTIONS as u64 + 256)
+        .map_err(io::Error::other)?;
     let mut over = Vec::new();
     for model in Model::ALL {
         let (per, detail) = measure(model)?;
