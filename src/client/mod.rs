@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::config::{Config, SlowClientPolicy};
 use crate::protocol::Message;
@@ -143,8 +143,8 @@ impl Client {
     }
 
     /// Completes when the connection must end early.
-    pub(crate) async fn ending(&self) {
-        self.ending.cancelled().await
+    pub(crate) fn ending(&self) -> WaitForCancellationFuture<'_> {
+        self.ending.cancelled()
     }
 
     /// Sets the line the writer sends just before closing. The first call wins.

@@ -28,26 +28,25 @@
 //! are released whenever they are empty, so an idle connection holds no
 //! buffer at all. A task's future is allocated at its largest for the
 //! task's whole life, so neither task holds a large array across an
-//! `.await`, and the states of rare paths (a full socket, the idle timer,
-//! lingering after an over-long line, waiting for room under `block`) are
-//! boxed: allocated when taken, not reserved in every connection.
+//! `.await`, and the states of rare paths (entering and leaving the room,
+//! a full socket, the idle timer, lingering after an over-long line,
+//! waiting for room under `block`, closing) are boxed: allocated when
+//! taken, not reserved in every connection. `tests/memory.rs` guards what
+//! an idle connection holds.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::{timeout, Instant};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::client::{Client, Kick};
 use crate::config::SlowClientPolicy;
 use crate::guard::flood::{FloodGate, Verdict};
 use crate::memory;
-use crate::metrics::Metrics;
 use crate::protocol::{ChatBatch, LineBuffer, LineTooLong, Message};
 use crate::room::history::Snapshot;
 use crate::room::hub::{Hub, Inbox};
@@ -86,53 +85,92 @@ enum End {
 /// Log lines are emitted in the client's span ([`Client::span`]), entered
 /// only around each log call: entering a span on every poll of the tasks
 /// was measurable at a few hundred thousand polls a second.
-pub(crate) async fn serve<H: Hub, T: Transport>(
+pub(crate) fn serve<H: Hub, T: Transport>(
     hub: Arc<H>,
     stream: T,
     client: Arc<Client>,
     server: Arc<ServerContext>,
-) {
-    // Every step but `read_loop` is built in a plain function and boxed or
-    // spawned there: an async fn reserves room in its state for temporaries
-    // it holds around an `.await`, and this task lives as long as the
-    // connection, so only what the reading itself needs should be in it.
-    let (mut reader, mut writer) = stream.split();
-    let Some(entered) = lobby::enter(&*hub, &mut reader, &mut writer, client, &server).await else {
-        return;
-    };
-    let client = entered.client;
-    server.metrics.register(&client);
-    client.span().in_scope(|| info!("arrived"));
-    // The writer starts only now, so by the time the client reads its
-    // greeting it is registered and will see everyone's next line.
-    let history = entered.history.map(|history| {
-        // Held by the client until written: a newcomer that does not read
-        // its history holds it (`--max-client-memory`).
-        client.set_held_history(history.bytes);
-        Box::new(history)
-    });
-    spawn_writer(
-        writer,
-        entered.inbox,
-        entered.hello,
-        history,
-        &client,
-        &server,
-    );
-    let end = read_loop(&*hub, &mut reader, &client, &server).await;
-    let (departure, linger_for) = client.span().in_scope(|| conclude(end, &client));
-    leave(&*hub, &client, departure).await;
-    if let Some(at_most) = linger_for {
-        linger(&mut reader, &client, at_most).await;
+) -> impl Future<Output = ()> + Send + 'static {
+    // This task lives as long as the connection, and its future is
+    // allocated at its largest state for all that time. So only the read
+    // loop is held in it: entering (the lobby, starting the writer) and
+    // leaving are boxed, allocated while they run, and the stream is
+    // handed to the boxed entry here rather than kept as an argument (an
+    // async fn keeps its arguments' room in every state).
+    let entering = enter(hub, stream, client, server);
+    async move {
+        let Some(mut session) = entering.await else {
+            return;
+        };
+        let end = read_loop(&mut session).await;
+        finish(session, end).await;
     }
 }
 
-fn leave<'a, H: Hub>(
-    hub: &'a H,
-    client: &'a Arc<Client>,
-    departure: Option<Message>,
-) -> Pin<Box<impl Future<Output = ()> + Send + 'a>> {
-    Box::pin(hub.leave(client, departure))
+/// What the reader task holds once the client is in the room: one
+/// reference to this is all the read loop's future keeps of it.
+struct Session<H, R> {
+    hub: Arc<H>,
+    reader: R,
+    /// As it entered: renamed under `--names`.
+    client: Arc<Client>,
+    server: Arc<ServerContext>,
+}
+
+/// Names and joins the client ([`lobby`]) and starts its writer; `None`
+/// if the connection ended first. Boxed: see [`serve`].
+#[allow(clippy::type_complexity)] // a boxed future cannot be named by an alias
+fn enter<H: Hub, T: Transport>(
+    hub: Arc<H>,
+    stream: T,
+    client: Arc<Client>,
+    server: Arc<ServerContext>,
+) -> Pin<Box<impl Future<Output = Option<Session<H, T::Read>>> + Send + 'static>> {
+    Box::pin(async move {
+        let (mut reader, mut writer) = stream.split();
+        let entered = lobby::enter(&*hub, &mut reader, &mut writer, client, &server).await?;
+        let client = entered.client;
+        server.metrics.register(&client);
+        client.span().in_scope(|| info!("arrived"));
+        // The writer starts only now, so by the time the client reads its
+        // greeting it is registered and will see everyone's next line.
+        let history = entered.history.map(|history| {
+            // Held by the client until written: a newcomer that does not read
+            // its history holds it (`--max-client-memory`).
+            client.set_held_history(history.bytes);
+            Box::new(history)
+        });
+        spawn_writer(
+            writer,
+            entered.inbox,
+            entered.hello,
+            history,
+            &client,
+            &server,
+        );
+        Some(Session {
+            hub,
+            reader,
+            client,
+            server,
+        })
+    })
+}
+
+/// Leaves the hub (the others are told why, if they are) and lingers if
+/// the last line needs it. Boxed: see [`serve`].
+fn finish<H: Hub, R: SessionRead>(
+    mut session: Session<H, R>,
+    end: End,
+) -> Pin<Box<impl Future<Output = ()> + Send + 'static>> {
+    Box::pin(async move {
+        let client = &session.client;
+        let (departure, linger_for) = client.span().in_scope(|| conclude(end, client));
+        session.hub.leave(client, departure).await;
+        if let Some(at_most) = linger_for {
+            linger(&mut session.reader, client, at_most).await;
+        }
+    })
 }
 
 fn spawn_writer<I: Inbox, W: SessionWrite>(
@@ -214,39 +252,42 @@ fn conclude(end: End, client: &Client) -> (Option<Message>, Option<usize>) {
 }
 
 /// Reads lines and broadcasts them until input ends or the connection must end.
-async fn read_loop<H: Hub, R: SessionRead>(
-    hub: &H,
-    reader: &mut R,
-    client: &Arc<Client>,
-    server: &ServerContext,
-) -> End {
-    let config = &server.config;
-    let mut lines = LineBuffer::new(config.max_line);
+///
+/// Everything it uses of the session is reached through the one reference
+/// `s` rather than bound to locals: a local held across an `.await` is
+/// room in the future of every idle connection.
+async fn read_loop<H: Hub, R: SessionRead>(s: &mut Session<H, R>) -> End {
+    let mut lines = LineBuffer::new(s.server.config.max_line);
     let mut batch = ChatBatch::default();
-    let mut idle_deadline = config.idle_timeout.map(|idle| Instant::now() + idle);
-    let mut gate = server
+    let mut idle_deadline = s
+        .server
+        .config
+        .idle_timeout
+        .map(|idle| Instant::now() + idle);
+    let mut gate = s
+        .server
         .flood
         .as_ref()
         .map(|limits| FloodGate::new(limits, Instant::now()));
     loop {
-        if client.is_kicked() || server.stopping.load(Ordering::Relaxed) {
+        if s.client.is_kicked() || s.server.stopping.load(Ordering::Relaxed) {
             return End::Ending;
         }
         // Try the read first: under load data is usually waiting, and only
         // an actual wait needs the select below.
-        match reader.try_read_buf(lines.read_buf()) {
+        match s.reader.try_read_buf(lines.read_buf()) {
             Ok(0) => {
                 if let Some(line) = lines.take_unterminated() {
-                    batch.push(&client.who, line);
-                    server.metrics.lines_received(1);
+                    batch.push(&s.client.who, line);
+                    s.server.metrics.lines_received(1);
                 }
                 if let Some(message) = batch.take() {
-                    hub.broadcast(client, &message).await;
+                    s.hub.broadcast(&s.client, &message).await;
                 }
                 return End::InputEnded;
             }
             Ok(read) => {
-                if let Some(idle) = config.idle_timeout {
+                if let Some(idle) = s.server.config.idle_timeout {
                     idle_deadline = Some(Instant::now() + idle);
                 }
                 // Everything this read completed goes out as one message:
@@ -256,35 +297,35 @@ async fn read_loop<H: Hub, R: SessionRead>(
                     match lines.next_line() {
                         Ok(Some(line)) => {
                             completed += 1;
-                            batch.push(&client.who, line);
+                            batch.push(&s.client.who, line);
                         }
                         Ok(None) => break Ok(()),
                         Err(too_long) => break Err(too_long),
                     }
                     if batch.len() >= MAX_MESSAGE {
                         if let Some(message) = batch.take() {
-                            hub.broadcast(client, &message).await;
+                            s.hub.broadcast(&s.client, &message).await;
                         }
                     }
                 };
-                server.metrics.lines_received(completed as u64);
+                s.server.metrics.lines_received(completed as u64);
                 if let Some(message) = batch.take() {
-                    hub.broadcast(client, &message).await;
+                    s.hub.broadcast(&s.client, &message).await;
                 }
                 if let Err(too_long) = framed {
                     return End::TooLong(too_long);
                 }
-                if let (Some(gate), Some(limits)) = (gate.as_mut(), server.flood.as_ref()) {
+                if let (Some(gate), Some(limits)) = (gate.as_mut(), s.server.flood.as_ref()) {
                     match gate.charge(limits, Instant::now(), completed, read) {
                         Verdict::Go => {}
                         Verdict::HoldUntil(until) => {
-                            server.metrics.flood_holds.add(1);
-                            if !hold_off(until, client).await {
+                            s.server.metrics.flood_holds.add(1);
+                            if !hold_off(until, &s.client).await {
                                 return End::Ending;
                             }
                         }
                         Verdict::Flooding => {
-                            server.metrics.flood_disconnects.add(1);
+                            s.server.metrics.flood_disconnects.add(1);
                             return End::Flooding;
                         }
                     }
@@ -292,20 +333,12 @@ async fn read_loop<H: Hub, R: SessionRead>(
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                 lines.release_if_empty();
-                client.set_held_input(lines.capacity());
+                s.client.set_held_input(lines.capacity());
                 if let Some(gate) = gate.as_mut() {
                     gate.caught_up();
                 }
-                // `poll_read_ready` uses the socket's own reader waker slot;
-                // `readable()` would add a 168-byte waiter to every task.
-                tokio::select! {
-                    ready = std::future::poll_fn(|cx| reader.poll_read_ready(cx)) => {
-                        if let Err(err) = ready {
-                            return End::ReadFailed(err);
-                        }
-                    }
-                    () = client.ending() => return End::Ending,
-                    () = sleep_until(idle_deadline) => return End::Idle,
+                if let Some(end) = input_ready(&mut s.reader, &s.client, idle_deadline).await {
+                    return end;
                 }
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -326,12 +359,56 @@ fn hold_off(until: Instant, client: &Client) -> Pin<Box<impl Future<Output = boo
     })
 }
 
-/// Sleeps until `deadline`, or forever. The timer is boxed so that it costs
-/// memory only when `--idle-timeout` is set.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => Box::pin(tokio::time::sleep_until(deadline)).await,
-        None => std::future::pending().await,
+/// Waits until input may be there; `Some` if the connection must end
+/// first (kicked or shutting down, idle for `--idle-timeout`, or the socket
+/// failed).
+///
+/// This wait is where an idle connection spends its life, and so what its
+/// reader task's future is sized by: a future of its own rather than a
+/// `select!`, it holds one reference to the socket (whose own reader
+/// waker slot `poll_read_ready` uses: `readable()` would add a 168-byte
+/// waiter), the client's cancellation wait, and the idle timer, boxed and
+/// only under `--idle-timeout`.
+fn input_ready<'a, R: SessionRead>(
+    reader: &'a mut R,
+    client: &'a Client,
+    idle_deadline: Option<Instant>,
+) -> InputReady<'a, R> {
+    InputReady {
+        reader,
+        ending: client.ending(),
+        idle: idle_deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline))),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`input_ready`].
+    struct InputReady<'a, R> {
+        reader: &'a mut R,
+        #[pin]
+        ending: tokio_util::sync::WaitForCancellationFuture<'a>,
+        idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<R: SessionRead> Future for InputReady<'_, R> {
+    type Output = Option<End>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<End>> {
+        use std::task::Poll;
+        let this = self.project();
+        if let Poll::Ready(ready) = this.reader.poll_read_ready(cx) {
+            return Poll::Ready(ready.err().map(End::ReadFailed));
+        }
+        if this.ending.poll(cx).is_ready() {
+            return Poll::Ready(Some(End::Ending));
+        }
+        if let Some(idle) = this.idle {
+            if idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(End::Idle));
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -344,79 +421,91 @@ enum WriteEnd {
 }
 
 /// The writer task.
-async fn write_loop<I: Inbox, W: SessionWrite>(
+///
+/// A plain function around an `async` block, not an `async fn`: the block
+/// works on what it captured in place, where an `async fn` would move its
+/// arguments into locals and keep room for both in every state, and this
+/// task's future is allocated at its largest for the connection's life.
+fn write_loop<I: Inbox, W: SessionWrite>(
     half: W,
     mut inbox: I,
     hello: Message,
     history: Option<Box<Snapshot>>,
     client: Arc<Client>,
     server: Arc<ServerContext>,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let mut socket = SocketWriter {
         half,
-        client: &client,
-        write_timeout: server.config.write_timeout,
-        force: &server.force,
-        metrics: &server.metrics,
+        client,
+        server,
         shutting_down: false,
         mid_line: false,
     };
-    let mut result = match history {
-        None => socket.write_all(hello.as_bytes()).await,
-        Some(history) => Box::pin(write_history(&mut socket, &hello, *history)).await,
-    };
-    drop(hello);
-    let mut batch: Vec<u8> = Vec::new();
-    while result.is_ok() {
-        // An evicted client's queue is the memory being reclaimed: drop it
-        // rather than drain it at the client's pace.
-        if client.kicked() == Some(Kick::OverMemory) {
-            result = Err(WriteEnd::Abandoned);
-            break;
-        }
-        let first = match inbox.try_recv() {
-            Some(message) => message,
-            None => {
-                // Nothing ready: give the batch memory back before waiting.
-                memory::note_released(batch.capacity());
-                batch = Vec::new();
-                // What TLS still holds goes out before we sleep.
-                result = socket.flush().await;
-                if result.is_err() {
-                    break;
-                }
-                match inbox.recv().await {
-                    Some(message) => message,
-                    None => break,
-                }
-            }
+    async move {
+        let mut result = match history {
+            None => socket.write_all(hello.as_bytes()).await,
+            Some(history) => Box::pin(write_history(&mut socket, &hello, *history)).await,
         };
-        let mut bytes = first.len();
-        let mut messages = 1;
-        result = match inbox.try_recv() {
-            // A lone message is written straight from its shared buffer.
-            None => socket.write_all(first.as_bytes()).await,
-            Some(second) => {
-                batch.extend_from_slice(first.as_bytes());
-                drop(first);
-                let mut next = Some(second);
-                while let Some(message) = next.take() {
-                    bytes += message.len();
-                    messages += 1;
-                    batch.extend_from_slice(message.as_bytes());
-                    if batch.len() < MAX_WRITE {
-                        next = inbox.try_recv();
+        drop(hello);
+        let mut batch: Vec<u8> = Vec::new();
+        while result.is_ok() {
+            // An evicted client's queue is the memory being reclaimed: drop it
+            // rather than drain it at the client's pace.
+            if socket.client.kicked() == Some(Kick::OverMemory) {
+                result = Err(WriteEnd::Abandoned);
+                break;
+            }
+            let first = match inbox.try_recv() {
+                Some(message) => message,
+                None => {
+                    // Nothing ready: give the batch memory back before waiting.
+                    memory::note_released(batch.capacity());
+                    batch = Vec::new();
+                    // What TLS still holds goes out before we sleep.
+                    result = socket.flush().await;
+                    if result.is_err() {
+                        break;
+                    }
+                    match inbox.recv().await {
+                        Some(message) => message,
+                        None => break,
                     }
                 }
-                let written = socket.write_all(&batch).await;
-                batch.clear();
-                written
-            }
-        };
-        inbox.written(bytes);
-        socket.metrics.delivered(messages, bytes as u64);
+            };
+            let mut bytes = first.len();
+            let mut messages = 1;
+            result = match inbox.try_recv() {
+                // A lone message is written straight from its shared buffer.
+                None => socket.write_all(first.as_bytes()).await,
+                Some(second) => {
+                    batch.extend_from_slice(first.as_bytes());
+                    drop(first);
+                    let mut next = Some(second);
+                    while let Some(message) = next.take() {
+                        bytes += message.len();
+                        messages += 1;
+                        batch.extend_from_slice(message.as_bytes());
+                        if batch.len() < MAX_WRITE {
+                            next = inbox.try_recv();
+                        }
+                    }
+                    let written = socket.write_all(&batch).await;
+                    batch.clear();
+                    written
+                }
+            };
+            inbox.written(bytes);
+            socket.server.metrics.delivered(messages, bytes as u64);
+        }
+        drop(batch);
+        Box::pin(close(socket, result)).await;
     }
-    drop(batch);
+}
+
+/// Sends the client's last words, if any, and closes the connection.
+/// Boxed: it runs once, at the end.
+async fn close<W: SessionWrite>(mut socket: SocketWriter<W>, result: Result<(), WriteEnd>) {
+    let client = Arc::clone(&socket.client);
     match result {
         Ok(()) => {
             if let Some(words) = client.last_words() {
@@ -444,7 +533,7 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
         }
     }
     socket.half.close();
-    server.metrics.unregister(&client);
+    socket.server.metrics.unregister(&client);
     // Dropping the write half sends FIN; the socket closes once the reader
     // task has dropped its half too.
 }
@@ -452,7 +541,7 @@ async fn write_loop<I: Inbox, W: SessionWrite>(
 /// Writes the greeting and the `--history` block in writes of up to
 /// [`MAX_WRITE`] bytes; then the client no longer holds the block.
 async fn write_history<W: SessionWrite>(
-    socket: &mut SocketWriter<'_, W>,
+    socket: &mut SocketWriter<W>,
     hello: &Message,
     history: Snapshot,
 ) -> Result<(), WriteEnd> {
@@ -483,40 +572,48 @@ async fn write_history<W: SessionWrite>(
 }
 
 /// The write half plus what decides how long a write may wait.
-struct SocketWriter<'a, W> {
+struct SocketWriter<W> {
     half: W,
-    client: &'a Client,
-    write_timeout: Duration,
-    force: &'a CancellationToken,
-    metrics: &'a Metrics,
+    client: Arc<Client>,
+    /// The write timeout, the shutdown's `force` and the metrics.
+    server: Arc<ServerContext>,
     /// The server is shutting down: keep flushing until forced to stop.
     shutting_down: bool,
     /// The last byte written did not end a line.
     mid_line: bool,
 }
 
-impl<W: SessionWrite> SocketWriter<'_, W> {
-    async fn write_all(&mut self, mut bytes: &[u8]) -> Result<(), WriteEnd> {
-        while !bytes.is_empty() {
-            match self.half.try_write(bytes) {
-                Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
-                Ok(written) => {
-                    self.mid_line = bytes[written - 1] != b'\n';
-                    bytes = &bytes[written..];
-                    if self.client.is_stuck() {
-                        self.client.set_stuck(false);
+impl<W: SessionWrite> SocketWriter<W> {
+    /// Writes all of `bytes`. A plain function around an `async` block, as
+    /// [`write_loop`] is: the writer task's future is sized by its state
+    /// while it writes, and an `async fn` would keep `bytes` twice.
+    #[allow(clippy::manual_async_fn)] // the `async fn` form is 24 bytes larger
+    fn write_all<'a>(
+        &'a mut self,
+        mut bytes: &'a [u8],
+    ) -> impl Future<Output = Result<(), WriteEnd>> + 'a {
+        async move {
+            while !bytes.is_empty() {
+                match self.half.try_write(bytes) {
+                    Ok(0) => return Err(WriteEnd::Failed(io::ErrorKind::WriteZero.into())),
+                    Ok(written) => {
+                        self.mid_line = bytes[written - 1] != b'\n';
+                        bytes = &bytes[written..];
+                        if self.client.is_stuck() {
+                            self.client.set_stuck(false);
+                        }
                     }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        // Boxed: only a full socket gets here, and the wait's
+                        // timers would otherwise sit in every writer task.
+                        Box::pin(self.wait_writable()).await?;
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(WriteEnd::Failed(err)),
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    // Boxed: only a full socket gets here, and the wait's
-                    // timers would otherwise sit in every writer task.
-                    Box::pin(self.wait_writable()).await?;
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(WriteEnd::Failed(err)),
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Waits until the transport has sent what it buffered (TLS records;
@@ -543,18 +640,18 @@ impl<W: SessionWrite> SocketWriter<'_, W> {
             let writable = std::future::poll_fn(|cx| half.poll_write_ready(cx));
             tokio::select! {
                 biased;
-                () = self.force.cancelled() => return Err(WriteEnd::Abandoned),
+                () = self.server.force.cancelled() => return Err(WriteEnd::Abandoned),
                 () = self.client.ending(), if !self.shutting_down => {
                     if self.client.kicked().is_some() {
                         return Err(WriteEnd::Abandoned);
                     }
                     self.shutting_down = true;
                 }
-                ready = timeout(self.write_timeout, writable) => match ready {
+                ready = timeout(self.server.config.write_timeout, writable) => match ready {
                     Ok(Ok(())) => return Ok(()),
                     Ok(Err(err)) => return Err(WriteEnd::Failed(err)),
                     Err(_elapsed) => {
-                        self.metrics.write_timeouts.add(1);
+                        self.server.metrics.write_timeouts.add(1);
                         match self.client.policy {
                         SlowClientPolicy::Disconnect => {
                             self.client.kick(Kick::TooSlow, Some(Message::notice(TOO_SLOW)));

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# RSS per idle connection, every model: `chat-load idle -n N` against a
+# one-worker release server, server and load tool on cores of their own
+# (docs/results.md, "Memory per idle connection"). Prints one line per model
+# and round: KiB per connection at the instant the arrival storm has been
+# delivered (settled) and after holding the connections 1 s (held).
+#
+#   cargo build --release
+#   docs/scripts/idle-memory.sh                 # 3 rounds, 5,000 connections
+#   ROUNDS=1 N=2000 MAX_KIB=3 docs/scripts/idle-memory.sh
+#
+# MAX_KIB makes a held figure over it fail the run (`chat-load idle
+# --max-kib-per-connection`). The live-heap figure, exact and the same on
+# every run, is guarded by `cargo test --test memory`.
+set -euo pipefail
+
+BIN=${BIN:-target/release}
+N=${N:-5000}
+ROUNDS=${ROUNDS:-3}
+MODELS=${MODELS:-"sharded locked broadcaster broadcast"}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+ulimit -n $((2 * N + 256))
+echo "# $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg), n = $N"
+status=0
+for round in $(seq "$ROUNDS"); do
+  for model in $MODELS; do
+    taskset -c "$SERVER_CPU" "$BIN/chat-server" --addr 127.0.0.1:0 --model "$model" \
+      --threads 1 --max-clients-per-ip 0 >"$WORK/out" 2>"$WORK/log" &
+    pid=$!
+    addr=""
+    for _ in $(seq 100); do
+      addr=$(grep -o 'listening on [0-9.:]*' "$WORK/out" "$WORK/log" 2>/dev/null | head -1 | awk '{print $3}') || true
+      [ -n "$addr" ] && break
+      sleep 0.1
+    done
+    if [ -z "$addr" ]; then
+      echo "$model: the server did not start" >&2
+      kill "$pid" 2>/dev/null || true
+      exit 1
+    fi
+    gate=()
+    [ -n "${MAX_KIB:-}" ] && gate=(--max-kib-per-connection "$MAX_KIB")
+    if ! taskset -c "$LOAD_CPU" "$BIN/chat-load" idle --addr "$addr" -n "$N" \
+      --server-pid "$pid" --json "${gate[@]}" >"$WORK/report.json" 2>"$WORK/load.log"; then
+      status=1
+    fi
+    python3 - "$model" "$round" "$WORK/report.json" <<'EOF'
+import json, sys
+model, round_, path = sys.argv[1:]
+report = json.load(open(path))
+report = report[0] if isinstance(report, list) else report
+idle = report["idle"]
+print(f"{model:12} round {round_}: settled {idle['per_connection_kib']:.2f} KiB, "
+      f"held {idle['per_connection_held_kib']:.2f} KiB per idle connection")
+EOF
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+  done
+done
+exit $status
