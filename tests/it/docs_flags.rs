@@ -48,6 +48,7 @@ const OTHER_PROGRAMS: &[(&[&str], &[&str])] = &[
             "--no-run",
             "--no-fail-fast",
             "--locked",
+            "--precise",
             "--offline",
             // the libtest harness, after `--`
             "--nocapture",
