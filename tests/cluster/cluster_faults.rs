@@ -21,9 +21,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{Config, Model, SlowClientPolicy};
+use chat_server::{Config, Model};
 use chat_testkit::Relay;
-use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
+use common::cluster::{blocking_node, test_cluster, unlimited_node, wait_for, Node, JOIN_TIMEOUT};
 use common::ensure;
 use common::nats::Broker;
 use tokio::time::Instant;
@@ -377,19 +377,10 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     };
     let relay = Relay::start(broker_addr(&broker)?)?;
     let url = broker.url();
-    // The write timeout (also the socket's TCP user timeout) outlasts the
-    // test: whatever delivers to the stuck client waits for as long as it
-    // is stuck.
-    let blocking = Config::with_model(model).with(|c| {
-        c.slow_client = SlowClientPolicy::Block;
-        c.max_pending = 256 * 1024;
-        c.write_timeout = Duration::from_secs(600);
-    });
-    // The talker fills the stuck client's socket quickly: no flood control.
-    let unlimited = Config::with_model(model).with(|c| {
-        c.flood_lines = 0;
-        c.flood_bytes = 0;
-    });
+    // Whatever delivers to the stuck client waits for as long as it is
+    // stuck.
+    let blocking = blocking_node(model, 256 * 1024);
+    let unlimited = unlimited_node(model);
     let nodes = [
         Node::start_with(test_cluster(&url), blocking)?,
         Node::start_with(test_cluster(&url), unlimited)?,

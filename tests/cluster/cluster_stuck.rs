@@ -20,9 +20,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, Config, Model, SlowClientPolicy};
+use chat_server::{ClusterConfig, Config, Model};
 use chat_testkit::Relay;
-use common::cluster::{test_cluster, wait_for, Node, JOIN_TIMEOUT};
+use common::cluster::{blocking_node, test_cluster, unlimited_node, wait_for, Node, JOIN_TIMEOUT};
 use common::ensure;
 use common::nats::Broker;
 use futures_util::StreamExt;
@@ -80,18 +80,10 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     };
     let relay = Relay::start(broker_addr(&broker)?)?;
     let url = broker.url();
-    // The write timeout (also the socket's TCP user timeout) is 300 node
-    // timeouts: whatever delivers to the stuck client waits all the test.
-    let blocking = Config::with_model(model).with(|c| {
-        c.slow_client = SlowClientPolicy::Block;
-        c.max_pending = MAX_PENDING;
-        c.write_timeout = Duration::from_secs(600);
-    });
-    // The talker fills the stuck client's path quickly: no flood control.
-    let unlimited = Config::with_model(model).with(|c| {
-        c.flood_lines = 0;
-        c.flood_bytes = 0;
-    });
+    // The write timeout is 300 node timeouts: whatever delivers to the
+    // stuck client waits all the test.
+    let blocking = blocking_node(model, MAX_PENDING);
+    let unlimited = unlimited_node(model);
     let doomed_node =
         Config::with_model(model).with(|c| c.shutdown_grace = Duration::from_millis(100));
     let nodes = [

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
-use chat_server::{ClusterConfig, ClusterCounters, ClusterStats, Config, Model};
+use chat_server::{ClusterConfig, ClusterCounters, ClusterStats, Config, Model, SlowClientPolicy};
 use tokio::time::Instant;
 
 /// How long a node may take to join the room or to recover from a broker
@@ -23,6 +23,27 @@ pub fn test_cluster(url: &str) -> ClusterConfig {
         c.node_timeout = Duration::from_secs(1);
         c.reconnect_max = Duration::from_millis(200);
         c.ack_timeout = Duration::from_secs(1);
+    })
+}
+
+/// A node whose clients, once stuck, hold whatever delivers to them for
+/// the whole test: `--slow-client block` with a write timeout (also the
+/// socket's TCP user timeout) of ten minutes, and `max_pending` bytes of
+/// queue.
+pub fn blocking_node(model: Model, max_pending: usize) -> Config {
+    Config::with_model(model).with(|c| {
+        c.slow_client = SlowClientPolicy::Block;
+        c.max_pending = max_pending;
+        c.write_timeout = Duration::from_secs(600);
+    })
+}
+
+/// A node without flood control, for a talker that fills a stuck client's
+/// path quickly.
+pub fn unlimited_node(model: Model) -> Config {
+    Config::with_model(model).with(|c| {
+        c.flood_lines = 0;
+        c.flood_bytes = 0;
     })
 }
 
