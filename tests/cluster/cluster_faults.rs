@@ -145,14 +145,6 @@ fn with_presence(model: Model) -> Config {
     Config::with_model(model).with(|c| c.announce_present = true)
 }
 
-fn broker_addr(broker: &Broker) -> io::Result<SocketAddr> {
-    broker
-        .url()
-        .trim_start_matches("nats://")
-        .parse()
-        .map_err(io::Error::other)
-}
-
 /// Finding 1: a node cut off from the broker for longer than the node
 /// timeout while every node chats, then healed. On the other nodes the
 /// returning client's `has arrived` comes before any of its lines (it was
@@ -163,7 +155,7 @@ async fn partition_then_heal_keeps_membership_in_stream_order(model: Model) -> i
     let Some(broker) = Broker::start()? else {
         return Ok(());
     };
-    let relay = Relay::start(broker_addr(&broker)?)?;
+    let relay = Relay::start(broker.addr())?;
     let url = broker.url();
     let nodes = [
         Node::start_with(test_cluster(&url), with_presence(model))?,
@@ -375,7 +367,7 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     let Some(broker) = Broker::start()? else {
         return Ok(());
     };
-    let relay = Relay::start(broker_addr(&broker)?)?;
+    let relay = Relay::start(broker.addr())?;
     let url = broker.url();
     // Whatever delivers to the stuck client waits for as long as it is
     // stuck.

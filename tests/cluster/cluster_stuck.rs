@@ -78,7 +78,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     let Some(broker) = Broker::start()? else {
         return Ok(());
     };
-    let relay = Relay::start(broker_addr(&broker)?)?;
+    let relay = Relay::start(broker.addr())?;
     let url = broker.url();
     // The write timeout is 300 node timeouts: whatever delivers to the
     // stuck client waits all the test.
@@ -422,14 +422,6 @@ fn clients_in(payload: &[u8]) -> Option<usize> {
 fn node_in(payload: &[u8]) -> Option<String> {
     let beat: serde_json::Value = serde_json::from_slice(payload).ok()?;
     beat["node"].as_str().map(str::to_string)
-}
-
-fn broker_addr(broker: &Broker) -> io::Result<SocketAddr> {
-    broker
-        .url()
-        .trim_start_matches("nats://")
-        .parse()
-        .map_err(io::Error::other)
 }
 
 /// The room's heartbeats as any NATS client sees them on the broker.
