@@ -232,6 +232,10 @@ struct CompareArgs {
     #[arg(long, default_value_t = 5000)]
     idle_clients: usize,
 
+    /// Seconds the idle scenario keeps its connections open after they settle.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    hold: f64,
+
     /// Seconds without progress after which a run stops waiting for what is in flight.
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     drain: f64,
@@ -362,6 +366,7 @@ fn compare_options(args: &CompareArgs) -> anyhow::Result<CompareOptions> {
         rate: args.rate,
         rate_duration: seconds("duration", args.duration)?,
         idle_clients: args.idle_clients,
+        idle_hold: seconds("hold", args.hold)?,
         drain: seconds("drain", args.drain)?,
         startup_timeout: seconds("startup-timeout", args.startup_timeout)?,
         out: args.out.clone(),

@@ -83,6 +83,8 @@ pub struct CompareOptions {
     pub rate: f64,
     pub rate_duration: Duration,
     pub idle_clients: usize,
+    /// The idle scenario's `--hold`.
+    pub idle_hold: Duration,
     pub drain: Duration,
     pub startup_timeout: Duration,
     pub out: PathBuf,

@@ -73,6 +73,7 @@ fn options_for(opts: &CompareOptions, server: &Group, scenario: Scenario, n: usi
             o.duration = opts.rate_duration;
             o.size = opts.size;
         }
+        Scenario::Idle => o.hold = opts.idle_hold,
         _ => {}
     }
     o

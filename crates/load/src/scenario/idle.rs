@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 
@@ -59,8 +58,8 @@ pub(super) async fn run(opts: &Options) -> anyhow::Result<Report> {
     for handle in handles {
         let _ = handle.await;
     }
-    // Closed; give the server a moment to process n departures.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Closed; give the server as long again to process n departures.
+    tokio::time::sleep(opts.hold).await;
     let rss_closed = rss().ok().flatten();
 
     let per = |after: Option<u64>| match (rss_before, after) {
