@@ -93,9 +93,9 @@ impl TestServer {
                         metrics,
                         web,
                         config,
-                        async move {
+                        Box::pin(async move {
                             let _ = stopped.await;
-                        },
+                        }),
                     ));
                     let _ = server.await;
                 });

@@ -24,6 +24,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,12 +77,28 @@ pub async fn bind(addr: &str) -> io::Result<TcpListener> {
         .unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
 }
 
+/// The future whose completion starts a graceful shutdown, boxed: the
+/// server below [`run`] is generic over the model only, so it is compiled
+/// once, in this crate, rather than again in every crate that calls `run`
+/// with a shutdown future of its own type (each test binary did: boxing
+/// made `tests/it`'s LLVM IR 45% smaller).
+pub(crate) type Shutdown<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Serves `listener` with `config` until `shutdown` completes, then shuts
 /// down gracefully. Fails only if the configuration is invalid.
 pub async fn run(
     listener: TcpListener,
     config: Config,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ConfigError> {
+    bind_and_run(listener, config, Box::pin(shutdown)).await
+}
+
+/// [`run`] past the shutdown future's type.
+async fn bind_and_run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Shutdown<'_>,
 ) -> Result<(), ConfigError> {
     config.validate()?;
     let metrics_listener = match &config.metrics_addr {
@@ -108,7 +125,7 @@ pub(crate) async fn run_with_listeners(
     metrics_listener: Option<TcpListener>,
     web_listener: Option<TcpListener>,
     config: Config,
-    shutdown: impl Future<Output = ()>,
+    shutdown: Shutdown<'_>,
 ) -> Result<(), ConfigError> {
     config.validate()?;
     let tls = match &config.tls {
@@ -173,22 +190,14 @@ async fn accept_web(web: Option<&TcpListener>) -> io::Result<(TcpStream, SocketA
 /// clients are gone, their departures get up to `--shutdown-grace` more to
 /// reach the broker.
 #[cfg(feature = "cluster")]
-async fn serve_clustered<H: Hub>(
-    listeners: Listeners,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) {
+async fn serve_clustered<H: Hub>(listeners: Listeners, config: Config, shutdown: Shutdown<'_>) {
     let grace = config.shutdown_grace;
     let hub = serve::<crate::cluster::Clustered<H>>(listeners, config, shutdown).await;
     hub.close(grace).await;
 }
 
 /// Serves until shutdown is over; returns the hub, for whatever outlives the clients.
-async fn serve<H: Hub>(
-    listeners: Listeners,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Arc<H> {
+async fn serve<H: Hub>(listeners: Listeners, config: Config, shutdown: Shutdown<'_>) -> Arc<H> {
     let Listeners {
         chat: listener,
         metrics: metrics_listener,
@@ -250,7 +259,7 @@ async fn serve<H: Hub>(
     // needs a task for it.
     let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
     housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
+    let mut shutdown = shutdown;
 
     loop {
         let accepted = tokio::select! {
