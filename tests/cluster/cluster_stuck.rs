@@ -16,19 +16,20 @@ use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
 use chat_server::{Config, Model};
 use chat_testkit::Relay;
-use common::cluster::{blocking_node, test_cluster, unlimited_node, wait_for, Node, JOIN_TIMEOUT};
+use common::cluster::{
+    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, wait_for, Node,
+    JOIN_TIMEOUT,
+};
 use common::ensure;
 use common::nats::Broker;
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -39,9 +40,6 @@ for_models!(
     a_death_announced_while_a_client_is_stuck_kills_no_live_node
 );
 
-/// The stuck client's receive buffer: small, so that a few megabytes fill
-/// it, the server's send buffer and the client's queue.
-const STUCK_RECEIVE_BUFFER: u32 = 4 * 1024;
 /// The blocking node's `--max-pending`: the stuck client's queue.
 const MAX_PENDING: usize = 256 * 1024;
 /// The length of a fill line's text (see [`fill_lines`]).
@@ -256,23 +254,10 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
 
 /// How many lines fill the stuck client's path, each its own event (one
 /// read on the talker's node, one message for the blocking node's hub):
-/// its receive buffer, the server's send buffer (which the kernel grows up
-/// to `net.ipv4.tcp_wmem`'s largest, 4 MB by default) and its queue, with a
-/// megabyte to spare, then [`FILL_BEYOND`] more. About 3,800 lines, 7.5 MB,
-/// with the default.
+/// [`stuck_path_bytes`], then [`FILL_BEYOND`] more. About 3,800 lines,
+/// 7.5 MB, with the default.
 fn fill_lines() -> usize {
-    let send_buffer = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-        .ok()
-        .and_then(|limits| limits.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(4 * 1024 * 1024);
-    (send_buffer + MAX_PENDING + 1024 * 1024).div_ceil(FILL_LINE_BYTES) + FILL_BEYOND
-}
-
-/// A client on `addr` with a small receive buffer that never reads.
-async fn connect_stuck(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(STUCK_RECEIVE_BUFFER)?;
-    socket.connect(addr).await
+    stuck_path_bytes(MAX_PENDING).div_ceil(FILL_LINE_BYTES) + FILL_BEYOND
 }
 
 /// A client whose lines are read by a task of their own, so that a test
