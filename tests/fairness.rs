@@ -2,13 +2,16 @@
 //! `--slow-client` policy (but `broadcast` + `block`, which is refused at
 //! start), with the default limits: one client writes 100-byte lines as
 //! fast as TCP lets it, while ten ordinary clients each send one line every
-//! 50 ms and read at 2 MB/s. No ordinary client may be disconnected or lose
+//! 50 ms for a second and read at 2 MB/s. No ordinary client may be disconnected or lose
 //! a line, and their end-to-end latency (send to parse, reading pace
 //! included) must stay low.
 //!
 //! Without flood control the same room empties: the flooder fills every
 //! queue within a second and the ordinary clients are dropped as too slow
-//! (`disconnect`), lose most lines (`drop`), or wait seconds (`block`). The
+//! (`disconnect`), lose most lines (`drop`), or wait seconds (`block`):
+//! with `flood_lines` and `flood_bytes` set to 0, all 11 cases of this
+//! file failed so (lines lost, clients dropped or stalled, `block` p99
+//! 21 s; 6 December 2026). The
 //! target is p99 < 100 ms, and each case prints its figures; the assertion
 //! allows 250 ms, because this runs beside other tests on a shared 2-core
 //! CI machine, and 250 ms still fails every unprotected policy by far.
@@ -28,7 +31,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 const ORDINARY: usize = 10;
-const LINES_EACH: usize = 40;
+/// Lines each ordinary client sends: a second's worth, as long as the
+/// flooder needs to drown an unprotected room (was 40, two seconds; the
+/// eleven cases two at a time took 12 s of every `cargo test`).
+const LINES_EACH: usize = 20;
 const SEND_EVERY: Duration = Duration::from_millis(50);
 /// How fast an ordinary client reads, in bytes per second.
 const READ_RATE: f64 = 2_000_000.0;

@@ -23,7 +23,10 @@ use std::time::Duration;
 use chat_server::harness::TestClient;
 use chat_server::{Config, Model};
 use chat_testkit::Relay;
-use common::cluster::{blocking_node, test_cluster, unlimited_node, wait_for, Node, JOIN_TIMEOUT};
+use common::cluster::{
+    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, wait_for, Node,
+    JOIN_TIMEOUT,
+};
 use common::ensure;
 use common::nats::Broker;
 use tokio::time::Instant;
@@ -371,7 +374,8 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     let url = broker.url();
     // Whatever delivers to the stuck client waits for as long as it is
     // stuck.
-    let blocking = blocking_node(model, 256 * 1024);
+    let max_pending = 256 * 1024;
+    let blocking = blocking_node(model, max_pending);
     let unlimited = unlimited_node(model);
     let nodes = [
         Node::start_with(test_cluster(&url), blocking)?,
@@ -385,10 +389,11 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     // A client on the blocking node that reads nothing, and a watcher on
     // the second node that sees it arrive.
     let mut watcher = View::join(nodes[1].addr(), false).await?;
-    let stuck = TestClient::connect(nodes[0].addr()).await?;
+    let stuck = connect_stuck(nodes[0].addr()).await?;
+    let stuck_who = stuck.local_addr()?.to_string();
     watcher
         .until("the stuck client's arrival", |v| {
-            v.view.contains(&stuck.who)
+            v.view.contains(&stuck_who)
         })
         .await?;
     let doomed = View::join(nodes[2].addr(), false).await?;
@@ -403,8 +408,11 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     watcher
         .until("the talker's arrival", |v| v.view.contains(&talker.who))
         .await?;
+    // Its path's worth (was a fixed 16,000 lines, 14.4 MB, for a stuck
+    // client with the default receive buffer): too few would fail the
+    // check that the hub was held, below.
     let chunk = "x".repeat(900);
-    let lines = 16_000;
+    let lines = stuck_path_bytes(max_pending).div_ceil(chunk.len());
     for number in 0..lines {
         talker.send(&format!("{number} {chunk}")).await?;
     }
@@ -460,10 +468,9 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     }
     // The stuck client reads again: the blocking node delivers the rest,
     // the departure included, and goes on.
-    let (mut stuck_reader, _stuck_writer) = stuck.into_parts();
     let draining = tokio::spawn(async move {
-        let mut sink = tokio::io::sink();
-        tokio::io::copy(&mut stuck_reader, &mut sink).await
+        let mut stuck = stuck;
+        tokio::io::copy(&mut stuck, &mut tokio::io::sink()).await
     });
     wait_for(
         &nodes[0].counters,

@@ -16,11 +16,17 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+// The test harness starts tests in name order, eight at a time, so a long
+// test whose name sorts last lengthens the whole run by its own length:
+// `cluster_blocked` (7-9 s a model, issue 18's finding 6) sorts before
+// `cluster_broker_faults` and starts with the broker-fault tests, which wait
+// on nats-server's elections. As `cluster_stuck` it started last and the
+// binary took 26 s, not 22.
 mod cluster;
+mod cluster_blocked;
 mod cluster_broker_faults;
 mod cluster_chaos;
 mod cluster_faults;
 mod cluster_history;
 mod cluster_names;
 mod cluster_relay;
-mod cluster_stuck;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chat_server::harness::{TestClient, TestServer};
 use chat_server::{ClusterConfig, ClusterCounters, ClusterStats, Config, Model, SlowClientPolicy};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 /// How long a node may take to join the room or to recover from a broker
@@ -45,6 +46,30 @@ pub fn unlimited_node(model: Model) -> Config {
         c.flood_lines = 0;
         c.flood_bytes = 0;
     })
+}
+
+/// A stuck client's receive buffer: small, so that what fills its path is
+/// the server's send buffer and the client's queue.
+const STUCK_RECEIVE_BUFFER: u32 = 4 * 1024;
+
+/// A client on `addr` with a small receive buffer that never reads (not
+/// even its greeting).
+pub async fn connect_stuck(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(STUCK_RECEIVE_BUFFER)?;
+    socket.connect(addr).await
+}
+
+/// Bytes that fill a [`connect_stuck`] client's path on a node with
+/// `max_pending` bytes of queue: the server's send buffer (which the kernel
+/// grows up to `net.ipv4.tcp_wmem`'s largest, 4 MB by default), the queue,
+/// and a megabyte to spare.
+pub fn stuck_path_bytes(max_pending: usize) -> usize {
+    let send_buffer = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|limits| limits.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 * 1024 * 1024);
+    send_buffer + max_pending + 1024 * 1024
 }
 
 /// A node in its own runtime, and its backplane counters.

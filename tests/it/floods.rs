@@ -102,12 +102,24 @@ async fn accept_errors_back_off_and_recover() -> io::Result<()> {
     for _ in 0..CLIENTS {
         waiting.push(TestClient::connect_raw(addr).await?);
     }
+    // Each gets 300 ms for its greeting, all at once (one after the
+    // other, the 300 ms of every waiting one added up to 6 s).
+    let asking: Vec<_> = waiting
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let answer = client.line_within(Duration::from_millis(300)).await;
+                let greeted = matches!(answer, Ok(line) if line.starts_with("You are "));
+                (client, greeted)
+            })
+        })
+        .collect();
     let mut greeted = Vec::new();
     let mut still_waiting = Vec::new();
-    for mut client in waiting {
-        match client.line_within(Duration::from_millis(300)).await {
-            Ok(line) if line.starts_with("You are ") => greeted.push(client),
-            _ => still_waiting.push(client),
+    for asked in asking {
+        match asked.await.map_err(io::Error::other)? {
+            (client, true) => greeted.push(client),
+            (client, false) => still_waiting.push(client),
         }
     }
     ensure(!greeted.is_empty() && !still_waiting.is_empty(), || {

@@ -1,14 +1,18 @@
 //! Slow consumers, in every model and under every slow-client policy: one
-//! client that never reads while 20 others exchange 40,000 lines of 200
+//! client that never reads while 20 others exchange 24,000 lines of 200
 //! bytes, and one that reads slowly but steadily through a 10,000-line burst.
 //!
 //! A client that never reads is absorbed by kernel buffers first: on
 //! loopback the server's send buffer autotunes to megabytes (about 2.8 MB
 //! measured here), and only then does the server's own queue fill. So each
-//! recipient is sent about 8.8 MB: more than Linux's 4 MB send-buffer
-//! ceiling plus the 256 KiB `--max-pending` used here, and more than the
-//! `broadcast` model's 1,024-entry ring holds (each entry is one read of
-//! 10 lines). The exchange runs in
+//! recipient is sent about 5.2 MB (24,000 lines of about 217 bytes with
+//! the sender's address): more than Linux's 4 MB send-buffer ceiling plus
+//! the 256 KiB `--max-pending` used here, and more than the `broadcast`
+//! model's 1,024-entry ring holds (each entry is one read of 10 lines).
+//! Too little would fail the tests, not pass them: the stuck client would
+//! be sent everything, or `block`'s exchange would finish. (It was 40,000
+//! lines, 8.7 MB a recipient; the twelve tests were a quarter of the CPU
+//! of `tests/it`.) The exchange runs in
 //! lockstep rounds, so a healthy reader is never more than one round (44 KB)
 //! behind and only the stuck one ever reaches a limit, however the machine
 //! schedules the test.
@@ -27,7 +31,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 const EXCHANGE: Exchange = Exchange {
     senders: 20,
-    rounds: 200,
+    rounds: 120,
     lines_per_round: 10,
     line_len: 200,
     within: Duration::from_secs(60),

@@ -268,8 +268,11 @@ fn black_hole(model: Model, keepalive: Option<Duration>) -> io::Result<()> {
             })
         }
         None => {
-            // Three times what detection takes with keepalive on.
-            thread::sleep(Duration::from_secs(6));
+            // Half as long again as detection takes with keepalive on
+            // (about 2 s, kernel timers: a second of silence, one probe,
+            // the user timeout), and long enough that a peer freed by
+            // keepalive would be gone.
+            thread::sleep(Duration::from_secs(3));
             ensure(tasks() == model.expected_tasks(2), || {
                 format!(
                     "{model}: without keepalive the peer was freed anyway ({} tasks)",

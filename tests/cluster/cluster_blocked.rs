@@ -16,19 +16,20 @@ use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, Config, Model};
+use chat_server::{Config, Model};
 use chat_testkit::Relay;
-use common::cluster::{blocking_node, test_cluster, unlimited_node, wait_for, Node, JOIN_TIMEOUT};
+use common::cluster::{
+    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, wait_for, Node,
+    JOIN_TIMEOUT,
+};
 use common::ensure;
 use common::nats::Broker;
 use futures_util::StreamExt;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -39,9 +40,6 @@ for_models!(
     a_death_announced_while_a_client_is_stuck_kills_no_live_node
 );
 
-/// The stuck client's receive buffer: small, so that a few megabytes fill
-/// it, the server's send buffer and the client's queue.
-const STUCK_RECEIVE_BUFFER: u32 = 4 * 1024;
 /// The blocking node's `--max-pending`: the stuck client's queue.
 const MAX_PENDING: usize = 256 * 1024;
 /// The length of a fill line's text (see [`fill_lines`]).
@@ -59,17 +57,17 @@ const FILL_BEYOND: usize = 1_100;
 /// bulk, 16 KB messages, passed on the old code.)
 const DOOMED: usize = 100;
 /// How long the probe on the blocking node gets no line before its
-/// delivery counts as held: a bounded read, not a sleep.
-const QUIET: Duration = Duration::from_secs(2);
-/// `--cluster-node-timeout` here: twice `test_cluster`'s, as this test
-/// keeps the machine busier than most (three nodes, megabytes through
-/// the broker) while every node must stay alive in the others' eyes; the
-/// old code's stall lasts as long as the client is stuck, whatever the
-/// timeout.
-const NODE_TIMEOUT: Duration = Duration::from_secs(2);
+/// delivery counts as held: a bounded read, not a sleep. Too short a wait
+/// cannot make the test pass wrongly: a node whose delivery was not held
+/// announces the death at once, which the test fails on at the end.
+const QUIET: Duration = Duration::from_secs(1);
 /// How long the blocking node must stay alive in the others' eyes, in
-/// heartbeats of `test_cluster` (200 ms): two and a half node timeouts.
-const BEATS_TO_OUTLIVE: usize = 25;
+/// heartbeats of `test_cluster` (200 ms): two and a half of its node
+/// timeouts (1 s). The old code's stall lasts as long as the client is
+/// stuck, whatever the timeout; every wait of this test for a death, and
+/// this, is a multiple of it (with a node timeout of 2 s the test took
+/// 12-13 s).
+const BEATS_TO_OUTLIVE: usize = 13;
 
 /// Finding 6: a node's death is announced while a local client is stuck.
 async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
@@ -87,10 +85,10 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     let doomed_node =
         Config::with_model(model).with(|c| c.shutdown_grace = Duration::from_millis(100));
     let nodes = [
-        Node::start_with(cluster(&url), blocking)?,
-        Node::start_with(cluster(&url), unlimited)?,
+        Node::start_with(test_cluster(&url), blocking)?,
+        Node::start_with(test_cluster(&url), unlimited)?,
         // Cut off at the end, it cannot drain: it would wait out its grace.
-        Node::start_with(cluster(&relay.nats_url()), doomed_node)?,
+        Node::start_with(test_cluster(&relay.nats_url()), doomed_node)?,
     ];
     for node in &nodes {
         node.joined(1).await?;
@@ -254,30 +252,12 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
     Ok(())
 }
 
-/// The backplane of `test_cluster`, with [`NODE_TIMEOUT`].
-fn cluster(url: &str) -> ClusterConfig {
-    test_cluster(url).with(|c| c.node_timeout = NODE_TIMEOUT)
-}
-
 /// How many lines fill the stuck client's path, each its own event (one
 /// read on the talker's node, one message for the blocking node's hub):
-/// its receive buffer, the server's send buffer (which the kernel grows up
-/// to `net.ipv4.tcp_wmem`'s largest, 4 MB by default) and its queue, with a
-/// megabyte to spare, then [`FILL_BEYOND`] more. About 3,800 lines, 7.5 MB,
-/// with the default.
+/// [`stuck_path_bytes`], then [`FILL_BEYOND`] more. About 3,800 lines,
+/// 7.5 MB, with the default.
 fn fill_lines() -> usize {
-    let send_buffer = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
-        .ok()
-        .and_then(|limits| limits.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or(4 * 1024 * 1024);
-    (send_buffer + MAX_PENDING + 1024 * 1024).div_ceil(FILL_LINE_BYTES) + FILL_BEYOND
-}
-
-/// A client on `addr` with a small receive buffer that never reads.
-async fn connect_stuck(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(STUCK_RECEIVE_BUFFER)?;
-    socket.connect(addr).await
+    stuck_path_bytes(MAX_PENDING).div_ceil(FILL_LINE_BYTES) + FILL_BEYOND
 }
 
 /// A client whose lines are read by a task of their own, so that a test
