@@ -48,6 +48,13 @@ for round in $(seq "$ROUNDS"); do
       --server-pid "$pid" --json "${gate[@]}" >"$WORK/report.json" 2>"$WORK/load.log"; then
       status=1
     fi
+    if [ ! -s "$WORK/report.json" ]; then
+      echo "$model round $round: chat-load idle gave no report: $(tail -1 "$WORK/load.log")" >&2
+      status=1
+      kill "$pid"
+      wait "$pid" 2>/dev/null || true
+      continue
+    fi
     python3 - "$model" "$round" "$WORK/report.json" <<'EOF'
 import json, sys
 model, round_, path = sys.argv[1:]
