@@ -15,7 +15,9 @@ BIN=${BIN:-target/release}
 N=${N:-5000}
 MODELS=${MODELS:-sharded}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+pid=""
+# A server left behind by a failed step is stopped too.
+trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
 cc -O2 -shared -fPIC -o "$WORK/census.so" "$(dirname "$0")/heap-census.c" -lpthread
 ulimit -n $((2 * N + 256))

@@ -21,7 +21,9 @@ MODELS=${MODELS:-"sharded locked broadcaster broadcast"}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+pid=""
+# A server left behind by a failed step is stopped too.
+trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
 ulimit -n $((2 * N + 256))
 echo "# $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg), n = $N"
