@@ -21,7 +21,9 @@ MODELS=${MODELS:-"sharded locked broadcaster broadcast"}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+pid=""
+# A server left behind by a failed step is stopped too.
+trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
 ulimit -n $((2 * N + 256))
 echo "# $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg), n = $N"
@@ -47,6 +49,13 @@ for round in $(seq "$ROUNDS"); do
     if ! taskset -c "$LOAD_CPU" "$BIN/chat-load" idle --addr "$addr" -n "$N" \
       --server-pid "$pid" --json "${gate[@]}" >"$WORK/report.json" 2>"$WORK/load.log"; then
       status=1
+    fi
+    if [ ! -s "$WORK/report.json" ]; then
+      echo "$model round $round: chat-load idle gave no report: $(tail -1 "$WORK/load.log")" >&2
+      status=1
+      kill "$pid"
+      wait "$pid" 2>/dev/null || true
+      continue
     fi
     python3 - "$model" "$round" "$WORK/report.json" <<'EOF'
 import json, sys

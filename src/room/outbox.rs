@@ -244,4 +244,8 @@ impl Inbox for QueueInbox {
     fn written(&mut self, bytes: usize) {
         self.client.budget.give_back(bytes);
     }
+
+    fn pending_bytes(&self) -> usize {
+        self.client.budget.queued()
+    }
 }

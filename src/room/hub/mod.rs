@@ -165,4 +165,12 @@ pub(crate) trait Inbox: Send + 'static {
     /// Reports that `bytes` of received messages are on the socket, so the
     /// queue may take more.
     fn written(&mut self, bytes: usize);
+
+    /// Bytes queued for the client and not yet reported
+    /// [`written`](Inbox::written), if the inbox knows (0 if not): the
+    /// writer sizes a batch from it in one allocation rather than growing
+    /// it message by message.
+    fn pending_bytes(&self) -> usize {
+        0
+    }
 }
