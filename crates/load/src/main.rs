@@ -82,7 +82,8 @@ struct LoadArgs {
     #[arg(long, value_name = "SECS", default_value_t = 2.0)]
     drain: f64,
 
-    /// Seconds the idle scenario keeps its connections open after they settle.
+    /// Seconds the idle scenario keeps its connections open after they
+    /// settle, and waits again after closing them before its last reading.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     hold: f64,
 
@@ -232,7 +233,8 @@ struct CompareArgs {
     #[arg(long, default_value_t = 5000)]
     idle_clients: usize,
 
-    /// Seconds the idle scenario keeps its connections open after they settle.
+    /// Seconds the idle scenario keeps its connections open after they
+    /// settle, and waits again after closing them before its last reading.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     hold: f64,
 
