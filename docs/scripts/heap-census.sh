@@ -15,6 +15,7 @@ BIN=${BIN:-target/release}
 N=${N:-5000}
 MODELS=${MODELS:-sharded}
 WORK=$(mktemp -d)
+source "$(dirname "$0")/server-addr.sh"
 pid=""
 # A server left behind by a failed step is stopped too.
 trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
@@ -27,13 +28,7 @@ for model in $MODELS; do
     taskset -c 0 "$BIN/chat-server" --addr 127.0.0.1:0 --model "$model" \
     --threads 1 --max-clients-per-ip 0 >"$WORK/out" 2>"$WORK/log" &
   pid=$!
-  addr=""
-  for _ in $(seq 100); do
-    addr=$(grep -o 'listening on [0-9.:]*' "$WORK/out" "$WORK/log" 2>/dev/null | head -1 | awk '{print $3}') || true
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
-  [ -n "$addr" ] || { echo "$model: the server did not start" >&2; kill "$pid"; exit 1; }
+  addr=$(server_addr "$WORK/out" "$WORK/log") || { echo "$model: the server did not start" >&2; exit 1; }
   # Held long enough for the census to be taken while every client is
   # connected and the trim after the storm has run (the accept loop's
   # 250 ms housekeeping).

@@ -21,6 +21,7 @@ MODELS=${MODELS:-"sharded locked broadcaster broadcast"}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 WORK=$(mktemp -d)
+source "$(dirname "$0")/server-addr.sh"
 pid=""
 # A server left behind by a failed step is stopped too.
 trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
@@ -33,17 +34,7 @@ for round in $(seq "$ROUNDS"); do
     taskset -c "$SERVER_CPU" "$BIN/chat-server" --addr 127.0.0.1:0 --model "$model" \
       --threads 1 --max-clients-per-ip 0 >"$WORK/out" 2>"$WORK/log" &
     pid=$!
-    addr=""
-    for _ in $(seq 100); do
-      addr=$(grep -o 'listening on [0-9.:]*' "$WORK/out" "$WORK/log" 2>/dev/null | head -1 | awk '{print $3}') || true
-      [ -n "$addr" ] && break
-      sleep 0.1
-    done
-    if [ -z "$addr" ]; then
-      echo "$model: the server did not start" >&2
-      kill "$pid" 2>/dev/null || true
-      exit 1
-    fi
+    addr=$(server_addr "$WORK/out" "$WORK/log") || { echo "$model: the server did not start" >&2; exit 1; }
     gate=()
     [ -n "${MAX_KIB:-}" ] && gate=(--max-kib-per-connection "$MAX_KIB")
     if ! taskset -c "$LOAD_CPU" "$BIN/chat-load" idle --addr "$addr" -n "$N" \

@@ -22,7 +22,7 @@ use chat_server::harness::TestClient;
 use chat_server::{Config, Model};
 use chat_testkit::Relay;
 use common::cluster::{
-    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, wait_for, Node,
+    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, unstick, Node,
     JOIN_TIMEOUT,
 };
 use common::ensure;
@@ -230,17 +230,7 @@ async fn a_death_announced_while_a_client_is_stuck_kills_no_live_node(
 
     // The stuck client reads again: the blocking node delivers the rest,
     // the death included, and goes on.
-    let draining = tokio::spawn(async move {
-        let mut stuck = stuck;
-        tokio::io::copy(&mut stuck, &mut tokio::io::sink()).await
-    });
-    wait_for(
-        &nodes[0].counters,
-        |c| c.dead_nodes,
-        1,
-        "the blocking node announced the death",
-    )
-    .await?;
+    let draining = unstick(stuck, &nodes[0], "the blocking node announced the death").await?;
     probe.send("hello").await?;
     watcher.until_line(&format!("{probe_who}: hello")).await?;
     let dead = nodes[1].counters.snapshot().dead_nodes;

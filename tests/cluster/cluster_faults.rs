@@ -24,7 +24,7 @@ use chat_server::harness::TestClient;
 use chat_server::{Config, Model};
 use chat_testkit::Relay;
 use common::cluster::{
-    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, wait_for, Node,
+    blocking_node, connect_stuck, stuck_path_bytes, test_cluster, unlimited_node, unstick, Node,
     JOIN_TIMEOUT,
 };
 use common::ensure;
@@ -468,14 +468,9 @@ async fn one_stuck_client_under_block_causes_no_false_death(model: Model) -> io:
     }
     // The stuck client reads again: the blocking node delivers the rest,
     // the departure included, and goes on.
-    let draining = tokio::spawn(async move {
-        let mut stuck = stuck;
-        tokio::io::copy(&mut stuck, &mut tokio::io::sink()).await
-    });
-    wait_for(
-        &nodes[0].counters,
-        |c| c.dead_nodes,
-        1,
+    let draining = unstick(
+        stuck,
+        &nodes[0],
         "the blocking node noticed the cut-off one",
     )
     .await?;

@@ -72,6 +72,23 @@ pub fn stuck_path_bytes(max_pending: usize) -> usize {
     send_buffer + max_pending + 1024 * 1024
 }
 
+/// Lets a [`connect_stuck`] client of `blocking` read again (into a sink,
+/// until the returned task is aborted) and waits until that node, its
+/// delivery no longer held, has announced a node's death (`what` names it
+/// in a failure).
+pub async fn unstick(
+    stuck: TcpStream,
+    blocking: &Node,
+    what: &str,
+) -> io::Result<tokio::task::JoinHandle<io::Result<u64>>> {
+    let draining = tokio::spawn(async move {
+        let mut stuck = stuck;
+        tokio::io::copy(&mut stuck, &mut tokio::io::sink()).await
+    });
+    wait_for(&blocking.counters, |c| c.dead_nodes, 1, what).await?;
+    Ok(draining)
+}
+
 /// A node in its own runtime, and its backplane counters.
 pub struct Node {
     pub server: TestServer,
