@@ -15,6 +15,21 @@
 //! never by a sweeper racing a claim; a node that hears of a death also
 //! deletes the dead node's names (again by revision) at once.
 //!
+//! **What uniqueness rests on.** A takeover trusts the liveness verdict:
+//! names are unique only as long as no live node is judged dead. A node
+//! whose heartbeats are late by more than `node_timeout`, or whose judge
+//! itself did not run for that long (its process stalled), can be judged
+//! dead while alive, and then its name is taken while its client keeps it
+//! (the same verdict announces that client gone). Seen under artificial
+//! load with the tests' 1 s timeout: a 4.7 s stall of the test process,
+//! then every node declared the others dead and three clients got one name
+//! by three correct compare-and-swaps (docs/cluster.md, names).
+//! nats-server before 2.9.21 does not make the revision check exclusive on
+//! a replicated bucket for a revision above 0 (it checks it on the leader
+//! before the write is replicated, nats-server #4320): two takeovers, or
+//! two creates of a deleted key, at one revision can both succeed there.
+//! A create of a key never written (revision 0) is exclusive.
+//!
 //! **Order with the local hub.** Bucket first, then the local join: an
 //! arrival, once announced, cannot be taken back, while a claim can. A
 //! local join refused after the claim releases it (by revision). A leave
@@ -136,13 +151,19 @@ async fn claim_in_bucket(shared: &Arc<Shared>, name: &Arc<str>) -> Result<u64, R
     // claim or delete of this key; a few passes settle any race.
     for _ in 0..4 {
         match timeout(bound, store.create(&key, mine.clone())).await {
-            Ok(Ok(revision)) => return Ok(revision),
+            Ok(Ok(revision)) => {
+                debug!(node = %shared.node, %key, revision, "claimed a name: created its key");
+                return Ok(revision);
+            }
             Ok(Err(err)) if err.kind() == CreateErrorKind::AlreadyExists => {}
             Ok(Err(err)) => {
                 debug!(cause = %err, "claiming a name failed");
                 return Err(uncertain(shared, name));
             }
-            Err(_) => return Err(uncertain(shared, name)),
+            Err(_) => {
+                debug!(node = %shared.node, %key, "claim timed out: outcome unknown");
+                return Err(uncertain(shared, name));
+            }
         }
         let entry = match timeout(bound, store.entry(&key)).await {
             Ok(Ok(entry)) => entry,
@@ -159,11 +180,16 @@ async fn claim_in_bucket(shared: &Arc<Shared>, name: &Arc<str>) -> Result<u64, R
         };
         let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
         if shared.may_hold(holder, &key, entry.revision) {
+            debug!(node = %shared.node, %key, %holder, revision = entry.revision, "name taken");
             return Err(Refused::NameTaken);
         }
         match timeout(bound, store.update(&key, mine.clone(), entry.revision)).await {
             Ok(Ok(revision)) => {
-                info!(%holder, "took over a name from a node that is gone");
+                let from = entry.revision;
+                info!(
+                    node = %shared.node, %key, %holder, from, revision,
+                    "took over a name from a node that is gone"
+                );
                 return Ok(revision);
             }
             Ok(Err(err)) if err.kind() == UpdateErrorKind::WrongLastRevision => {}
@@ -380,6 +406,7 @@ impl Shared {
             return true;
         }
         if roster.is_gone(holder) {
+            debug!(node = %self.node, %holder, %key, "holder declared dead or left");
             return false;
         }
         drop(roster);
@@ -405,6 +432,10 @@ impl Shared {
         };
         let dead = now.duration_since(watched_since) > self.config.node_timeout;
         if dead {
+            debug!(
+                node = %self.node, %holder, %key,
+                "holder never heard of for longer than the node timeout"
+            );
             suspects.remove(key);
         }
         !dead
