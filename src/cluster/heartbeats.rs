@@ -8,7 +8,9 @@
 //! Every `--cluster-heartbeat` the judge sends a small [`wire::Heartbeat`]
 //! (node, last event number, client count); it hears the other nodes'
 //! and declares a node silent for `--cluster-node-timeout` dead (never
-//! while its own connection is down: clocks restart on reconnect). It
+//! while its own connection is down: clocks restart on reconnect; nor at
+//! its first tick after a stall of its own, before it has read what came
+//! meanwhile). It
 //! does not announce anything: it tells the consumer, whose
 //! [`super::roster::Roster`] announces the dead node's clients as gone in
 //! stream order. It asks a node whose clients the consumer does not know
@@ -164,6 +166,35 @@ impl Liveness {
     }
 }
 
+/// Whether a tick of the judge may declare anyone dead. A tick that comes
+/// more than a heartbeat after the last means the judge itself did not run
+/// (its process stalled: starved of CPU, stopped, swapped out), and the
+/// heartbeats that arrived meanwhile are still waiting in its socket: that
+/// tick only lets them be read, and the next one judges. Never two ticks
+/// in a row, so that a judge late at every tick still declares the dead.
+/// Seen under load: after a 4.7 s stall of a process holding three nodes,
+/// each declared the other two dead at its first tick.
+#[derive(Default)]
+struct Ticks {
+    last: Option<Instant>,
+    skipped: bool,
+}
+
+impl Ticks {
+    fn may_judge(&mut self, now: Instant, heartbeat: Duration) -> bool {
+        let late = self
+            .last
+            .is_some_and(|last| now.duration_since(last) > heartbeat);
+        self.last = Some(now);
+        if late && !self.skipped {
+            self.skipped = true;
+            return false;
+        }
+        self.skipped = false;
+        true
+    }
+}
+
 /// The judge thread's handle: stop it by cancelling `Shared::stop`, then
 /// join it.
 pub(crate) struct Judge {
@@ -232,6 +263,7 @@ async fn judge(
     let mut tick = tokio::time::interval(shared.config.heartbeat / 4);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut liveness = Liveness::default();
+    let mut ticks = Ticks::default();
     let mut last_beat: Option<Instant> = None;
     let mut last_roster: Option<Instant> = None;
     let mut was_connected = false;
@@ -276,8 +308,12 @@ async fn judge(
                     debug!(%node, "asking a node for its roster");
                     publish(&connection, &shared, format!("chat.{room}.sync.{node}"), Vec::new()).await;
                 }
-                for node in liveness.reap(now, shared.config.node_timeout) {
-                    let _ = verdicts.send(Verdict::Dead(node));
+                if ticks.may_judge(now, shared.config.heartbeat) {
+                    for node in liveness.reap(now, shared.config.node_timeout) {
+                        let _ = verdicts.send(Verdict::Dead(node));
+                    }
+                } else {
+                    debug!("the judge ran late: reading what came meanwhile before judging");
                 }
                 liveness.expire(now, FORGET_AFTER);
             }
@@ -335,6 +371,28 @@ mod tests {
         assert!(liveness.reap(later, TIMEOUT).is_empty());
         // Heard again: back, and it would be asked for its roster.
         assert!(liveness.heard("a", later));
+    }
+
+    #[test]
+    fn a_late_tick_reads_before_it_judges_but_never_twice_running() {
+        let heartbeat = Duration::from_secs(1);
+        let quarter = heartbeat / 4;
+        let start = Instant::now();
+        let mut ticks = Ticks::default();
+        assert!(ticks.may_judge(start, heartbeat));
+        assert!(ticks.may_judge(start + quarter, heartbeat));
+        // The process stalled for 5 s: that tick only reads.
+        let back = start + quarter + Duration::from_secs(5);
+        assert!(!ticks.may_judge(back, heartbeat));
+        assert!(ticks.may_judge(back + quarter, heartbeat));
+        // Late at every tick: every other tick still judges.
+        let mut at = back + quarter;
+        let mut judged = 0;
+        for _ in 0..4 {
+            at += Duration::from_secs(2);
+            judged += usize::from(ticks.may_judge(at, heartbeat));
+        }
+        assert_eq!(judged, 2);
     }
 
     #[test]
