@@ -388,8 +388,30 @@ async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
         }
         Err(_) => return None,
     };
+    let version = connection.client.server_info().version;
+    if replicas > 1 && !revision_check_is_exclusive(&version) {
+        warn!(
+            %version,
+            "--names: this nats-server does not make a replicated bucket's revision check \
+             exclusive (fixed in 2.9.21, nats-server #4320): two clients asking at once for \
+             a name just freed may both get it"
+        );
+    }
     *shared.names.store.lock() = Some(store.clone());
     Some(store)
+}
+
+/// Whether a nats-server of `version` checks a write's expected revision on
+/// a replicated stream when the write is applied, not only on the leader
+/// before it is proposed (2.9.21 and later). An unreadable version counts
+/// as older.
+fn revision_check_is_exclusive(version: &str) -> bool {
+    let mut numbers = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(|part| part.parse::<u64>().unwrap_or(0));
+    let mut next = || numbers.next().unwrap_or(0);
+    (next(), next(), next()) >= (2, 9, 21)
 }
 
 impl Shared {
@@ -445,6 +467,16 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_revision_check_is_exclusive_from_nats_server_2_9_21() {
+        for old in ["2.9.10", "2.9.20", "2.8.4", "", "garbage"] {
+            assert!(!revision_check_is_exclusive(old), "{old}");
+        }
+        for new in ["2.9.21", "2.9.21-beta.1", "2.10.0", "v2.11.3", "3.0.0"] {
+            assert!(revision_check_is_exclusive(new), "{new}");
+        }
+    }
 
     #[test]
     fn keys_are_valid_for_any_name() {
