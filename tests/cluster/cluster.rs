@@ -543,7 +543,6 @@ async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
         ("chat_cluster_events_dropped_total", 0.0),
         ("chat_cluster_messages_missed_total", 0.0),
         ("chat_cluster_dead_nodes_total", 0.0),
-        ("chat_cluster_streams_opened_total", 1.0),
     ];
     let counts = |published: f64, received: f64| {
         let mut expected = quiet.to_vec();
@@ -554,8 +553,16 @@ async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
         ]);
         expected
     };
-    scrape::wait_for(scrapes[0], &counts(2.0, 1.0)).await?;
+    let first = scrape::wait_for(scrapes[0], &counts(2.0, 1.0)).await?;
     let second = scrape::wait_for(scrapes[1], &counts(1.0, 2.0)).await?;
+    // Opened once, or again after a consumer error a loaded machine can
+    // cause (its idle heartbeats missed): a reopen is correct, and counted.
+    for scraped in [&first, &second] {
+        let opened = scrape::value(scraped, "chat_cluster_streams_opened_total");
+        ensure(opened >= 1.0, || {
+            format!("{model}: streams opened {opened}")
+        })?;
+    }
     // The second node read A's line from the stream: a stored time, a lag
     // (bounded by the test's own length), nothing more pending.
     let read_at = scrape::value(&second, "chat_cluster_last_delivered_timestamp_seconds");

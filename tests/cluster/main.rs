@@ -6,6 +6,11 @@
 //! `cargo test --test cluster` (one module: `cargo test --test cluster
 //! cluster_faults::`).
 //!
+//! The test kit's own brokers and relay are tested here too (`brokers`,
+//! `relay`), beside the tests that rely on them: a test binary of their
+//! own ran after this one and added its longest test, a broker cluster's
+//! election, to every `cargo test`.
+//!
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead. Every test
 //! starts its own broker (or brokers) on free ports.
@@ -21,7 +26,9 @@ mod common;
 // `cluster_blocked` (7-9 s a model, issue 18's finding 6) sorts before
 // `cluster_broker_faults` and starts with the broker-fault tests, which wait
 // on nats-server's elections. As `cluster_stuck` it started last and the
-// binary took 26 s, not 22.
+// binary took 26 s, not 22. `brokers` (the kit's own leader kill, one
+// election) sorts first of all.
+mod brokers;
 mod cluster;
 mod cluster_blocked;
 mod cluster_broker_faults;
@@ -30,3 +37,4 @@ mod cluster_faults;
 mod cluster_history;
 mod cluster_names;
 mod cluster_relay;
+mod relay;
