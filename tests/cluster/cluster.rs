@@ -31,12 +31,12 @@ use tokio::time::Instant;
 for_each_model!(
     seed_transcript_across_nodes,
     concurrent_senders_on_every_node,
-    broker_restart_loses_and_duplicates_nothing,
     broker_absent_at_start,
     garbage_on_the_room_subjects_is_dropped,
     task_counts_with_the_backplane,
     metrics_follow_the_broker,
 );
+for_each_model_at_once!(broker_restart_loses_and_duplicates_nothing);
 
 /// Connects a client to `nodes[at]` and waits until every other node has
 /// received its arrival. Without the wait, a client connecting to another

@@ -35,8 +35,8 @@ use tokio::time::Instant;
 
 // `broadcast` is left out: its receivers lag and skip, no sender ever
 // waits for one, so `--slow-client block` does not apply to it.
-for_models!(
-    [sharded: Sharded, broadcaster: Broadcaster, locked: Locked]
+for_models_at_once!(
+    [Sharded, Broadcaster, Locked]
     a_death_announced_while_a_client_is_stuck_kills_no_live_node
 );
 

@@ -29,7 +29,7 @@ use common::cluster::{test_cluster, wait_for, wait_until, Node, JOIN_TIMEOUT};
 use common::nats::Broker;
 use tokio::time::Instant;
 
-for_each_model!(a_partitioned_node_is_declared_dead_and_heard_again_after_heal);
+for_each_model_at_once!(a_partitioned_node_is_declared_dead_and_heard_again_after_heal);
 
 /// Reads `client`'s lines until `expected`, within [`JOIN_TIMEOUT`]; the
 /// lines before it (membership news around the partition) are not what

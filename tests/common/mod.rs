@@ -31,6 +31,34 @@ macro_rules! for_each_model {
     };
 }
 
+/// For each `name`, one test, `name::all_models`, that runs `name(model)`
+/// for every model listed at once (see [`at_once`]): for the bodies that
+/// wait on real time (node timeouts, a broker's election) rather than
+/// compute, which as a test per model each held one of the harness's
+/// eight slots for all their waiting.
+#[macro_export]
+macro_rules! for_models_at_once {
+    ($models:tt $($test:ident),* $(,)?) => {$(
+        $crate::for_models_at_once!(@one $test $models);
+    )*};
+    (@one $test:ident [$($variant:ident),* $(,)?]) => {
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn all_models() -> std::io::Result<()> {
+                $crate::common::at_once(&[$(chat_server::Model::$variant),*], super::$test).await
+            }
+        }
+    };
+}
+
+/// [`for_models_at_once`] for every model.
+#[macro_export]
+macro_rules! for_each_model_at_once {
+    ($($test:ident),* $(,)?) => {
+        $crate::for_models_at_once!([Sharded, Broadcaster, Locked, Broadcast] $($test),*);
+    };
+}
+
 /// [`for_each_model`] on paused time: each test runs on a current-thread
 /// runtime whose clock starts paused (`tests/it/timers.rs` says why).
 #[macro_export]
@@ -319,3 +347,25 @@ pub async fn expect_tasks(
 pub use chat_testkit::nats;
 #[allow(unused_imports)] // not every test starts processes
 pub use chat_testkit::process;
+
+/// Runs `body` for each of `models` at once, each on a task of its own,
+/// and fails naming every model that failed (a panic included).
+pub async fn at_once<F, Body>(models: &[Model], body: F) -> io::Result<()>
+where
+    F: Fn(Model) -> Body,
+    Body: std::future::Future<Output = io::Result<()>> + Send + 'static,
+{
+    let running: Vec<_> = models
+        .iter()
+        .map(|&model| (model, tokio::spawn(body(model))))
+        .collect();
+    let mut failed = Vec::new();
+    for (model, run) in running {
+        match run.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => failed.push(format!("{model}: {err}")),
+            Err(err) => failed.push(format!("{model}: {err}")),
+        }
+    }
+    ensure(failed.is_empty(), || failed.join("\n"))
+}
