@@ -1,5 +1,5 @@
 //! Slow consumers, in every model and under every slow-client policy: one
-//! client that never reads while 20 others exchange 24,000 lines of 200
+//! client that never reads while 4 others exchange 24,000 lines of 200
 //! bytes, and one that reads slowly but steadily through a 10,000-line burst.
 //!
 //! A client that never reads is absorbed by kernel buffers first: on
@@ -11,11 +11,11 @@
 //! model's 1,024-entry ring holds (each entry is one read of 10 lines).
 //! Too little would fail the tests, not pass them: the stuck client would
 //! be sent everything, or `block`'s exchange would finish. (It was 40,000
-//! lines, 8.7 MB a recipient; the twelve tests were a quarter of the CPU
-//! of `tests/it`.) The exchange runs in
-//! lockstep rounds, so a healthy reader is never more than one round (44 KB)
-//! behind and only the stuck one ever reaches a limit, however the machine
-//! schedules the test.
+//! lines, 8.7 MB a recipient, then 24,000 among 20 senders: 21 readers of
+//! 5.2 MB each, where what the test needs is the stuck one's 5.2 MB.) The
+//! exchange runs in lockstep rounds, so a healthy reader is never more than
+//! one round (9 KB) behind and only the stuck one ever reaches a limit,
+//! however the machine schedules the test.
 
 use crate::common;
 
@@ -30,8 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 const EXCHANGE: Exchange = Exchange {
-    senders: 20,
-    rounds: 120,
+    senders: 4,
+    rounds: 600,
     lines_per_round: 10,
     line_len: 200,
     within: Duration::from_secs(60),
@@ -97,7 +97,7 @@ async fn stuck_client(addr: SocketAddr) -> io::Result<(TcpStream, String)> {
     Ok((stream, who))
 }
 
-/// 20 settled clients, then the stuck one.
+/// The exchange's settled clients, then the stuck one.
 async fn setup(
     model: Model,
     policy: SlowClientPolicy,
