@@ -33,8 +33,8 @@ for_each_model!(
     combines_with_names_presence_and_password,
     combines_with_tls,
     counts_in_the_metrics,
-    a_flooder_displaces_at_most_its_budget,
 );
+for_each_model_at_once!(a_flooder_displaces_at_most_its_budget);
 
 fn with_history(model: Model, lines: usize) -> Config {
     Config::with_model(model).with(|c| c.history = lines)

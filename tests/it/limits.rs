@@ -184,8 +184,8 @@ async fn memory_budget_evicts_the_largest_holder(model: Model) -> io::Result<()>
     Ok(())
 }
 
-for_models!(
-    [sharded: Sharded, broadcaster: Broadcaster, locked: Locked]
+for_models_at_once!(
+    [Sharded, Broadcaster, Locked]
     memory_budget_evicts_a_client_whose_queue_grows,
 );
 

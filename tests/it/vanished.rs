@@ -30,7 +30,7 @@ use chat_server::{Config, Model};
 use common::ensure;
 use common::in_process::InProcess;
 
-for_each_model!(a_black_holed_peer_is_freed_in_a_silent_room);
+for_each_model_at_once!(a_black_holed_peer_is_freed_in_a_silent_room);
 
 /// Keepalive as short as the kernel allows and still meaningful: the first
 /// probe after 1 s of silence, then one a second.
