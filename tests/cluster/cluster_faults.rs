@@ -30,7 +30,7 @@ use common::nats::Broker;
 use tokio::time::Instant;
 
 for_each_model_at_once!(partition_then_heal_keeps_membership_in_stream_order);
-for_each_model!(connect_storm_causes_no_false_departure);
+for_each_model_at_once!(connect_storm_causes_no_false_departure);
 
 /// One client and its view of the room, checked line by line.
 struct View {
