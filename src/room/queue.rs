@@ -16,7 +16,6 @@
 //! the receiver's work, and a burst wakes the receiver once (the push that
 //! finds it waiting takes its waker).
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +24,7 @@ use std::task::{Poll, Waker};
 use parking_lot::Mutex;
 
 use crate::memory;
+use crate::room::backlog::Buffer;
 
 /// Creates a queue: clone the sender as often as needed; the receiver gets
 /// `None` once every sender is gone and the backlog is drained.
@@ -32,7 +32,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         senders: AtomicUsize::new(1),
         state: Mutex::new(State {
-            queue: VecDeque::new(),
+            queue: Buffer::new(),
             waiting: None,
             closed: false,
             abandoned: false,
@@ -44,7 +44,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
         },
         Receiver {
             shared,
-            taken: VecDeque::new(),
+            taken: Buffer::new(),
         },
     )
 }
@@ -58,7 +58,7 @@ struct Shared<T> {
 
 #[derive(Debug)]
 struct State<T> {
-    queue: VecDeque<T>,
+    queue: Buffer<T>,
     /// The receiver, while it waits on an empty queue.
     waiting: Option<Waker>,
     /// Every [`Sender`] is gone.
@@ -120,7 +120,7 @@ impl<T> Drop for Sender<T> {
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// The backlog taken in the last swap, being handed out.
-    taken: VecDeque<T>,
+    taken: Buffer<T>,
 }
 
 impl<T> Receiver<T> {
@@ -177,7 +177,7 @@ impl<T> Drop for Receiver<T> {
 /// and returns its first value. Swapping leaves the queue the empty buffer
 /// of the previous backlog, so a busy queue reuses two buffers instead of
 /// allocating.
-fn take_backlog<T>(taken: &mut VecDeque<T>, state: &mut State<T>) -> Option<T> {
+fn take_backlog<T>(taken: &mut Buffer<T>, state: &mut State<T>) -> Option<T> {
     if state.queue.is_empty() {
         return None;
     }
@@ -187,10 +187,10 @@ fn take_backlog<T>(taken: &mut VecDeque<T>, state: &mut State<T>) -> Option<T> {
 
 /// Frees the buffer of an empty `queue`, telling the server's memory
 /// housekeeping about a large one (see [`memory`]).
-fn release<T>(queue: &mut VecDeque<T>) {
+fn release<T>(queue: &mut Buffer<T>) {
     if queue.capacity() != 0 {
         memory::note_released(queue.capacity() * std::mem::size_of::<T>());
-        *queue = VecDeque::new();
+        *queue = Buffer::new();
     }
 }
 

@@ -1,0 +1,331 @@
+//! Where the swap queues' backlogs live: a grow-only buffer whose large
+//! sizes (1 KiB and up) come from slabs mapped for them alone, not from the
+//! allocator's heap.
+//!
+//! Why: in an arrival storm every queue holds a backlog of announcements
+//! for a while, thousands of buffers of 1-2 KiB at once, and the
+//! connections admitted meanwhile got their long-lived state (task cells,
+//! clients, registrations) from the holes between those buffers. Once the
+//! backlog was gone, the allocator could give back no page that held one of
+//! them: 5,000 idle connections kept about 1.4 KiB each of the storm's pages
+//! resident (docs/results.md, "Memory per idle connection"). With the
+//! backlogs in slabs of their own, the heap holds only what lives, and the
+//! slabs, all free once every queue is idle, are unmapped by the
+//! housekeeping trim after the burst ([`trim`]).
+//!
+//! A busy queue reuses its two buffers and a freed slot is reused by the
+//! next queue that grows, under one short lock: the hot path makes no
+//! system call. Slabs are unmapped only by [`trim`].
+//!
+//! [`Buffer`] is what the swap queue needs and no more: senders push at the
+//! back of one buffer, the receiver swaps it out whole and pops from the
+//! front of it, so it never wraps around.
+
+use std::alloc::{self, Layout};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use parking_lot::Mutex;
+
+/// A queue's buffer: pushes at the back, pops from the front, freed whole.
+pub(crate) struct Buffer<T> {
+    ptr: NonNull<T>,
+    capacity: usize,
+    /// Values `head..len` are live.
+    head: usize,
+    len: usize,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: a `Buffer` owns its values as a `Vec` does; the slab it may live
+// in is shared only through the pool's lock.
+unsafe impl<T: Send> Send for Buffer<T> {}
+// SAFETY: `&Buffer` gives no access to the values.
+unsafe impl<T: Sync> Sync for Buffer<T> {}
+
+impl<T> Buffer<T> {
+    /// An empty buffer; it allocates on its first push.
+    pub(crate) const fn new() -> Buffer<T> {
+        const { assert!(std::mem::size_of::<T>() != 0, "no zero-sized values") };
+        Buffer {
+            ptr: NonNull::dangling(),
+            capacity: 0,
+            head: 0,
+            len: 0,
+            _owns: PhantomData,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head == self.len
+    }
+
+    /// Values the buffer has room for (not counting those already popped).
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn push_back(&mut self, value: T) {
+        if self.len == self.capacity {
+            self.grow();
+        }
+        // SAFETY: `len < capacity`, and slot `len` holds no live value.
+        unsafe { self.ptr.as_ptr().add(self.len).write(value) };
+        self.len += 1;
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<T> {
+        if self.is_empty() {
+            return None;
+        }
+        // SAFETY: `head < len`: slot `head` holds a live value, which is
+        // moved out and no longer counted as live.
+        let value = unsafe { self.ptr.as_ptr().add(self.head).read() };
+        self.head += 1;
+        if self.head == self.len {
+            // Empty again: the room popped from the front is reused.
+            self.head = 0;
+            self.len = 0;
+        }
+        Some(value)
+    }
+
+    /// Doubles the room (4 values at first, as `VecDeque` and `Vec` start),
+    /// moving the live values to the front of the new buffer.
+    fn grow(&mut self) {
+        let capacity = if self.capacity == 0 {
+            4
+        } else {
+            self.capacity * 2
+        };
+        let ptr = allocate::<T>(capacity);
+        let live = self.len - self.head;
+        // SAFETY: both buffers have room for `live` values from these
+        // offsets, and they are distinct allocations.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(self.head), ptr.as_ptr(), live);
+        }
+        // The values were moved: the old buffer holds none now.
+        self.head = 0;
+        self.len = 0;
+        self.free();
+        self.ptr = ptr;
+        self.capacity = capacity;
+        self.len = live;
+    }
+
+    /// Frees the room; the caller has dropped or moved out every value.
+    fn free(&mut self) {
+        if self.capacity != 0 {
+            // SAFETY: `ptr` came from `allocate::<T>(capacity)`.
+            unsafe { deallocate(self.ptr, self.capacity) };
+            self.ptr = NonNull::dangling();
+            self.capacity = 0;
+        }
+    }
+}
+
+impl<T> Default for Buffer<T> {
+    fn default() -> Buffer<T> {
+        Buffer::new()
+    }
+}
+
+impl<T> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        while self.pop_front().is_some() {}
+        self.free();
+    }
+}
+
+impl<T> std::fmt::Debug for Buffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("len", &(self.len - self.head))
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// Slots of this size and up come from the slabs.
+const SMALLEST_SLOT: usize = 1024;
+/// One slab: a mapping holding slots of one size. The largest slot.
+const SLAB: usize = 64 * 1024;
+/// Slot sizes: 1 KiB, 2 KiB, ..., 64 KiB.
+const SIZES: usize = (SLAB / SMALLEST_SLOT).trailing_zeros() as usize + 1;
+
+fn layout<T>(capacity: usize) -> Layout {
+    match Layout::array::<T>(capacity) {
+        Ok(layout) => layout,
+        Err(_) => capacity_overflow(),
+    }
+}
+
+#[cold]
+fn capacity_overflow() -> ! {
+    // What `Vec` does when a capacity's bytes overflow `isize`.
+    panic!("queue buffer capacity overflow")
+}
+
+/// The slot size serving `layout`, if a slab does.
+fn size_index(layout: Layout) -> Option<usize> {
+    let bytes = layout.size();
+    if !(SMALLEST_SLOT..=SLAB).contains(&bytes) || layout.align() > SMALLEST_SLOT {
+        return None;
+    }
+    Some((bytes.next_power_of_two() / SMALLEST_SLOT).trailing_zeros() as usize)
+}
+
+fn allocate<T>(capacity: usize) -> NonNull<T> {
+    let layout = layout::<T>(capacity);
+    let ptr = match size_index(layout) {
+        Some(size) => POOL.lock().take(size),
+        // SAFETY: `layout` has a non-zero size (no zero-sized values, and
+        // capacity > 0).
+        None => NonNull::new(unsafe { alloc::alloc(layout) }),
+    };
+    match ptr {
+        Some(ptr) => ptr.cast(),
+        None => alloc::handle_alloc_error(layout),
+    }
+}
+
+/// # Safety
+///
+/// `ptr` came from `allocate::<T>(capacity)` and is not used again.
+unsafe fn deallocate<T>(ptr: NonNull<T>, capacity: usize) {
+    let layout = layout::<T>(capacity);
+    match size_index(layout) {
+        Some(size) => POOL.lock().give_back(size, ptr.cast()),
+        // SAFETY: allocated by `alloc::alloc` with this layout (the caller's contract).
+        None => unsafe { alloc::dealloc(ptr.as_ptr().cast(), layout) },
+    }
+}
+
+/// The slabs and their free slots.
+static POOL: Mutex<Pool> = parking_lot::const_mutex(Pool::new());
+
+struct Pool {
+    /// Free slots of each size, as addresses: taken last in, first out.
+    free: [Vec<usize>; SIZES],
+    /// Every slab mapped: its address and slot size.
+    slabs: Vec<(usize, usize)>,
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            free: [const { Vec::new() }; SIZES],
+            slabs: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, size: usize) -> Option<NonNull<u8>> {
+        if self.free[size].is_empty() {
+            let slab = map_slab()?;
+            self.slabs.push((slab, size));
+            let slot = SMALLEST_SLOT << size;
+            // Lowest address first out.
+            self.free[size].extend((0..SLAB / slot).rev().map(|i| slab + i * slot));
+        }
+        self.free[size]
+            .pop()
+            .and_then(|addr| NonNull::new(addr as *mut u8))
+    }
+
+    fn give_back(&mut self, size: usize, ptr: NonNull<u8>) {
+        self.free[size].push(ptr.as_ptr() as usize);
+    }
+
+    /// Unmaps every slab none of whose slots is in use; returns the bytes.
+    fn trim(&mut self) -> usize {
+        self.slabs.sort_unstable();
+        let slabs = &self.slabs;
+        let slab_of = |addr: usize| {
+            slabs
+                .partition_point(|&(base, _)| base <= addr)
+                .checked_sub(1)
+        };
+        let mut free_in = vec![0; slabs.len()];
+        for &addr in self.free.iter().flatten() {
+            if let Some(slab) = slab_of(addr) {
+                free_in[slab] += 1;
+            }
+        }
+        let idle: Vec<bool> = slabs
+            .iter()
+            .zip(&free_in)
+            .map(|(&(_, size), &free)| free == SLAB / (SMALLEST_SLOT << size))
+            .collect();
+        if !idle.contains(&true) {
+            return 0;
+        }
+        for list in &mut self.free {
+            list.retain(|&addr| slab_of(addr).is_none_or(|slab| !idle[slab]));
+            list.shrink_to_fit();
+        }
+        let mut unmapped = 0;
+        let mut kept = Vec::with_capacity(slabs.len());
+        for (&(base, size), idle) in slabs.iter().zip(idle) {
+            if idle {
+                unmap_slab(base);
+                unmapped += SLAB;
+            } else {
+                kept.push((base, size));
+            }
+        }
+        self.slabs = kept;
+        unmapped
+    }
+}
+
+/// Unmaps every slab that no queue uses; returns the bytes given back to
+/// the system. Called by the memory housekeeping after a burst.
+pub(crate) fn trim() -> usize {
+    POOL.lock().trim()
+}
+
+#[cfg(unix)]
+fn map_slab() -> Option<usize> {
+    // SAFETY: a new private anonymous mapping; no existing memory is touched.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SLAB,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    (addr != libc::MAP_FAILED).then_some(addr as usize)
+}
+
+#[cfg(unix)]
+fn unmap_slab(base: usize) {
+    // SAFETY: `base` is a slab mapped by `map_slab` none of whose slots is
+    // in use, and it is forgotten by the pool.
+    unsafe { libc::munmap(base as *mut libc::c_void, SLAB) };
+}
+
+#[cfg(not(unix))]
+fn map_slab() -> Option<usize> {
+    // Elsewhere slabs come from the allocator, aligned like a mapping.
+    // SAFETY: a non-zero size.
+    let ptr = unsafe { alloc::alloc(slab_layout()) };
+    (!ptr.is_null()).then_some(ptr as usize)
+}
+
+#[cfg(not(unix))]
+fn unmap_slab(base: usize) {
+    // SAFETY: allocated by `map_slab` with this layout.
+    unsafe { alloc::dealloc(base as *mut u8, slab_layout()) };
+}
+
+#[cfg(not(unix))]
+fn slab_layout() -> Layout {
+    match Layout::from_size_align(SLAB, 4096) {
+        Ok(layout) => layout,
+        Err(_) => unreachable!("a valid constant layout"),
+    }
+}
