@@ -329,3 +329,102 @@ fn slab_layout() -> Layout {
         Err(_) => unreachable!("a valid constant layout"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn hands_out_in_order_across_growth_and_reuse() {
+        let mut buffer = Buffer::new();
+        assert_eq!(buffer.capacity(), 0, "allocates on the first push");
+        // Far past the smallest slab slot (1 KiB of u64), popping some as
+        // it grows, so that growing moves a buffer with a popped front.
+        let mut next_out = 0u64;
+        for value in 0..5000u64 {
+            buffer.push_back(value);
+            if value % 3 == 0 {
+                assert_eq!(buffer.pop_front(), Some(next_out));
+                next_out += 1;
+            }
+        }
+        while let Some(value) = buffer.pop_front() {
+            assert_eq!(value, next_out);
+            next_out += 1;
+        }
+        assert_eq!(next_out, 5000);
+        assert!(buffer.is_empty());
+        // Emptied, it starts again at the front of the same room.
+        let capacity = buffer.capacity();
+        for value in 0..capacity as u64 {
+            buffer.push_back(value);
+        }
+        assert_eq!(buffer.capacity(), capacity);
+    }
+
+    #[test]
+    fn drops_every_value_exactly_once() {
+        let value = Arc::new(());
+        let mut buffer = Buffer::new();
+        for _ in 0..300 {
+            buffer.push_back(Arc::clone(&value));
+        }
+        for _ in 0..100 {
+            drop(buffer.pop_front());
+        }
+        assert_eq!(Arc::strong_count(&value), 201);
+        drop(buffer);
+        assert_eq!(Arc::strong_count(&value), 1);
+    }
+
+    #[test]
+    fn large_buffers_come_from_slabs_and_small_ones_do_not() {
+        let slab_size = |bytes, align| {
+            size_index(Layout::from_size_align(bytes, align).unwrap_or_else(|_| unreachable!()))
+        };
+        assert_eq!(slab_size(512, 8), None);
+        assert_eq!(slab_size(1024, 8), Some(0));
+        assert_eq!(slab_size(1500, 8), Some(1));
+        assert_eq!(slab_size(2048, 8), Some(1));
+        assert_eq!(slab_size(SLAB, 8), Some(SIZES - 1));
+        assert_eq!(slab_size(SLAB + 8, 8), None);
+        assert_eq!(slab_size(4096, 4096), None, "alignment beyond a slot's");
+    }
+
+    #[test]
+    fn trim_unmaps_only_wholly_free_slabs() {
+        // A pool of this test's own: the process-wide one serves the other
+        // tests' queues meanwhile.
+        let mut pool = Pool::new();
+        let per_slab = SLAB / SMALLEST_SLOT;
+        let slots: Vec<_> = (0..per_slab + 1)
+            .map(|_| {
+                pool.take(0)
+                    .unwrap_or_else(|| unreachable!("mapping failed"))
+            })
+            .collect();
+        let big = pool.take(SIZES - 1).unwrap_or_else(|| unreachable!());
+        assert_eq!(pool.slabs.len(), 3);
+        // Every slot is distinct and writable.
+        for (i, slot) in slots.iter().enumerate() {
+            // SAFETY: a slot of SMALLEST_SLOT bytes, owned by this test.
+            unsafe { slot.as_ptr().write_bytes(i as u8, SMALLEST_SLOT) };
+        }
+        assert_eq!(pool.trim(), 0, "every slab has a slot in use");
+        pool.give_back(SIZES - 1, big);
+        // The last slot is alone in the second slab of the smallest size.
+        let (first_slab, second_slab) = slots.split_at(per_slab);
+        pool.give_back(0, second_slab[0]);
+        assert_eq!(pool.trim(), 2 * SLAB);
+        assert_eq!(pool.slabs.len(), 1);
+        assert!(pool.free.iter().all(Vec::is_empty));
+        for &slot in first_slab {
+            pool.give_back(0, slot);
+        }
+        assert_eq!(pool.trim(), SLAB);
+        assert!(pool.slabs.is_empty());
+        assert_eq!(pool.trim(), 0);
+    }
+}
