@@ -3,10 +3,13 @@
 //!
 //! It does what tokio's unbounded `mpsc` channel does for a client's
 //! outbound messages, with one difference that matters for a chat server:
-//! an empty queue holds no buffer. Senders push into a
-//! `parking_lot::Mutex<VecDeque>`; the receiver takes the whole backlog in
-//! one swap and hands it out without the lock, and before it waits on an
-//! empty queue it frees both buffers. tokio's channel keeps the 32-slot
+//! an empty queue holds no buffer. Senders push into a buffer under a
+//! `parking_lot::Mutex`; the receiver takes the whole backlog in one swap
+//! and hands it out without the lock, and before it waits on an empty queue
+//! it frees both buffers. The buffers ([`Buffer`]) keep a backlog of 1 KiB
+//! or more out of the allocator's heap, so that a storm's backlogs leave no
+//! holes among the connections' long-lived state
+//! ([`backlog`](crate::room::backlog)). tokio's channel keeps the 32-slot
 //! blocks a burst grew (up to four per channel) and a 512-byte head per
 //! channel for as long as the channel lives, which for 5,000 idle clients
 //! after an arrival storm was 1.6 KiB each. docs/results.md ("Idle memory
