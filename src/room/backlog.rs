@@ -176,6 +176,8 @@ fn size_index(layout: Layout) -> Option<usize> {
     Some((bytes.next_power_of_two() / SMALLEST_SLOT).trailing_zeros() as usize)
 }
 
+/// Room for `capacity` values. Out of memory (no slab could be mapped
+/// either) aborts, as a `Vec` that cannot grow does.
 fn allocate<T>(capacity: usize) -> NonNull<T> {
     let layout = layout::<T>(capacity);
     let ptr = match size_index(layout) {
@@ -311,23 +313,23 @@ fn unmap_slab(base: usize) {
 #[cfg(not(unix))]
 fn map_slab() -> Option<usize> {
     // Elsewhere slabs come from the allocator, aligned like a mapping.
+    let layout = slab_layout()?;
     // SAFETY: a non-zero size.
-    let ptr = unsafe { alloc::alloc(slab_layout()) };
+    let ptr = unsafe { alloc::alloc(layout) };
     (!ptr.is_null()).then_some(ptr as usize)
 }
 
 #[cfg(not(unix))]
 fn unmap_slab(base: usize) {
-    // SAFETY: allocated by `map_slab` with this layout.
-    unsafe { alloc::dealloc(base as *mut u8, slab_layout()) };
+    if let Some(layout) = slab_layout() {
+        // SAFETY: allocated by `map_slab` with this layout.
+        unsafe { alloc::dealloc(base as *mut u8, layout) };
+    }
 }
 
 #[cfg(not(unix))]
-fn slab_layout() -> Layout {
-    match Layout::from_size_align(SLAB, 4096) {
-        Ok(layout) => layout,
-        Err(_) => unreachable!("a valid constant layout"),
-    }
+fn slab_layout() -> Option<Layout> {
+    Layout::from_size_align(SLAB, 4096).ok()
 }
 
 #[cfg(test)]
