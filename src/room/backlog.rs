@@ -15,13 +15,17 @@
 //!
 //! A busy queue reuses its two buffers and a freed slot is reused by the
 //! next queue that grows, under one short lock: the hot path makes no
-//! system call. Slabs are unmapped only by [`trim`].
+//! system call. Each slab holds slots of one size; one whose slots are all
+//! free can be carved up again for any size (a storm's queues grow from
+//! one size to the next together), and only [`trim`] unmaps it.
 //!
 //! [`Buffer`] is what the swap queue needs and no more: senders push at the
 //! back of one buffer, the receiver swaps it out whole and pops from the
 //! front of it, so it never wraps around.
 
 use std::alloc::{self, Layout};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -207,77 +211,133 @@ unsafe fn deallocate<T>(ptr: NonNull<T>, capacity: usize) {
 /// The slabs and their free slots.
 static POOL: Mutex<Pool> = parking_lot::const_mutex(Pool::new());
 
+/// Every slab, by its address (a multiple of [`SLAB`]).
+type Slabs = HashMap<usize, Slab, BuildHasherDefault<SlabHasher>>;
+
 struct Pool {
-    /// Free slots of each size, as addresses: taken last in, first out.
-    free: [Vec<usize>; SIZES],
-    /// Every slab mapped: its address and slot size.
-    slabs: Vec<(usize, usize)>,
+    slabs: Slabs,
+    /// For each slot size, the slabs of that size with a free slot but not
+    /// wholly free; the last is taken from first.
+    partial: [Vec<usize>; SIZES],
+    /// Slabs with no slot in use: any size may carve one up again, so a
+    /// storm's queues growing from one size to the next reuse the slabs the
+    /// smaller size left. [`Pool::trim`] unmaps them.
+    empty: Vec<usize>,
+}
+
+/// One slab's state.
+struct Slab {
+    /// Its slot size (an index into the sizes).
+    size: usize,
+    /// Bit i set: slot i is free (at most 64 slots).
+    free: u64,
+}
+
+/// All of a slab's slots free.
+fn all_free(size: usize) -> u64 {
+    let slots = SLAB / (SMALLEST_SLOT << size);
+    if slots == 64 {
+        u64::MAX
+    } else {
+        (1 << slots) - 1
+    }
 }
 
 impl Pool {
     const fn new() -> Pool {
         Pool {
-            free: [const { Vec::new() }; SIZES],
-            slabs: Vec::new(),
+            slabs: HashMap::with_hasher(BuildHasherDefault::new()),
+            partial: [const { Vec::new() }; SIZES],
+            empty: Vec::new(),
         }
     }
 
     fn take(&mut self, size: usize) -> Option<NonNull<u8>> {
-        if self.free[size].is_empty() {
-            let slab = map_slab()?;
-            self.slabs.push((slab, size));
-            let slot = SMALLEST_SLOT << size;
-            // Lowest address first out.
-            self.free[size].extend((0..SLAB / slot).rev().map(|i| slab + i * slot));
+        let base = match self.partial[size].last() {
+            Some(&base) => base,
+            None => {
+                let base = match self.empty.pop() {
+                    Some(base) => base,
+                    None => map_slab()?,
+                };
+                self.slabs.insert(
+                    base,
+                    Slab {
+                        size,
+                        free: all_free(size),
+                    },
+                );
+                self.partial[size].push(base);
+                base
+            }
+        };
+        let slab = self.slabs.get_mut(&base)?;
+        let slot = slab.free.trailing_zeros() as usize;
+        slab.free &= !(1 << slot);
+        if slab.free == 0 {
+            self.partial[size].pop();
         }
-        self.free[size]
-            .pop()
-            .and_then(|addr| NonNull::new(addr as *mut u8))
+        NonNull::new((base + slot * (SMALLEST_SLOT << size)) as *mut u8)
     }
 
     fn give_back(&mut self, size: usize, ptr: NonNull<u8>) {
-        self.free[size].push(ptr.as_ptr() as usize);
+        let addr = ptr.as_ptr() as usize;
+        let base = addr - addr % SLAB;
+        let Some(slab) = self.slabs.get_mut(&base) else {
+            return;
+        };
+        debug_assert_eq!(slab.size, size, "a slot given back as another size");
+        let was_full = slab.free == 0;
+        slab.free |= 1 << ((addr - base) / (SMALLEST_SLOT << size));
+        if slab.free == all_free(size) {
+            // A slab that was full is in no list; one that was partly used
+            // leaves its size's list (a rare step: the list is short).
+            if !was_full {
+                let partial = &mut self.partial[size];
+                if let Some(at) = partial.iter().rposition(|&listed| listed == base) {
+                    partial.swap_remove(at);
+                }
+            }
+            self.empty.push(base);
+        } else if was_full {
+            self.partial[size].push(base);
+        }
     }
 
     /// Unmaps every slab none of whose slots is in use; returns the bytes.
     fn trim(&mut self) -> usize {
-        self.slabs.sort_unstable();
-        let slabs = &self.slabs;
-        let slab_of = |addr: usize| {
-            slabs
-                .partition_point(|&(base, _)| base <= addr)
-                .checked_sub(1)
-        };
-        let mut free_in = vec![0; slabs.len()];
-        for &addr in self.free.iter().flatten() {
-            if let Some(slab) = slab_of(addr) {
-                free_in[slab] += 1;
-            }
+        let unmapped = self.empty.len() * SLAB;
+        for base in self.empty.drain(..) {
+            self.slabs.remove(&base);
+            unmap_slab(base);
         }
-        let idle: Vec<bool> = slabs
-            .iter()
-            .zip(&free_in)
-            .map(|(&(_, size), &free)| free == SLAB / (SMALLEST_SLOT << size))
-            .collect();
-        if !idle.contains(&true) {
-            return 0;
+        self.empty.shrink_to_fit();
+        self.slabs.shrink_to_fit();
+        for partial in &mut self.partial {
+            partial.shrink_to_fit();
         }
-        for list in &mut self.free {
-            list.retain(|&addr| slab_of(addr).is_none_or(|slab| !idle[slab]));
-            list.shrink_to_fit();
-        }
-        let mut unmapped = 0;
-        let mut kept = Vec::with_capacity(slabs.len());
-        for (&(base, size), idle) in slabs.iter().zip(idle) {
-            if idle {
-                unmap_slab(base);
-                unmapped += SLAB;
-            } else {
-                kept.push((base, size));
-            }
-        }
-        self.slabs = kept;
         unmapped
+    }
+}
+
+/// Hashes a slab's address: they are multiples of [`SLAB`], so the bits
+/// above it, spread.
+#[derive(Default)]
+struct SlabHasher(u64);
+
+impl Hasher for SlabHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_usize(&mut self, addr: usize) {
+        self.0 = ((addr / SLAB) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
@@ -287,20 +347,38 @@ pub(crate) fn trim() -> usize {
     POOL.lock().trim()
 }
 
+/// Maps a slab at a multiple of [`SLAB`] (so that a slot's slab is its
+/// address rounded down): twice the size, then the excess unmapped.
 #[cfg(unix)]
 fn map_slab() -> Option<usize> {
     // SAFETY: a new private anonymous mapping; no existing memory is touched.
     let addr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            SLAB,
+            2 * SLAB,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
     };
-    (addr != libc::MAP_FAILED).then_some(addr as usize)
+    if addr == libc::MAP_FAILED {
+        return None;
+    }
+    let start = addr as usize;
+    let base = start.next_multiple_of(SLAB);
+    let head = base - start;
+    let tail = SLAB - head;
+    // SAFETY: the parts of our fresh mapping outside the slab.
+    unsafe {
+        if head > 0 {
+            libc::munmap(start as *mut libc::c_void, head);
+        }
+        if tail > 0 {
+            libc::munmap((base + SLAB) as *mut libc::c_void, tail);
+        }
+    }
+    Some(base)
 }
 
 #[cfg(unix)]
@@ -329,7 +407,7 @@ fn unmap_slab(base: usize) {
 
 #[cfg(not(unix))]
 fn slab_layout() -> Option<Layout> {
-    Layout::from_size_align(SLAB, 4096).ok()
+    Layout::from_size_align(SLAB, SLAB).ok()
 }
 
 #[cfg(test)]
@@ -396,12 +474,12 @@ mod tests {
     }
 
     #[test]
-    fn trim_unmaps_only_wholly_free_slabs() {
+    fn a_wholly_free_slab_serves_any_size_and_trim_unmaps_only_those() {
         // A pool of this test's own: the process-wide one serves the other
         // tests' queues meanwhile.
         let mut pool = Pool::new();
         let per_slab = SLAB / SMALLEST_SLOT;
-        let slots: Vec<_> = (0..per_slab + 1)
+        let mut slots: Vec<_> = (0..per_slab + 1)
             .map(|_| {
                 pool.take(0)
                     .unwrap_or_else(|| unreachable!("mapping failed"))
@@ -409,23 +487,39 @@ mod tests {
             .collect();
         let big = pool.take(SIZES - 1).unwrap_or_else(|| unreachable!());
         assert_eq!(pool.slabs.len(), 3);
-        // Every slot is distinct and writable.
+        // Every slot is distinct, inside its slab, and writable.
+        let mut seen: Vec<usize> = slots.iter().map(|slot| slot.as_ptr() as usize).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), per_slab + 1);
         for (i, slot) in slots.iter().enumerate() {
             // SAFETY: a slot of SMALLEST_SLOT bytes, owned by this test.
             unsafe { slot.as_ptr().write_bytes(i as u8, SMALLEST_SLOT) };
         }
         assert_eq!(pool.trim(), 0, "every slab has a slot in use");
+
+        // The lone slot of the second small slab and the big one go back:
+        // both slabs are empty, and a 2 KiB slot reuses one, unmapping none.
         pool.give_back(SIZES - 1, big);
-        // The last slot is alone in the second slab of the smallest size.
-        let (first_slab, second_slab) = slots.split_at(per_slab);
-        pool.give_back(0, second_slab[0]);
-        assert_eq!(pool.trim(), 2 * SLAB);
-        assert_eq!(pool.slabs.len(), 1);
-        assert!(pool.free.iter().all(Vec::is_empty));
-        for &slot in first_slab {
+        let lone = slots.pop().unwrap_or_else(|| unreachable!());
+        pool.give_back(0, lone);
+        assert_eq!(pool.empty.len(), 2);
+        let reused = pool.take(1).unwrap_or_else(|| unreachable!());
+        assert_eq!(pool.slabs.len(), 3, "no new mapping");
+        assert_eq!(pool.empty.len(), 1);
+        assert_eq!(pool.trim(), SLAB);
+        assert_eq!(pool.slabs.len(), 2);
+
+        // The first small slab, full, then partly and wholly free.
+        pool.give_back(0, slots[0]);
+        assert_eq!(pool.partial[0].len(), 1, "listed once it has a free slot");
+        assert_eq!(pool.take(0), Some(slots[0]), "its free slot is taken first");
+        for &slot in &slots {
             pool.give_back(0, slot);
         }
-        assert_eq!(pool.trim(), SLAB);
+        assert!(pool.partial[0].is_empty(), "wholly free: no longer listed");
+        pool.give_back(1, reused);
+        assert_eq!(pool.trim(), 2 * SLAB);
         assert!(pool.slabs.is_empty());
         assert_eq!(pool.trim(), 0);
     }
