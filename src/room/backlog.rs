@@ -390,7 +390,7 @@ fn unmap_slab(base: usize) {
 
 #[cfg(not(unix))]
 fn map_slab() -> Option<usize> {
-    // Elsewhere slabs come from the allocator, aligned like a mapping.
+    // Elsewhere slabs come from the allocator, aligned to their size.
     let layout = slab_layout()?;
     // SAFETY: a non-zero size.
     let ptr = unsafe { alloc::alloc(layout) };
