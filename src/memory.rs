@@ -16,7 +16,8 @@
 //! once a burst is over, not on every free. The queues and writers report
 //! every large buffer they free to [`note_released`]; the accept loop calls
 //! [`Trimmer::observe`] every 250 ms and trims when either kind of burst
-//! has ended.
+//! has ended, and then also unmaps the idle slabs of the queues' large
+//! buffers, which live outside the heap (`room::backlog`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -292,8 +292,10 @@ async fn serve<H: Hub>(listeners: Listeners, config: Config, shutdown: Shutdown<
                     }
                 }
                 if let Some(why) = trimmer.observe(connections, memory::take_released()) {
+                    // The queues' backlog slabs, all idle once the burst is over.
+                    let unmapped = crate::room::backlog::trim();
                     let took = started.elapsed();
-                    debug!(?why, connections, ?took, "returned freed memory to the system");
+                    debug!(?why, connections, unmapped, ?took, "returned freed memory to the system");
                 }
                 continue;
             }

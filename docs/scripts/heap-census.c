@@ -7,7 +7,8 @@
  * keeps the peak of the live bytes. When the file named by
  * CENSUS_TRIGGER appears it writes, to CENSUS_OUT:
  *
- *   ADDR SIZE SEQ     one line per live block (ADDR in hex)
+ *   ADDR SIZE SEQ TID one line per live block (ADDR in hex; TID the
+ *                     allocating thread, whose glibc arena it came from)
  *   A SIZE COUNT      allocations ever made of that size (65536: larger)
  *   P BYTES           the peak of the live bytes
  *
@@ -22,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 extern void *__libc_malloc(size_t);
@@ -32,7 +34,7 @@ extern void *__libc_memalign(size_t, size_t);
 
 #define SLOTS (1u << 24)
 #define GONE ((uintptr_t)1)
-typedef struct { uintptr_t addr; uint32_t size; uint32_t seq; } slot;
+typedef struct { uintptr_t addr; uint32_t size; uint32_t seq; uint32_t tid; } slot;
 
 static slot *table;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -50,13 +52,17 @@ static void ensure_table(void) {
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 }
 
+/* The allocating thread, cached: which glibc arena a block came from. */
+static __thread __attribute__((tls_model("initial-exec"))) uint32_t my_tid;
+
 static void remember(void *ptr, size_t size) {
   if (!ptr) return;
+  if (!my_tid) my_tid = (uint32_t)syscall(SYS_gettid);
   pthread_mutex_lock(&lock);
   ensure_table();
   size_t i = hash((uintptr_t)ptr);
   while (table[i].addr > GONE) i = (i + 1) & (SLOTS - 1);
-  table[i] = (slot){(uintptr_t)ptr, (uint32_t)size, ++seq};
+  table[i] = (slot){(uintptr_t)ptr, (uint32_t)size, ++seq, my_tid};
   by_size[size > 65536 ? 65536 : size]++;
   live_bytes += size;
   if (live_bytes > peak_bytes) peak_bytes = live_bytes;
@@ -102,8 +108,8 @@ static void write_census(const char *path) {
   pthread_mutex_lock(&lock);
   for (size_t i = 0; table && i < SLOTS; i++) {
     if (table[i].addr > GONE) {
-      int len = snprintf(line, sizeof line, "%lx %u %u\n", (unsigned long)table[i].addr,
-                         table[i].size, table[i].seq);
+      int len = snprintf(line, sizeof line, "%lx %u %u %u\n", (unsigned long)table[i].addr,
+                         table[i].size, table[i].seq, table[i].tid);
       if (write(fd, line, len) != len) break;
     }
   }

@@ -9,9 +9,12 @@
 #   cargo build --release
 #   docs/scripts/heap-census.sh                    # sharded, 5,000 connections
 #   MODELS="sharded broadcaster" N=2000 docs/scripts/heap-census.sh
+#   KEEP=/tmp/census docs/scripts/heap-census.sh   # keeps the raw census too
 set -euo pipefail
 
 BIN=${BIN:-target/release}
+# The load tool, from BIN unless given: comparing two servers, keep one tool.
+LOAD_BIN=${LOAD_BIN:-$BIN}
 N=${N:-5000}
 MODELS=${MODELS:-sharded}
 WORK=$(mktemp -d)
@@ -32,7 +35,7 @@ for model in $MODELS; do
   # Held long enough for the census to be taken while every client is
   # connected and the trim after the storm has run (the accept loop's
   # 250 ms housekeeping).
-  taskset -c 1 "$BIN/chat-load" idle --addr "$addr" -n "$N" --hold 5 -q \
+  taskset -c 1 "$LOAD_BIN/chat-load" idle --addr "$addr" -n "$N" --hold 5 -q \
     --server-pid "$pid" --json >"$WORK/report.json" &
   load=$!
   port=${addr##*:}
@@ -47,9 +50,10 @@ for model in $MODELS; do
   wait "$load" || true
   kill "$pid"
   wait "$pid" 2>/dev/null || true
-  python3 - "$model" "$N" "$WORK/census" <<'PY'
+  [ -n "${KEEP:-}" ] && cp "$WORK/census" "$KEEP/census-$model"
+  python3 - "$model" "$N" "$WORK/census" "$pid" <<'PY'
 import collections, sys
-model, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+model, n, path, pid = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 PAGE = 4096
 blocks, made, peak = [], {}, 0
 for line in open(path):
@@ -59,22 +63,33 @@ for line in open(path):
     elif f[0] == "P":
         peak = int(f[1])
     else:
-        blocks.append((int(f[0], 16), int(f[1])))
-live = sum(size for _, size in blocks)
+        blocks.append((int(f[0], 16), int(f[1]), int(f[3]) if len(f) > 3 else 0))
+live = sum(size for _, size, _ in blocks)
 used = collections.Counter()
-for addr, size in blocks:
+owners = collections.defaultdict(set)
+for addr, size, tid in blocks:
     if size >= 128 * 1024:  # glibc maps those on their own
         continue
     at = addr
     while at < addr + size:
         end = min(addr + size, (at // PAGE + 1) * PAGE)
         used[at // PAGE] += end - at
+        owners[tid].add(at // PAGE)
         at = end
 sparse = sum(1 for bytes_ in used.values() if bytes_ < PAGE // 2)
 print(f"{model:12} live {live / 1e6:.2f} MB ({live / n / 1024:.2f} KiB per connection), "
       f"pages holding a live block {len(used) * PAGE / 1e6:.2f} MB "
       f"({len(used) * PAGE / n / 1024:.2f} KiB per connection, {sparse} under half full), "
       f"peak live {peak / 1e6:.1f} MB, {sum(made.values()) / 1e6:.2f} M allocations")
+# Which thread allocated what (each thread allocates from its own glibc
+# arena; the main thread's is the process's `brk` heap).
+by_thread = collections.Counter()
+for _, size, tid in blocks:
+    by_thread[tid] += size
+for tid, bytes_ in by_thread.most_common(4):
+    name = "main" if tid == pid else f"thread {tid}"
+    print(f"  allocated by {name}: live {bytes_ / 1e6:.2f} MB, "
+          f"pages holding them {len(owners[tid]) * PAGE / 1e6:.2f} MB")
 top = sorted(made.items(), key=lambda item: -item[1])[:12]
 print("  most made: " + ", ".join(f"{size} B x{count}" for size, count in top))
 PY

@@ -3,7 +3,8 @@
 # one-worker release server, server and load tool on cores of their own
 # (docs/results.md, "Memory per idle connection"). Prints one line per model
 # and round: KiB per connection at the instant the arrival storm has been
-# delivered (settled) and after holding the connections 1 s (held).
+# delivered (settled) and after holding the connections 1 s (held), and
+# what the storm cost: server CPU per announcement, connections per second.
 #
 #   cargo build --release
 #   docs/scripts/idle-memory.sh                 # 3 rounds, 5,000 connections
@@ -15,6 +16,8 @@
 set -euo pipefail
 
 BIN=${BIN:-target/release}
+# The load tool, from BIN unless given: comparing two servers, keep one tool.
+LOAD_BIN=${LOAD_BIN:-$BIN}
 N=${N:-5000}
 ROUNDS=${ROUNDS:-3}
 MODELS=${MODELS:-"sharded locked broadcaster broadcast"}
@@ -37,7 +40,7 @@ for round in $(seq "$ROUNDS"); do
     addr=$(server_addr "$WORK/out" "$WORK/log") || { echo "$model: the server did not start" >&2; exit 1; }
     gate=()
     [ -n "${MAX_KIB:-}" ] && gate=(--max-kib-per-connection "$MAX_KIB")
-    if ! taskset -c "$LOAD_CPU" "$BIN/chat-load" idle --addr "$addr" -n "$N" \
+    if ! taskset -c "$LOAD_CPU" "$LOAD_BIN/chat-load" idle --addr "$addr" -n "$N" \
       --server-pid "$pid" --json "${gate[@]}" >"$WORK/report.json" 2>"$WORK/load.log"; then
       status=1
     fi
@@ -54,8 +57,11 @@ model, round_, path = sys.argv[1:]
 report = json.load(open(path))
 report = report[0] if isinstance(report, list) else report
 idle = report["idle"]
+server = report.get("server", {})
 print(f"{model:12} round {round_}: settled {idle['per_connection_kib']:.2f} KiB, "
-      f"held {idle['per_connection_held_kib']:.2f} KiB per idle connection")
+      f"held {idle['per_connection_held_kib']:.2f} KiB per idle connection; "
+      f"storm: {server.get('cpu_ns_per_delivery', float('nan')):.0f} ns of server CPU "
+      f"per announcement, {idle['connect_per_s']:.0f} connections/s")
 EOF
     kill "$pid"
     wait "$pid" 2>/dev/null || true

@@ -3,10 +3,13 @@
 //!
 //! It does what tokio's unbounded `mpsc` channel does for a client's
 //! outbound messages, with one difference that matters for a chat server:
-//! an empty queue holds no buffer. Senders push into a
-//! `parking_lot::Mutex<VecDeque>`; the receiver takes the whole backlog in
-//! one swap and hands it out without the lock, and before it waits on an
-//! empty queue it frees both buffers. tokio's channel keeps the 32-slot
+//! an empty queue holds no buffer. Senders push into a buffer under a
+//! `parking_lot::Mutex`; the receiver takes the whole backlog in one swap
+//! and hands it out without the lock, and before it waits on an empty queue
+//! it frees both buffers. The buffers ([`Buffer`]) keep a backlog of 1 KiB
+//! or more out of the allocator's heap, so that a storm's backlogs leave no
+//! holes among the connections' long-lived state
+//! ([`backlog`](crate::room::backlog)). tokio's channel keeps the 32-slot
 //! blocks a burst grew (up to four per channel) and a 512-byte head per
 //! channel for as long as the channel lives, which for 5,000 idle clients
 //! after an arrival storm was 1.6 KiB each. docs/results.md ("Idle memory
@@ -16,7 +19,6 @@
 //! the receiver's work, and a burst wakes the receiver once (the push that
 //! finds it waiting takes its waker).
 
-use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use std::task::{Poll, Waker};
 use parking_lot::Mutex;
 
 use crate::memory;
+use crate::room::backlog::Buffer;
 
 /// Creates a queue: clone the sender as often as needed; the receiver gets
 /// `None` once every sender is gone and the backlog is drained.
@@ -32,7 +35,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
     let shared = Arc::new(Shared {
         senders: AtomicUsize::new(1),
         state: Mutex::new(State {
-            queue: VecDeque::new(),
+            queue: Buffer::new(),
             waiting: None,
             closed: false,
             abandoned: false,
@@ -44,7 +47,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
         },
         Receiver {
             shared,
-            taken: VecDeque::new(),
+            taken: Buffer::new(),
         },
     )
 }
@@ -58,7 +61,7 @@ struct Shared<T> {
 
 #[derive(Debug)]
 struct State<T> {
-    queue: VecDeque<T>,
+    queue: Buffer<T>,
     /// The receiver, while it waits on an empty queue.
     waiting: Option<Waker>,
     /// Every [`Sender`] is gone.
@@ -120,7 +123,7 @@ impl<T> Drop for Sender<T> {
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
     /// The backlog taken in the last swap, being handed out.
-    taken: VecDeque<T>,
+    taken: Buffer<T>,
 }
 
 impl<T> Receiver<T> {
@@ -177,7 +180,7 @@ impl<T> Drop for Receiver<T> {
 /// and returns its first value. Swapping leaves the queue the empty buffer
 /// of the previous backlog, so a busy queue reuses two buffers instead of
 /// allocating.
-fn take_backlog<T>(taken: &mut VecDeque<T>, state: &mut State<T>) -> Option<T> {
+fn take_backlog<T>(taken: &mut Buffer<T>, state: &mut State<T>) -> Option<T> {
     if state.queue.is_empty() {
         return None;
     }
@@ -187,10 +190,10 @@ fn take_backlog<T>(taken: &mut VecDeque<T>, state: &mut State<T>) -> Option<T> {
 
 /// Frees the buffer of an empty `queue`, telling the server's memory
 /// housekeeping about a large one (see [`memory`]).
-fn release<T>(queue: &mut VecDeque<T>) {
+fn release<T>(queue: &mut Buffer<T>) {
     if queue.capacity() != 0 {
         memory::note_released(queue.capacity() * std::mem::size_of::<T>());
-        *queue = VecDeque::new();
+        *queue = Buffer::new();
     }
 }
 
