@@ -109,7 +109,7 @@ impl fmt::Display for SlowClientPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum QueueKind {
-    /// A mutex-guarded VecDeque the writer swaps out whole; frees its buffers when drained
+    /// A mutex-guarded buffer the writer swaps out whole; frees its buffers when drained
     Swap,
     /// tokio's unbounded mpsc channel; keeps the blocks a burst grew
     Mpsc,
