@@ -1,9 +1,11 @@
 //! `--names` and `--announce-present` across nodes (`--cluster`), through
 //! a real `nats-server` 2.9 with JetStream: a name held on one node is
 //! taken on every node, one of many concurrent claims on three nodes wins,
-//! a killed node's names are freed, a newcomer's `present` line lists every
-//! node's clients, and while the broker is away new names are refused with
-//! a clear line and the room chats on.
+//! a killed node's names are freed, a name just freed goes to exactly one
+//! of three nodes asking at once on a 3-server JetStream cluster (a
+//! replicated bucket), a newcomer's `present` line lists every node's
+//! clients, and while the broker is away new names are refused with a
+//! clear line and the room chats on.
 //!
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead.
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use chat_server::harness::TestClient;
 use chat_server::{ClusterConfig, Config, Model};
+use chat_testkit::BrokerCluster;
 use chat_wire::{present_of, NAMES_UNAVAILABLE, NAME_PROMPT, NAME_TAKEN};
 use common::cluster::{test_cluster, wait_until, Node, JOIN_TIMEOUT};
 use common::ensure;
@@ -460,4 +463,106 @@ async fn names_of_a_room_that_died_are_taken_over() -> io::Result<()> {
     })?;
     drop(old);
     Ok(())
+}
+
+/// The names bucket's stream (room `chat`).
+const NAMES_STREAM: &str = "KV_chat_names_chat";
+
+/// On a 3-server JetStream cluster (the names bucket with three replicas),
+/// a name is freed (its holder leaves) and one client on each of three
+/// nodes asks for it at the same instant: exactly one gets it, the others
+/// are told it is taken. Repeated, each time a fresh name held on another
+/// node. nats-server before 2.9.21 checks a replicated key's revision only
+/// on the stream's leader before the write is replicated (nats-server
+/// #4320); with only that check, two or three clients got the name in most
+/// trials (docs/cluster.md, names, "A broker limit"). One model: the
+/// bucket's part is the same for all, and the models' own name checks
+/// race in `exactly_one_of_many_nodes_wins_a_name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io::Result<()> {
+    const TRIALS: usize = 20;
+    let Some(brokers) = tokio::task::block_in_place(BrokerCluster::start)? else {
+        return Ok(());
+    };
+    let nodes = (0..3)
+        .map(|_| named_node(Model::Sharded, &brokers.urls(), false))
+        .collect::<io::Result<Vec<_>>>()?;
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    // One named client a node: the first makes the bucket, and each hears
+    // the departures of the others' clients.
+    let mut witnesses = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        witnesses.push(join_when_ready(node.addr(), &format!("witness{i}")).await?);
+    }
+    let replicas = bucket_replicas(&brokers).await?;
+    ensure(replicas == 3, || {
+        format!("the names bucket has {replicas} replicas, not 3")
+    })?;
+    for trial in 0..TRIALS {
+        let name = format!("prize{trial}");
+        let held_at = trial % nodes.len();
+        let mut holder = join(nodes[held_at].addr(), &name).await?;
+        let mut contenders = Vec::new();
+        for node in &nodes {
+            contenders.push(unnamed(node.addr()).await?);
+        }
+        holder.finish().await?;
+        holder.lines_until_closed().await?;
+        // The holder's node deletes the key before it publishes the
+        // departure: a client of another node that heard it finds it free.
+        let witness = &mut witnesses[(held_at + 1) % nodes.len()];
+        until(witness, &format!("{name} has left")).await?;
+        let answers = race(contenders, &name).await?;
+        let winners = answers
+            .iter()
+            .filter(|(_, answer)| *answer == format!("You are {name}"))
+            .count();
+        ensure(winners == 1, || {
+            let answers: Vec<_> = answers.iter().map(|(_, answer)| answer).collect();
+            format!("trial {trial}: {winners} clients got {name}: {answers:?}")
+        })?;
+        for (mut client, answer) in answers {
+            ensure(answer == NAME_TAKEN || answer == format!("You are {name}"), || {
+                format!("trial {trial}: got {answer:?}")
+            })?;
+            client.finish().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Each client asks for `name` at the same instant: the clients and their
+/// answers.
+async fn race(clients: Vec<TestClient>, name: &str) -> io::Result<Vec<(TestClient, String)>> {
+    let start = Arc::new(Barrier::new(clients.len()));
+    let asks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let (start, name) = (Arc::clone(&start), name.to_string());
+            tokio::spawn(async move {
+                start.wait().await;
+                let answer = ask(&mut client, &name).await?;
+                Ok::<_, io::Error>((client, answer))
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for asked in asks {
+        answers.push(asked.await.map_err(io::Error::other)??);
+    }
+    Ok(answers)
+}
+
+/// How many replicas the names bucket's stream was made with.
+async fn bucket_replicas(brokers: &BrokerCluster) -> io::Result<usize> {
+    let client = async_nats::connect(brokers.url(0))
+        .await
+        .map_err(io::Error::other)?;
+    let stream = async_nats::jetstream::new(client)
+        .get_stream(NAMES_STREAM)
+        .await
+        .map_err(io::Error::other)?;
+    Ok(stream.cached_info().config.num_replicas)
 }
