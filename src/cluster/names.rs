@@ -169,13 +169,22 @@ async fn claim_in_bucket(shared: &Arc<Shared>, name: &Arc<str>) -> Result<u64, R
     }
     // Written before: deleted (free), or held, by a node that may be gone.
     let mut from = None;
+    // The verdict on the holder at the revision judged: a pass that lost to
+    // a write elsewhere in the bucket finds the same key again and must not
+    // judge again (a holder never heard of is judged dead once only).
+    let mut judged: Option<(u64, bool)> = None;
     let swapped = swap(&bucket, &key, bound, None, |entry| {
         from = None;
         let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
             return Some(Change::Put(mine.clone()));
         };
         let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
-        if shared.may_hold(holder, &key, entry.revision) {
+        let may_hold = match judged {
+            Some((revision, may_hold)) if revision == entry.revision => may_hold,
+            _ => shared.may_hold(holder, &key, entry.revision),
+        };
+        judged = Some((entry.revision, may_hold));
+        if may_hold {
             debug!(node = %shared.node, %key, %holder, revision = entry.revision, "name taken");
             return None;
         }
