@@ -4,16 +4,35 @@
 //!
 //! **Claim.** A join first takes the name in this node's [`NameBook`] (so
 //! two clients of one node never both reach the broker with one name),
-//! then in the bucket with an atomic create-if-absent. If the key exists,
-//! its holder decides: a live node (heard from within `node_timeout`) has
-//! it, and the name is taken; a node declared dead holds it no more, nor
-//! does one never heard of once the key has stood unchanged for longer
-//! than `node_timeout` while this node heard heartbeats (a node that just
-//! started may claim before its first heartbeat arrives); then the name is
-//! taken over with a compare-and-swap on the revision read. So names held by a killed node
-//! or a whole cluster that died are freed when someone asks for them,
-//! never by a sweeper racing a claim; a node that hears of a death also
-//! deletes the dead node's names (again by revision) at once.
+//! then in the bucket by creating its key at revision 0. If the key
+//! exists, a delete marker means the name is free; otherwise its holder
+//! decides: a live node (heard from within `node_timeout`) has it, and the
+//! name is taken; a node declared dead holds it no more, nor does one
+//! never heard of once the key has stood unchanged for longer than
+//! `node_timeout` while this node heard heartbeats (a node that just
+//! started may claim before its first heartbeat arrives). A free name, or
+//! one whose holder is gone, is written at the revision read. So names
+//! held by a killed node or a whole cluster that died are freed when
+//! someone asks for them, never by a sweeper racing a claim; a node that
+//! hears of a death also deletes the dead node's names (again at their
+//! revision) at once.
+//!
+//! **Exclusive writes.** The create at revision 0 the broker checks when
+//! it applies the write, on every nats-server 2.9. A write at a revision
+//! above 0 (over a delete marker, a takeover, a delete) goes through
+//! [`swap`](swap::swap), which also expects the bucket stream's last
+//! sequence, read just before: nats-server before 2.9.21 checks such a
+//! revision on a replicated bucket only on the leader before the write is
+//! replicated (nats-server #4320), and two writes at one revision could
+//! both pass; the stream's last sequence it checks when each server
+//! applies the write. Done on every broker, not only where it is needed
+//! (a replicated bucket on a server older than 2.9.21): one path, the one
+//! every test runs, on one server and on three (the tests have 2.9.10
+//! only); and no trust in the version of the server this node happens to
+//! be connected to, which in a cluster being upgraded says nothing of the
+//! stream leader's. The cost, paid only by writes at a revision: a
+//! stream-info request more, and another pass when any other name changed
+//! meanwhile (measured in docs/cluster.md, names).
 //!
 //! **What uniqueness rests on.** A takeover trusts the liveness verdict:
 //! names are unique only as long as no live node is judged dead. A node
@@ -24,12 +43,7 @@
 //! load with the tests' 1 s timeout: a 4.7 s stall of the test process,
 //! then every node declared the others dead and three clients got one name
 //! by three correct compare-and-swaps (docs/cluster.md, names).
-//! nats-server before 2.9.21 does not make the revision check exclusive on
-//! a replicated bucket for a revision above 0 (it checks it on the leader
-//! before the write is replicated, nats-server #4320): two takeovers, or
-//! two creates of a deleted key, at one revision can both succeed there.
-//! A create of a key never written (revision 0) is exclusive.
-//!
+
 //! **Order with the local hub.** Bucket first, then the local join: an
 //! arrival, once announced, cannot be taken back, while a claim can. A
 //! local join refused after the claim releases it (by revision). A leave
@@ -39,9 +53,11 @@
 //! **Failure.** Every broker call is bounded by `--cluster-ack-timeout`.
 //! While the broker cannot be reached, no name can be checked across the
 //! room: a new name is refused with [`Refused::NamesUnavailable`], and
-//! clients already in the room chat on. A delete that fails (broker away,
-//! or an unknown outcome of a timed-out claim) is retried in the
-//! background until it is done or is no longer ours to do.
+//! clients already in the room chat on. A claim whose every pass lost to
+//! other names' writes is refused as taken (the client chooses again). A
+//! delete that fails (broker away, every pass lost, or an unknown outcome
+//! of a timed-out claim) is retried in the background until it is done or
+//! is no longer ours to do.
 //!
 //! **Ownership.** [`NameBook`] holds this node's names under a short
 //! `parking_lot` mutex (never held across an `.await`) and the bucket's
