@@ -89,6 +89,8 @@ mod swap;
 pub(crate) struct NameBook {
     held: Mutex<HashMap<Arc<str>, Hold>>,
     bucket: Mutex<Option<Bucket>>,
+    /// This node's turn at a write to a replicated bucket ([`Bucket`]).
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// Names with a background delete running (one each).
     tidying: Mutex<HashSet<Arc<str>>>,
     /// Keys naming a node never heard of: the revision, and when this node
@@ -423,6 +425,7 @@ async fn bucket(shared: &Arc<Shared>) -> Option<Bucket> {
     let bucket = Bucket {
         store,
         jetstream: jetstream.clone(),
+        turn: Arc::clone(&shared.names.turn),
     };
     *shared.names.bucket.lock() = Some(bucket.clone());
     Some(bucket)

@@ -30,6 +30,7 @@
 //! writes through.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE};
@@ -45,6 +46,19 @@ use tracing::debug;
 pub(super) struct Bucket {
     pub(super) store: kv::Store,
     pub(super) jetstream: jetstream::Context,
+    /// This node's turn at a write to a replicated bucket: one at a time,
+    /// as only one of several against one last sequence can win (the
+    /// others would only be refused and add to the next pass's race).
+    pub(super) turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Bucket {
+    /// Whether the bucket had more than one copy when it was opened: a
+    /// hint for taking turns, not what the write checks (it reads the
+    /// replicas afresh).
+    fn replicated(&self) -> bool {
+        self.store.stream.cached_info().config.num_replicas > 1
+    }
 }
 
 /// A write to a key.
@@ -71,7 +85,7 @@ pub(super) enum Swapped {
 
 /// Passes of a [`swap`] at most; each after the first follows a write
 /// refused because the bucket changed.
-const PASSES: u32 = 8;
+const PASSES: u32 = 24;
 
 /// The longest jittered pause between passes: a few broker round trips
 /// (one on loopback is 0.2-1 ms), so racers spread out without the
@@ -102,8 +116,18 @@ pub(super) async fn swap(
             }
             tokio::time::sleep(jitter(pass)).await;
         }
+        let _turn = if bucket.replicated() {
+            match timeout(bound, bucket.turn.lock()).await {
+                Ok(turn) => Some(turn),
+                Err(_) => return Swapped::Contended,
+            }
+        } else {
+            None
+        };
+        // Fresh each pass: the bucket may have been replicated since it
+        // was opened (a node wanting more copies updates it).
         let last = match timeout(bound, store.stream.get_info()).await {
-            Ok(Ok(info)) => info.state.last_sequence,
+            Ok(Ok(info)) => (info.config.num_replicas > 1).then_some(info.state.last_sequence),
             Ok(Err(err)) => {
                 debug!(cause = %err, "reading the names bucket's last sequence failed");
                 return Swapped::Unreadable;
@@ -125,7 +149,7 @@ pub(super) async fn swap(
                 let Some(change) = decide(entry.as_ref()) else {
                     return Swapped::Declined;
                 };
-                if revision > last {
+                if last.is_some_and(|last| revision > last) {
                     // Read after a write the last sequence did not count
                     // yet: the write below would be refused.
                     continue;
@@ -149,12 +173,13 @@ pub(super) async fn swap(
 }
 
 /// Publishes `change` to `key` if the key is at `revision` (0: never
-/// written) and the bucket's stream at `last`; the key's new revision.
+/// written) and the bucket's stream at `last`, if given; the key's new
+/// revision.
 async fn write(
     bucket: &Bucket,
     key: &str,
     revision: u64,
-    last: u64,
+    last: Option<u64>,
     change: Change,
 ) -> Result<u64, async_nats::jetstream::context::PublishError> {
     // The context has no API prefix or domain (connection.rs), so the
@@ -169,7 +194,9 @@ async fn write(
         NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
         HeaderValue::from(revision),
     );
-    headers.insert(NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(last));
+    if let Some(last) = last {
+        headers.insert(NATS_EXPECTED_LAST_SEQUENCE, HeaderValue::from(last));
+    }
     let payload = match change {
         Change::Put(value) => value,
         Change::Delete => {
