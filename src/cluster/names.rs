@@ -20,20 +20,24 @@
 //! **Exclusive writes.** The create at revision 0 the broker checks when
 //! it applies the write, on every nats-server 2.9. A write at a revision
 //! above 0 (over a delete marker, a takeover, a delete) goes through
-//! [`swap`](swap::swap), which also expects the bucket stream's last
-//! sequence, read just before: nats-server before 2.9.21 checks such a
-//! revision on a replicated bucket only on the leader before the write is
-//! replicated (nats-server #4320), and two writes at one revision could
-//! both pass; the stream's last sequence it checks when each server
-//! applies the write. Done on every broker, not only where it is needed
-//! (a replicated bucket on a server older than 2.9.21): one path, the one
-//! every test runs, on one server and on three (the tests have 2.9.10
-//! only); and no trust in the version of the server this node happens to
-//! be connected to, which in a cluster being upgraded says nothing of the
-//! stream leader's. The cost, paid only by writes at a revision: a
-//! stream-info request more, and another pass when any other name changed
-//! meanwhile (measured in docs/cluster.md, names).
-//!
+//! [`swap`](swap::swap): on a replicated bucket it also expects the
+//! bucket stream's last sequence, read just before. nats-server before
+//! 2.9.21 checks such a revision on a replicated stream only on the leader
+//! before the write is replicated (nats-server #4320), and two writes at
+//! one revision could both pass; the stream's last sequence it checks when
+//! each server applies the write. On every replicated bucket, whatever the
+//! server's version: the version this node sees is that of the server it
+//! is connected to, which in a cluster being upgraded says nothing of the
+//! stream leader's; and so the path that runs on a fixed broker (2.9.21
+//! and later) is the one the three-server tests run on 2.9.10 (those
+//! brokers also check the revision when applying: only one check more). A
+//! bucket of one copy needs no more than the revision (checked when
+//! applied, on every version): the one-server tests run the same passes
+//! without the stream-wide expectation. The cost, paid only by writes at
+//! a revision on a replicated bucket: a stream-info request more, a node's
+//! such writes one at a time, and another pass when another node's write
+//! came first (measured in docs/cluster.md, names).
+
 //! **What uniqueness rests on.** A takeover trusts the liveness verdict:
 //! names are unique only as long as no live node is judged dead. A node
 //! whose heartbeats are late by more than `node_timeout`, or whose judge

@@ -533,9 +533,10 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
             )
         })?;
         for (mut client, answer) in answers {
-            ensure(answer == NAME_TAKEN || answer == format!("You are {name}"), || {
-                format!("trial {trial}: got {answer:?}")
-            })?;
+            ensure(
+                answer == NAME_TAKEN || answer == format!("You are {name}"),
+                || format!("trial {trial}: got {answer:?}"),
+            )?;
             client.finish().await?;
         }
     }
@@ -685,7 +686,11 @@ async fn what_a_claim_costs() -> io::Result<()> {
         };
         let nodes = nodes(Model::Sharded, &url, 2, false).await?;
         let mut witness = join_when_ready(nodes[1].addr(), "witness").await?;
-        let kind = if replicated { "R3, 3 servers" } else { "R1, 1 server" };
+        let kind = if replicated {
+            "R3, 3 servers"
+        } else {
+            "R1, 1 server"
+        };
         for round in ["fresh name", "freed name (delete marker)"] {
             let (mut claims, mut leaves) = (Vec::new(), Vec::new());
             for i in 0..COST_JOINS {
@@ -704,7 +709,10 @@ async fn what_a_claim_costs() -> io::Result<()> {
                 leaves.push(left.elapsed());
             }
             println!("{kind}, {round}: claim {}", percentiles(&mut claims));
-            println!("{kind}, {round}: leave until heard {}", percentiles(&mut leaves));
+            println!(
+                "{kind}, {round}: leave until heard {}",
+                percentiles(&mut leaves)
+            );
         }
         let addrs: Vec<SocketAddr> = nodes.iter().map(Node::addr).collect();
         let storm: Vec<_> = (0..STORM_CLIENTS)

@@ -1,33 +1,41 @@
 //! Compare-and-swap on one key of the names bucket that is exclusive on
-//! every nats-server 2.9, replicated or not: each write carries the key's
-//! revision (`Nats-Expected-Last-Subject-Sequence`) and the whole stream's
-//! last sequence (`Nats-Expected-Last-Sequence`), read just before.
+//! every nats-server 2.9: each write carries the key's revision
+//! (`Nats-Expected-Last-Subject-Sequence`) and, on a replicated bucket,
+//! the whole stream's last sequence (`Nats-Expected-Last-Sequence`), read
+//! just before.
 //!
 //! **Why both.** nats-server before 2.9.21 checks a subject's revision
 //! above 0 on a replicated stream only on the leader, before it proposes
-//! the write, so two writes at one revision in flight together can both
-//! pass (nats-server #4320). The stream's last sequence it checks in
-//! `processJetStreamMsg` when each server applies the write, in the order
-//! the writes were replicated (v2.9.10 `server/stream.go`; the clustered
-//! path skips only the subject check there): of writes made against one
-//! last sequence exactly one is applied, on every server, also across a
-//! change of leader. The revision still tells us the key is the one we
-//! decided on: it is read after the last sequence, and the leader's check
-//! of it sees every write up to that sequence, which it had applied when
-//! it reported it.
+//! the write (`processClusteredInboundMsg` in v2.9.10's
+//! `server/jetstream_cluster.go`), so two writes at one revision in flight
+//! together can both pass (nats-server #4320). The stream's last sequence
+//! it checks in `processJetStreamMsg` (`server/stream.go`) when each
+//! server applies the write, in the order the writes were replicated (the
+//! clustered path skips only the subject check there): of writes made
+//! against one last sequence exactly one is applied, on every server, also
+//! across a change of leader. The revision still tells that the key is the
+//! one decided on: it is read after the last sequence, and the leader's
+//! check of it sees every write up to that sequence, which it had applied
+//! when it reported it. A bucket of one copy checks the revision when it
+//! applies the write: there the revision alone is exclusive.
 //!
-//! **What it costs.** A stream-info request before each write, and a write
-//! refused whenever any other key of the bucket changed in between: then
-//! the key is read again and decided again, after a jittered pause (racers
-//! that all failed against one winner must not come back in lock-step), a
-//! few passes within `--cluster-ack-timeout`.
+//! **What it costs.** A stream-info request before each write (read each
+//! pass: it also says whether the bucket is replicated, which it may have
+//! become since it was opened), and on a replicated bucket a write refused
+//! whenever any other key changed in between: then the key is read and
+//! decided again, after a jittered pause (racers that all failed against
+//! one winner must not come back in lock-step), up to [`PASSES`] passes
+//! started within `--cluster-ack-timeout`. A node's writes to a replicated
+//! bucket take turns: of several against one last sequence only one could
+//! win, and each refused one still costs the broker a replicated proposal.
 //!
 //! **Not covered.** A change of the stream's leader between the stream
 //! info and the write, with the new leader not yet having applied every
 //! write up to the sequence the old one reported and one of those writes
 //! being to this key: the revision check could then pass on a key read
-//! stale. The stream-wide check still lets only one of several racing
-//! writes through.
+//! stale (not seen; whether a 2.9.10 leader answers before applying its
+//! log was not checked). The stream-wide check still lets only one of
+//! several racing writes through.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
@@ -84,7 +92,9 @@ pub(super) enum Swapped {
 }
 
 /// Passes of a [`swap`] at most; each after the first follows a write
-/// refused because the bucket changed.
+/// refused because the bucket changed. With 8, a storm of 30 clients
+/// rejoining under their own names on a 3-server cluster had 228 of 600
+/// claims of a free name refused; with 24, 0-4.
 const PASSES: u32 = 24;
 
 /// The longest jittered pause between passes: a few broker round trips
@@ -93,13 +103,14 @@ const PASSES: u32 = 24;
 const MAX_PAUSE: Duration = Duration::from_millis(40);
 
 /// Writes `key` as `decide` says from its latest entry (`None`: never
-/// written, or its history is gone), exclusively: applied only if neither
-/// the key nor anything else in the bucket changed since it was read.
-/// Refused for a change, it reads and decides again. `expected`, if given,
-/// is the revision the caller knows the key at: the first pass writes at
-/// it without reading the key (its revision check tells whether it moved).
-/// Every broker call is bounded by `bound`, and no pass starts more than
-/// `bound` after the first.
+/// written, or its history is gone), exclusively: applied only if the key
+/// (and, replicated, anything else in the bucket) did not change since it
+/// was read. Refused for a change, it reads and decides again. `expected`,
+/// if given, is the revision the caller knows the key at: the first pass
+/// writes at it without reading the key (its revision check tells whether
+/// it moved). Every broker call, and every wait for this node's turn, is
+/// bounded by `bound`, and no pass starts more than `bound` after the
+/// first.
 pub(super) async fn swap(
     bucket: &Bucket,
     key: &str,
