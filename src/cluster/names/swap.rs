@@ -13,11 +13,14 @@
 //! server applies the write, in the order the writes were replicated (the
 //! clustered path skips only the subject check there): of writes made
 //! against one last sequence exactly one is applied, on every server, also
-//! across a change of leader. The revision still tells that the key is the
-//! one decided on: it is read after the last sequence, and the leader's
-//! check of it sees every write up to that sequence, which it had applied
-//! when it reported it. A bucket of one copy checks the revision when it
-//! applies the write: there the revision alone is exclusive.
+//! across a change of leader. The key is read after the last sequence, by
+//! a direct get that any replica may answer (one that lags, too); the
+//! revision written with it still makes the write the one decided on: the
+//! leader checks it before proposing and had applied every write up to
+//! that sequence when it reported it, and anything applied after that
+//! sequence fails the stream-wide check. A bucket of one copy checks the
+//! revision when it applies the write: there the revision alone is
+//! exclusive.
 //!
 //! **What it costs.** A stream-info request before each write (read each
 //! pass: it also says whether the bucket is replicated, which it may have
