@@ -37,7 +37,7 @@
 //! a revision on a replicated bucket: a stream-info request more, a node's
 //! such writes one at a time, and another pass when another node's write
 //! came first (measured in docs/cluster.md, names).
-
+//!
 //! **What uniqueness rests on.** A takeover trusts the liveness verdict:
 //! names are unique only as long as no live node is judged dead. A node
 //! whose heartbeats are late by more than `node_timeout`, or whose judge
@@ -47,7 +47,7 @@
 //! load with the tests' 1 s timeout: a 4.7 s stall of the test process,
 //! then every node declared the others dead and three clients got one name
 //! by three correct compare-and-swaps (docs/cluster.md, names).
-
+//!
 //! **Order with the local hub.** Bucket first, then the local join: an
 //! arrival, once announced, cannot be taken back, while a claim can. A
 //! local join refused after the claim releases it (by revision). A leave
@@ -64,8 +64,10 @@
 //! is no longer ours to do.
 //!
 //! **Ownership.** [`NameBook`] holds this node's names under a short
-//! `parking_lot` mutex (never held across an `.await`) and the bucket's
-//! handle; it is part of [`Shared`].
+//! `parking_lot` mutex (never held across an `.await`), the bucket's
+//! handle, and the node's turn at writing to it (a tokio mutex, held
+//! across one write's broker calls); it is part of [`Shared`]. The writes
+//! themselves are [`swap`]'s.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
