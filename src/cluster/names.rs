@@ -67,7 +67,7 @@
 //! `parking_lot` mutex (never held across an `.await`), the bucket's
 //! handle, and the node's turn at writing to it (a tokio mutex, held
 //! across one write's broker calls); it is part of [`Shared`]. The writes
-//! themselves are [`swap`]'s.
+//! themselves are [`swap()`]'s.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
