@@ -509,18 +509,28 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
     for trial in 0..TRIALS {
         let name = format!("prize{trial}");
         let held_at = trial % nodes.len();
-        let mut holder = join_when_ready(nodes[held_at].addr(), &name).await?;
+        let mut holder = join_when_ready(nodes[held_at].addr(), &name)
+            .await
+            .map_err(during(&format!("trial {trial}: the holder's join")))?;
         let mut contenders = Vec::new();
         for node in &nodes {
-            contenders.push(unnamed(node.addr()).await?);
+            contenders.push(
+                unnamed(node.addr())
+                    .await
+                    .map_err(during(&format!("trial {trial}: a contender's connect")))?,
+            );
         }
         holder.finish().await?;
         holder.lines_until_closed().await?;
         // The holder's node deletes the key before it publishes the
         // departure: a client of another node that heard it finds it free.
         let witness = &mut witnesses[(held_at + 1) % nodes.len()];
-        until(witness, &format!("{name} has left")).await?;
-        let answers = race(contenders, &name).await?;
+        until(witness, &format!("{name} has left"))
+            .await
+            .map_err(during(&format!("trial {trial}: the witness")))?;
+        let answers = race(contenders, &name)
+            .await
+            .map_err(during(&format!("trial {trial}: the race")))?;
         let winners = answers
             .iter()
             .filter(|(_, answer)| *answer == format!("You are {name}"))
@@ -553,7 +563,9 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
     for node in &nodes {
         let mut client = unnamed(node.addr()).await?;
         for name in &names {
-            let answer = ask(&mut client, name).await?;
+            let answer = ask(&mut client, name)
+                .await
+                .map_err(during(&format!("first ask for {name}")))?;
             ensure(answer == NAME_TAKEN, || {
                 format!("first ask for {name}: {answer:?}")
             })?;
@@ -565,9 +577,15 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
     for name in &names {
         let mut contenders = Vec::new();
         for node in &nodes {
-            contenders.push(unnamed(node.addr()).await?);
+            contenders.push(
+                unnamed(node.addr())
+                    .await
+                    .map_err(during(&format!("{name}: a contender's connect")))?,
+            );
         }
-        let answers = race(contenders, name).await?;
+        let answers = race(contenders, name)
+            .await
+            .map_err(during(&format!("the race for {name}")))?;
         let winners = answers
             .iter()
             .filter(|(_, answer)| *answer == format!("You are {name}"))
@@ -601,6 +619,11 @@ async fn names_bucket(brokers: &BrokerCluster) -> io::Result<async_nats::jetstre
         .get_key_value("chat_names_chat")
         .await
         .map_err(io::Error::other)
+}
+
+/// Says which step of a long test an error comes from.
+fn during(step: &str) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |err| io::Error::new(err.kind(), format!("{step}: {err}"))
 }
 
 /// How many nodes each node declared dead: none, unless a node was judged
