@@ -4,16 +4,39 @@
 //!
 //! **Claim.** A join first takes the name in this node's [`NameBook`] (so
 //! two clients of one node never both reach the broker with one name),
-//! then in the bucket with an atomic create-if-absent. If the key exists,
-//! its holder decides: a live node (heard from within `node_timeout`) has
-//! it, and the name is taken; a node declared dead holds it no more, nor
-//! does one never heard of once the key has stood unchanged for longer
-//! than `node_timeout` while this node heard heartbeats (a node that just
-//! started may claim before its first heartbeat arrives); then the name is
-//! taken over with a compare-and-swap on the revision read. So names held by a killed node
-//! or a whole cluster that died are freed when someone asks for them,
-//! never by a sweeper racing a claim; a node that hears of a death also
-//! deletes the dead node's names (again by revision) at once.
+//! then in the bucket by creating its key at revision 0. If the key
+//! exists, a delete marker means the name is free; otherwise its holder
+//! decides: a live node (heard from within `node_timeout`) has it, and the
+//! name is taken; a node declared dead holds it no more, nor does one
+//! never heard of once the key has stood unchanged for longer than
+//! `node_timeout` while this node heard heartbeats (a node that just
+//! started may claim before its first heartbeat arrives). A free name, or
+//! one whose holder is gone, is written at the revision read. So names
+//! held by a killed node or a whole cluster that died are freed when
+//! someone asks for them, never by a sweeper racing a claim; a node that
+//! hears of a death also deletes the dead node's names (again at their
+//! revision) at once.
+//!
+//! **Exclusive writes.** The create at revision 0 the broker checks when
+//! it applies the write, on every nats-server 2.9. A write at a revision
+//! above 0 (over a delete marker, a takeover, a delete) goes through
+//! [`swap`](swap::swap): on a replicated bucket it also expects the
+//! bucket stream's last sequence, read just before. nats-server before
+//! 2.9.21 checks such a revision on a replicated stream only on the leader
+//! before the write is replicated (nats-server #4320), and two writes at
+//! one revision could both pass; the stream's last sequence it checks when
+//! each server applies the write. On every replicated bucket, whatever the
+//! server's version: the version this node sees is that of the server it
+//! is connected to, which in a cluster being upgraded says nothing of the
+//! stream leader's; and so the path that runs on a fixed broker (2.9.21
+//! and later) is the one the three-server tests run on 2.9.10 (those
+//! brokers also check the revision when applying: only one check more). A
+//! bucket of one copy needs no more than the revision (checked when
+//! applied, on every version): the one-server tests run the same passes
+//! without the stream-wide expectation. The cost, paid only by writes at
+//! a revision on a replicated bucket: a stream-info request more, a node's
+//! such writes one at a time, and another pass when another node's write
+//! came first (measured in docs/cluster.md, names).
 //!
 //! **What uniqueness rests on.** A takeover trusts the liveness verdict:
 //! names are unique only as long as no live node is judged dead. A node
@@ -24,11 +47,6 @@
 //! load with the tests' 1 s timeout: a 4.7 s stall of the test process,
 //! then every node declared the others dead and three clients got one name
 //! by three correct compare-and-swaps (docs/cluster.md, names).
-//! nats-server before 2.9.21 does not make the revision check exclusive on
-//! a replicated bucket for a revision above 0 (it checks it on the leader
-//! before the write is replicated, nats-server #4320): two takeovers, or
-//! two creates of a deleted key, at one revision can both succeed there.
-//! A create of a key never written (revision 0) is exclusive.
 //!
 //! **Order with the local hub.** Bucket first, then the local join: an
 //! arrival, once announced, cannot be taken back, while a claim can. A
@@ -39,13 +57,17 @@
 //! **Failure.** Every broker call is bounded by `--cluster-ack-timeout`.
 //! While the broker cannot be reached, no name can be checked across the
 //! room: a new name is refused with [`Refused::NamesUnavailable`], and
-//! clients already in the room chat on. A delete that fails (broker away,
-//! or an unknown outcome of a timed-out claim) is retried in the
-//! background until it is done or is no longer ours to do.
+//! clients already in the room chat on. A claim whose every pass lost to
+//! other names' writes is refused as taken (the client chooses again). A
+//! delete that fails (broker away, every pass lost, or an unknown outcome
+//! of a timed-out claim) is retried in the background until it is done or
+//! is no longer ours to do.
 //!
 //! **Ownership.** [`NameBook`] holds this node's names under a short
-//! `parking_lot` mutex (never held across an `.await`) and the bucket's
-//! handle; it is part of [`Shared`].
+//! `parking_lot` mutex (never held across an `.await`), the bucket's
+//! handle, and the node's turn at writing to it (a tokio mutex, held
+//! across one write's broker calls); it is part of [`Shared`]. The writes
+//! themselves are [`swap()`]'s.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -53,23 +75,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::connection::State;
-use async_nats::jetstream::kv::{self, CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::{Operation, UpdateErrorKind};
 use async_nats::jetstream::stream;
 use parking_lot::Mutex;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use self::swap::{swap, Bucket, Change, Swapped};
 use super::backoff::Backoff;
 use super::connection;
 use super::Shared;
 use crate::room::hub::Refused;
 
+mod swap;
+
 /// This node's names and the bucket they are kept in.
 #[derive(Default)]
 pub(crate) struct NameBook {
     held: Mutex<HashMap<Arc<str>, Hold>>,
-    store: Mutex<Option<kv::Store>>,
+    bucket: Mutex<Option<Bucket>>,
+    /// This node's turn at a write to a replicated bucket ([`Bucket`]).
+    turn: Arc<tokio::sync::Mutex<()>>,
     /// Names with a background delete running (one each).
     tidying: Mutex<HashSet<Arc<str>>>,
     /// Keys naming a node never heard of: the revision, and when this node
@@ -140,69 +167,83 @@ pub(crate) async fn claim(shared: &Arc<Shared>, name: &Arc<str>) -> Result<(), R
 }
 
 async fn claim_in_bucket(shared: &Arc<Shared>, name: &Arc<str>) -> Result<u64, Refused> {
-    let unavailable = Refused::NamesUnavailable;
-    let Some(store) = store(shared).await else {
-        return Err(unavailable);
+    let Some(bucket) = bucket(shared).await else {
+        return Err(Refused::NamesUnavailable);
     };
     let bound = shared.config.ack_timeout;
     let key = key_of(name);
     let mine = bytes::Bytes::from(shared.node.clone());
-    // Each pass ends in a claim, a refusal, or a race lost to another
-    // claim or delete of this key; a few passes settle any race.
-    for _ in 0..4 {
-        match timeout(bound, store.create(&key, mine.clone())).await {
-            Ok(Ok(revision)) => {
-                debug!(node = %shared.node, %key, revision, "claimed a name: created its key");
-                return Ok(revision);
-            }
-            Ok(Err(err)) if err.kind() == CreateErrorKind::AlreadyExists => {}
-            Ok(Err(err)) => {
-                debug!(cause = %err, "claiming a name failed");
-                return Err(uncertain(shared, name));
-            }
-            Err(_) => {
-                debug!(node = %shared.node, %key, "claim timed out: outcome unknown");
-                return Err(uncertain(shared, name));
-            }
+    // A key never written is created at revision 0, which the broker
+    // checks when it applies the write, replicated or not: one round trip
+    // for a fresh name, and exclusive.
+    match timeout(bound, bucket.store.update(&key, mine.clone(), 0)).await {
+        Ok(Ok(revision)) => {
+            debug!(node = %shared.node, %key, revision, "claimed a name: created its key");
+            return Ok(revision);
         }
-        let entry = match timeout(bound, store.entry(&key)).await {
-            Ok(Ok(entry)) => entry,
-            Ok(Err(err)) => {
-                debug!(cause = %err, "reading a name's holder failed");
-                shared.names.store.lock().take();
-                return Err(unavailable);
-            }
-            Err(_) => return Err(unavailable),
-        };
-        let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
-            // Deleted in between: create again.
-            continue;
-        };
-        let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
-        if shared.may_hold(holder, &key, entry.revision) {
-            debug!(node = %shared.node, %key, %holder, revision = entry.revision, "name taken");
-            return Err(Refused::NameTaken);
+        Ok(Err(err)) if err.kind() == UpdateErrorKind::WrongLastRevision => {}
+        Ok(Err(err)) => {
+            debug!(cause = %err, "claiming a name failed");
+            return Err(uncertain(shared, name));
         }
-        match timeout(bound, store.update(&key, mine.clone(), entry.revision)).await {
-            Ok(Ok(revision)) => {
-                let from = entry.revision;
-                info!(
-                    node = %shared.node, %key, %holder, from, revision,
-                    "took over a name from a node that is gone"
-                );
-                return Ok(revision);
-            }
-            Ok(Err(err)) if err.kind() == UpdateErrorKind::WrongLastRevision => {}
-            Ok(Err(_)) | Err(_) => return Err(uncertain(shared, name)),
+        Err(_) => {
+            debug!(node = %shared.node, %key, "claim timed out: outcome unknown");
+            return Err(uncertain(shared, name));
         }
     }
-    Err(Refused::NameTaken)
+    // Written before: deleted (free), or held, by a node that may be gone.
+    let mut from = None;
+    // The verdict on the holder at the revision judged: a pass that lost to
+    // a write elsewhere in the bucket finds the same key again and must not
+    // judge again (a holder never heard of is judged dead once only).
+    let mut judged: Option<(u64, bool)> = None;
+    let swapped = swap(&bucket, &key, bound, None, |entry| {
+        from = None;
+        let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
+            return Some(Change::Put(mine.clone()));
+        };
+        let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
+        let may_hold = match judged {
+            Some((revision, may_hold)) if revision == entry.revision => may_hold,
+            _ => shared.may_hold(holder, &key, entry.revision),
+        };
+        judged = Some((entry.revision, may_hold));
+        if may_hold {
+            debug!(node = %shared.node, %key, %holder, revision = entry.revision, "name taken");
+            return None;
+        }
+        from = Some((holder.to_string(), entry.revision));
+        Some(Change::Put(mine.clone()))
+    })
+    .await;
+    match swapped {
+        Swapped::Written(revision) => {
+            match from {
+                Some((holder, from)) => info!(
+                    node = %shared.node, %key, %holder, from, revision,
+                    "took over a name from a node that is gone"
+                ),
+                None => debug!(node = %shared.node, %key, revision, "claimed a name: it was free"),
+            }
+            Ok(revision)
+        }
+        Swapped::Declined => Err(Refused::NameTaken),
+        Swapped::Contended => {
+            debug!(node = %shared.node, %key, "claiming a name lost every pass to other writes");
+            Err(Refused::NameTaken)
+        }
+        Swapped::Unreadable => {
+            shared.names.bucket.lock().take();
+            Err(Refused::NamesUnavailable)
+        }
+        Swapped::Uncertain => Err(uncertain(shared, name)),
+    }
 }
 
 /// A write whose outcome is unknown may have left the key ours: have it
 /// deleted if so, once the broker answers.
 fn uncertain(shared: &Arc<Shared>, name: &Arc<str>) -> Refused {
-    shared.names.store.lock().take();
+    shared.names.bucket.lock().take();
     tidy(shared, name);
     Refused::NamesUnavailable
 }
@@ -232,30 +273,25 @@ pub(crate) async fn release(shared: &Arc<Shared>, name: &Arc<str>) {
 }
 
 /// Deletes `name`'s key if it is still at `revision`: true if it is gone
-/// or someone else's now, false if the broker did not answer.
+/// or someone else's now, false if the broker did not answer (or the
+/// bucket was too busy).
 async fn delete_if(shared: &Arc<Shared>, name: &str, revision: u64) -> bool {
-    let Some(store) = store(shared).await else {
+    let Some(bucket) = bucket(shared).await else {
         return false;
     };
-    let key = key_of(name);
-    match timeout(
+    let swapped = swap(
+        &bucket,
+        &key_of(name),
         shared.config.ack_timeout,
-        store.delete_expect_revision(&key, Some(revision)),
+        Some((revision, Change::Delete)),
+        |entry| {
+            entry
+                .filter(|entry| entry.operation == Operation::Put && entry.revision == revision)
+                .map(|_| Change::Delete)
+        },
     )
-    .await
-    {
-        Ok(Ok(())) => true,
-        Ok(Err(err)) => {
-            // A wrong revision comes back as an error too, and means the
-            // key moved on without us: look at it rather than guess.
-            debug!(cause = %err, "deleting a name");
-            match timeout(shared.config.ack_timeout, store.entry(&key)).await {
-                Ok(Ok(entry)) => entry.is_none_or(|entry| entry.revision != revision),
-                _ => false,
-            }
-        }
-        Err(_) => false,
-    }
+    .await;
+    matches!(swapped, Swapped::Written(_) | Swapped::Declined)
 }
 
 /// In the background: deletes `name`'s key while it says this node holds
@@ -280,22 +316,26 @@ fn tidy(shared: &Arc<Shared>, name: &Arc<str>) {
 
 /// One try of [`tidy`]: true when there is nothing more to do.
 async fn tidy_once(shared: &Arc<Shared>, name: &str) -> bool {
-    let Some(store) = store(shared).await else {
+    let Some(bucket) = bucket(shared).await else {
         return false;
     };
-    let entry = match timeout(shared.config.ack_timeout, store.entry(key_of(name))).await {
-        Ok(Ok(entry)) => entry,
-        _ => return false,
-    };
-    let Some(entry) = entry.filter(|entry| entry.operation == Operation::Put) else {
-        return true;
-    };
-    // Read the key first, then our book: a claim of ours that ends after
-    // this check changed the revision, so the delete below cannot hit it.
-    if entry.value != shared.node.as_bytes() || shared.names.held.lock().contains_key(name) {
-        return true;
-    }
-    delete_if(shared, name, entry.revision).await
+    let swapped = swap(
+        &bucket,
+        &key_of(name),
+        shared.config.ack_timeout,
+        None,
+        |entry| {
+            let entry = entry.filter(|entry| entry.operation == Operation::Put)?;
+            // The key is read first, then our book: a claim of ours that
+            // ends after this check changed the key, so the delete cannot
+            // hit it.
+            let ours = entry.value == shared.node.as_bytes()
+                && !shared.names.held.lock().contains_key(name);
+            ours.then_some(Change::Delete)
+        },
+    )
+    .await;
+    matches!(swapped, Swapped::Written(_) | Swapped::Declined)
 }
 
 /// After `dead` nodes were declared dead: deletes the keys of `names` that
@@ -307,38 +347,38 @@ pub(crate) fn free_dead(shared: &Arc<Shared>, dead: Vec<String>, names: Vec<Arc<
     }
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let Some(store) = store(&shared).await else {
+        let Some(bucket) = bucket(&shared).await else {
             return;
         };
-        let bound = shared.config.ack_timeout;
         for name in names {
-            let key = key_of(&name);
-            let Ok(Ok(Some(entry))) = timeout(bound, store.entry(&key)).await else {
-                continue;
-            };
-            let holder = std::str::from_utf8(&entry.value).unwrap_or_default();
-            if entry.operation == Operation::Put && dead.iter().any(|node| node == holder) {
-                let deleted = timeout(
-                    bound,
-                    store.delete_expect_revision(&key, Some(entry.revision)),
-                )
-                .await;
-                if matches!(deleted, Ok(Ok(()))) {
-                    debug!(%holder, "freed a dead node's name");
-                }
+            let mut holder = String::new();
+            let swapped = swap(
+                &bucket,
+                &key_of(&name),
+                shared.config.ack_timeout,
+                None,
+                |entry| {
+                    let entry = entry.filter(|entry| entry.operation == Operation::Put)?;
+                    holder = String::from_utf8_lossy(&entry.value).into_owned();
+                    dead.contains(&holder).then_some(Change::Delete)
+                },
+            )
+            .await;
+            if let Swapped::Written(_) = swapped {
+                debug!(%holder, "freed a dead node's name");
             }
         }
     });
 }
 
 /// The bucket, found or made; `None` while the broker cannot be asked.
-async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
+async fn bucket(shared: &Arc<Shared>) -> Option<Bucket> {
     let connection = shared.connection.get()?;
     if connection.client.connection_state() != State::Connected {
         return None;
     }
-    if let Some(store) = shared.names.store.lock().clone() {
-        return Some(store);
+    if let Some(bucket) = shared.names.bucket.lock().clone() {
+        return Some(bucket);
     }
     let bound = shared.config.ack_timeout;
     let bucket = bucket_of(&shared.config.room);
@@ -388,30 +428,13 @@ async fn store(shared: &Arc<Shared>) -> Option<kv::Store> {
         }
         Err(_) => return None,
     };
-    let version = connection.client.server_info().version;
-    if replicas > 1 && !revision_check_is_exclusive(&version) {
-        warn!(
-            %version,
-            "--names: this nats-server does not make a replicated bucket's revision check \
-             exclusive (fixed in 2.9.21, nats-server #4320): two clients asking at once for \
-             a name just freed may both get it"
-        );
-    }
-    *shared.names.store.lock() = Some(store.clone());
-    Some(store)
-}
-
-/// Whether a nats-server of `version` checks a write's expected revision on
-/// a replicated stream when the write is applied, not only on the leader
-/// before it is proposed (2.9.21 and later). An unreadable version counts
-/// as older.
-fn revision_check_is_exclusive(version: &str) -> bool {
-    let mut numbers = version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|part| !part.is_empty())
-        .map(|part| part.parse::<u64>().unwrap_or(0));
-    let mut next = || numbers.next().unwrap_or(0);
-    (next(), next(), next()) >= (2, 9, 21)
+    let bucket = Bucket {
+        store,
+        jetstream: jetstream.clone(),
+        turn: Arc::clone(&shared.names.turn),
+    };
+    *shared.names.bucket.lock() = Some(bucket.clone());
+    Some(bucket)
 }
 
 impl Shared {
@@ -467,16 +490,6 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_revision_check_is_exclusive_from_nats_server_2_9_21() {
-        for old in ["2.9.10", "2.9.20", "2.8.4", "", "garbage"] {
-            assert!(!revision_check_is_exclusive(old), "{old}");
-        }
-        for new in ["2.9.21", "2.9.21-beta.1", "2.10.0", "v2.11.3", "3.0.0"] {
-            assert!(revision_check_is_exclusive(new), "{new}");
-        }
-    }
 
     #[test]
     fn keys_are_valid_for_any_name() {
