@@ -129,11 +129,8 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream() -
     on_c.wait_for(&[&b_who], "new", new, PHASE_TIMEOUT).await?;
 
     relay.heal();
-    for (((on_cut, cut), model), read_before) in on_cuts
-        .iter()
-        .zip(&cuts)
-        .zip(Model::ALL)
-        .zip(read_before)
+    for (((on_cut, cut), model), read_before) in
+        on_cuts.iter().zip(&cuts).zip(Model::ALL).zip(read_before)
     {
         let healed = on_cut
             .wait_for(&[&b_who, &c_who], "new", new, PHASE_TIMEOUT)
