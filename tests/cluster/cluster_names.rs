@@ -531,17 +531,7 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
         let answers = race(contenders, &name)
             .await
             .map_err(during(&format!("trial {trial}: the race")))?;
-        let winners = answers
-            .iter()
-            .filter(|(_, answer)| *answer == format!("You are {name}"))
-            .count();
-        ensure(winners == 1, || {
-            let answers: Vec<_> = answers.iter().map(|(_, answer)| answer).collect();
-            format!(
-                "trial {trial}: {winners} clients got {name}: {answers:?}; {}",
-                verdicts(&nodes)
-            )
-        })?;
+        one_winner(&answers, &name, &nodes).map_err(during(&format!("trial {trial}")))?;
         for (mut client, answer) in answers {
             ensure(
                 answer == NAME_TAKEN || answer == format!("You are {name}"),
@@ -586,19 +576,23 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
         let answers = race(contenders, name)
             .await
             .map_err(during(&format!("the race for {name}")))?;
-        let winners = answers
-            .iter()
-            .filter(|(_, answer)| *answer == format!("You are {name}"))
-            .count();
-        ensure(winners == 1, || {
-            let answers: Vec<_> = answers.iter().map(|(_, answer)| answer).collect();
-            format!(
-                "{winners} clients got {name}: {answers:?}; {}",
-                verdicts(&nodes)
-            )
-        })?;
+        one_winner(&answers, name, &nodes)?;
     }
     Ok(())
+}
+
+/// Exactly one of a race's `answers` (the client, what it was told) is
+/// `You are NAME`; the failure says every answer and each node's verdicts.
+fn one_winner(answers: &[(TestClient, String)], name: &str, nodes: &[Node]) -> io::Result<()> {
+    let won = format!("You are {name}");
+    let winners = answers.iter().filter(|(_, answer)| *answer == won).count();
+    ensure(winners == 1, || {
+        let answers: Vec<_> = answers.iter().map(|(_, answer)| answer).collect();
+        format!(
+            "{winners} clients got {name}: {answers:?}; {}",
+            verdicts(nodes)
+        )
+    })
 }
 
 /// How many names of dead holders [`a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket`]
