@@ -502,9 +502,14 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
     for (i, node) in nodes.iter().enumerate() {
         witnesses.push(join_when_ready(node.addr(), &format!("witness{i}")).await?);
     }
+    // Replicated is what the race needs. Three copies is the default, but
+    // a node that opens the bucket as the cluster forms may see two
+    // servers, or be refused a third copy, and make two (seen once in a
+    // dozen runs of this binary); either way the broker checks a write's
+    // revision on the leader only.
     let replicas = bucket_replicas(&brokers).await?;
-    ensure(replicas == 3, || {
-        format!("the names bucket has {replicas} replicas, not 3")
+    ensure(replicas >= 2, || {
+        format!("the names bucket has {replicas} replica, not 2 or 3")
     })?;
     for trial in 0..TRIALS {
         let name = format!("prize{trial}");
