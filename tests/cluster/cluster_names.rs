@@ -465,9 +465,6 @@ async fn names_of_a_room_that_died_are_taken_over() -> io::Result<()> {
     Ok(())
 }
 
-/// The names bucket's stream (room `chat`).
-const NAMES_STREAM: &str = "KV_chat_names_chat";
-
 /// On a 3-server JetStream cluster (the names bucket with three replicas),
 /// a name is freed and one client on each of three nodes asks for it at
 /// the same instant: exactly one gets it, the others are told it is taken.
@@ -517,14 +514,9 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
         let mut holder = join_when_ready(nodes[held_at].addr(), &name)
             .await
             .map_err(during(&format!("trial {trial}: the holder's join")))?;
-        let mut contenders = Vec::new();
-        for node in &nodes {
-            contenders.push(
-                unnamed(node.addr())
-                    .await
-                    .map_err(during(&format!("trial {trial}: a contender's connect")))?,
-            );
-        }
+        let contenders = contenders(&nodes)
+            .await
+            .map_err(during(&format!("trial {trial}: a contender's connect")))?;
         holder.finish().await?;
         holder.lines_until_closed().await?;
         // The holder's node deletes the key before it publishes the
@@ -570,14 +562,9 @@ async fn a_freed_name_goes_to_one_of_three_nodes_on_a_replicated_bucket() -> io:
     // over once it has seen it unchanged for longer than the node timeout.
     tokio::time::sleep(names_cluster("").node_timeout + Duration::from_millis(200)).await;
     for name in &names {
-        let mut contenders = Vec::new();
-        for node in &nodes {
-            contenders.push(
-                unnamed(node.addr())
-                    .await
-                    .map_err(during(&format!("{name}: a contender's connect")))?,
-            );
-        }
+        let contenders = contenders(&nodes)
+            .await
+            .map_err(during(&format!("{name}: a contender's connect")))?;
         let answers = race(contenders, name)
             .await
             .map_err(during(&format!("the race for {name}")))?;
@@ -663,16 +650,20 @@ async fn race(clients: Vec<TestClient>, name: &str) -> io::Result<Vec<(TestClien
     Ok(answers)
 }
 
-/// How many replicas the names bucket's stream was made with.
+/// How many replicas the names bucket's stream was made with (read when
+/// the bucket is opened).
 async fn bucket_replicas(brokers: &BrokerCluster) -> io::Result<usize> {
-    let client = async_nats::connect(brokers.url(0))
-        .await
-        .map_err(io::Error::other)?;
-    let stream = async_nats::jetstream::new(client)
-        .get_stream(NAMES_STREAM)
-        .await
-        .map_err(io::Error::other)?;
-    Ok(stream.cached_info().config.num_replicas)
+    let bucket = names_bucket(brokers).await?;
+    Ok(bucket.stream.cached_info().config.num_replicas)
+}
+
+/// One unnamed client on each of `nodes`, for a race.
+async fn contenders(nodes: &[Node]) -> io::Result<Vec<TestClient>> {
+    let mut contenders = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        contenders.push(unnamed(node.addr()).await?);
+    }
+    Ok(contenders)
 }
 
 /// A measurement, not a check (`#[ignore]`d; `cargo test --test cluster --
