@@ -24,8 +24,7 @@
 //! front of it, so it never wraps around.
 
 use std::alloc::{self, Layout};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -212,7 +211,7 @@ unsafe fn deallocate<T>(ptr: NonNull<T>, capacity: usize) {
 static POOL: Mutex<Pool> = parking_lot::const_mutex(Pool::new());
 
 /// Every slab, by its address (a multiple of [`SLAB`]).
-type Slabs = HashMap<usize, Slab, BuildHasherDefault<SlabHasher>>;
+type Slabs = BTreeMap<usize, Slab>;
 
 struct Pool {
     slabs: Slabs,
@@ -246,7 +245,7 @@ fn all_free(size: usize) -> u64 {
 impl Pool {
     const fn new() -> Pool {
         Pool {
-            slabs: HashMap::with_hasher(BuildHasherDefault::new()),
+            slabs: BTreeMap::new(),
             partial: [const { Vec::new() }; SIZES],
             empty: Vec::new(),
         }
@@ -312,32 +311,10 @@ impl Pool {
             unmap_slab(base);
         }
         self.empty.shrink_to_fit();
-        self.slabs.shrink_to_fit();
         for partial in &mut self.partial {
             partial.shrink_to_fit();
         }
         unmapped
-    }
-}
-
-/// Hashes a slab's address: they are multiples of [`SLAB`], so the bits
-/// above it, spread.
-#[derive(Default)]
-struct SlabHasher(u64);
-
-impl Hasher for SlabHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_usize(&mut self, addr: usize) {
-        self.0 = ((addr / SLAB) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
