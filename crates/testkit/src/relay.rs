@@ -204,7 +204,16 @@ async fn serve(
             }
             continue;
         }
+        // Biased, the change first: a connection that arrives after a
+        // reset or a partition was asked for must not be taken under the
+        // generation read before it (reset at once, as CI once saw) or
+        // counted as accepted while partitioned. Both can be ready in one
+        // poll, and an unbiased select picks either.
         tokio::select! {
+            biased;
+            changed = control.changed() => if changed.is_err() {
+                return;
+            },
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
                     counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -214,9 +223,6 @@ async fn serve(
                 // Out of file descriptors, say: try again shortly rather
                 // than spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            },
-            changed = control.changed() => if changed.is_err() {
-                return;
             },
         }
     }
