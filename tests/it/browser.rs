@@ -39,6 +39,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the page may take to show something expected.
 const PAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The browser window's size, as at the start of each scenario.
+const WINDOW: (u32, u32) = (900, 640);
+
 /// The WebDriver key for Enter.
 const ENTER: &str = "\u{E007}";
 
@@ -55,11 +58,29 @@ fn chromedriver() -> io::Result<Option<&'static str>> {
     installed_or_skip(&["chromedriver"], require, package, "browser")
 }
 
+/// Both scenarios below, one after the other in one browser: starting
+/// chromium and chromedriver costs about 1.2 CPU-seconds, and the test
+/// binary is bound by its CPU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<()> {
+async fn the_page_in_a_real_browser() -> io::Result<()> {
     let Some(driver) = chromedriver()? else {
         return Ok(());
     };
+    let browser = Browser::start(driver).await?;
+    two_pages_and_a_terminal_chat_and_the_page_reconnects(&browser)
+        .await
+        .map_err(|err| io::Error::other(format!("two pages and a terminal: {err}")))?;
+    browser.fresh_window().await?;
+    the_page_asks_for_the_password_and_a_name(&browser)
+        .await
+        .map_err(|err| io::Error::other(format!("password and name: {err}")))?;
+    // No alert was ever opened (a command with one open would have failed).
+    browser.quit().await
+}
+
+async fn two_pages_and_a_terminal_chat_and_the_page_reconnects(
+    browser: &Browser,
+) -> io::Result<()> {
     let server = TestServer::start(Config::with_model(Model::Broadcaster).with(|c| {
         c.web_addr = Some("127.0.0.1:0".into());
         c.announce_present = true;
@@ -69,7 +90,6 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
         .ok_or_else(|| io::Error::other("no web address"))?;
     let url = format!("http://{web}/");
 
-    let browser = Browser::start(driver).await?;
     let first = browser.current_window().await?;
     browser.navigate(&url).await?;
     let first_who = browser.wait_for_greeting().await?;
@@ -174,19 +194,13 @@ async fn two_pages_and_a_terminal_chat_and_the_page_reconnects() -> io::Result<(
     ensure(seen.len() < 4, || {
         format!("expected {back:?}, got {seen:?}")
     })?;
-    browser.screenshot("reconnected.png").await?;
-    // No alert was ever opened (a command with one open would have failed).
-    browser.quit().await
+    browser.screenshot("reconnected.png").await
 }
 
 /// The page's password and name prompts, typed at the keyboard (each
 /// keystroke goes to whatever has the focus, which the page must have put
 /// on its input), with a terminal in the room under the same rules.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
-    let Some(driver) = chromedriver()? else {
-        return Ok(());
-    };
+async fn the_page_asks_for_the_password_and_a_name(browser: &Browser) -> io::Result<()> {
     let server = TestServer::start(Config::with_model(Model::Sharded).with(|c| {
         c.web_addr = Some("127.0.0.1:0".into());
         c.password = Some(Password::new("open sesame"));
@@ -206,7 +220,6 @@ async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
     terminal.who = "tess".into();
     terminal.expect(&chat_wire::present::<&str>(&[])).await?;
 
-    let browser = Browser::start(driver).await?;
     browser.navigate(&format!("http://{web}/")).await?;
 
     // The page knows a password is needed before it connects at all.
@@ -243,8 +256,7 @@ async fn the_page_asks_for_the_password_and_a_name() -> io::Result<()> {
             |people| *people == json!(["ann (you)", "tess"]),
         )
         .await?;
-    browser.screenshot("names.png").await?;
-    browser.quit().await
+    browser.screenshot("names.png").await
 }
 
 /// A headless chromium under chromedriver, one WebDriver session.
@@ -293,7 +305,7 @@ impl Browser {
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
-                    "--window-size=900,640",
+                    format!("--window-size={},{}", WINDOW.0, WINDOW.1),
                     format!("--user-data-dir={}", browser.profile.display()),
                 ],
             }}}
@@ -386,6 +398,31 @@ impl Browser {
             .as_str()
             .unwrap_or_default()
             .to_string())
+    }
+
+    /// Leaves one new window at the starting size, the current one: the
+    /// pages before it, which would go on reconnecting to a server that is
+    /// gone, are closed.
+    async fn fresh_window(&self) -> io::Result<()> {
+        let fresh = self.new_window().await?;
+        let handles = self
+            .request("GET", &self.path("/window/handles"), None)
+            .await?;
+        for handle in handles["value"].as_array().into_iter().flatten() {
+            let Some(handle) = handle.as_str().filter(|&handle| handle != fresh) else {
+                continue;
+            };
+            self.switch_to(handle).await?;
+            self.request("DELETE", &self.path("/window"), None).await?;
+        }
+        self.switch_to(&fresh).await?;
+        self.request(
+            "POST",
+            &self.path("/window/rect"),
+            Some(json!({ "width": WINDOW.0, "height": WINDOW.1 })),
+        )
+        .await
+        .map(drop)
     }
 
     async fn switch_to(&self, handle: &str) -> io::Result<()> {
