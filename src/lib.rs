@@ -24,7 +24,14 @@
 //! # }
 //! ```
 //!
-//! With the `test-util` feature, [`harness`] adds an in-process server on an
+#![cfg_attr(
+    feature = "test-util",
+    doc = "With the `test-util` feature, [`harness`] adds an in-process server on an"
+)]
+#![cfg_attr(
+    not(feature = "test-util"),
+    doc = "With the `test-util` feature, `harness` adds an in-process server on an"
+)]
 //! ephemeral port for tests and benchmarks.
 //!
 //! # The modules, by concern

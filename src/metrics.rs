@@ -5,7 +5,7 @@
 //! work is already batched: once per read (lines received), once per socket
 //! write (messages and bytes delivered), once per connection or per rare
 //! event (accepts, refusals, timeouts, kicks). The per-read and per-write
-//! ones are kept per worker thread ([`Shard`]): each thread adds to its own
+//! ones are kept per worker thread (`Shard`): each thread adds to its own
 //! cache line with a plain load and store, no locked instruction, and a
 //! scrape sums the threads: with several workers, writers on different
 //! cores never contend for one counter's cache line. The rare counters are
