@@ -81,8 +81,11 @@ async fn the_page_in_a_real_browser() -> io::Result<()> {
 async fn two_pages_and_a_terminal_chat_and_the_page_reconnects(
     browser: &Browser,
 ) -> io::Result<()> {
+    let web_port = chat_testkit::ports::unused_port()?;
     let server = TestServer::start(Config::with_model(Model::Broadcaster).with(|c| {
-        c.web_addr = Some("127.0.0.1:0".into());
+        // A port no connection takes while the server is away, so that
+        // it can come back on it.
+        c.web_addr = Some(format!("127.0.0.1:{web_port}"));
         c.announce_present = true;
     }))?;
     let web = server

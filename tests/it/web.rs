@@ -537,7 +537,9 @@ async fn wss_with_the_same_certificate() -> io::Result<()> {
 /// pings is dropped. On paused time: the waits are virtual.
 #[tokio::test(start_paused = true)]
 async fn unfinished_handshakes_and_silent_clients_time_out() -> io::Result<()> {
-    let web_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    // Bound by the server later: a port no connection can take meanwhile.
+    let web_port =
+        std::net::SocketAddr::from(([127, 0, 0, 1], chat_testkit::ports::unused_port()?));
     let listener = server::bind("127.0.0.1:0").await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = Config::with_model(Model::Locked).with(|c| {

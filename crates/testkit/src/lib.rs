@@ -17,6 +17,8 @@
 //!   one JetStream cluster per test, whose servers a test kills, stops and
 //!   restarts (on their store or an empty one) and whose stream leader it
 //!   can ask for, for the fault-tolerance tests;
+//! - [`ports`]: loopback ports for servers that are restarted on theirs,
+//!   from outside the range the kernel hands to connections;
 //! - [`relay`]: [`Relay`], a TCP relay a test can partition (bytes stop,
 //!   sockets stay open), heal and reset: a network fault between a node and
 //!   its broker without root;
@@ -30,6 +32,7 @@ pub mod lines;
 pub mod nats;
 pub mod nats_cluster;
 pub mod payload;
+pub mod ports;
 pub mod proc;
 pub mod process;
 pub mod redis;

@@ -1,18 +1,18 @@
 //! A real `nats-server` with JetStream for the cluster tests: one per test,
-//! on a free loopback port, its store in a directory of its own that is
-//! removed when the test ends. Restartable on the same port and store, as an
+//! on a loopback port of its own ([`unused_port`]), its store in a
+//! directory of its own that is removed when the test ends. Restartable on the same port and store, as an
 //! operator restarts a broker, or on an empty store, as a broker in a
 //! container without a volume comes back. Three of them in one JetStream
 //! cluster are [`crate::nats_cluster`]'s.
 
 use std::io::{self, BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::ports::unused_port;
 use crate::process::LogTail;
 
 /// Where Debian installs it; `PATH` is tried too.
@@ -21,16 +21,14 @@ const CANDIDATES: [&str; 2] = ["/usr/bin/nats-server", "nats-server"];
 /// How long a broker may take to accept connections.
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many ports a broker's first start tries (see [`Broker::run`]).
+const PORT_ATTEMPTS: usize = 3;
+
 /// The `nats-server` binary, if installed. Without it the cluster tests say
 /// so loudly and pass, unless `CI` or `CHAT_REQUIRE_NATS` is set: then it
 /// is an error.
 pub fn nats_server_binary() -> io::Result<Option<&'static str>> {
     crate::process::installed_or_skip(&CANDIDATES, "CHAT_REQUIRE_NATS", "nats-server", "cluster")
-}
-
-/// A free port on 127.0.0.1 right now (bound, then released).
-pub fn free_port() -> io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// One broker process and its store.
@@ -89,10 +87,10 @@ impl Broker {
     }
 
     /// Chooses the port now, for nodes that must be told the broker's
-    /// address before it runs (bound and released: another process could
-    /// take it in between, which the start would report).
+    /// address before it runs ([`unused_port`]: no connection can take it
+    /// in between).
     pub fn reserve_port(&mut self) -> io::Result<u16> {
-        self.port = free_port()?;
+        self.port = unused_port()?;
         Ok(self.port)
     }
 
@@ -111,25 +109,50 @@ impl Broker {
     }
 
     /// Starts (or restarts) the process on the same port and store, and
-    /// waits until it says it is ready. A broker that has no port yet picks
-    /// its own (`-p -1`) and the port is read from its log, so two tests
-    /// never race for one port.
+    /// waits until it says it is ready. A broker without a port yet gets
+    /// one from [`unused_port`], outside the ports the kernel hands to
+    /// connections, so that it can be restarted on it; one that a program
+    /// asking for ports by number took first is replaced by another.
     pub fn run(&mut self) -> io::Result<()> {
-        let port = if self.port == 0 {
-            "-1".to_string()
-        } else {
-            self.port.to_string()
-        };
+        if self.port != 0 {
+            return self.run_on(self.port);
+        }
+        let mut failure = io::Error::other("no port tried");
+        for _ in 0..PORT_ATTEMPTS {
+            let port = unused_port()?;
+            match self.run_on(port) {
+                Err(err) if err.to_string().contains("address already in use") => failure = err,
+                ran => return ran,
+            }
+        }
+        Err(failure)
+    }
+
+    fn run_on(&mut self, port: u16) -> io::Result<()> {
         let store = self.store.to_string_lossy().into_owned();
         let mut command = Command::new(self.binary);
         command
-            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &store])
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-js",
+                "-sd",
+                &store,
+            ])
             .args(&self.extra);
         let (child, log) = spawn_logged(command)?;
         self.child = Some(child);
         let ready = wait_until_ready(&log, Instant::now() + START_TIMEOUT);
         // Kept for the broker's whole life: see `LogTail`.
         self.log = Some(log);
+        if ready.is_err() {
+            if let Some(mut child) = self.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
         self.port = ready?.client_port;
         Ok(())
     }

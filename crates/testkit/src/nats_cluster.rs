@@ -4,22 +4,23 @@
 //! server leads this stream?" answered from the servers' own monitoring
 //! endpoints, so a test can kill exactly the server that matters.
 //!
-//! Ports. The client and monitoring ports are chosen by each server
-//! (`-p -1`, `-m -1`) and read from its log: no race with anything. The
-//! route (cluster) ports cannot be: a JetStream server in a cluster refuses
-//! to start without configured routes ("JetStream cluster requires
-//! configured routes"), so every server must be told the others' route
-//! ports before any of them runs. Those three are reserved (bound at once,
-//! then released just before the servers start); if another process takes
-//! one in that instant the server reports it in its log and the whole
-//! cluster is started again on fresh ports, a few times at most. Every
+//! Ports. Every server's client, monitoring and route ports are chosen
+//! before the first start ([`unused_port`]: outside the range the kernel
+//! hands to connections, so no connection takes one while its server is
+//! stopped) and kept across restarts. The route ports cannot be left to
+//! the servers: a JetStream server in a cluster refuses to start without
+//! configured routes ("JetStream cluster requires configured routes"), so
+//! every server must be told the others' route ports before any of them
+//! runs. If a program asking for ports by number takes one first, the
+//! server reports it in its log and the whole cluster is started again on
+//! fresh ports, a few times at most. Every
 //! server gets explicit routes to both others, so any one of them can be
 //! restarted and the mesh re-forms whichever others are up. The cluster
 //! name is unique per cluster, so a server of another test that ever came
 //! up on a port released here would be refused as a route, never merged.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::nats::{nats_server_binary, spawn_logged, wait_until_ready, wipe, START_TIMEOUT};
+use crate::ports::unused_port;
 use crate::process::LogTail;
 
 /// How many servers a cluster has: the smallest that survives losing one
@@ -120,19 +122,14 @@ impl BrokerCluster {
         Err(failure)
     }
 
-    /// One attempt: fresh route ports and empty stores for all three.
+    /// One attempt: fresh ports and empty stores for all three.
     fn start_all(&mut self) -> io::Result<()> {
-        // Bound together so the three differ; released when this ends.
-        let reserved = (0..CLUSTER_SIZE)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<io::Result<Vec<_>>>()?;
-        for (member, listener) in self.members.iter_mut().zip(&reserved) {
-            member.route_port = listener.local_addr()?.port();
-            member.client_port = 0;
-            member.monitor_port = 0;
+        for member in &mut self.members {
+            member.route_port = unused_port()?;
+            member.client_port = unused_port()?;
+            member.monitor_port = unused_port()?;
             wipe(&member.store)?;
         }
-        drop(reserved);
         for i in 0..CLUSTER_SIZE {
             self.spawn(i)?;
         }
@@ -142,8 +139,8 @@ impl BrokerCluster {
         Ok(())
     }
 
-    /// Starts server `i` on its known ports (or `-1` for those not known
-    /// yet) and its store, with routes to both others.
+    /// Starts server `i` on its ports and its store, with routes to both
+    /// others.
     fn spawn(&mut self, i: usize) -> io::Result<()> {
         let routes = self
             .members
@@ -154,17 +151,10 @@ impl BrokerCluster {
             .collect::<Vec<_>>()
             .join(",");
         let member = &self.members[i];
-        let chosen = |port: u16| {
-            if port == 0 {
-                "-1".to_string()
-            } else {
-                port.to_string()
-            }
-        };
         let mut command = Command::new(self.binary);
         command
-            .args(["-a", "127.0.0.1", "-p", &chosen(member.client_port)])
-            .args(["-m", &chosen(member.monitor_port)])
+            .args(["-a", "127.0.0.1", "-p", &member.client_port.to_string()])
+            .args(["-m", &member.monitor_port.to_string()])
             .args(["-js", "-sd", &member.store.to_string_lossy()])
             .args(["--server_name", &member.name])
             .args(["--cluster_name", &self.cluster_name])

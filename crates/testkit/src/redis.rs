@@ -6,7 +6,7 @@ use std::io;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::nats::free_port;
+use crate::ports::unused_port;
 
 /// Where Debian installs it; `PATH` is tried too.
 const CANDIDATES: [&str; 2] = ["/usr/bin/redis-server", "redis-server"];
@@ -40,7 +40,7 @@ impl RedisServer {
         };
         let mut last_log = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
-            let port = free_port()?;
+            let port = unused_port()?;
             let mut server = RedisServer {
                 port,
                 child: Some(
