@@ -8,7 +8,7 @@
 //! broker, so their departures can still be announced), on every path out.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -204,15 +204,13 @@ pub(super) fn our_cluster_name(k: usize) -> String {
     format!("cluster-{k}")
 }
 
-/// `k` distinct free loopback ports (all held until all are chosen).
+/// `k` distinct loopback ports for servers that are told them before they
+/// run and may be restarted on them (`--broker-restart`): from outside the
+/// kernel's ephemeral range, where no connection of the run can take one
+/// in between (`chat_testkit::ports`).
 fn free_ports(k: usize) -> anyhow::Result<Vec<u16>> {
-    let listeners = (0..k)
-        .map(|_| TcpListener::bind(("127.0.0.1", 0)))
-        .collect::<std::io::Result<Vec<_>>>()
-        .context("cannot find free ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
+    (0..k)
+        .map(|_| chat_testkit::ports::unused_port())
         .collect::<std::io::Result<Vec<_>>>()
         .context("cannot find free ports")
 }
