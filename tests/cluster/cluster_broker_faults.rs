@@ -584,3 +584,103 @@ async fn durable_consumers_wait_for_elections_of_their_own() -> io::Result<()> {
     );
     Ok(())
 }
+
+/// The server stopped before the nodes start in
+/// [`copies_are_raised_when_a_stopped_server_returns`].
+const RETURNING: usize = 2;
+
+/// Four nodes, one of each model, start under `--names` while one server of
+/// three is stopped, so the room's stream and the names bucket (made by the
+/// first named join) get the two copies the broker can place. The server
+/// comes back: within a bound, with no node reopening anything, both have
+/// three copies. Then the server leading the room's stream (or, if that is
+/// the returned one, another that held one of the first two copies) is
+/// killed: a line said on each node reaches the others, and a new name can
+/// still be claimed. Models share one broker cluster: the fault and the
+/// repair are the broker's.
+///
+/// Before the nodes raised the copies themselves (connection.rs,
+/// "Replicas") both stayed at two until some node opened them again, and
+/// the kill left the stream and the bucket without a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
+    let Some(mut brokers) = blocking(BrokerCluster::start)? else {
+        return Ok(());
+    };
+    blocking(|| brokers.stop(RETURNING))?;
+    blocking(|| brokers.wait_for_meta_leader())?;
+    let nodes = Model::ALL
+        .into_iter()
+        .map(|model| {
+            Node::start_with(
+                test_cluster(&brokers.urls()),
+                Config::with_model(model).with(|c| c.names = true),
+            )
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    let mut clients = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        let name = format!("c{index}");
+        let (client, answer) = claim(node.addr(), &name).await?;
+        clients.push(client.ok_or_else(|| {
+            io::Error::other(format!("{name} was refused: {answer:?}"))
+        })?);
+    }
+    for stream in [STREAM, NAMES_STREAM] {
+        let made = copies_settled(&brokers, stream, 2).await?;
+        ensure(made == 2, || {
+            format!("{stream} was made with {made} copies with a server down, not 2")
+        })?;
+    }
+    blocking(|| brokers.restart(RETURNING))?;
+    let back = Instant::now();
+    for stream in [STREAM, NAMES_STREAM] {
+        let now = copies_settled(&brokers, stream, 3).await?;
+        ensure(now == 3, || {
+            format!("{stream} has {now} copies {:?} after the server came back", back.elapsed())
+        })?;
+    }
+    let raised = back.elapsed();
+    let consumers: Vec<String> = (0..CLUSTER_SIZE)
+        .filter_map(|server| {
+            let jsz = brokers.monitor(server, "/jsz?consumers=true").ok()?;
+            Some(format!(
+                "n{server}: {}",
+                jsz.pointer("/account_details")
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })
+        .collect();
+    eprintln!("copies raised to 3 within {raised:?} of the server's return; consumers: {consumers:?}");
+    let leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
+    let victim = if leader == RETURNING { 0 } else { leader };
+    blocking(|| brokers.kill(victim))?;
+    for (index, client) in clients.iter_mut().enumerate() {
+        client.send(&format!("after the kill {index}")).await?;
+    }
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    for (index, client) in clients.iter_mut().enumerate() {
+        let mut missing: Vec<String> = (0..nodes.len())
+            .filter(|&other| other != index)
+            .map(|other| format!("c{other}: after the kill {other}"))
+            .collect();
+        while !missing.is_empty() {
+            let within = deadline.saturating_duration_since(Instant::now());
+            let line = client.line_within(within).await.map_err(|err| {
+                io::Error::other(format!(
+                    "c{index} on the {} node never heard {missing:?} after n{victim} was killed: {err}",
+                    Model::ALL[index]
+                ))
+            })?;
+            missing.retain(|expected| *expected != line);
+        }
+    }
+    let (named, answer) = claim(nodes[0].addr(), "later").await?;
+    ensure(named.is_some(), || {
+        format!("a name claimed after the kill was refused: {answer:?}")
+    })
+}
