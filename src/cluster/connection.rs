@@ -273,20 +273,30 @@ pub(super) fn epoch_of(info: &stream::Info) -> String {
 /// `--cluster-replicas`, else min(3, servers in the broker's cluster) (see
 /// the module documentation).
 pub(super) fn replicas(connection: &Connection, config: &ClusterConfig) -> usize {
-    if let Some(replicas) = config.replicas {
+    let info = connection.client.server_info();
+    wanted_replicas(config.replicas, info.cluster.as_deref(), &info.connect_urls)
+}
+
+/// [`replicas`] from what it reads: `--cluster-replicas` (`explicit`), the
+/// server's cluster name and its list of the cluster's client URLs.
+pub(super) fn wanted_replicas(
+    explicit: Option<usize>,
+    cluster: Option<&str>,
+    connect_urls: &[String],
+) -> usize {
+    if let Some(replicas) = explicit {
         return replicas;
     }
-    let info = connection.client.server_info();
-    if info.cluster.as_deref().is_none_or(str::is_empty) {
+    if cluster.is_none_or(str::is_empty) {
         return 1;
     }
-    let servers: HashSet<&str> = info.connect_urls.iter().map(String::as_str).collect();
+    let servers: HashSet<&str> = connect_urls.iter().map(String::as_str).collect();
     servers.len().clamp(1, MAX_DEFAULT_REPLICAS)
 }
 
 /// Three copies survive the loss of any one server (a quorum of two);
 /// more cost every write another round trip for little.
-const MAX_DEFAULT_REPLICAS: usize = 3;
+pub(super) const MAX_DEFAULT_REPLICAS: usize = 3;
 
 /// Finds the stream `config` names, or makes it with `config.num_replicas`
 /// copies, fewer if the broker cannot place that many; a stream found with
