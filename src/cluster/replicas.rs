@@ -1,31 +1,39 @@
 //! Keeps the room's stream and the names bucket at the copies wanted
-//! ([`connection::replicas`]) while the node runs: a stream made with fewer
-//! (a broker server down, or the cluster's gossip not yet complete, when
-//! it was made) gets the rest once the broker can place them, without
-//! waiting for some node to open it again.
+//! while the node runs: a stream made with fewer (a broker server down, or
+//! the cluster's gossip not yet complete, when it was made) gets the rest
+//! once the broker can place them, without waiting for some node to open
+//! it again.
 //!
-//! **When.** Every [`LOOK`] it reads the NATS client's own view of the
-//! broker (no broker traffic): whether it is connected, to which server,
-//! and the cluster's servers (`connect_urls`, which a server's async INFO
-//! updates when a server joins or leaves). A change of that view is news,
-//! and the streams are checked at once. Otherwise they are checked every
-//! [`SETTLED`] (a stream made again smaller, or lowered by hand, is found
-//! there); while one is short of copies and the broker refuses more, again
-//! after [`SHORT_FIRST`], doubling up to [`SHORT_MAX`]. A check is one
-//! stream-info request per stream, plus an update only for a stream found
-//! short; with one copy wanted (a single server) it asks the broker nothing.
+//! **Wanted.** `--cluster-replicas`, else min(3, servers of the broker's
+//! cluster now) ([`connection::wanted_replicas`]). The client's own list
+//! of the servers is the one it got at its last (re)connect: async-nats
+//! 0.46 reads the INFO a server sends when another joins or leaves, but
+//! keeps nothing of it. So while that list says fewer than three, each
+//! check reads a server's INFO afresh on a connection of its own, closed
+//! at once (a server sends it before authentication; not done with TLS,
+//! where the server would log the unfinished handshake as an error).
 //!
-//! **Only up.** Copies are raised, never lowered: the target is
-//! `--cluster-replicas`, else min(3, servers known now), and a cluster seen
-//! smaller (a server down) is no reason to give copies up. Every node does
-//! this at once: an update to the copies already there changes nothing. A
-//! refused raise is reported once at `warn` (losing one more broker server
-//! may stop the room), then at `debug` until the stream has its copies;
-//! the raise itself at `info`.
+//! **When.** Every [`LOOK`] it reads the client's state (no broker
+//! traffic): a reconnect, or another server, is news, and the streams are
+//! checked at once. Otherwise every [`GROWING`] while the default may still
+//! grow (fewer than three servers seen), every [`SETTLED`] once not; and
+//! while a stream is short of copies and the broker refuses more, after
+//! [`SHORT_FIRST`], doubling up to [`SHORT_MAX`]. A check is one
+//! stream-info request per stream, plus an update for one found short;
+//! with one copy wanted (a single server) it asks the broker nothing.
 //!
-//! The room's consumers are ephemeral, one copy each, made again by the
-//! consumer when lost with their server (`consumer`): there is no durable
-//! consumer to raise with the stream.
+//! **Only up.** Copies are raised, never lowered: a cluster seen smaller
+//! (a server down) is no reason to give copies up. Every node does this,
+//! at once: an update to the copies already there changes nothing. A
+//! refused raise is reported once at `warn` (losing a server that holds
+//! a copy may stop the room), then at `debug` until the stream has its
+//! copies; the raise itself at `info`.
+//!
+//! **Consumers.** The room's consumers are ephemeral, one copy each,
+//! made again when lost with their server (`consumer`); nats-server 2.9.10
+//! leaves them at one copy when their stream is raised (seen in its
+//! `/jsz?consumers=true`). The names bucket has none. No durable consumer
+//! needs raising with its stream.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -96,7 +104,8 @@ struct View {
     connected: bool,
     /// The server it talks to (a new id after a restart, too).
     server: String,
-    /// The cluster's servers, as that server lists their client URLs.
+    /// The cluster's servers, as that server lists their client URLs
+    /// (async-nats 0.46 changes them only at a reconnect).
     servers: BTreeSet<String>,
 }
 
@@ -212,15 +221,24 @@ pub(super) async fn keep(shared: Arc<Shared>, mut connection: watch::Receiver<Op
         if !seen.connected || Instant::now() < due {
             continue;
         }
-        let (wanted, may_grow) = wanted_now(&shared, &connection).await;
-        let mut short = false;
-        if wanted > 1 {
-            for stream in &mut kept {
-                short |= stream
-                    .check(&connection, wanted, shared.config.ack_timeout)
-                    .await;
+        // Each call is bounded by `--cluster-ack-timeout`, the whole by
+        // `stop`: shutdown does not wait for a check.
+        let checking = async {
+            let (wanted, may_grow) = wanted_now(&shared, &connection).await;
+            let mut short = false;
+            if wanted > 1 {
+                for stream in &mut kept {
+                    short |= stream
+                        .check(&connection, wanted, shared.config.ack_timeout)
+                        .await;
+                }
             }
-        }
+            (short, may_grow)
+        };
+        let (short, may_grow) = tokio::select! {
+            () = shared.stop.cancelled() => return,
+            checked = checking => checked,
+        };
         due = Instant::now()
             + if short {
                 short_checks += 1;
@@ -237,16 +255,9 @@ pub(super) async fn keep(shared: Arc<Shared>, mut connection: watch::Receiver<Op
 }
 
 /// The copies wanted now ([`connection::wanted_replicas`]), and whether
-/// that default may still grow (fewer than three servers seen, so a server
-/// that joins or returns raises it).
-///
-/// The client's own view of the servers is the one it was sent when it
-/// last (re)connected: async-nats 0.46 reads the INFO a server sends when
-/// a server joins or leaves its cluster but keeps nothing of it. So when
-/// that view says fewer than three servers, a server's INFO is read afresh
-/// ([`server_info_now`]). Not through TLS: a TLS server would log each
-/// such connection, closed before its handshake, as an error; there the
-/// view of the last reconnect stands.
+/// that default may still grow (fewer than three servers seen). The
+/// client's list of servers is refreshed from a server's INFO while it says
+/// fewer than three (see the module documentation).
 async fn wanted_now(shared: &Shared, connection: &Connection) -> (usize, bool) {
     let config = &shared.config;
     let mut info = connection.client.server_info();
@@ -344,6 +355,45 @@ mod tests {
         assert_eq!(wanted_replicas(None, None, &urls(3)), 1);
         assert_eq!(wanted_replicas(None, Some(""), &urls(3)), 1);
         assert_eq!(wanted_replicas(None, cluster, &[]), 1);
+    }
+
+    /// A server that sends `first` to a new connection, once.
+    async fn server_sending(first: &'static str) -> io::Result<String> {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        tokio::spawn(async move {
+            if let Ok((mut connection, _)) = listener.accept().await {
+                let _ = connection.write_all(first.as_bytes()).await;
+            }
+        });
+        Ok(address)
+    }
+
+    #[tokio::test]
+    async fn a_servers_info_is_read_from_a_new_connection() -> io::Result<()> {
+        let address = server_sending(
+            "INFO {\"server_id\":\"N1\",\"cluster\":\"brokers\",\"connect_urls\":\
+             [\"127.0.0.1:4222\",\"127.0.0.1:4223\",\"127.0.0.1:4224\"]}\r\n",
+        )
+        .await?;
+        let info = read_server_info(&address).await?;
+        assert_eq!(info.cluster.as_deref(), Some("brokers"));
+        assert_eq!(
+            wanted_replicas(None, info.cluster.as_deref(), &info.connect_urls),
+            3
+        );
+        let not_nats = server_sending("HTTP/1.1 400 Bad Request\r\n").await?;
+        assert!(read_server_info(&not_nats).await.is_err());
+        // The first that answers: a refused address is skipped.
+        let refused = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.local_addr()?.to_string()
+        };
+        let again = server_sending("INFO {\"server_id\":\"N2\"}\r\n").await?;
+        let found = server_info_now(&[refused, again], Duration::from_secs(5)).await;
+        assert_eq!(found.map(|info| info.server_id).as_deref(), Some("N2"));
+        Ok(())
     }
 
     #[test]
