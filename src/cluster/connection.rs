@@ -16,7 +16,12 @@
 //! creation) the broker refuses the create as "insufficient resources" and
 //! [`create_replicated`] asks again with one copy fewer. A stream found
 //! with fewer copies than wanted is reported and updated (2.9 scales a
-//! clustered stream's replicas up and down in place).
+//! clustered stream's replicas up and down in place). Made so with fewer
+//! (a server down, the cluster still forming: the client's `connect_urls`
+//! are those of its last connect), both are raised later, while the node
+//! runs, once the broker can place the copies: `super::replicas`, which
+//! also reads a server's INFO afresh while fewer than three servers are
+//! known. Copies are never lowered automatically.
 //!
 //! Every call here is one a NATS 2.9 server understands (the client is
 //! built without its `server_2_10`+ features); tests/cluster/cluster.rs runs them
