@@ -67,8 +67,11 @@ const SETTLED: Duration = Duration::from_secs(30);
 /// How often while the default may still grow (fewer than three servers
 /// seen: a cluster still forming, or one server down): each check also
 /// reads a server's INFO afresh (`wanted_now`), a connection opened and
-/// closed, so that a returning server is noticed within this much.
-const GROWING: Duration = Duration::from_secs(10);
+/// closed, so that a returning server is noticed within this much. That
+/// state is a transient one (a JetStream cluster of two has no quorum
+/// after a loss, and is not one to run), and a short connection every
+/// 5 s a node is little to a broker while it lasts.
+const GROWING: Duration = Duration::from_secs(5);
 
 /// The first pause after a check left a stream short (its raise refused,
 /// or no answer): a server that has just come back may take a moment
