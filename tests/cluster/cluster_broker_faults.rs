@@ -693,16 +693,16 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
             format!("{stream} was made with {made} copies with a server down, not 2")
         })?;
     }
+    let back = Instant::now();
     blocking(|| brokers.restart(RETURNING))
         .map_err(|err| io::Error::other(format!("restarting n{RETURNING}: {err}")))?;
-    let back = Instant::now();
     for stream in [STREAM, NAMES_STREAM] {
         // A node checks a cluster seen short of three servers every 5 s;
         // the broker may refuse the first raise while the server rejoins.
         let now = copies_within(&brokers, stream, 3, PHASE_TIMEOUT).await?;
         ensure(now == 3, || {
             format!(
-                "{stream} has {now} copies {:?} after the server came back",
+                "{stream} has {now} copies {:?} after the server was started again",
                 back.elapsed()
             )
         })?;
@@ -741,7 +741,7 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
         })
         .collect();
     eprintln!(
-        "copies raised to 3 within {raised:?} of the server's return; consumers: {consumers:?}"
+        "copies raised to 3 within {raised:?} of the server's restart; consumers: {consumers:?}"
     );
     // Killed before the new copies have caught up, the stream would only
     // test the broker's catching up.
