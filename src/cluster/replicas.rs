@@ -32,8 +32,9 @@
 //! **Consumers.** The room's consumers are ephemeral, one copy each,
 //! made again when lost with their server (`consumer`); nats-server 2.9.10
 //! leaves them at one copy when their stream is raised (seen in its
-//! `/jsz?consumers=true`). The names bucket has none. No durable consumer
-//! needs raising with its stream.
+//! `/jsz?consumers=true`). The names bucket has none. A durable consumer
+//! made without a replica count would follow its stream from two copies
+//! to three on 2.9.10 (one made with two stays at two); we make none.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
