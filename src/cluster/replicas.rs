@@ -37,6 +37,7 @@
 //! to three on 2.9.10 (one made with two stays at two); we make none.
 
 use std::collections::BTreeSet;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,6 @@ use async_nats::connection::State;
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::ErrorCode;
 use async_nats::{ServerAddr, ServerInfo};
-use std::io;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -55,7 +55,7 @@ use super::connection::{self, wait_for_connection, Connection, Subjects};
 use super::{names, Shared};
 
 /// How often the client's view of the broker is read: a local read, so
-/// often enough that a server's return is acted on within about a second.
+/// often enough that a reconnect is acted on within about a second.
 const LOOK: Duration = Duration::from_secs(1);
 
 /// How often the copies are checked without news once the cluster has
@@ -87,14 +87,14 @@ const SHORT_MAX: Duration = Duration::from_secs(8);
 /// What to do with a stream found with `found` copies when `wanted` are
 /// wanted.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Verdict {
+enum Verdict {
     /// As many or more: left as it is (never lowered).
     Enough,
     /// Fewer: updated to this many.
     Raise(usize),
 }
 
-pub(super) fn verdict(found: usize, wanted: usize) -> Verdict {
+fn verdict(found: usize, wanted: usize) -> Verdict {
     if found.max(1) < wanted {
         Verdict::Raise(wanted)
     } else {
