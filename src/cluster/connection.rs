@@ -15,8 +15,8 @@
 //! none. Where that overcounts (servers without JetStream, a server down at
 //! creation) the broker refuses the create as "insufficient resources" and
 //! [`create_replicated`] asks again with one copy fewer. A stream found
-//! with fewer copies than wanted is reported and updated (2.9 scales a
-//! clustered stream's replicas up and down in place). Made so with fewer
+//! with fewer copies than wanted is updated (2.9 scales a clustered
+//! stream's replicas up and down in place). Made so with fewer
 //! (a server down, the cluster still forming: the client's `connect_urls`
 //! are those of its last connect), both are raised later, while the node
 //! runs, once the broker can place the copies: `super::replicas`, which
@@ -36,7 +36,7 @@ use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
@@ -336,21 +336,19 @@ pub(super) async fn create_replicated(
     };
     let found = stream.cached_info().config.num_replicas.max(1);
     if found < wanted {
-        warn!(
-            stream = %config.name,
-            found,
-            wanted,
-            "the stream has fewer replicas than wanted; updating it"
-        );
+        // Every open tries (the publisher and the consumer open the stream
+        // after each failure); a refusal is the keeper's to report, once
+        // (`super::replicas`), not each open's.
         let mut more = stream.cached_info().config.clone();
         more.num_replicas = wanted;
         match connection.jetstream.update_stream(&more).await {
             Ok(info) => info!(
                 stream = %config.name,
-                replicas = info.config.num_replicas,
-                "the stream's replicas were updated"
+                from = found,
+                to = info.config.num_replicas,
+                "the stream had fewer replicas than wanted; updated"
             ),
-            Err(err) => warn!(
+            Err(err) => debug!(
                 stream = %config.name,
                 cause = %err,
                 "the stream's replicas could not be updated; it stays with {found}"
