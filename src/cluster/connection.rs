@@ -15,8 +15,13 @@
 //! none. Where that overcounts (servers without JetStream, a server down at
 //! creation) the broker refuses the create as "insufficient resources" and
 //! [`create_replicated`] asks again with one copy fewer. A stream found
-//! with fewer copies than wanted is reported and updated (2.9 scales a
-//! clustered stream's replicas up and down in place).
+//! with fewer copies than wanted is updated (2.9 scales a clustered
+//! stream's replicas up and down in place). Made so with fewer
+//! (a server down, the cluster still forming: the client's `connect_urls`
+//! are those of its last connect), both are raised later, while the node
+//! runs, once the broker can place the copies: `super::replicas`, which
+//! also reads a server's INFO afresh while fewer than three servers are
+//! known. Copies are never lowered automatically.
 //!
 //! Every call here is one a NATS 2.9 server understands (the client is
 //! built without its `server_2_10`+ features); tests/cluster/cluster.rs runs them
@@ -31,7 +36,7 @@ use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
 use super::Shared;
@@ -273,20 +278,30 @@ pub(super) fn epoch_of(info: &stream::Info) -> String {
 /// `--cluster-replicas`, else min(3, servers in the broker's cluster) (see
 /// the module documentation).
 pub(super) fn replicas(connection: &Connection, config: &ClusterConfig) -> usize {
-    if let Some(replicas) = config.replicas {
+    let info = connection.client.server_info();
+    wanted_replicas(config.replicas, info.cluster.as_deref(), &info.connect_urls)
+}
+
+/// [`replicas`] from what it reads: `--cluster-replicas` (`explicit`), the
+/// server's cluster name and its list of the cluster's client URLs.
+pub(super) fn wanted_replicas(
+    explicit: Option<usize>,
+    cluster: Option<&str>,
+    connect_urls: &[String],
+) -> usize {
+    if let Some(replicas) = explicit {
         return replicas;
     }
-    let info = connection.client.server_info();
-    if info.cluster.as_deref().is_none_or(str::is_empty) {
+    if cluster.is_none_or(str::is_empty) {
         return 1;
     }
-    let servers: HashSet<&str> = info.connect_urls.iter().map(String::as_str).collect();
+    let servers: HashSet<&str> = connect_urls.iter().map(String::as_str).collect();
     servers.len().clamp(1, MAX_DEFAULT_REPLICAS)
 }
 
 /// Three copies survive the loss of any one server (a quorum of two);
 /// more cost every write another round trip for little.
-const MAX_DEFAULT_REPLICAS: usize = 3;
+pub(super) const MAX_DEFAULT_REPLICAS: usize = 3;
 
 /// Finds the stream `config` names, or makes it with `config.num_replicas`
 /// copies, fewer if the broker cannot place that many; a stream found with
@@ -321,21 +336,19 @@ pub(super) async fn create_replicated(
     };
     let found = stream.cached_info().config.num_replicas.max(1);
     if found < wanted {
-        warn!(
-            stream = %config.name,
-            found,
-            wanted,
-            "the stream has fewer replicas than wanted; updating it"
-        );
+        // Every open tries (the publisher and the consumer open the stream
+        // after each failure); a refusal is the keeper's to report, once
+        // (`super::replicas`), not each open's.
         let mut more = stream.cached_info().config.clone();
         more.num_replicas = wanted;
         match connection.jetstream.update_stream(&more).await {
             Ok(info) => info!(
                 stream = %config.name,
-                replicas = info.config.num_replicas,
-                "the stream's replicas were updated"
+                from = found,
+                to = info.config.num_replicas,
+                "the stream had fewer replicas than wanted; updated"
             ),
-            Err(err) => warn!(
+            Err(err) => debug!(
                 stream = %config.name,
                 cause = %err,
                 "the stream's replicas could not be updated; it stays with {found}"

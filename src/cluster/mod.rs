@@ -44,14 +44,16 @@
 //! The broker side is one file per concern: [`connection`] (the NATS
 //! client, the room's subjects and stream), [`publisher`] (this node's
 //! events to the stream), [`consumer`] (the stream to the local hub),
+//! [`replicas`] (the stream's and the names bucket's copies),
 //! [`heartbeats`] (liveness, on a thread of its own), [`roster`] (who is
 //! on the other nodes) and
 //! [`backoff`] (the one retry policy); the wire format and its checks are
 //! in [`wire`].
 //!
-//! **Tasks.** Two of ours (publisher, consumer) plus the NATS client's
-//! four (connection, event log, JetStream acker, the pull consumer's
-//! request loop): a clustered node runs the model's tasks plus
+//! **Tasks.** Three of ours (publisher, consumer, [`replicas`] keeper)
+//! plus the NATS client's four (connection, event log, JetStream acker,
+//! the pull consumer's request loop): a clustered node runs the model's
+//! tasks plus
 //! [`ClusterConfig::EXTRA_TASKS`]; under `--names`, plus one short-lived
 //! task per name whose delete is being retried or dead node being tidied.
 //! The liveness judge is one more OS thread with its own runtime and
@@ -81,6 +83,7 @@ mod consumer;
 mod heartbeats;
 mod names;
 mod publisher;
+mod replicas;
 mod roster;
 pub(crate) mod wire;
 
@@ -290,6 +293,7 @@ fn start<H: Hub>(
     };
     let tasks = vec![
         tokio::spawn(publisher::publisher(Arc::clone(&shared), connected)),
+        tokio::spawn(replicas::keep(Arc::clone(&shared), connection.clone())),
         tokio::spawn(consumer::consumer(
             shared,
             hub,

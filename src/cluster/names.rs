@@ -125,7 +125,7 @@ fn key_of(name: &str) -> String {
     key
 }
 
-fn bucket_of(room: &str) -> String {
+pub(super) fn bucket_of(room: &str) -> String {
     format!("chat_names_{room}")
 }
 

@@ -58,11 +58,12 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    /// Tasks a clustered node runs on top of its model's (2n+1+k, k = 6):
-    /// the backplane's publisher and consumer tasks, and the NATS client's
-    /// connection, event-log, JetStream-acker and pull-request tasks. The
+    /// Tasks a clustered node runs on top of its model's (2n+1+k, k = 7):
+    /// the backplane's publisher, consumer and replica-keeper tasks, and
+    /// the NATS client's connection, event-log, JetStream-acker and
+    /// pull-request tasks. The
     /// liveness judge runs on a thread of its own, with its own runtime.
-    pub const EXTRA_TASKS: usize = 6;
+    pub const EXTRA_TASKS: usize = 7;
 
     /// The defaults for a broker at `url`, room `chat`.
     pub fn new(url: &str) -> ClusterConfig {

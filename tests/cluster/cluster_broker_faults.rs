@@ -7,7 +7,9 @@
 //! - on a 3-server JetStream cluster, the room's stream and the names
 //!   bucket have three replicas, an existing stream with fewer is updated,
 //!   and `kill -9` of the server leading the room's stream mid-chat loses,
-//!   duplicates and reorders nothing, and names stay unique (finding 5).
+//!   duplicates and reorders nothing, and names stay unique (finding 5);
+//!   both made with two copies while a server was down get their third
+//!   once it is back, and then survive a kill.
 //!
 //! Without `nats-server` installed these tests say so loudly and pass;
 //! with `CI` (or `CHAT_REQUIRE_NATS`) set they fail instead. Broker time
@@ -188,7 +190,17 @@ fn copies(brokers: &BrokerCluster, stream: &str) -> io::Result<usize> {
 /// `copies` once it reaches `want`, or as it is after [`JOIN_TIMEOUT`]: the
 /// broker places the copies a moment after the stream or bucket is made.
 async fn copies_settled(brokers: &BrokerCluster, stream: &str, want: usize) -> io::Result<usize> {
-    let deadline = Instant::now() + JOIN_TIMEOUT;
+    copies_within(brokers, stream, want, JOIN_TIMEOUT).await
+}
+
+/// `copies` once it reaches `want`, or as it is after `within`.
+async fn copies_within(
+    brokers: &BrokerCluster,
+    stream: &str,
+    want: usize,
+    within: Duration,
+) -> io::Result<usize> {
+    let deadline = Instant::now() + within;
     loop {
         let now = copies(brokers, stream)?;
         if now == want || Instant::now() >= deadline {
@@ -583,4 +595,196 @@ async fn durable_consumers_wait_for_elections_of_their_own() -> io::Result<()> {
             .join(", ")
     );
     Ok(())
+}
+
+/// How many followers `stream`'s leader reports current (caught up with
+/// it), once that reaches `want` or as it is after `within`.
+async fn followers_current(
+    brokers: &BrokerCluster,
+    stream: &str,
+    want: usize,
+    within: Duration,
+) -> io::Result<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let leader = blocking(|| brokers.wait_for_stream_leader(stream))?;
+        let detail = blocking(|| brokers.stream_on(leader, stream))?;
+        let current = detail
+            .as_ref()
+            .and_then(|detail| detail.pointer("/cluster/replicas"))
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, |replicas| {
+                replicas
+                    .iter()
+                    .filter(|replica| {
+                        replica.get("current").and_then(serde_json::Value::as_bool) == Some(true)
+                    })
+                    .count()
+            });
+        if current >= want || Instant::now() >= deadline {
+            return Ok(current);
+        }
+        // The followers catch up in the broker: nothing to wait on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The server stopped before the nodes start in
+/// [`copies_are_raised_when_a_stopped_server_returns`].
+const RETURNING: usize = 2;
+
+/// Four nodes, one of each model, start under `--names` while one server of
+/// three is stopped, so the room's stream and the names bucket (made by the
+/// first named join) get the two copies the broker can place. The server
+/// comes back: within a bound, with no node reopening anything, both have
+/// three copies. Then the server leading the room's stream (or, if that is
+/// the returned one, another that held one of the first two copies) is
+/// killed, once the new copies have caught up: a line said on each node
+/// reaches the others, and a new name can still be claimed. Models share
+/// one broker cluster: the fault and the repair are the broker's.
+///
+/// Before the nodes raised the copies themselves (connection.rs,
+/// "Replicas") both stayed at two until some node opened them again, and
+/// the kill left the stream and the bucket without a quorum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
+    let Some(mut brokers) = blocking(BrokerCluster::start)? else {
+        return Ok(());
+    };
+    // `CHAT_TEST_LOG=chat_server::cluster::replicas=debug` shows the checks.
+    if std::env::var_os("CHAT_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("CHAT_TEST_LOG"))
+            .try_init();
+    }
+    blocking(|| brokers.stop(RETURNING))?;
+    blocking(|| brokers.wait_for_meta_leader())
+        .map_err(|err| io::Error::other(format!("with n{RETURNING} stopped: {err}")))?;
+    let start = |model| {
+        Node::start_with(
+            test_cluster(&brokers.urls()),
+            Config::with_model(model).with(|c| c.names = true),
+        )
+    };
+    // The first node makes the stream before the others look for it: when
+    // four made it at once, nats-server 2.9.10 once answered two racing
+    // creates with success each (two epochs), and after the kill one node
+    // took the stream for a new one. Not this test's matter.
+    let [first_model, other_models @ ..] = Model::ALL;
+    let mut nodes = vec![start(first_model)?];
+    nodes[0].joined(1).await?;
+    for model in other_models {
+        nodes.push(start(model)?);
+    }
+    for node in &nodes {
+        node.joined(1).await?;
+    }
+    let mut clients = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        let name = format!("c{index}");
+        let (client, answer) = claim(node.addr(), &name).await?;
+        clients.push(
+            client.ok_or_else(|| io::Error::other(format!("{name} was refused: {answer:?}")))?,
+        );
+    }
+    for stream in [STREAM, NAMES_STREAM] {
+        let made = copies_settled(&brokers, stream, 2).await?;
+        ensure(made == 2, || {
+            format!("{stream} was made with {made} copies with a server down, not 2")
+        })?;
+    }
+    let back = Instant::now();
+    blocking(|| brokers.restart(RETURNING))
+        .map_err(|err| io::Error::other(format!("restarting n{RETURNING}: {err}")))?;
+    for stream in [STREAM, NAMES_STREAM] {
+        // A node checks a cluster seen short of three servers every 5 s;
+        // the broker may refuse the first raise while the server rejoins.
+        let now = copies_within(&brokers, stream, 3, PHASE_TIMEOUT).await?;
+        ensure(now == 3, || {
+            format!(
+                "{stream} has {now} copies {:?} after the server was started again",
+                back.elapsed()
+            )
+        })?;
+    }
+    let raised = back.elapsed();
+    // What 2.9 did to the room's (ephemeral) consumers: each server's view
+    // of their Raft groups.
+    let consumers: Vec<String> = (0..CLUSTER_SIZE)
+        .filter_map(|server| {
+            let jsz = brokers
+                .monitor(server, "/jsz?accounts=true&streams=true&consumers=true")
+                .ok()?;
+            let details = jsz
+                .pointer("/account_details/0/stream_detail")?
+                .as_array()?;
+            Some(
+                details
+                    .iter()
+                    .flat_map(|stream| {
+                        stream
+                            .get("consumer_detail")
+                            .and_then(serde_json::Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .map(move |consumer| {
+                                format!(
+                                    "n{server} {} {}",
+                                    stream.get("name").unwrap_or_default(),
+                                    consumer.get("cluster").unwrap_or_default()
+                                )
+                            })
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })
+        .collect();
+    eprintln!(
+        "copies raised to 3 within {raised:?} of the server's restart; consumers: {consumers:?}"
+    );
+    // Killed before the new copies have caught up, the stream would only
+    // test the broker's catching up.
+    for stream in [STREAM, NAMES_STREAM] {
+        let current = followers_current(&brokers, stream, 2, PHASE_TIMEOUT).await?;
+        ensure(current == 2, || {
+            format!("{stream}'s leader names {current} current followers, not 2")
+        })?;
+    }
+    let leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
+    let victim = if leader == RETURNING { 0 } else { leader };
+    blocking(|| brokers.kill(victim))?;
+    let killed = Instant::now();
+    for (index, client) in clients.iter_mut().enumerate() {
+        client.send(&format!("after the kill {index}")).await?;
+    }
+    let deadline = Instant::now() + PHASE_TIMEOUT;
+    for (index, client) in clients.iter_mut().enumerate() {
+        let mut missing: Vec<String> = (0..nodes.len())
+            .filter(|&other| other != index)
+            .map(|other| format!("c{other}: after the kill {other}"))
+            .collect();
+        while !missing.is_empty() {
+            let within = deadline.saturating_duration_since(Instant::now());
+            let line = client.line_within(within).await.map_err(|err| {
+                io::Error::other(format!(
+                    "c{index} on the {} node never heard {missing:?} after n{victim} was killed: {err}",
+                    Model::ALL[index]
+                ))
+            })?;
+            missing.retain(|expected| *expected != line);
+        }
+    }
+    let crossed = killed.elapsed();
+    // The bucket's own election, if its leader died (as in
+    // `names_stay_unique_when_the_bucket_leader_dies`).
+    blocking(|| brokers.wait_for_stream_leader(NAMES_STREAM))?;
+    let (named, answer) = claim(nodes[0].addr(), "later").await?;
+    eprintln!(
+        "killed n{victim}: lines crossed after {crossed:?}, a name claimed after {:?}",
+        killed.elapsed()
+    );
+    ensure(named.is_some(), || {
+        format!("a name claimed after the kill was refused: {answer:?}")
+    })
 }
