@@ -269,15 +269,24 @@ async fn consume<H: Hub>(
         position,
         outage,
         liveness,
+        elections,
         ..
     } = reading;
     let shared: &Arc<Shared> = shared;
     ClusterCounters::add(&shared.counters().streams_opened, 1);
     let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
     tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // async-nats checks a pull's missed heartbeats only while its stream is
+    // polled, and after each heartbeat it receives it stops checking until
+    // the next poll: a consumer that dies silently is noticed only if the
+    // stream is polled again meanwhile.
+    let mut watch = tokio::time::interval(pull_heartbeat(shared.config.heartbeat));
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
             () = shared.stop.cancelled() => return Ok(()),
+            () = elections.next() => return Err(LeaderElected.into()),
+            _ = watch.tick() => continue,
             Some(Verdict::Dead(node)) = liveness.verdicts.recv() => {
                 judged_dead(shared, hub, ghost, &node).await;
                 continue;
@@ -521,7 +530,7 @@ async fn subscribe(
             ..Default::default()
         })
         .await?;
-    let heartbeat = heartbeat.max(Duration::from_millis(500));
+    let heartbeat = pull_heartbeat(heartbeat);
     let messages = consumer
         .stream()
         .max_messages_per_batch(256)
@@ -530,6 +539,12 @@ async fn subscribe(
         .messages()
         .await?;
     Ok(messages)
+}
+
+/// The idle heartbeat asked of the broker with each pull (`--cluster-heartbeat`,
+/// at least half a second: a pull's heartbeats are the broker's work).
+fn pull_heartbeat(heartbeat: Duration) -> Duration {
+    heartbeat.max(Duration::from_millis(500))
 }
 
 /// Sets the lag gauges from one stream message's metadata: what the broker

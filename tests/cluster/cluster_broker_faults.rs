@@ -629,6 +629,43 @@ async fn followers_current(
     }
 }
 
+/// Where each running server says the room's consumers live: consumer
+/// name, its leader and the server that reported it.
+fn consumer_placement(brokers: &BrokerCluster) -> String {
+    (0..CLUSTER_SIZE)
+        .filter(|&server| brokers.is_running(server))
+        .filter_map(|server| {
+            let jsz = brokers
+                .monitor(server, "/jsz?accounts=true&streams=true&consumers=true")
+                .ok()?;
+            let details = jsz.pointer("/account_details/0/stream_detail")?.as_array()?;
+            let found: Vec<String> = details
+                .iter()
+                .filter(|stream| stream.get("name").and_then(serde_json::Value::as_str) == Some(STREAM))
+                .flat_map(|stream| {
+                    stream
+                        .get("consumer_detail")
+                        .and_then(serde_json::Value::as_array)
+                        .into_iter()
+                        .flatten()
+                })
+                .map(|consumer| {
+                    format!(
+                        "{} on {}",
+                        consumer.get("name").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                        consumer
+                            .pointer("/cluster/leader")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("?")
+                    )
+                })
+                .collect();
+            Some(format!("n{server} ({}): {}", brokers.server_name(server), found.join(", ")))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The server stopped before the nodes start in
 /// [`copies_are_raised_when_a_stopped_server_returns`].
 const RETURNING: usize = 2;
@@ -753,12 +790,30 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     }
     let leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
     let victim = if leader == RETURNING { 0 } else { leader };
+    let placement = blocking(|| Ok(consumer_placement(&brokers)))?;
+    // The broker's own news of the election, heard on a server that stays.
+    let watcher = async_nats::connect(brokers.url((victim + 1) % CLUSTER_SIZE))
+        .await
+        .map_err(io::Error::other)?;
+    let mut elections = watcher
+        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"))
+        .await
+        .map_err(io::Error::other)?;
+    watcher.flush().await.map_err(io::Error::other)?;
     blocking(|| brokers.kill(victim))?;
     let killed = Instant::now();
+    let elected = tokio::spawn(async move {
+        tokio::time::timeout(PHASE_TIMEOUT, futures_util::StreamExt::next(&mut elections))
+            .await
+            .ok()
+            .flatten()
+            .map(|_| killed.elapsed())
+    });
     for (index, client) in clients.iter_mut().enumerate() {
         client.send(&format!("after the kill {index}")).await?;
     }
     let deadline = Instant::now() + PHASE_TIMEOUT;
+    let mut heard_all = Vec::new();
     for (index, client) in clients.iter_mut().enumerate() {
         let mut missing: Vec<String> = (0..nodes.len())
             .filter(|&other| other != index)
@@ -774,8 +829,15 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
             })?;
             missing.retain(|expected| *expected != line);
         }
+        heard_all.push(killed.elapsed());
     }
     let crossed = killed.elapsed();
+    let elected = elected.await.map_err(io::Error::other)?;
+    eprintln!(
+        "killed n{victim} (stream leader n{leader}); consumers before the kill: {placement}; \
+         the stream's new leader elected {elected:?} after the kill; each node's client heard \
+         the others' lines {heard_all:?} after it"
+    );
     // The bucket's own election, if its leader died (as in
     // `names_stay_unique_when_the_bucket_leader_dies`).
     blocking(|| brokers.wait_for_stream_leader(NAMES_STREAM))?;
