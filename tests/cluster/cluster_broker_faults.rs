@@ -697,6 +697,7 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     blocking(|| brokers.stop(RETURNING))?;
     blocking(|| brokers.wait_for_meta_leader())
         .map_err(|err| io::Error::other(format!("with n{RETURNING} stopped: {err}")))?;
+    let timers = test_cluster(&brokers.urls());
     let start = |model| {
         Node::start_with(
             test_cluster(&brokers.urls()),
@@ -834,10 +835,28 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     let crossed = killed.elapsed();
     let elected = elected.await.map_err(io::Error::other)?;
     eprintln!(
-        "killed n{victim} (stream leader n{leader}); consumers before the kill: {placement}; \
-         the stream's new leader elected {elected:?} after the kill; each node's client heard \
-         the others' lines {heard_all:?} after it"
+        "killed n{victim} (stream leader n{leader}); consumers \
+         before the kill: {placement}; the stream's new leader elected {elected:?} after the \
+         kill; each node's client heard the others' lines {heard_all:?} after it"
     );
+    // The election is the broker's (4-9 s); after it, a node whose consumer
+    // died with the server notices by missed pull heartbeats (two; the
+    // consumer asks for no less than 500 ms) and one publish and one
+    // consumer-making try may each be in flight and cost an ack timeout.
+    // Before the consumer watched its heartbeats and the elections, a node
+    // connected to the killed server with its consumer there heard nothing
+    // for 21 s (async-nats's reconnect asking after the dead consumer).
+    if let Some(elected) = elected {
+        let pull_heartbeat = timers.heartbeat.max(Duration::from_millis(500));
+        let bound = elected + 2 * pull_heartbeat + 2 * timers.ack_timeout;
+        ensure(crossed <= bound, || {
+            format!(
+                "the lines crossed {crossed:?} after the kill, more than {bound:?} (the \
+                 stream's election {elected:?} after it, two pull heartbeats and two ack \
+                 timeouts)"
+            )
+        })?;
+    }
     // The bucket's own election, if its leader died (as in
     // `names_stay_unique_when_the_bucket_leader_dies`).
     blocking(|| brokers.wait_for_stream_leader(NAMES_STREAM))?;
