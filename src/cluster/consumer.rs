@@ -6,6 +6,9 @@
 //! with the server that held it, missed heartbeats) it makes a new consumer
 //! from that same sequence: at once, not after its pause or a call's
 //! timeout, when the stream elects a new leader meanwhile ([`Elections`]).
+//! A consumer already reading is replaced on an election too, and its pull
+//! is polled every heartbeat, so that a consumer lost with its server is
+//! noticed by our timers, not async-nats's (see [`consume`]).
 //! Until that consumer reads, the stream is read by sequence ([`bridge`]):
 //! a consumer is made by the JetStream cluster's metadata leader, a message
 //! is got from the stream's own leader, so a failover's silence ends with
@@ -197,11 +200,26 @@ fn resume(position: &Position, epoch: &str, first: u64, last: u64) -> Resume {
 
 /// Delivers the stream from after `position` until an error or stop
 /// (while the consumer is being made, by sequence: [`bridge`]). A
-/// leader elected while the consumer is being made ends it with
-/// [`LeaderElected`] (a call to the stream made before the election waits
-/// out its timeout); a consumer already reading goes on (it lives on a
-/// server that is still up, or it notices that it does not by missed
-/// heartbeats, well before the broker elects a new leader).
+/// leader elected ends it with [`LeaderElected`], and a new consumer is
+/// made at once from the last delivered sequence: while the consumer is
+/// being made (a call to the stream made before the election waits out its
+/// timeout), and while it reads.
+///
+/// Why a reading consumer is replaced, and its pull polled every
+/// heartbeat: measured on nats-server 2.9.10 (docs/cluster.md,
+/// "Failover"), a node whose NATS connection and consumer were both on
+/// the killed server, with the room idle, heard nothing for 21 s after the
+/// kill. On the reconnect, async-nats's pull task asks for the consumer's
+/// info six times (five retries, 0.5-10 s apart, each bounded by
+/// `--cluster-ack-timeout`) before it reports an error, and sends no pull
+/// meanwhile; its missed-heartbeat check runs only while the pull is
+/// polled, and stops after each idle heartbeat until the next poll, so a
+/// quiet room left it unarmed. Now the consumer lost with its server is
+/// noticed after two missed pull heartbeats, and any consumer is made
+/// again on the election (also one on a surviving server, whatever 2.9
+/// does with it after the election; not seen stalling). It costs one consumer
+/// (made in a millisecond, read by sequence until then); the abandoned one
+/// goes away by its inactivity threshold.
 async fn consume<H: Hub>(
     reading: &mut Reading<'_>,
     hub: &H,
@@ -277,9 +295,9 @@ async fn consume<H: Hub>(
     let mut tidy = tokio::time::interval(FORGET_AFTER / 10);
     tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // async-nats checks a pull's missed heartbeats only while its stream is
-    // polled, and after each heartbeat it receives it stops checking until
-    // the next poll: a consumer that dies silently is noticed only if the
-    // stream is polled again meanwhile.
+    // polled, and after each idle heartbeat it stops checking until the
+    // next poll: polled every heartbeat, a consumer that died silently is
+    // noticed within three.
     let mut watch = tokio::time::interval(pull_heartbeat(shared.config.heartbeat));
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -638,10 +638,14 @@ fn consumer_placement(brokers: &BrokerCluster) -> String {
             let jsz = brokers
                 .monitor(server, "/jsz?accounts=true&streams=true&consumers=true")
                 .ok()?;
-            let details = jsz.pointer("/account_details/0/stream_detail")?.as_array()?;
+            let details = jsz
+                .pointer("/account_details/0/stream_detail")?
+                .as_array()?;
             let found: Vec<String> = details
                 .iter()
-                .filter(|stream| stream.get("name").and_then(serde_json::Value::as_str) == Some(STREAM))
+                .filter(|stream| {
+                    stream.get("name").and_then(serde_json::Value::as_str) == Some(STREAM)
+                })
                 .flat_map(|stream| {
                     stream
                         .get("consumer_detail")
@@ -652,7 +656,10 @@ fn consumer_placement(brokers: &BrokerCluster) -> String {
                 .map(|consumer| {
                     format!(
                         "{} on {}",
-                        consumer.get("name").and_then(serde_json::Value::as_str).unwrap_or("?"),
+                        consumer
+                            .get("name")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("?"),
                         consumer
                             .pointer("/cluster/leader")
                             .and_then(serde_json::Value::as_str)
@@ -660,7 +667,11 @@ fn consumer_placement(brokers: &BrokerCluster) -> String {
                     )
                 })
                 .collect();
-            Some(format!("n{server} ({}): {}", brokers.server_name(server), found.join(", ")))
+            Some(format!(
+                "n{server} ({}): {}",
+                brokers.server_name(server),
+                found.join(", ")
+            ))
         })
         .collect::<Vec<_>>()
         .join("; ")
@@ -677,8 +688,9 @@ const RETURNING: usize = 2;
 /// three copies. Then the server leading the room's stream (or, if that is
 /// the returned one, another that held one of the first two copies) is
 /// killed, once the new copies have caught up: a line said on each node
-/// reaches the others, and a new name can still be claimed. Models share
-/// one broker cluster: the fault and the repair are the broker's.
+/// reaches the others within a bound of the stream's election, and a new
+/// name can still be claimed. Models share one broker cluster: the fault
+/// and the repair are the broker's.
 ///
 /// Before the nodes raised the copies themselves (connection.rs,
 /// "Replicas") both stayed at two until some node opened them again, and
