@@ -736,6 +736,16 @@ mod exporter {
                 "Stream messages the broker still held for this node when it read the last one",
                 &cluster.consumer_pending,
             ),
+            (
+                "chat_cluster_stream_copies",
+                "Copies of the room's stream the broker keeps, as this node last read them (0: not yet)",
+                &cluster.stream_copies,
+            ),
+            (
+                "chat_cluster_names_copies",
+                "Copies of the names bucket the broker keeps, as this node last read them (0: not yet, or no --names)",
+                &cluster.names_copies,
+            ),
         ] {
             gauge(encoder, name, help, as_gauge(*value))?;
         }

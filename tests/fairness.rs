@@ -40,8 +40,12 @@ const SEND_EVERY: Duration = Duration::from_millis(50);
 const READ_RATE: f64 = 2_000_000.0;
 const P99_TARGET: Duration = Duration::from_millis(100);
 const P99_ASSERTED: Duration = Duration::from_millis(250);
-/// Bounds the whole case, whatever goes wrong.
+/// Bounds the case's reads and the flooder, whatever goes wrong...
 const WITHIN: Duration = Duration::from_secs(30);
+/// ... and, with this, the whole case, connects and shutdown included:
+/// without flood control the `broadcast` room once took 124 s to fail,
+/// most of it in the ordinary clients' connects.
+const CLOSING: Duration = Duration::from_secs(10);
 
 // The cases run as many at once as the harness runs tests (eight, from
 // .cargo/config.toml). They were held to two at a time on the grounds that
@@ -56,7 +60,15 @@ macro_rules! cases {
     ($($name:ident: $model:ident, $policy:ident;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() -> io::Result<()> {
-            flood_fairness(Model::$model, SlowClientPolicy::$policy).await
+            let case = flood_fairness(Model::$model, SlowClientPolicy::$policy);
+            tokio::time::timeout(WITHIN + CLOSING, case)
+                .await
+                .map_err(|_| io::Error::other(format!(
+                    "{}/{}: not done within {:?}",
+                    Model::$model,
+                    SlowClientPolicy::$policy,
+                    WITHIN + CLOSING
+                )))?
         }
     )*};
 }

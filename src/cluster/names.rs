@@ -86,6 +86,7 @@ use self::swap::{swap, Bucket, Change, Swapped};
 use super::backoff::Backoff;
 use super::connection;
 use super::Shared;
+use crate::config::ClusterCounters;
 use crate::room::hub::Refused;
 
 mod swap;
@@ -428,6 +429,11 @@ async fn bucket(shared: &Arc<Shared>) -> Option<Bucket> {
         }
         Err(_) => return None,
     };
+    // Shown at once: the replica keeper reads it next on its own schedule.
+    ClusterCounters::set(
+        &shared.counters().names_copies,
+        store.stream.cached_info().config.num_replicas.max(1) as u64,
+    );
     let bucket = Bucket {
         store,
         jetstream: jetstream.clone(),

@@ -18,9 +18,14 @@
 //! checked at once. Otherwise every [`GROWING`] while the default may still
 //! grow (fewer than three servers seen), every [`SETTLED`] once not; and
 //! while a stream is short of copies and the broker refuses more, after
-//! [`SHORT_FIRST`], doubling up to [`SHORT_MAX`]. A check is one
-//! stream-info request per stream, plus an update for one found short;
-//! with one copy wanted (a single server) it asks the broker nothing.
+//! [`SHORT_FIRST`], doubling up to [`SHORT_MAX`]; the first check is a
+//! [`LOOK`] after the node joins. A check is one stream-info request per
+//! stream, plus an update for one found short.
+//!
+//! **Shown.** The copies each check finds (or raised to) are the gauges
+//! `chat_cluster_stream_copies` and `chat_cluster_names_copies`, so that
+//! an operator can alert on a room one server's death from stopping; 0
+//! until the first check (and the second without `--names`).
 //!
 //! **Only up.** Copies are raised, never lowered: a cluster seen smaller
 //! (a server down) is no reason to give copies up. Every node does this,
@@ -38,6 +43,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +59,7 @@ use tracing::{debug, info, warn};
 
 use super::connection::{self, wait_for_connection, Connection, Subjects};
 use super::{names, Shared};
+use crate::config::ClusterCounters;
 
 /// How often the client's view of the broker is read: a local read, so
 /// often enough that a reconnect is acted on within about a second.
@@ -128,17 +135,29 @@ impl View {
 struct Kept {
     name: String,
     short: bool,
+    /// The gauge that shows its copies.
+    shown: fn(&ClusterCounters) -> &AtomicU64,
 }
 
 impl Kept {
-    fn new(name: String) -> Kept {
-        Kept { name, short: false }
+    fn new(name: String, shown: fn(&ClusterCounters) -> &AtomicU64) -> Kept {
+        Kept {
+            name,
+            short: false,
+            shown,
+        }
     }
 
     /// Reads the stream's copies and raises them to `wanted` if fewer; true
     /// if it is (or may be) still short, to be checked again soon. A stream
     /// not there yet is not short: whoever makes it asks for the copies.
-    async fn check(&mut self, connection: &Connection, wanted: usize, bound: Duration) -> bool {
+    async fn check(
+        &mut self,
+        connection: &Connection,
+        wanted: usize,
+        bound: Duration,
+        counters: &ClusterCounters,
+    ) -> bool {
         let stream = &self.name;
         let info = match timeout(bound, connection.jetstream.get_stream(stream)).await {
             Ok(Ok(found)) => found.cached_info().clone(),
@@ -153,6 +172,8 @@ impl Kept {
             }
         };
         let found = info.config.num_replicas.max(1);
+        let show = |copies: usize| ClusterCounters::set((self.shown)(counters), copies as u64);
+        show(found);
         let Verdict::Raise(to) = verdict(found, wanted) else {
             if self.short {
                 info!(%stream, replicas = found, "the stream has the copies wanted");
@@ -164,6 +185,7 @@ impl Kept {
         config.num_replicas = to;
         let refused = match timeout(bound, connection.jetstream.update_stream(&config)).await {
             Ok(Ok(updated)) if updated.config.num_replicas >= to => {
+                show(updated.config.num_replicas);
                 info!(%stream, from = found, to, "raised the stream's copies");
                 self.short = false;
                 return false;
@@ -198,14 +220,19 @@ pub(super) async fn keep(shared: Arc<Shared>, mut connection: watch::Receiver<Op
         return;
     };
     let room = &shared.config.room;
-    let mut kept = vec![Kept::new(Subjects::new(room).stream)];
+    let mut kept = vec![Kept::new(Subjects::new(room).stream, |counters| {
+        &counters.stream_copies
+    })];
     if shared.names_on {
-        kept.push(Kept::new(format!("KV_{}", names::bucket_of(room))));
+        kept.push(Kept::new(
+            format!("KV_{}", names::bucket_of(room)),
+            |counters| &counters.names_copies,
+        ));
     }
     let mut seen = View::of(&connection.client);
     // The streams were just opened, with the copies the broker could place
-    // (`connection::create_replicated`): news or the next check follow.
-    let mut due = Instant::now() + GROWING;
+    // (`connection::create_replicated`): the first check shows them.
+    let mut due = Instant::now();
     let mut short_checks = 0;
     loop {
         tokio::select! {
@@ -230,12 +257,15 @@ pub(super) async fn keep(shared: Arc<Shared>, mut connection: watch::Receiver<Op
         let checking = async {
             let (wanted, may_grow) = wanted_now(&shared, &connection).await;
             let mut short = false;
-            if wanted > 1 {
-                for stream in &mut kept {
-                    short |= stream
-                        .check(&connection, wanted, shared.config.ack_timeout)
-                        .await;
-                }
+            for stream in &mut kept {
+                short |= stream
+                    .check(
+                        &connection,
+                        wanted,
+                        shared.config.ack_timeout,
+                        shared.counters(),
+                    )
+                    .await;
             }
             (short, may_grow)
         };

@@ -140,6 +140,11 @@ pub struct ClusterCounters {
     /// When the broker stored the last message this node read, in
     /// nanoseconds since the Unix epoch (0: none read yet).
     pub(crate) last_stored_nanos: AtomicU64,
+    /// Copies of the room's stream, as this node last read them (0: not
+    /// read yet).
+    pub(crate) stream_copies: AtomicU64,
+    /// Copies of the names bucket, the same way (0 without `--names`).
+    pub(crate) names_copies: AtomicU64,
 }
 
 impl ClusterCounters {
@@ -162,6 +167,8 @@ impl ClusterCounters {
             consumer_pending: ClusterCounters::get(&self.consumer_pending),
             lag_nanos: ClusterCounters::get(&self.lag_nanos),
             last_stored_nanos: ClusterCounters::get(&self.last_stored_nanos),
+            stream_copies: ClusterCounters::get(&self.stream_copies),
+            names_copies: ClusterCounters::get(&self.names_copies),
         }
     }
 
@@ -229,6 +236,11 @@ pub struct ClusterStats {
     /// When the broker stored the last message this node read, in
     /// nanoseconds since the Unix epoch (0: none read yet).
     pub last_stored_nanos: u64,
+    /// Copies of the room's stream, as this node last read them (0: not
+    /// read yet).
+    pub stream_copies: u64,
+    /// Copies of the names bucket, the same way (0 without `--names`).
+    pub names_copies: u64,
 }
 
 impl ClusterConfig {

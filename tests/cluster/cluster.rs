@@ -543,6 +543,9 @@ async fn metrics_follow_the_broker(model: Model) -> io::Result<()> {
         ("chat_cluster_events_dropped_total", 0.0),
         ("chat_cluster_messages_missed_total", 0.0),
         ("chat_cluster_dead_nodes_total", 0.0),
+        // One server: one copy, read by the first check after joining.
+        ("chat_cluster_stream_copies", 1.0),
+        ("chat_cluster_names_copies", 0.0),
     ];
     let counts = |published: f64, received: f64| {
         let mut expected = quiet.to_vec();

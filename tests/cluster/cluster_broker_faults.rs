@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use chat_server::harness::TestClient;
-use chat_server::{ClusterConfig, Config, Model};
+use chat_server::{ClusterConfig, ClusterStats, Config, Model};
 use chat_testkit::nats_cluster::CLUSTER_SIZE;
 use chat_testkit::{BrokerCluster, Relay};
 use chat_wire::{NAMES_UNAVAILABLE, NAME_PROMPT};
@@ -695,6 +695,27 @@ const RETURNING: usize = 2;
 /// Before the nodes raised the copies themselves (connection.rs,
 /// "Replicas") both stayed at two until some node opened them again, and
 /// the kill left the stream and the bucket without a quorum.
+/// Waits (within [`JOIN_TIMEOUT`]) until one of `nodes` has counters of
+/// which `done` holds.
+async fn shown_by_a_node(nodes: &[Node], done: fn(&ClusterStats) -> bool) -> io::Result<()> {
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    loop {
+        let now: Vec<ClusterStats> = nodes.iter().map(|node| node.counters.snapshot()).collect();
+        if now.iter().any(done) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "no node shows it; copies (stream, names) per node: {:?}",
+                now.iter()
+                    .map(|stats| (stats.stream_copies, stats.names_copies))
+                    .collect::<Vec<_>>()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     let Some(mut brokers) = blocking(BrokerCluster::start)? else {
@@ -758,6 +779,12 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
         })?;
     }
     let raised = back.elapsed();
+    // The node that raised them shows it (the others at their next check).
+    shown_by_a_node(&nodes, |stats| {
+        stats.stream_copies == 3 && stats.names_copies == 3
+    })
+    .await
+    .map_err(|err| io::Error::other(format!("the copies gauges after the raise: {err}")))?;
     // What 2.9 did to the room's (ephemeral) consumers: each server's view
     // of their Raft groups.
     let consumers: Vec<String> = (0..CLUSTER_SIZE)
