@@ -785,40 +785,11 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     })
     .await
     .map_err(|err| io::Error::other(format!("the copies gauges after the raise: {err}")))?;
-    // What 2.9 did to the room's (ephemeral) consumers: each server's view
-    // of their Raft groups.
-    let consumers: Vec<String> = (0..CLUSTER_SIZE)
-        .filter_map(|server| {
-            let jsz = brokers
-                .monitor(server, "/jsz?accounts=true&streams=true&consumers=true")
-                .ok()?;
-            let details = jsz
-                .pointer("/account_details/0/stream_detail")?
-                .as_array()?;
-            Some(
-                details
-                    .iter()
-                    .flat_map(|stream| {
-                        stream
-                            .get("consumer_detail")
-                            .and_then(serde_json::Value::as_array)
-                            .into_iter()
-                            .flatten()
-                            .map(move |consumer| {
-                                format!(
-                                    "n{server} {} {}",
-                                    stream.get("name").unwrap_or_default(),
-                                    consumer.get("cluster").unwrap_or_default()
-                                )
-                            })
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })
-        .collect();
+    // Where the room's (ephemeral, one-copy) consumers are: 2.9 leaves
+    // them at one copy when their stream is raised.
+    let consumers = blocking(|| Ok(consumer_placement(&brokers)))?;
     eprintln!(
-        "copies raised to 3 within {raised:?} of the server's restart; consumers: {consumers:?}"
+        "copies raised to 3 within {raised:?} of the server's restart; consumers: {consumers}"
     );
     // Killed before the new copies have caught up, the stream would only
     // test the broker's catching up.
