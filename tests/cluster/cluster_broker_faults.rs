@@ -286,16 +286,7 @@ async fn killing_the_stream_leader_loses_nothing() -> io::Result<()> {
         .iter_mut()
         .map(|client| client.send_numbered("n", count, gap))
         .collect();
-    // The broker's own news of the election, heard on a server that stays.
-    let survivor = (leader + 1) % 3;
-    let watcher = async_nats::connect(brokers.url(survivor))
-        .await
-        .map_err(io::Error::other)?;
-    let mut elections = watcher
-        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"))
-        .await
-        .map_err(io::Error::other)?;
-    watcher.flush().await.map_err(io::Error::other)?;
+    let mut elections = election_news(&brokers, (leader + 1) % CLUSTER_SIZE).await?;
     clients[0]
         .wait_for(&senders, "n", 10, PHASE_TIMEOUT)
         .await?;
@@ -629,6 +620,23 @@ async fn followers_current(
     }
 }
 
+/// The broker's own news of the room stream's elections, heard on
+/// `survivor`, a server the test does not kill.
+async fn election_news(
+    brokers: &BrokerCluster,
+    survivor: usize,
+) -> io::Result<async_nats::Subscriber> {
+    let watcher = async_nats::connect(brokers.url(survivor))
+        .await
+        .map_err(io::Error::other)?;
+    let elections = watcher
+        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"))
+        .await
+        .map_err(io::Error::other)?;
+    watcher.flush().await.map_err(io::Error::other)?;
+    Ok(elections)
+}
+
 /// Where each running server says the room's consumers live: consumer
 /// name, its leader and the server that reported it.
 fn consumer_placement(brokers: &BrokerCluster) -> String {
@@ -802,15 +810,7 @@ async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     let leader = blocking(|| brokers.wait_for_stream_leader(STREAM))?;
     let victim = if leader == RETURNING { 0 } else { leader };
     let placement = blocking(|| Ok(consumer_placement(&brokers)))?;
-    // The broker's own news of the election, heard on a server that stays.
-    let watcher = async_nats::connect(brokers.url((victim + 1) % CLUSTER_SIZE))
-        .await
-        .map_err(io::Error::other)?;
-    let mut elections = watcher
-        .subscribe(format!("$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{STREAM}"))
-        .await
-        .map_err(io::Error::other)?;
-    watcher.flush().await.map_err(io::Error::other)?;
+    let mut elections = election_news(&brokers, (victim + 1) % CLUSTER_SIZE).await?;
     blocking(|| brokers.kill(victim))?;
     let killed = Instant::now();
     let elected = tokio::spawn(async move {
