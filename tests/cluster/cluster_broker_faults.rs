@@ -200,13 +200,23 @@ async fn copies_within(
     want: usize,
     within: Duration,
 ) -> io::Result<usize> {
+    broker_reached(within, || copies(brokers, stream), |now| now == want).await
+}
+
+/// What `read` reads from the brokers' monitoring once `done` holds of it,
+/// or as it is after `within`: the broker places copies and catches
+/// followers up by itself, with nothing to wait on but a poll.
+async fn broker_reached(
+    within: Duration,
+    read: impl Fn() -> io::Result<usize>,
+    done: impl Fn(usize) -> bool,
+) -> io::Result<usize> {
     let deadline = Instant::now() + within;
     loop {
-        let now = copies(brokers, stream)?;
-        if now == want || Instant::now() >= deadline {
+        let now = read()?;
+        if done(now) || Instant::now() >= deadline {
             return Ok(now);
         }
-        // The broker places the copy by itself: nothing to wait on.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -596,11 +606,10 @@ async fn followers_current(
     want: usize,
     within: Duration,
 ) -> io::Result<usize> {
-    let deadline = Instant::now() + within;
-    loop {
+    let read = || {
         let leader = blocking(|| brokers.wait_for_stream_leader(stream))?;
         let detail = blocking(|| brokers.stream_on(leader, stream))?;
-        let current = detail
+        Ok(detail
             .as_ref()
             .and_then(|detail| detail.pointer("/cluster/replicas"))
             .and_then(serde_json::Value::as_array)
@@ -611,13 +620,9 @@ async fn followers_current(
                         replica.get("current").and_then(serde_json::Value::as_bool) == Some(true)
                     })
                     .count()
-            });
-        if current >= want || Instant::now() >= deadline {
-            return Ok(current);
-        }
-        // The followers catch up in the broker: nothing to wait on.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            }))
+    };
+    broker_reached(within, read, |current| current >= want).await
 }
 
 /// The broker's own news of the room stream's elections, heard on
