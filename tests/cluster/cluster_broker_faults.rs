@@ -694,20 +694,6 @@ fn consumer_placement(brokers: &BrokerCluster) -> String {
 /// [`copies_are_raised_when_a_stopped_server_returns`].
 const RETURNING: usize = 2;
 
-/// Four nodes, one of each model, start under `--names` while one server of
-/// three is stopped, so the room's stream and the names bucket (made by the
-/// first named join) get the two copies the broker can place. The server
-/// comes back: within a bound, with no node reopening anything, both have
-/// three copies. Then the server leading the room's stream (or, if that is
-/// the returned one, another that held one of the first two copies) is
-/// killed, once the new copies have caught up: a line said on each node
-/// reaches the others within a bound of the stream's election, and a new
-/// name can still be claimed. Models share one broker cluster: the fault
-/// and the repair are the broker's.
-///
-/// Before the nodes raised the copies themselves (connection.rs,
-/// "Replicas") both stayed at two until some node opened them again, and
-/// the kill left the stream and the bucket without a quorum.
 /// Waits (within [`JOIN_TIMEOUT`]) until one of `nodes` has counters of
 /// which `done` holds.
 async fn shown_by_a_node(nodes: &[Node], done: fn(&ClusterStats) -> bool) -> io::Result<()> {
@@ -729,6 +715,20 @@ async fn shown_by_a_node(nodes: &[Node], done: fn(&ClusterStats) -> bool) -> io:
     }
 }
 
+/// Four nodes, one of each model, start under `--names` while one server of
+/// three is stopped, so the room's stream and the names bucket (made by the
+/// first named join) get the two copies the broker can place. The server
+/// comes back: within a bound, with no node reopening anything, both have
+/// three copies. Then the server leading the room's stream (or, if that is
+/// the returned one, another that held one of the first two copies) is
+/// killed, once the new copies have caught up: a line said on each node
+/// reaches the others within a bound of the stream's election, and a new
+/// name can still be claimed. Models share one broker cluster: the fault
+/// and the repair are the broker's.
+///
+/// Before the nodes raised the copies themselves (connection.rs,
+/// "Replicas") both stayed at two until some node opened them again, and
+/// the kill left the stream and the bucket without a quorum.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_are_raised_when_a_stopped_server_returns() -> io::Result<()> {
     let Some(mut brokers) = blocking(BrokerCluster::start)? else {
