@@ -83,12 +83,15 @@ async fn a_node_cut_off_while_the_broker_lost_its_store_reads_the_new_stream() -
     for node in cuts.iter().chain([&b, &c]) {
         node.joined(1).await?;
     }
-    let mut on_cuts = Vec::with_capacity(cuts.len());
+    let mut on_cuts: Vec<Recorded> = Vec::with_capacity(cuts.len());
     for cut in &cuts {
-        on_cuts.push(Recorded::connect(cut.addr()).await?);
+        let taken = on_cuts.iter().map(|client| client.who.as_str());
+        on_cuts.push(Recorded::connect_unlike(cut.addr(), taken).await?);
     }
-    let mut on_b = Recorded::connect(b.addr()).await?;
-    let mut on_c = Recorded::connect(c.addr()).await?;
+    let taken = on_cuts.iter().map(|client| client.who.as_str());
+    let mut on_b = Recorded::connect_unlike(b.addr(), taken.clone()).await?;
+    let taken = taken.chain([on_b.who.as_str()]);
+    let mut on_c = Recorded::connect_unlike(c.addr(), taken).await?;
     let (b_who, c_who) = (on_b.who.clone(), on_c.who.clone());
     let cut_whos: Vec<String> = on_cuts.iter().map(|client| client.who.clone()).collect();
 
@@ -270,7 +273,8 @@ async fn killing_the_stream_leader_loses_nothing() -> io::Result<()> {
     let mut on_model = Vec::new();
     for (node, model) in nodes.iter().zip(Model::ALL) {
         for _ in 0..2 {
-            clients.push(Recorded::connect(node.addr()).await?);
+            let taken = clients.iter().map(|client: &Recorded| client.who.as_str());
+            clients.push(Recorded::connect_unlike(node.addr(), taken).await?);
             on_model.push(model);
         }
     }

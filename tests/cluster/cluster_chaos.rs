@@ -96,9 +96,14 @@ struct Chatter {
 
 impl Chatter {
     /// Connects; [`Chatter::start`] starts its sender.
-    async fn connect(addr: std::net::SocketAddr, mortal: bool) -> io::Result<Chatter> {
+    async fn connect(
+        addr: std::net::SocketAddr,
+        mortal: bool,
+        others: &[Chatter],
+    ) -> io::Result<Chatter> {
+        let taken = others.iter().map(|other| other.client.who.as_str());
         Ok(Chatter {
-            client: Recorded::connect(addr).await?,
+            client: Recorded::connect_unlike(addr, taken).await?,
             sending: None,
             sent: 0,
             mortal,
@@ -172,12 +177,14 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
     let mut chatters = Vec::new();
     for node in &nodes {
         for _ in 0..2 {
-            chatters.push(Chatter::connect(node.addr(), false).await?);
+            let chatter = Chatter::connect(node.addr(), false, &chatters).await?;
+            chatters.push(chatter);
         }
     }
     if let Some(process) = &process {
-        chatters
-            .push(Chatter::connect(process.addr.parse().map_err(io::Error::other)?, true).await?);
+        let addr = process.addr.parse().map_err(io::Error::other)?;
+        let chatter = Chatter::connect(addr, true, &chatters).await?;
+        chatters.push(chatter);
     }
     // Nobody speaks before everyone has heard everyone who came later
     // arrive: then every client hears every line from the first.
@@ -245,8 +252,8 @@ async fn randomised_faults_lose_nothing() -> io::Result<()> {
                 }
                 tokio::time::sleep(hold).await;
                 let fresh = process_node(&brokers, process_model)?;
-                let mut chatter =
-                    Chatter::connect(fresh.addr.parse().map_err(io::Error::other)?, true).await?;
+                let addr = fresh.addr.parse().map_err(io::Error::other)?;
+                let mut chatter = Chatter::connect(addr, true, &chatters).await?;
                 chatter.start(&stop);
                 chatters.push(chatter);
                 process = Some(fresh);

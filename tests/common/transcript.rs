@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How many connects [`Recorded::connect_unlike`] tries.
+const DISTINCT_TRIES: usize = 10;
+
 /// What one client heard, with when.
 pub type Heard = Arc<Mutex<Vec<(Instant, String)>>>;
 
@@ -60,6 +63,28 @@ impl Recorded {
             writer: Some(writer),
             reader,
         })
+    }
+
+    /// [`Recorded::connect`], again while the client's address is one of
+    /// `taken`: the kernel gives connections to two different nodes the same
+    /// local port as readily as two different ones (252 of 2,000 pairs
+    /// shared one, tried on this machine), and the seed names a client by
+    /// its address, so the room would hear two clients as one sender
+    /// (`killing_the_stream_leader_loses_nothing` once failed with "150
+    /// duplicated" so).
+    pub async fn connect_unlike<'a>(
+        addr: SocketAddr,
+        taken: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> io::Result<Recorded> {
+        for _ in 0..DISTINCT_TRIES {
+            let client = Recorded::connect(addr).await?;
+            if !taken.clone().into_iter().any(|who| who == client.who) {
+                return Ok(client);
+            }
+        }
+        Err(io::Error::other(format!(
+            "no address unlike the others' in {DISTINCT_TRIES} connects to {addr}"
+        )))
     }
 
     /// Sends `TAG-0` .. `TAG-(count-1)`, one a write, `gap` apart.
