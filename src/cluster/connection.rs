@@ -15,13 +15,13 @@
 //! none. Where that overcounts (servers without JetStream, a server down at
 //! creation) the broker refuses the create as "insufficient resources" and
 //! [`create_replicated`] asks again with one copy fewer. A stream found
-//! with fewer copies than wanted is updated (2.9 scales a clustered
-//! stream's replicas up and down in place). Made so with fewer
-//! (a server down, the cluster still forming: the client's `connect_urls`
-//! are those of its last connect), both are raised later, while the node
-//! runs, once the broker can place the copies: `super::replicas`, which
-//! also reads a server's INFO afresh while fewer than three servers are
-//! known. Copies are never lowered automatically.
+//! or made with fewer copies than wanted (an older version, a server
+//! down, the cluster still forming: the client's `connect_urls` are those
+//! of its last connect) is raised while the node runs, a second after it
+//! joins and whenever the broker can place more: `super::replicas`, the one
+//! place that raises copies (2.9 scales a clustered stream's replicas in
+//! place), which also reads a server's INFO afresh while fewer than three
+//! servers are known. Copies are never lowered automatically.
 //!
 //! Every call here is one a NATS 2.9 server understands (the client is
 //! built without its `server_2_10`+ features); tests/cluster/cluster.rs runs them
@@ -36,7 +36,7 @@ use async_nats::{Client as NatsClient, ConnectOptions, Event, ServerAddr};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use super::backoff::Backoff;
 use super::Shared;
@@ -304,13 +304,12 @@ pub(super) fn wanted_replicas(
 pub(super) const MAX_DEFAULT_REPLICAS: usize = 3;
 
 /// Finds the stream `config` names, or makes it with `config.num_replicas`
-/// copies, fewer if the broker cannot place that many; a stream found with
-/// fewer copies is updated to that many where the broker allows.
+/// copies, fewer if the broker cannot place that many (the replica keeper,
+/// `super::replicas`, raises a stream found or made with fewer).
 pub(super) async fn create_replicated(
     connection: &Connection,
     mut config: stream::Config,
 ) -> anyhow::Result<stream::Stream> {
-    let wanted = config.num_replicas.max(1);
     let mut attempts = 0;
     let stream = loop {
         match connection
@@ -334,27 +333,6 @@ pub(super) async fn create_replicated(
             Err(err) => return Err(err.into()),
         }
     };
-    let found = stream.cached_info().config.num_replicas.max(1);
-    if found < wanted {
-        // Every open tries (the publisher and the consumer open the stream
-        // after each failure); a refusal is the keeper's to report, once
-        // (`super::replicas`), not each open's.
-        let mut more = stream.cached_info().config.clone();
-        more.num_replicas = wanted;
-        match connection.jetstream.update_stream(&more).await {
-            Ok(info) => info!(
-                stream = %config.name,
-                from = found,
-                to = info.config.num_replicas,
-                "the stream had fewer replicas than wanted; updated"
-            ),
-            Err(err) => debug!(
-                stream = %config.name,
-                cause = %err,
-                "the stream's replicas could not be updated; it stays with {found}"
-            ),
-        }
-    }
     Ok(stream)
 }
 

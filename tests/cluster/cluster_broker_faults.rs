@@ -381,8 +381,8 @@ async fn killing_the_stream_leader_loses_nothing() -> io::Result<()> {
 }
 
 /// A stream made with one replica (`--cluster-replicas 1`, or an older
-/// version) is updated to three by the next node that opens it with the
-/// default.
+/// version) is raised to three by the next node with the default (its
+/// replica keeper, a second after it joins).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_with_fewer_replicas_is_updated() -> io::Result<()> {
     let Some(brokers) = blocking(BrokerCluster::start)? else {
